@@ -1,0 +1,256 @@
+"""Model settings read from the released config.json files into small dataclasses.
+
+Every size the code uses comes from here, so a checkpoint with other sizes (a tiny test
+model, a future release) loads without code changes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omni_cli.errors import ConfigError
+
+OMNI_MODEL_TYPE = "omni_speech2s_llama"
+# Accepted too: the speech-to-text-only variant has no speech generator.
+OMNI_MODEL_TYPES = (OMNI_MODEL_TYPE, "omni_speech_llama")
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object from `path`, turning every failure into one readable line."""
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: is this a {what}?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); re-download the {what}.") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; re-download the {what}.")
+    return data
+
+
+def _require(raw: dict[str, Any], key: str, kind: type, source: str) -> Any:
+    if key not in raw:
+        raise ConfigError(f"{source} lacks the key '{key}'; it is not a complete LLaMA-Omni config.")
+    value = raw[key]
+    if kind is float and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{source}: '{key}' should be {kind.__name__}, found {value!r}.")
+    return value
+
+
+@dataclass(frozen=True)
+class SpeechDecoderConfig:
+    """Sizes of the streaming CTC speech decoder (`speech_generator` in the checkpoint)."""
+
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    upsample_factor: int
+    unit_vocab_size: int
+
+    @property
+    def blank_id(self) -> int:
+        """CTC blank is the id right after the last unit, as in the reference."""
+        return self.unit_vocab_size
+
+    @classmethod
+    def parse(cls, spec: str, upsample_factor: int, unit_vocab_size: int) -> SpeechDecoderConfig:
+        """Parse the reference's "(layers,hidden,heads,ffn)" string."""
+        m = re.fullmatch(r"\s*\(?\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)?\s*", spec)
+        if not m:
+            raise ConfigError(
+                f"ctc_decoder_config {spec!r} is not of the form '(layers,hidden,heads,ffn)'."
+            )
+        layers, hidden, heads, ffn = (int(g) for g in m.groups())
+        if hidden % heads:
+            raise ConfigError(f"ctc_decoder_config {spec!r}: hidden {hidden} is not divisible by heads {heads}.")
+        return cls(layers, hidden, heads, ffn, upsample_factor, unit_vocab_size)
+
+    def to_spec(self) -> str:
+        """The reference string form, for writing config.json."""
+        return f"({self.num_layers},{self.hidden_size},{self.num_heads},{self.intermediate_size})"
+
+
+@dataclass(frozen=True)
+class OmniConfig:
+    """The LLaMA-Omni checkpoint config: a Llama config plus the speech keys.
+
+    `raw` keeps every key of config.json (unknown ones included) so the Llama part can be
+    handed to transformers unchanged and the file can be written back as it was.
+    """
+
+    raw: dict[str, Any]
+    model_type: str
+    hidden_size: int
+    speech_encoder: str | None
+    speech_encoder_type: str
+    speech_encoder_ds_rate: int
+    speech_encoder_hidden_size: int
+    speech_projector_type: str
+    speech_decoder: SpeechDecoderConfig | None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> OmniConfig:
+        """Validate and read the keys we use; keep the rest untouched in `raw`."""
+        model_type = raw.get("model_type")
+        if model_type not in OMNI_MODEL_TYPES:
+            raise ConfigError(
+                f"{source} has model_type {model_type!r}, not {OMNI_MODEL_TYPE!r}: "
+                "point --model at a LLaMA-Omni checkpoint directory."
+            )
+        encoder_type = raw.get("speech_encoder_type", "whisper")
+        if encoder_type != "whisper":
+            raise ConfigError(f"{source}: speech_encoder_type {encoder_type!r} is not supported (only 'whisper').")
+        projector_type = raw.get("speech_projector_type", "linear")
+        if projector_type != "linear":
+            raise ConfigError(f"{source}: speech_projector_type {projector_type!r} is not supported (only 'linear').")
+        decoder: SpeechDecoderConfig | None = None
+        generator_type = raw.get("speech_generator_type")
+        if generator_type is not None:
+            if generator_type != "ctc":
+                raise ConfigError(f"{source}: speech_generator_type {generator_type!r} is not supported (only 'ctc').")
+            decoder = SpeechDecoderConfig.parse(
+                str(_require(raw, "ctc_decoder_config", str, source)),
+                _require(raw, "ctc_upsample_factor", int, source),
+                _require(raw, "unit_vocab_size", int, source),
+            )
+        speech_encoder = raw.get("speech_encoder")
+        return cls(
+            raw=dict(raw),
+            model_type=model_type,
+            hidden_size=_require(raw, "hidden_size", int, source),
+            speech_encoder=str(speech_encoder) if speech_encoder else None,
+            speech_encoder_type=encoder_type,
+            speech_encoder_ds_rate=_require(raw, "speech_encoder_ds_rate", int, source),
+            speech_encoder_hidden_size=_require(raw, "speech_encoder_hidden_size", int, source),
+            speech_projector_type=projector_type,
+            speech_decoder=decoder,
+        )
+
+    @classmethod
+    def load(cls, model_dir: Path) -> OmniConfig:
+        """Read `model_dir/config.json`."""
+        path = Path(model_dir) / "config.json"
+        if not Path(model_dir).is_dir():
+            raise ConfigError(f"model directory {model_dir} does not exist; pass --model a LLaMA-Omni checkpoint directory.")
+        return cls.from_dict(read_json(path, "LLaMA-Omni checkpoint"), str(path))
+
+    def llama_dict(self) -> dict[str, Any]:
+        """The config as transformers' LlamaConfig expects it (our extra keys are harmless there)."""
+        out = dict(self.raw)
+        out["model_type"] = "llama"
+        return out
+
+    def save(self, model_dir: Path) -> None:
+        """Write config.json exactly as read (plus any edits made to `raw`)."""
+        path = Path(model_dir) / "config.json"
+        path.write_text(json.dumps(self.raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@dataclass(frozen=True)
+class DurationPredictorConfig:
+    """`dur_predictor_params` of the unit vocoder."""
+
+    encoder_embed_dim: int
+    var_pred_hidden_dim: int
+    var_pred_kernel_size: int
+    var_pred_dropout: float
+
+
+@dataclass(frozen=True)
+class VocoderConfig:
+    """The fairseq CodeHiFiGAN config.json: embedding, duration predictor and generator sizes."""
+
+    upsample_rates: tuple[int, ...]
+    upsample_kernel_sizes: tuple[int, ...]
+    upsample_initial_channel: int
+    resblock_kernel_sizes: tuple[int, ...]
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...]
+    num_embeddings: int
+    embedding_dim: int
+    model_in_dim: int
+    duration_predictor: DurationPredictorConfig | None
+    sampling_rate: int = 16000
+    resblock: str = "1"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def hop_length(self) -> int:
+        """Output samples per unit frame: the product of the upsampling rates (320 = 20 ms)."""
+        return math.prod(self.upsample_rates)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "vocoder config.json") -> VocoderConfig:
+        """Read the keys the generator needs; unknown keys (mel settings, training) are kept in `raw`."""
+        try:
+            dur = raw.get("dur_predictor_params")
+            duration = (
+                DurationPredictorConfig(
+                    int(dur["encoder_embed_dim"]),
+                    int(dur["var_pred_hidden_dim"]),
+                    int(dur["var_pred_kernel_size"]),
+                    float(dur.get("var_pred_dropout", 0.0)),
+                )
+                if dur
+                else None
+            )
+            cfg = cls(
+                upsample_rates=tuple(int(x) for x in raw["upsample_rates"]),
+                upsample_kernel_sizes=tuple(int(x) for x in raw["upsample_kernel_sizes"]),
+                upsample_initial_channel=int(raw["upsample_initial_channel"]),
+                resblock_kernel_sizes=tuple(int(x) for x in raw["resblock_kernel_sizes"]),
+                resblock_dilation_sizes=tuple(tuple(int(d) for d in ds) for ds in raw["resblock_dilation_sizes"]),
+                num_embeddings=int(raw["num_embeddings"]),
+                embedding_dim=int(raw["embedding_dim"]),
+                model_in_dim=int(raw.get("model_in_dim", raw["embedding_dim"])),
+                duration_predictor=duration,
+                sampling_rate=int(raw.get("sampling_rate", 16000)),
+                resblock=str(raw.get("resblock", "1")),
+                raw=dict(raw),
+            )
+        except KeyError as exc:
+            raise ConfigError(f"{source} lacks the key {exc.args[0]!r}; it is not a unit vocoder config.") from exc
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source} has a malformed value ({exc}); re-download the vocoder config.") from exc
+        if len(cfg.upsample_rates) != len(cfg.upsample_kernel_sizes):
+            raise ConfigError(f"{source}: upsample_rates and upsample_kernel_sizes differ in length.")
+        if len(cfg.resblock_kernel_sizes) != len(cfg.resblock_dilation_sizes):
+            raise ConfigError(f"{source}: resblock_kernel_sizes and resblock_dilation_sizes differ in length.")
+        return cfg
+
+    @classmethod
+    def load(cls, path: Path) -> VocoderConfig:
+        """Read a vocoder config.json."""
+        return cls.from_dict(read_json(Path(path), "unit vocoder config"), str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config.json form (original extra keys kept)."""
+        out = dict(self.raw)
+        out.update(
+            upsample_rates=list(self.upsample_rates),
+            upsample_kernel_sizes=list(self.upsample_kernel_sizes),
+            upsample_initial_channel=self.upsample_initial_channel,
+            resblock_kernel_sizes=list(self.resblock_kernel_sizes),
+            resblock_dilation_sizes=[list(d) for d in self.resblock_dilation_sizes],
+            num_embeddings=self.num_embeddings,
+            embedding_dim=self.embedding_dim,
+            model_in_dim=self.model_in_dim,
+            sampling_rate=self.sampling_rate,
+            resblock=self.resblock,
+        )
+        if self.duration_predictor is not None:
+            d = self.duration_predictor
+            out["dur_predictor_params"] = {
+                "encoder_embed_dim": d.encoder_embed_dim,
+                "var_pred_hidden_dim": d.var_pred_hidden_dim,
+                "var_pred_kernel_size": d.var_pred_kernel_size,
+                "var_pred_dropout": d.var_pred_dropout,
+            }
+        return out

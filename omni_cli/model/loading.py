@@ -1,0 +1,265 @@
+"""Load a LLaMA-Omni checkpoint directory in the released layout, strictly.
+
+The directory holds config.json (model_type "omni_speech2s_llama"), safetensors shards with
+the Llama weights (`model.*`, `lm_head.*`), the adaptor (`model.speech_projector.*`) and the
+speech decoder (`speech_generator.*`), and the tokenizer. The Whisper encoder is loaded
+separately, from --speech-encoder or the path config.json names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
+
+from omni_cli.config import OmniConfig
+from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.model.adaptor import SpeechAdaptor
+from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
+from omni_cli.model.unit_decoder import UnitDecoder
+
+ADAPTOR_PREFIX = "model.speech_projector."
+DECODER_PREFIX = "speech_generator."
+# Some exports also store the frozen Whisper encoder; we load it from its own file instead.
+IGNORED_PREFIXES = ("model.speech_encoder.",)
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how the weights live: device, compute dtype, and bitsandbytes quantization if any."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str | None  # "8bit", "4bit" or None
+
+
+def resolve_placement(precision: str = "auto", device: str | None = None) -> Placement:
+    """Turn --precision/--device into a Placement; quantization needs CUDA."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; drop --device or install a CUDA build of torch.")
+    if precision in ("8bit", "4bit"):
+        if dev.type != "cuda":
+            raise ConfigError(f"--precision {precision} needs a CUDA GPU (bitsandbytes); on CPU use --precision fp32.")
+        return Placement(dev, torch.float16, precision)
+    if precision == "auto":
+        dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    else:
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return Placement(dev, dtype, None)
+
+
+@dataclass
+class OmniModel:
+    """Everything a reply needs, loaded and placed: tokenizer, encoder, adaptor, LLM, speech decoder."""
+
+    config: OmniConfig
+    tokenizer: PreTrainedTokenizerBase
+    encoder: SpeechEncoder
+    adaptor: SpeechAdaptor
+    llm: LlamaForCausalLM
+    unit_decoder: UnitDecoder | None
+    placement: Placement
+
+    @property
+    def device(self) -> torch.device:
+        """The device the weights live on."""
+        return self.placement.device
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: those the index names, or every *.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a safetensors index; re-download the checkpoint.") from exc
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{model_dir}: shard {missing[0]} listed in the index is missing; re-download it.")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(
+            f"{model_dir} holds no .safetensors weights; point --model at a LLaMA-Omni checkpoint directory."
+        )
+    return files
+
+
+def read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
+    """Every tensor name in the checkpoint with its shape and file, read from headers only."""
+    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for key in handle.keys():
+                    shapes[key] = (tuple(handle.get_slice(key).get_shape()), f)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({exc}); re-download it.") from exc
+    return shapes
+
+
+def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    """Fail with the first offending key named when names or shapes differ."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise CheckpointError(f"{where}: missing weight '{missing[0]}'{more}; the checkpoint is incomplete or not LLaMA-Omni.")
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{where}: unexpected weight '{unexpected[0]}'{more}; the checkpoint does not match this architecture.")
+    for key in sorted(expected):
+        if tuple(found[key]) != tuple(expected[key]):
+            raise CheckpointError(
+                f"{where}: weight '{key}' has shape {tuple(found[key])} but config.json implies {tuple(expected[key])}; "
+                "config.json does not match the weights."
+            )
+
+
+def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[int, ...]]:
+    return {prefix + k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def _load_prefixed(
+    module: torch.nn.Module, shapes: dict[str, tuple[tuple[int, ...], Path]], prefix: str, placement: Placement
+) -> None:
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, (_, f) in shapes.items():
+        if key.startswith(prefix):
+            by_file.setdefault(f, []).append(key)
+    for f, keys in by_file.items():
+        with safe_open(str(f), framework="pt") as handle:
+            for key in keys:
+                state[key[len(prefix) :]] = handle.get_tensor(key)
+    module.load_state_dict(state, strict=True)
+    module.to(device=placement.device, dtype=placement.dtype)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers warns about the speech keys it does not use; we have checked every key ourselves."""
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def resolve_speech_encoder(config: OmniConfig, model_dir: Path, override: str | Path | None) -> Path:
+    """--speech-encoder if given, else config.json's `speech_encoder` (relative to the model dir or cwd)."""
+    if override:
+        path = Path(override).expanduser()
+        if not path.exists():
+            raise CheckpointError(f"speech encoder {path} not found; pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt.")
+        return path
+    if not config.speech_encoder:
+        raise ConfigError("config.json names no speech_encoder; pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt.")
+    for candidate in (Path(config.speech_encoder).expanduser(), model_dir / config.speech_encoder):
+        if candidate.exists():
+            return candidate
+    raise CheckpointError(
+        f"the speech encoder {config.speech_encoder!r} named in config.json was not found; "
+        "pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt."
+    )
+
+
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The checkpoint's tokenizer (tokenizer.json + tokenizer_config.json).
+
+    Not AutoTokenizer: it would read config.json, whose model_type transformers does not know.
+    """
+    if not (model_dir / "tokenizer.json").is_file():
+        raise CheckpointError(f"{model_dir} has no tokenizer.json; re-download the checkpoint.")
+    try:
+        return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{model_dir}: no usable tokenizer ({str(exc).splitlines()[0]}); re-download the checkpoint.") from exc
+
+
+def load_omni(
+    model_dir: str | Path,
+    speech_encoder: str | Path | None = None,
+    precision: str = "auto",
+    device: str | None = None,
+) -> OmniModel:
+    """Load a LLaMA-Omni checkpoint directory strictly and place it for inference.
+
+    Every tensor name and shape is checked against config.json before anything is
+    allocated, so a wrong or partial checkpoint fails in a second with the key named.
+    """
+    model_dir = Path(model_dir).expanduser()
+    config = OmniConfig.load(model_dir)
+    placement = resolve_placement(precision, device)
+    llama_config = LlamaConfig(**config.llama_dict())
+
+    shapes = read_shapes(weight_files(model_dir))
+    found = {k: s for k, (s, _) in shapes.items() if not k.startswith(IGNORED_PREFIXES)}
+    with torch.device("meta"):
+        meta_llm = LlamaForCausalLM(llama_config)
+        expected = _meta_shapes(meta_llm)
+        if llama_config.tie_word_embeddings and "lm_head.weight" not in found:
+            expected.pop("lm_head.weight", None)
+        inner = found.get(ADAPTOR_PREFIX + "linear1.weight", ((0,),))[0]
+        meta_adaptor = SpeechAdaptor(
+            config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=max(int(inner), 1)
+        )
+        expected.update(_meta_shapes(meta_adaptor, ADAPTOR_PREFIX))
+        if config.speech_decoder is not None:
+            expected.update(_meta_shapes(UnitDecoder(config.speech_decoder, llama_config), DECODER_PREFIX))
+    check_keys(found, expected, str(model_dir))
+
+    tokenizer = load_tokenizer(model_dir)
+    encoder = load_speech_encoder(
+        resolve_speech_encoder(config, model_dir, speech_encoder), dtype=placement.dtype, device=placement.device
+    )
+    if encoder.hidden_size != config.speech_encoder_hidden_size:
+        raise ConfigError(
+            f"the speech encoder has width {encoder.hidden_size} but config.json says speech_encoder_hidden_size "
+            f"{config.speech_encoder_hidden_size}; pass the matching Whisper checkpoint."
+        )
+
+    adaptor = SpeechAdaptor(config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=int(inner))
+    _load_prefixed(adaptor, shapes, ADAPTOR_PREFIX, placement)
+    unit_decoder = None
+    if config.speech_decoder is not None:
+        unit_decoder = UnitDecoder(config.speech_decoder, llama_config)
+        _load_prefixed(unit_decoder, shapes, DECODER_PREFIX, placement)
+
+    kwargs: dict = {"config": llama_config, "dtype": placement.dtype}
+    if placement.quantization is not None:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"--precision {placement.quantization} needs bitsandbytes: pip install 'omni-cli[quant]'.") from exc
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_8bit=placement.quantization == "8bit",
+            load_in_4bit=placement.quantization == "4bit",
+            bnb_4bit_compute_dtype=placement.dtype,
+            bnb_4bit_quant_type="nf4",
+        )
+    if placement.device.type == "cuda":
+        kwargs["device_map"] = {"": placement.device}
+    with _quiet_transformers():
+        llm = LlamaForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    llm.eval()
+    for module in (encoder, adaptor, unit_decoder):
+        if module is not None:
+            module.eval()
+    return OmniModel(config, tokenizer, encoder, adaptor, llm, unit_decoder, placement)

@@ -1,0 +1,236 @@
+"""Speech in, text and speech out, streamed: the one contract chat, the CLI, benchmarks and tests consume.
+
+`SpeechToSpeech.respond(audio, history)` yields events as they happen: text deltas as tokens
+are generated, units as the speech decoder emits them, audio chunks as soon as enough units
+are pending, and a final Done. Every event carries a `time.monotonic()` stamp so latency is
+measured where it happens.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from omni_cli.model.adaptor import SpeechAdaptor
+from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
+from omni_cli.model.llm import (
+    IncrementalDetokenizer,
+    SamplingConfig,
+    Turn,
+    build_prompt_ids,
+    generate,
+    speech_turn,
+    splice_speech,
+    stop_token_ids,
+)
+from omni_cli.model.loading import OmniModel
+from omni_cli.model.vocoder import UnitVocoder, VocoderStream
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """New reply text, as soon as its token is generated."""
+
+    text: str
+    t: float
+
+
+@dataclass(frozen=True)
+class Units:
+    """Speech units newly emitted by the speech decoder (CTC-collapsed)."""
+
+    units: list[int]
+    t: float
+
+
+@dataclass(frozen=True)
+class AudioChunk:
+    """16 kHz float32 audio for the units pushed since the previous chunk."""
+
+    audio: np.ndarray
+    t: float
+    index: int
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class Done:
+    """End of the reply: the whole text, all units, and why it stopped."""
+
+    text: str
+    units: list[int]
+    t: float
+    tokens: int
+    stopped: str  # "eos", "budget" or "interrupted"
+
+
+Event = TextDelta | Units | AudioChunk | Done
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """When to hand units to the vocoder: every `chunk_units` (Ω), the first chunk possibly sooner."""
+
+    chunk_units: int = 40
+    first_chunk_units: int | None = None
+    context_units: int | None = None  # vocoder left context; None keeps the vocoder's default
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Earlier turns are dropped, oldest first, once the prompt would exceed this many positions.
+    context_budget: int = 4096
+
+
+@dataclass
+class HistoryTurn:
+    """One finished exchange kept for multi-turn memory: the user's speech embeddings or text, and the reply."""
+
+    user_speech: torch.Tensor | None
+    user_text: str | None
+    reply: str
+
+    def positions(self) -> int:
+        """Rough prompt positions this turn costs (speech frames + text characters / 3)."""
+        speech = 0 if self.user_speech is None else int(self.user_speech.shape[0])
+        return speech + (len(self.user_text or "") + len(self.reply)) // 3 + 16
+
+
+@dataclass
+class ReplyState:
+    """Streaming state owned by one reply: decoder cache and CTC carry, vocoder context, pending units."""
+
+    detok: IncrementalDetokenizer
+    unit_stream: object | None
+    vocoder_stream: VocoderStream | None
+    pending: list[int] = field(default_factory=list)
+    units: list[int] = field(default_factory=list)
+    chunks: int = 0
+
+
+class SpeechToSpeech:
+    """The streaming speech-to-speech pipeline over a loaded model and (optionally) a vocoder."""
+
+    def __init__(self, model: OmniModel, vocoder: UnitVocoder | None = None, streaming: StreamingConfig | None = None) -> None:
+        self.model = model
+        self.vocoder = vocoder
+        self.streaming = streaming or StreamingConfig()
+        self.stop_ids = stop_token_ids(model.tokenizer)
+        self.last_speech_embeddings: torch.Tensor | None = None
+
+    @torch.inference_mode()
+    def encode_speech(self, audio: np.ndarray) -> torch.Tensor:
+        """16 kHz mono audio → speech embeddings (n, llm_hidden).
+
+        Like the reference, each 30 s window is padded to 30 s before the encoder; speech
+        longer than 30 s is encoded window by window and the embeddings concatenated, so
+        nothing is dropped.
+        """
+        m = self.model
+        outs = []
+        for window in split_into_windows(np.asarray(audio, dtype=np.float32), CHUNK_SAMPLES):
+            mel = log_mel_spectrogram(window, n_mels=m.encoder.n_mels, pad_to=CHUNK_SAMPLES, device=m.device)
+            frames = m.encoder(mel.unsqueeze(0).to(dtype=m.placement.dtype))
+            outs.append(m.adaptor(frames)[0])
+        return torch.cat(outs, dim=0)
+
+    def _turns(self, history: Sequence[HistoryTurn], user: Turn, user_cost: int) -> tuple[list[Turn], list[torch.Tensor]]:
+        kept: list[HistoryTurn] = []
+        budget = self.streaming.context_budget - user_cost
+        for h in reversed(history):
+            budget -= h.positions()
+            if budget < 0:
+                break
+            kept.append(h)
+        turns: list[Turn] = []
+        speech: list[torch.Tensor] = []
+        for h in reversed(kept):
+            if h.user_speech is not None:
+                turns.append(speech_turn())
+                speech.append(h.user_speech)
+            else:
+                turns.append(Turn("user", h.user_text or ""))
+            turns.append(Turn("assistant", h.reply))
+        turns.append(user)
+        return turns, speech
+
+    def respond(
+        self,
+        audio: np.ndarray | str,
+        history: Sequence[HistoryTurn] = (),
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Iterator[Event]:
+        """Answer one user turn (16 kHz audio, or typed text) and stream the reply as events.
+
+        After the iterator ends, `last_speech_embeddings` holds this turn's speech embeddings
+        (None for text) so the caller can keep them in its history.
+        """
+        m = self.model
+        with torch.inference_mode():
+            if isinstance(audio, str):
+                speech_now = None
+                turns, speech = self._turns(history, Turn("user", audio), len(audio) // 3 + 16)
+            else:
+                speech_now = self.encode_speech(audio)
+                turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
+                speech.append(speech_now)
+            self.last_speech_embeddings = speech_now
+            prompt_ids = build_prompt_ids(m.tokenizer, turns)
+            embeds = splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech)
+        yield from self._stream(embeds, should_stop)
+
+    def _stream(self, embeds: torch.Tensor, should_stop: Callable[[], bool] | None) -> Iterator[Event]:
+        m = self.model
+        cfg = self.streaming
+        speaking = self.vocoder is not None and m.unit_decoder is not None
+        state = ReplyState(
+            detok=IncrementalDetokenizer(m.tokenizer),
+            unit_stream=m.unit_decoder.start_stream() if speaking else None,
+            vocoder_stream=self._vocoder_stream() if speaking else None,
+        )
+        stopped = "budget"
+        n_tokens = 0
+        for tok in generate(m.llm, embeds, self.stop_ids, cfg.sampling, should_stop):
+            n_tokens += 1
+            if not tok.is_stop:
+                delta = state.detok.push(tok.token_id)
+                if delta:
+                    yield TextDelta(delta, time.monotonic())
+            if state.unit_stream is not None:
+                new = state.unit_stream.step(tok.hidden)
+                if new:
+                    state.pending.extend(new)
+                    state.units.extend(new)
+                    yield Units(list(new), time.monotonic())
+                threshold = cfg.chunk_units if state.chunks else (cfg.first_chunk_units or cfg.chunk_units)
+                if len(state.pending) >= threshold:
+                    yield self._render(state)
+            if tok.is_stop:
+                stopped = "eos"
+                break
+            if should_stop is not None and should_stop():
+                stopped = "interrupted"
+                break
+        else:
+            if should_stop is not None and should_stop():
+                stopped = "interrupted"
+        if state.pending and stopped != "interrupted":
+            yield self._render(state)
+        yield Done(state.detok.text, state.units, time.monotonic(), n_tokens, stopped)
+
+    def _vocoder_stream(self) -> VocoderStream:
+        assert self.vocoder is not None
+        if self.streaming.context_units is None:
+            return VocoderStream(self.vocoder)
+        return VocoderStream(self.vocoder, context_units=self.streaming.context_units)
+
+    def _render(self, state: ReplyState) -> AudioChunk:
+        assert state.vocoder_stream is not None and self.vocoder is not None
+        audio = state.vocoder_stream.push(state.pending)
+        if isinstance(audio, torch.Tensor):
+            audio = audio.detach().float().cpu().numpy()
+        state.pending = []
+        chunk = AudioChunk(np.asarray(audio, dtype=np.float32), time.monotonic(), state.chunks, self.vocoder.config.sampling_rate)
+        state.chunks += 1
+        return chunk

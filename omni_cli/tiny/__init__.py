@@ -1,0 +1,1 @@
+"""Tiny random checkpoints in the released file formats, for tests and smoke runs."""

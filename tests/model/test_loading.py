@@ -1,0 +1,139 @@
+"""Strict loading of a checkpoint directory in the released layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from omni_cli.config import OmniConfig, SpeechDecoderConfig
+from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.model.loading import load_omni, resolve_placement
+
+
+def _copy(tiny_model, tmp_path: Path) -> Path:
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model.model_dir, dst)
+    return dst
+
+
+def _rewrite_shard(model_dir: Path, edit) -> None:
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    shard = model_dir / sorted(set(index["weight_map"].values()))[0]
+    tensors = load_file(str(shard))
+    edit(tensors)
+    save_file(tensors, str(shard))
+    index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard.name}
+    index["weight_map"].update({k: shard.name for k in tensors})
+    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_tiny_checkpoint_has_the_released_layout(tiny_model) -> None:
+    d = tiny_model.model_dir
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["model_type"] == "omni_speech2s_llama"
+    for key in ("speech_encoder_ds_rate", "speech_encoder_hidden_size", "ctc_decoder_config", "ctc_upsample_factor", "unit_vocab_size"):
+        assert key in cfg
+    weight_map = json.loads((d / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "model.speech_projector.linear1.weight" in weight_map
+    assert "speech_generator.layers.0.self_attn.q_proj.weight" in weight_map
+    assert "speech_generator.output_proj.bias" in weight_map
+    assert "lm_head.weight" in weight_map and "model.embed_tokens.weight" in weight_map
+    assert len(set(weight_map.values())) == 2
+
+
+def test_loading_round_trips_every_saved_tensor(tiny_model, tiny_loaded) -> None:
+    saved: dict[str, torch.Tensor] = {}
+    for f in tiny_model.model_dir.glob("*.safetensors"):
+        saved.update(load_file(str(f)))
+    m = tiny_loaded
+    got = dict(m.llm.state_dict())
+    got.update({f"model.speech_projector.{k}": v for k, v in m.adaptor.state_dict().items()})
+    got.update({f"speech_generator.{k}": v for k, v in m.unit_decoder.state_dict().items()})
+    assert set(saved) <= set(got)
+    for k, v in saved.items():
+        assert torch.equal(got[k], v), k
+    assert m.adaptor.linear1.out_features == saved["model.speech_projector.linear1.weight"].shape[0]
+
+
+def test_renamed_key_fails_naming_it(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+
+    def rename(t: dict) -> None:
+        key = sorted(t)[0]
+        t[key.replace("weight", "wieght")] = t.pop(key)
+        rename.key = key  # type: ignore[attr-defined]
+
+    _rewrite_shard(d, rename)
+    with pytest.raises(CheckpointError) as err:
+        load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
+    msg = str(err.value)
+    assert rename.key in msg or rename.key.replace("weight", "wieght") in msg  # type: ignore[attr-defined]
+    assert "\n" not in msg
+
+
+def test_unexpected_key_fails_naming_it(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+    _rewrite_shard(d, lambda t: t.__setitem__("speech_generator.extra_head.weight", torch.zeros(2)))
+    with pytest.raises(CheckpointError, match="speech_generator.extra_head.weight"):
+        load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
+
+
+def test_config_with_a_wrong_size_names_the_weight(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["intermediate_size"] += 8
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"mlp\.(gate|up|down)_proj\.weight.*does not match"):
+        load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
+
+
+def test_not_an_omni_directory(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="not 'omni_speech2s_llama'"):
+        load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_omni(tmp_path / "nowhere", precision="fp32", device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="config.json not found"):
+        load_omni(empty, precision="fp32", device="cpu")
+
+
+def test_missing_speech_encoder_is_explained(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["speech_encoder"] = "models/speech_encoder/large-v3.pt"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="--speech-encoder"):
+        load_omni(d, precision="fp32", device="cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+@pytest.mark.parametrize("precision", ["8bit", "4bit"])
+def test_quantization_on_cpu_is_refused_clearly(precision: str) -> None:
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        resolve_placement(precision, None)
+
+
+def test_decoder_spec_parsing() -> None:
+    cfg = SpeechDecoderConfig.parse("(2,4096,32,11008)", 25, 1000)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.intermediate_size, cfg.blank_id) == (2, 4096, 32, 11008, 1000)
+    assert cfg.to_spec() == "(2,4096,32,11008)"
+    with pytest.raises(ConfigError, match="layers,hidden,heads,ffn"):
+        SpeechDecoderConfig.parse("2-4096", 25, 1000)
+
+
+def test_config_keeps_unknown_keys(tiny_model, tmp_path: Path) -> None:
+    raw = json.loads((tiny_model.model_dir / "config.json").read_text())
+    raw["some_future_flag"] = 3
+    cfg = OmniConfig.from_dict(raw)
+    cfg.save(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text()) == raw

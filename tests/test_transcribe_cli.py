@@ -1,0 +1,110 @@
+"""`omni transcribe-and-reply` as a user runs it: through Typer's CliRunner on real question WAVs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from omni_cli.cli import app
+
+
+@pytest.fixture()
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def _args(tiny_model, *extra: str, vocoder: bool = True) -> list[str]:
+    args = ["--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder), "--max-new-tokens", "12"]
+    if vocoder:
+        args += ["--vocoder", str(tiny_model.vocoder_dir)]
+    return args + list(extra)
+
+
+def test_help_shows_an_example(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["transcribe-and-reply", "--help"])
+    assert result.exit_code == 0
+    assert "--speech-encoder" in result.output and "Example" in result.output
+
+
+def test_text_reply_is_printed_per_file(runner: CliRunner, tiny_model, question_wavs) -> None:
+    result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, vocoder=False)])
+    assert result.exit_code == 0, result.output
+    line = result.stdout.splitlines()[0]
+    assert line.startswith(f"{question_wavs[0].name}: ")
+    assert len(line) > len(question_wavs[0].name) + 2, "a reply should follow the file name"
+    assert "12 tokens" in result.stderr
+
+
+def test_json_out_writes_wav_units_and_timings(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    out = tmp_path / "replies"
+    result = runner.invoke(app, ["transcribe-and-reply", *map(str, question_wavs[:2]), *_args(tiny_model, "--out", str(out), "--json", "--chunk-units", "10")])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [Path(r["file"]).name for r in rows] == [q.name for q in question_wavs[:2]]
+    for row, q in zip(rows, question_wavs):
+        assert row["text"] and row["tokens"] == 12
+        assert row["units"] and all(0 <= u < 1000 for u in row["units"])
+        assert row["first_audio_ms"] <= row["total_ms"]
+        wav = Path(row["wav"])
+        assert wav == out / f"{q.stem}.wav"
+        audio, rate = sf.read(wav)
+        assert rate == 16000
+        assert abs(len(audio) / rate - row["audio_seconds"]) < 1e-3
+        assert np.abs(audio).max() > 0
+
+
+def test_bad_inputs_each_get_one_line_and_others_are_answered(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    missing = tmp_path / "missing.wav"
+    junk = tmp_path / "junk.wav"
+    junk.write_text("this is not audio")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, dtype=np.float32), 16000)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(16000, dtype=np.float32), 16000)
+    good = question_wavs[0]
+    files = [missing, junk, good, empty, silent]
+    result = runner.invoke(app, ["transcribe-and-reply", *map(str, files), *_args(tiny_model, "--json", vocoder=False)])
+    assert result.exit_code == 1
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    by_file = {Path(r["file"]).name: r for r in rows}
+    assert "no such file" in by_file["missing.wav"]["error"]
+    assert "not a readable audio file" in by_file["junk.wav"]["error"]
+    assert "empty" in by_file["empty.wav"]["error"]
+    assert "silence" in by_file["silent.wav"]["error"]
+    assert by_file[good.name]["text"]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("omni: error:")]
+    assert len(errors) == 4
+
+
+def test_long_audio_is_encoded_in_windows_and_said(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    speech, rate = sf.read(question_wavs[0], dtype="float32")
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(speech, int(31 * rate // len(speech)) + 1), rate)
+    result = runner.invoke(app, ["transcribe-and-reply", str(long), *_args(tiny_model, "--json", vocoder=False)])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert "encoded in 2 windows of 30 s" in row["note"]
+
+
+def test_not_a_model_directory(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    fake = tmp_path / "fake"
+    shutil.copytree(tiny_model.model_dir, fake)
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    (fake / "config.json").write_text(json.dumps(cfg))
+    result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), "--model", str(fake)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "omni: error:" in result.stderr and "LLaMA-Omni checkpoint" in result.stderr
+
+
+def test_out_without_vocoder_is_refused(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--out", str(tmp_path), vocoder=False)])
+    assert result.exit_code == 2
+    assert "needs --vocoder" in result.stderr
