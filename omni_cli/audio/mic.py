@@ -1,0 +1,165 @@
+"""Microphone: a sounddevice input stream delivering fixed 16 kHz mono frames into a queue.
+
+The device is opened at 16 kHz when it accepts that rate, else at its own default rate with
+streaming resampling to 16 kHz, so the rest of the program (VAD, the model) only ever sees
+16 kHz frames of exactly frame_ms.
+"""
+
+from __future__ import annotations
+
+import queue
+from types import ModuleType, TracebackType
+from typing import Any
+
+import numpy as np
+
+from omni_cli.audio.devices import StreamResampler, find_device, load_sounddevice
+from omni_cli.audio.vad import FrameSplitter
+from omni_cli.errors import AudioInputError
+
+
+def _supported(sd: ModuleType, index: int | None, rate: int, channels: int) -> bool:
+    """True when PortAudio says the input device can be opened with these settings."""
+    try:
+        sd.check_input_settings(device=index, samplerate=rate, channels=channels, dtype="float32")
+    except (sd.PortAudioError, ValueError):
+        return False
+    return True
+
+
+class Microphone:
+    """Capture from an input device as float32 frames of `frame_ms` at `sample_rate` (mono).
+
+    Use as a context manager; `read()` returns the next frame or None on timeout.
+    `device` is an index, a (partial) device name, or None for the system default.
+    `device_rate` forces the rate the device is opened at (normally chosen automatically).
+    Overflows (the device or our queue could not keep up) are counted, never raised.
+    """
+
+    def __init__(
+        self,
+        device: str | int | None = None,
+        frame_ms: int = 30,
+        sample_rate: int = 16000,
+        device_rate: int | None = None,
+        max_queue_s: float = 10.0,
+    ) -> None:
+        self.device = device
+        self.frame_ms = frame_ms
+        self.sample_rate = sample_rate
+        self.frame_samples = sample_rate * frame_ms // 1000
+        self.requested_device_rate = device_rate
+        self.device_rate: int | None = None  # the rate actually opened, known after start()
+        self.device_name = "default"
+        self.overflows = 0  # PortAudio reported lost input (the callback ran late)
+        self.dropped_frames = 0  # frames discarded because nobody read the queue in time
+        self.frames: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self._stream: Any = None
+        self._channels = 1
+        self._resampler = StreamResampler(sample_rate, sample_rate)
+        self._splitter = FrameSplitter(self.frame_samples)
+
+    # -- opening ----------------------------------------------------------------------
+
+    def _choose_settings(self, sd: ModuleType, index: int | None) -> tuple[int, int]:
+        """(rate, channels) to open the device with: 16 kHz mono if possible, else its default rate."""
+        info = sd.query_devices(index, kind="input") if index is None else sd.query_devices(index)
+        self.device_name = str(info["name"])
+        default_rate = int(info["default_samplerate"])
+        max_channels = max(1, int(info["max_input_channels"]))
+        if self.requested_device_rate is not None:
+            candidates = [(int(self.requested_device_rate), 1), (int(self.requested_device_rate), max_channels)]
+        else:
+            candidates = [(self.sample_rate, 1), (default_rate, 1), (default_rate, max_channels)]
+        for rate, channels in candidates:
+            if _supported(sd, index, rate, channels):
+                return rate, channels
+        tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
+        raise AudioInputError(f"microphone '{self.device_name}' accepts none of {tried}; pick another with --input-device (see `omni devices`).")
+
+    def start(self) -> Microphone:
+        """Open and start the input stream; raises AudioInputError with one line on failure."""
+        if self._stream is not None:
+            return self
+        sd = load_sounddevice()
+        index = find_device(self.device, "input")
+        try:
+            rate, channels = self._choose_settings(sd, index)
+            self._channels = channels
+            self._resampler = StreamResampler(rate, self.sample_rate)
+            self._splitter.reset()
+            self.device_rate = rate
+            stream = sd.InputStream(
+                device=index,
+                samplerate=rate,
+                channels=channels,
+                dtype="float32",
+                # One callback per frame when no resampling is needed: frames go straight to the queue.
+                blocksize=max(1, round(rate * self.frame_ms / 1000)),
+                latency="low",
+                callback=self._callback,
+            )
+            stream.start()
+        except sd.PortAudioError as exc:
+            raise AudioInputError(
+                f"cannot open microphone '{self.device_name}': {exc}; check it is connected and not in use (see `omni devices`)."
+            ) from exc
+        self._stream = stream
+        return self
+
+    def close(self) -> None:
+        """Stop and close the stream; frames already queued stay readable."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.stop()
+            finally:
+                stream.close()
+
+    def __enter__(self) -> Microphone:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- data path --------------------------------------------------------------------
+
+    def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        if status.input_overflow:
+            self.overflows += 1
+        block = indata[:, 0] if self._channels == 1 else indata.mean(axis=1)
+        self.deliver(block)
+
+    def deliver(self, block: np.ndarray) -> None:
+        """Turn one device block into 16 kHz frames on the queue (called by the audio callback)."""
+        if self._resampler.passthrough and block.size == self.frame_samples and self._splitter.pending == 0:
+            ready = [np.array(block, dtype=np.float32)]  # copy: PortAudio reuses its buffer
+        else:
+            ready = self._splitter.push(self._resampler.process(block))
+        for frame in ready:
+            try:
+                self.frames.put_nowait(frame)
+            except queue.Full:
+                self.dropped_frames += 1
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        """Next frame (float32, frame_samples long), or None if none arrived within `timeout` seconds."""
+        try:
+            return self.frames.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def clear(self) -> int:
+        """Drop queued frames (e.g. audio captured while we were speaking); returns how many."""
+        dropped = 0
+        while True:
+            try:
+                self.frames.get_nowait()
+            except queue.Empty:
+                return dropped
+            dropped += 1
+
+    @property
+    def active(self) -> bool:
+        """True while the input stream is running."""
+        return self._stream is not None and bool(self._stream.active)

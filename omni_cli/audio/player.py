@@ -1,0 +1,246 @@
+"""Player: a sounddevice output stream fed from a queue of 16 kHz float32 chunks.
+
+The stream runs from start() to close() and plays zeros while idle, so the first chunk of a
+reply reaches the device at the next callback instead of waiting for a stream to open.
+`stop()` is the barge-in: queued audio is dropped and the next callback is silent.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from types import ModuleType, TracebackType
+from typing import Any
+
+import numpy as np
+
+from omni_cli.audio.devices import StreamResampler, find_device, load_sounddevice
+from omni_cli.errors import AudioInputError
+
+
+def _supported(sd: ModuleType, index: int | None, rate: int, channels: int) -> bool:
+    """True when PortAudio says the output device can be opened with these settings."""
+    try:
+        sd.check_output_settings(device=index, samplerate=rate, channels=channels, dtype="float32")
+    except (sd.PortAudioError, ValueError):
+        return False
+    return True
+
+
+class Player:
+    """Play float32 chunks at `sample_rate` on an output device, continuously, cut-able at once.
+
+    Producer side (any thread): `play(chunk)` queues audio, `wait_idle()` waits until it has
+    been played, `stop()` cuts it. Audio side: the stream callback calls `render()`.
+    Measurements: `first_audio_time` (time.monotonic() when the first block holding audio of
+    the current burst was handed to the device; `on_first_audio` is called with it, from the
+    audio thread, so keep it short), `underruns` (times the queue ran dry while more audio was
+    expected), `xruns` (PortAudio-reported output underflows).
+    """
+
+    def __init__(
+        self,
+        device: str | int | None = None,
+        sample_rate: int = 16000,
+        block_ms: int = 20,
+        device_rate: int | None = None,
+        latency: str | float = "low",
+        on_first_audio: Callable[[float], None] | None = None,
+    ) -> None:
+        self.device = device
+        self.sample_rate = sample_rate
+        self.block_ms = block_ms
+        self.requested_device_rate = device_rate
+        self.latency = latency
+        self.on_first_audio = on_first_audio
+        self.device_rate: int | None = None  # the rate actually opened, known after start()
+        self.device_name = "default"
+        self.first_audio_time: float | None = None
+        self.underruns = 0
+        self.xruns = 0
+        self._stream: Any = None
+        self._resampler = StreamResampler(sample_rate, sample_rate)
+        # deque append/popleft are atomic in CPython: no lock on the audio thread.
+        self._pending: deque[tuple[int, np.ndarray]] = deque()
+        self._generation = 0  # bumped by stop(); chunks of an older generation are dropped
+        self._current: np.ndarray | None = None
+        self._current_generation = 0
+        self._position = 0
+        self._expecting = False  # between the first play() of a burst and wait_idle()/finish()/stop()
+        self._starved = False  # the queue ran dry during this burst and has not been refilled
+        self._idle = threading.Event()
+        self._idle.set()
+        # Serialises play/finish/stop (a producer and a barge-in thread may race); never taken by the callback.
+        self._producer_lock = threading.Lock()
+        self._output_latency = 0.0
+
+    # -- opening ----------------------------------------------------------------------
+
+    def _choose_settings(self, sd: ModuleType, index: int | None) -> tuple[int, int]:
+        """(rate, channels): our rate in mono if the device takes it, else its default rate."""
+        info = sd.query_devices(index, kind="output") if index is None else sd.query_devices(index)
+        self.device_name = str(info["name"])
+        default_rate = int(info["default_samplerate"])
+        max_channels = max(1, int(info["max_output_channels"]))
+        if self.requested_device_rate is not None:
+            candidates = [(int(self.requested_device_rate), 1), (int(self.requested_device_rate), max_channels)]
+        else:
+            candidates = [(self.sample_rate, 1), (default_rate, 1), (default_rate, max_channels)]
+        for rate, channels in candidates:
+            if _supported(sd, index, rate, channels):
+                return rate, channels
+        tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
+        raise AudioInputError(f"speaker '{self.device_name}' accepts none of {tried}; pick another with --output-device (see `omni devices`).")
+
+    def start(self) -> Player:
+        """Open and start the output stream (silent until audio is queued)."""
+        if self._stream is not None:
+            return self
+        sd = load_sounddevice()
+        index = find_device(self.device, "output")
+        try:
+            rate, channels = self._choose_settings(sd, index)
+            self.device_rate = rate
+            self._resampler = StreamResampler(self.sample_rate, rate)
+            stream = sd.OutputStream(
+                device=index,
+                samplerate=rate,
+                channels=channels,
+                dtype="float32",
+                blocksize=max(1, round(rate * self.block_ms / 1000)),
+                latency=self.latency,
+                callback=self._callback,
+            )
+            stream.start()
+        except sd.PortAudioError as exc:
+            raise AudioInputError(
+                f"cannot open speaker '{self.device_name}': {exc}; check it is connected and not in use (see `omni devices`)."
+            ) from exc
+        self._output_latency = float(stream.latency)
+        self._stream = stream
+        return self
+
+    def close(self) -> None:
+        """Stop and close the stream; queued audio is dropped."""
+        self.stop()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.stop()
+            finally:
+                stream.close()
+
+    def __enter__(self) -> Player:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- producer side ----------------------------------------------------------------
+
+    def play(self, chunk: np.ndarray) -> None:
+        """Queue a mono float32 chunk at `sample_rate` to play after what is already queued."""
+        samples = np.asarray(chunk, dtype=np.float32).reshape(-1)
+        with self._producer_lock:
+            if not self._expecting:
+                # A new burst (e.g. a new reply): latency and starvation are measured per burst.
+                self.first_audio_time = None
+                self._starved = False
+                self._expecting = True
+            # Resample here, on the producer's thread, so the callback only copies.
+            samples = self._resampler.process(samples)
+            if samples.size:
+                self._idle.clear()
+                self._pending.append((self._generation, samples))
+
+    def finish(self) -> None:
+        """No more audio follows for now: play out what is queued without counting the end as an underrun."""
+        with self._producer_lock:
+            tail = self._resampler.flush()
+            if tail.size:
+                self._idle.clear()
+                self._pending.append((self._generation, tail))
+            self._expecting = False
+
+    def stop(self) -> None:
+        """Cut playback now: queued audio is dropped and the next device block is silence.
+
+        The producer should stop too: a later play() starts a new burst.
+        """
+        with self._producer_lock:
+            self._generation += 1
+            self._expecting = False
+            self._pending.clear()
+            self._resampler.reset()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """finish(), then wait until all queued audio has left the speaker; False on timeout."""
+        self.finish()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._idle.wait(timeout):
+            return False
+        # The last block is in the device's buffer for `latency` more seconds.
+        remaining = self._output_latency if deadline is None else min(self._output_latency, deadline - time.monotonic())
+        if remaining > 0:
+            time.sleep(remaining)
+        return True
+
+    @property
+    def playing(self) -> bool:
+        """True while audio is queued, being handed to the device, or still expected from the producer."""
+        return self._expecting or not self._idle.is_set()
+
+    @property
+    def output_latency(self) -> float:
+        """Seconds from handing a block to the device until it is heard (PortAudio's estimate)."""
+        return self._output_latency
+
+    # -- audio side -------------------------------------------------------------------
+
+    def _callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        if status.output_underflow:
+            self.xruns += 1
+        self.render(outdata)
+
+    def render(self, out: np.ndarray) -> None:
+        """Fill one device block `out` (frames × channels) from the queue, zeros where none is left.
+
+        Runs on the audio thread: never waits for the producer, allocates nothing but views.
+        """
+        generation = self._generation
+        if self._current is not None and self._current_generation != generation:
+            self._current = None  # stop() was called: drop the chunk being played
+        n = out.shape[0]
+        written = 0
+        while written < n:
+            if self._current is None:
+                try:
+                    chunk_generation, chunk = self._pending.popleft()
+                except IndexError:
+                    break
+                if chunk_generation != generation:
+                    continue
+                self._current, self._current_generation, self._position = chunk, chunk_generation, 0
+            current = self._current
+            take = min(n - written, current.shape[0] - self._position)
+            out[written : written + take] = current[self._position : self._position + take, None]
+            written += take
+            self._position += take
+            if self._position >= current.shape[0]:
+                self._current = None
+        if written < n:
+            out[written:] = 0.0
+        if written:
+            self._starved = False
+            if self.first_audio_time is None:
+                self.first_audio_time = time.monotonic()
+                if self.on_first_audio is not None:
+                    self.on_first_audio(self.first_audio_time)
+        if written < n and self._current is None and not self._pending:
+            if self._expecting and self.first_audio_time is not None and not self._starved:
+                self.underruns += 1
+                self._starved = True
+            if not self._expecting and not self._idle.is_set():
+                self._idle.set()
