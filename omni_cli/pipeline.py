@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     IncrementalDetokenizer,
@@ -28,6 +27,7 @@ from omni_cli.model.llm import (
     stop_token_ids,
 )
 from omni_cli.model.loading import OmniModel
+from omni_cli.model.unit_decoder import UnitStream
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream
 
 
@@ -102,7 +102,7 @@ class ReplyState:
     """Streaming state owned by one reply: decoder cache and CTC carry, vocoder context, pending units."""
 
     detok: IncrementalDetokenizer
-    unit_stream: object | None
+    unit_stream: UnitStream | None
     vocoder_stream: VocoderStream | None
     pending: list[int] = field(default_factory=list)
     units: list[int] = field(default_factory=list)
@@ -215,8 +215,12 @@ class SpeechToSpeech:
         else:
             if should_stop is not None and should_stop():
                 stopped = "interrupted"
-        if state.pending and stopped != "interrupted":
-            yield self._render(state)
+        if state.vocoder_stream is not None and stopped != "interrupted":
+            # The vocoder stream holds back the tail of each chunk to re-render it against the
+            # next units; at the end of the reply that tail comes out with the last units.
+            last = self._render(state, final=True)
+            if last.audio.size:
+                yield last
         yield Done(state.detok.text, state.units, time.monotonic(), n_tokens, stopped)
 
     def _vocoder_stream(self) -> VocoderStream:
@@ -225,11 +229,12 @@ class SpeechToSpeech:
             return VocoderStream(self.vocoder)
         return VocoderStream(self.vocoder, context_units=self.streaming.context_units)
 
-    def _render(self, state: ReplyState) -> AudioChunk:
+    def _render(self, state: ReplyState, final: bool = False) -> AudioChunk:
         assert state.vocoder_stream is not None and self.vocoder is not None
-        audio = state.vocoder_stream.push(state.pending)
-        if isinstance(audio, torch.Tensor):
-            audio = audio.detach().float().cpu().numpy()
+        parts = [state.vocoder_stream.push(state.pending)] if state.pending else []
+        if final:
+            parts.append(state.vocoder_stream.flush())
+        audio = np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
         state.pending = []
         chunk = AudioChunk(np.asarray(audio, dtype=np.float32), time.monotonic(), state.chunks, self.vocoder.config.sampling_rate)
         state.chunks += 1

@@ -1,0 +1,109 @@
+"""The streaming pipeline: events in the right order, and streaming equal to offline decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from omni_cli.audio.io import load_audio
+from omni_cli.model.llm import SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
+from omni_cli.model.vocoder import load_vocoder
+from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, StreamingConfig, TextDelta, Units
+
+
+@pytest.fixture(scope="module")
+def vocoder(tiny_model):
+    return load_vocoder(tiny_model.vocoder_dir)
+
+
+def _pipeline(tiny_loaded, vocoder, **kw) -> SpeechToSpeech:
+    sampling = SamplingConfig(max_new_tokens=kw.pop("max_new_tokens", 24), ignore_stop=True)
+    return SpeechToSpeech(tiny_loaded, vocoder, StreamingConfig(sampling=sampling, **kw))
+
+
+@pytest.mark.parametrize("chunk_units,first_chunk_units", [(40, None), (10, 4), (1, None)])
+def test_streamed_units_equal_offline_decoding_of_the_whole_reply(
+    tiny_loaded, vocoder, question_wavs, chunk_units: int, first_chunk_units: int | None
+) -> None:
+    pipe = _pipeline(tiny_loaded, vocoder, chunk_units=chunk_units, first_chunk_units=first_chunk_units)
+    audio = load_audio(question_wavs[0])
+    events = list(pipe.respond(audio))
+    done = events[-1]
+    assert isinstance(done, Done) and done.tokens == 24
+
+    # Offline: regenerate the same reply's hidden states and decode them in one pass.
+    m = tiny_loaded
+    ids = build_prompt_ids(m.tokenizer, [speech_turn()])
+    embeds = splice_speech(m.llm.get_input_embeddings(), ids, [pipe.encode_speech(audio)])
+    hidden = torch.stack([t.hidden for t in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=24))])
+    offline = m.unit_decoder.predict_units(hidden)
+    assert len(offline) > 20
+    assert done.units == offline
+    assert [u for e in events if isinstance(e, Units) for u in e.units] == offline
+
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert all(c.sample_rate == 16000 and c.audio.dtype == np.float32 for c in chunks)
+    if first_chunk_units:
+        # The first chunk is rendered as soon as the smaller threshold is met.
+        assert len(chunks) >= 2
+
+
+def test_first_audio_arrives_before_the_last_text(tiny_loaded, vocoder, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, vocoder, chunk_units=10, max_new_tokens=30)
+    events = list(pipe.respond(load_audio(question_wavs[1])))
+    kinds = [type(e).__name__ for e in events]
+    first_audio = kinds.index("AudioChunk")
+    last_text = len(kinds) - 1 - kinds[::-1].index("TextDelta")
+    assert first_audio < last_text
+    stamps = [e.t for e in events]
+    assert stamps == sorted(stamps)
+
+
+def test_streamed_audio_matches_whole_reply_synthesis_away_from_seams(tiny_loaded, vocoder, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, vocoder, chunk_units=12)
+    events = list(pipe.respond(load_audio(question_wavs[2])))
+    streamed = np.concatenate([e.audio for e in events if isinstance(e, AudioChunk)])
+    units = events[-1].units
+    whole = vocoder.synthesize(units).detach().numpy()
+    # Durations near a seam may differ by a frame or so; lengths stay within a few frames a seam.
+    n_seams = sum(isinstance(e, AudioChunk) for e in events) - 1
+    hop = vocoder.config.hop_length
+    assert abs(len(streamed) - len(whole)) <= 2 * hop * max(n_seams, 1)
+    # The opening chunk has no seam to its left: it equals whole-reply synthesis up to near its end.
+    first = next(e.audio for e in events if isinstance(e, AudioChunk))
+    head = len(first) - 8 * hop
+    assert head > 0
+    np.testing.assert_allclose(first[:head], whole[:head], atol=1e-4)
+
+
+def test_text_only_without_vocoder_and_interruption(tiny_loaded, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, None, max_new_tokens=40)
+    seen = {"n": 0}
+
+    def stop_after_five() -> bool:
+        return seen["n"] >= 5
+
+    events = []
+    for e in pipe.respond(load_audio(question_wavs[0]), should_stop=stop_after_five):
+        events.append(e)
+        if isinstance(e, TextDelta):
+            seen["n"] += 1
+    done = events[-1]
+    assert isinstance(done, Done) and done.stopped == "interrupted"
+    assert not any(isinstance(e, (Units, AudioChunk)) for e in events)
+    assert done.tokens < 40
+
+
+def test_history_is_part_of_the_next_prompt(tiny_loaded, vocoder, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, None, max_new_tokens=8)
+    audio = load_audio(question_wavs[0])
+    first = list(pipe.respond(audio))[-1]
+    history = [HistoryTurn(pipe.last_speech_embeddings, None, first.text)]
+    again_alone = list(pipe.respond("What did you just say?"))[-1]
+    with_memory = list(pipe.respond("What did you just say?", history=history))[-1]
+    assert with_memory.text != again_alone.text
+    # A budget too small for the earlier turn drops it: the reply equals the memoryless one.
+    tight = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=pipe.streaming.sampling, context_budget=40))
+    assert list(tight.respond("What did you just say?", history=history))[-1].text == again_alone.text
