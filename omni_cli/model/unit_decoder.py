@@ -108,7 +108,7 @@ class UnitDecoder(nn.Module):
         self.output_proj = nn.Linear(cfg.hidden_size, cfg.unit_vocab_size + 1)
         # Kept outside the module tree on purpose: no state_dict keys, and `.to(bfloat16)`
         # cannot round the rotary frequencies (at position 25·256 a bf16 frequency is off
-        # by radians). It follows the device on first use instead.
+        # by radians). It is rebuilt on the device of first use (also after a meta-device init).
         self._rotary = (LlamaRotaryEmbedding(self.config),)
 
     @staticmethod
@@ -129,7 +129,10 @@ class UnitDecoder(nn.Module):
     def from_omni_config(cls, omni: OmniConfig, attn_implementation: str = "sdpa") -> UnitDecoder:
         """Build the decoder a LLaMA-Omni config.json describes (random weights)."""
         if omni.speech_decoder is None:
-            raise ConfigError("this checkpoint has no speech decoder (speech_generator_type missing); use a speech-to-speech LLaMA-Omni model.")
+            raise ConfigError(
+                "this checkpoint has no speech decoder (no speech_generator_type); "
+                "use a speech-to-speech LLaMA-Omni model."
+            )
         return cls(omni.speech_decoder, LlamaConfig(**omni.llama_dict()), attn_implementation)
 
     @property
@@ -140,8 +143,11 @@ class UnitDecoder(nn.Module):
     def _rotary_embeddings(self, frames: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         rotary = self._rotary[0]
         if rotary.inv_freq.device != frames.device:
-            with torch.inference_mode(False):  # normal tensors, usable later in training too
-                rotary.to(frames.device)  # moves buffers, keeps them float32
+            # Recomputed, not moved: a meta tensor cannot be moved. Outside inference mode so
+            # the float32 frequencies stay usable for training as well.
+            with torch.inference_mode(False), torch.device(frames.device):
+                rotary = LlamaRotaryEmbedding(self.config)
+            self._rotary = (rotary,)
         return rotary(frames, position_ids)
 
     def _run_layers(
@@ -299,6 +305,8 @@ class UnitStream:
         decoder = self.decoder
         weight = decoder.input_proj.weight
         hidden = hidden.to(device=weight.device, dtype=weight.dtype).reshape(-1, hidden.shape[-1])
+        if hidden.shape[0] == 0:
+            return []
         frames = hidden.repeat_interleave(decoder.cfg.upsample_factor, dim=0)[None]
         count = frames.shape[1]
         position_ids = torch.arange(self.position, self.position + count, device=weight.device)[None]
