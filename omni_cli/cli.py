@@ -50,14 +50,14 @@ def build_pipeline(
 ):  # noqa: ANN201 - returns SpeechToSpeech; imported lazily so `omni --help` stays fast
     """Load the model (and vocoder) and wrap them in the streaming pipeline."""
     from omni_cli.model.llm import SamplingConfig
-    from omni_cli.model.loading import load_omni
+    from omni_cli.model.loading import load_omni, resolve_placement
     from omni_cli.model.vocoder import load_vocoder
     from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
 
+    # The vocoder is small: load it first so a wrong --vocoder fails before the LLM loads.
+    placement = resolve_placement(precision, device)
+    voc = None if vocoder is None else load_vocoder(vocoder, dtype=placement.dtype, device=placement.device)
     loaded = load_omni(model, speech_encoder, precision=precision, device=device)
-    voc = None
-    if vocoder is not None:
-        voc = load_vocoder(vocoder, dtype=loaded.placement.dtype, device=loaded.placement.device)
     streaming = StreamingConfig(
         chunk_units=chunk_units,
         first_chunk_units=first_chunk_units,

@@ -108,3 +108,39 @@ def test_out_without_vocoder_is_refused(runner: CliRunner, tiny_model, question_
     result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--out", str(tmp_path), vocoder=False)])
     assert result.exit_code == 2
     assert "needs --vocoder" in result.stderr
+
+
+def test_reply_with_zero_units_writes_no_wav(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    # A speech decoder that always predicts blank: the reply has text but no units.
+    model = tmp_path / "blank-model"
+    shutil.copytree(tiny_model.model_dir, model)
+    for shard in model.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        if "speech_generator.output_proj.bias" in tensors:
+            bias = tensors["speech_generator.output_proj.bias"]
+            bias[-1] = 1e6
+            save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "replies"
+    args = ["--model", str(model), "--speech-encoder", str(tiny_model.speech_encoder), "--vocoder", str(tiny_model.vocoder_dir)]
+    result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *args, "--max-new-tokens", "6", "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)
+    assert row["text"] and row["units"] == []
+    assert "no units" in row["note"] and "no WAV written" in row["note"]
+    assert "wav" not in row
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_a_file_that_is_not_a_vocoder_is_one_line(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
+    bogus = tmp_path / "vocoder"
+    bogus.mkdir()
+    (bogus / "config.json").write_text(json.dumps({"hello": 1}))
+    (bogus / "g_00500000").write_bytes(b"\x00not a checkpoint" * 10)
+    result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), "--model", str(tiny_model.model_dir),
+                                 "--speech-encoder", str(tiny_model.speech_encoder), "--vocoder", str(bogus)])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("omni: error:")]
+    assert len(errors) == 1 and "vocoder" in errors[0]
+    assert "Traceback" not in result.stderr
