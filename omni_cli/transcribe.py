@@ -106,7 +106,11 @@ def transcribe_and_reply(
             out.flush()
         try:
             reply = answer_file(pipeline, path, out_dir, None if as_json else out)
-        except OmniError as exc:
+        except (OmniError, RuntimeError) as exc:
+            # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
+            # one file failing must not lose the answers to the others.
+            if not isinstance(exc, OmniError):
+                exc = OmniError(f"{path}: the model failed on this file ({str(exc).splitlines()[0]})")
             failed += 1
             if as_json:
                 out.write(FileReply(file=str(path), error=str(exc)).to_json() + "\n")

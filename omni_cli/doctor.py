@@ -1,0 +1,235 @@
+"""`omni doctor`: check this machine for a preset, one line per check, each OK or a fix.
+
+Statuses: OK; WARN (works, but not as well as it could); MISSING (an optional part is
+absent — GPU, bitsandbytes, audio, weights — with what to do); FIX (something required is
+broken: torch or transformers do not import, a present weight file is corrupt). Only FIX
+lines make the exit code non-zero, so a machine without GPU or sound card passes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from omni_cli.errors import OmniError
+from omni_cli.presets import Preset, ResolvedModel, get_preset, hub_offline, resolve_preset
+
+OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
+MIN_PYTHON = (3, 10)
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report."""
+
+    status: str
+    name: str
+    detail: str
+
+    @property
+    def line(self) -> str:
+        """The printed form: status, what was checked, and what was found or what to do."""
+        return f"{self.status:<8} {self.name} — {self.detail}"
+
+
+def check_python() -> Check:
+    """Python version (required)."""
+    version = platform.python_version()
+    if sys.version_info[:2] < MIN_PYTHON:
+        return Check(FIX, "python", f"{version} is too old; install Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]} or newer")
+    return Check(OK, "python", version)
+
+
+def check_libraries() -> list[Check]:
+    """torch and transformers import (required)."""
+    checks = []
+    for name, fix in (("torch", "pip install torch"), ("transformers", "pip install 'transformers>=5'")):
+        try:
+            module = __import__(name)
+        except Exception as exc:  # noqa: BLE001 - a broken install can raise anything on import
+            checks.append(Check(FIX, name, f"does not import ({type(exc).__name__}: {exc}); {fix}"))
+        else:
+            checks.append(Check(OK, name, str(getattr(module, "__version__", "?"))))
+    return checks
+
+
+def check_gpu(preset: Preset | None, resolved: ResolvedModel | None, precision: str) -> list[Check]:
+    """CUDA, GPU name and free memory against what the preset needs at `precision` (optional)."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 - reported by check_libraries
+        return []
+    from omni_cli.download import format_gb
+    from omni_cli.gpu_memory import best_fitting_precision, cuda_memory, estimate_gpu_memory, sizes_for_model
+
+    sizes = sizes_for_model(resolved) if resolved is not None else None
+    need = estimate_gpu_memory(sizes, precision) if sizes is not None else None
+    shown = "fp16" if precision == "auto" else precision
+    needs = f"; {preset.name} needs ~{format_gb(need)} at {shown}" if preset and need else ""
+    memory = cuda_memory()
+    if memory is None:
+        build = f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        return [Check(MISSING, "CUDA GPU", f"{build}: only the tiny model runs on CPU; install a CUDA build of torch on a machine with an NVIDIA GPU{needs}")]
+    name, free, total = memory
+    checks = [Check(OK, "CUDA GPU", f"{name}, CUDA {torch.version.cuda}, {format_gb(free)} free of {format_gb(total)}")]
+    if sizes is not None and need is not None:
+        if need <= free:
+            checks.append(Check(OK, "GPU memory", f"{preset.name if preset else 'the model'} needs ~{format_gb(need)} at {shown}"))
+        else:
+            best = best_fitting_precision(sizes, free)
+            fix = f"use --precision {best} (~{format_gb(estimate_gpu_memory(sizes, best))})" if best else "free GPU memory or use a larger GPU"
+            checks.append(Check(WARN, "GPU memory", f"needs ~{format_gb(need)} at {shown} but {format_gb(free)} is free; {fix}"))
+    return checks
+
+
+def check_bitsandbytes() -> Check:
+    """bitsandbytes, needed only for --precision 8bit/4bit (optional)."""
+    try:
+        import bitsandbytes
+    except Exception as exc:  # noqa: BLE001 - missing, or its CUDA library fails to load
+        reason = "not installed" if isinstance(exc, ImportError) else f"does not import ({type(exc).__name__})"
+        return Check(MISSING, "bitsandbytes", f"{reason}: needed only for --precision 8bit/4bit; pip install 'omni-cli[quant]'")
+    import torch
+
+    if not torch.cuda.is_available():
+        return Check(WARN, "bitsandbytes", f"{bitsandbytes.__version__} installed, but 8bit/4bit need a CUDA GPU")
+    return Check(OK, "bitsandbytes", str(bitsandbytes.__version__))
+
+
+def check_audio(list_devices: Callable[[], list] | None = None) -> list[Check]:
+    """PortAudio and input/output devices, needed only by `omni chat` (optional)."""
+    from omni_cli.errors import AudioInputError
+
+    if list_devices is None:
+        from omni_cli.audio.devices import list_devices
+    try:
+        devices = list_devices()
+    except AudioInputError as exc:
+        return [Check(MISSING, "audio", f"{exc} `omni chat` needs it; transcribe-and-reply and chat --text do not")]
+    checks = []
+    for kind, fix in (("input", "connect a microphone (or use `omni chat --text`)"), ("output", "connect speakers or headphones")):
+        usable = [d for d in devices if d.has(kind)]
+        default = next((d for d in usable if (d.is_default_input if kind == "input" else d.is_default_output)), None)
+        if not usable:
+            checks.append(Check(MISSING, f"audio {kind}", f"no {kind} device; {fix}; see `omni devices`"))
+        else:
+            chosen = default or usable[0]
+            checks.append(Check(OK, f"audio {kind}", f"{len(usable)} device(s), default: {chosen.name}"))
+    return checks
+
+
+def _safetensors_headers(files: list[Path]) -> None:
+    from omni_cli.model.loading import read_shapes
+
+    read_shapes(files)  # raises CheckpointError naming the unreadable file
+
+
+def _validate_model(folder: Path) -> None:
+    from omni_cli.config import OmniConfig
+    from omni_cli.model.loading import weight_files
+
+    OmniConfig.load(folder)
+    _safetensors_headers(weight_files(folder))
+    json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+
+
+def _validate_encoder(folder: Path) -> None:
+    from omni_cli.config import read_json
+    from omni_cli.errors import ConfigError
+
+    if read_json(folder / "config.json", "Whisper checkpoint").get("model_type") != "whisper":
+        raise ConfigError(f"{folder / 'config.json'} is not a Whisper config.")
+    _safetensors_headers(sorted(folder.glob("*.safetensors")))
+
+
+def _validate_vocoder(folder: Path) -> None:
+    from omni_cli.config import VocoderConfig
+    from omni_cli.model.vocoder import CONFIG_NAME, SAFETENSORS_NAME
+
+    VocoderConfig.load(folder / CONFIG_NAME)
+    if (folder / SAFETENSORS_NAME).is_file():
+        _safetensors_headers([folder / SAFETENSORS_NAME])
+
+
+def check_weights(preset: Preset, resolved: ResolvedModel) -> list[Check]:
+    """Each part present and readable (config parses, safetensors headers read); corrupt files are FIX."""
+    local = f" --local-dir {resolved.local_dir}" if resolved.local_dir else ""
+    command = f"omni download {preset.name}{local}"
+    found = {"model": resolved.model_dir, "speech_encoder": resolved.speech_encoder, "vocoder": resolved.vocoder_dir}
+    validators = {"model": _validate_model, "speech_encoder": _validate_encoder, "vocoder": _validate_vocoder}
+    checks = []
+    for part in preset.parts:
+        label = f"weights: {part.key.replace('_', ' ')}"
+        folder = found[part.key]
+        if folder is None:
+            source = getattr(part, "repo_id", None) or part.name
+            checks.append(Check(MISSING, label, f"{source} not downloaded; run `{command}`"))
+            continue
+        try:
+            validators[part.key](folder)
+        except (OmniError, OSError, ValueError) as exc:
+            checks.append(Check(FIX, label, f"{folder} is damaged ({str(exc).splitlines()[0]}); delete it and run `{command}`"))
+        else:
+            checks.append(Check(OK, label, str(folder)))
+    return checks
+
+
+def check_offline(resolved: ResolvedModel | None) -> Check:
+    """HF_HUB_OFFLINE: fine once everything is present; blocks downloads otherwise."""
+    if not hub_offline():
+        return Check(OK, "HF_HUB_OFFLINE", "not set: missing weights can be downloaded")
+    if resolved is not None and not resolved.complete:
+        return Check(WARN, "HF_HUB_OFFLINE", "is set and weights are missing: unset it to run `omni download`")
+    return Check(OK, "HF_HUB_OFFLINE", "set: runs without network (weights are present)")
+
+
+def run_checks(
+    preset_name: str = "llama-omni-8b",
+    precision: str = "auto",
+    local_dir: Path | None = None,
+    list_devices: Callable[[], list] | None = None,
+) -> Iterator[Check]:
+    """Every check in report order; yields as it goes so slow ones (imports) show progress."""
+    yield check_python()
+    libraries = check_libraries()
+    yield from libraries
+    preset = resolved = None
+    try:
+        preset = get_preset(preset_name)
+        resolved = resolve_preset(preset.source, local_dir)
+    except OmniError as exc:
+        yield Check(FIX, "preset", str(exc))
+    if all(c.status == OK for c in libraries):
+        yield from check_gpu(preset, resolved, precision)
+        yield check_bitsandbytes()
+    yield from check_audio(list_devices)
+    if preset is not None and resolved is not None:
+        yield from check_weights(preset, resolved)
+    yield check_offline(resolved)
+
+
+def exit_code(checks: list[Check]) -> int:
+    """1 when something required is broken (a FIX line), else 0."""
+    return 1 if any(c.status == FIX for c in checks) else 0
+
+
+__all__ = [
+    "Check",
+    "OK",
+    "WARN",
+    "MISSING",
+    "FIX",
+    "run_checks",
+    "exit_code",
+    "check_python",
+    "check_libraries",
+    "check_gpu",
+    "check_bitsandbytes",
+    "check_audio",
+    "check_weights",
+    "check_offline",
+]

@@ -1,0 +1,234 @@
+"""How much GPU memory a model needs at a precision, and whether the GPU has it.
+
+Parameter counts come from the configs: each module is built on torch's meta device (no
+memory, no init) from config.json — or from the preset's copy of its size keys before the
+download — and its parameters are counted. bitsandbytes quantizes the Linear layers inside
+the LLM's decoder layers; embeddings, lm_head, norms and the speech modules stay at the
+compute dtype. On top come the KV caches of a long chat and a fixed workspace allowance.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omni_cli.errors import ConfigError
+from omni_cli.presets import GB, Preset, ResolvedModel
+
+# Bytes per stored weight. 4-bit NF4 keeps one fp32 absmax per 64 weights (no double quant,
+# as load_omni configures it): 0.5 + 4/64. LLM.int8 adds one fp32 scale per row: negligible.
+DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
+QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
+# KV-cache budget: a multi-turn chat of this many tokens, and the speech decoder's cache for
+# one reply of the default max_new_tokens.
+CONTEXT_TOKENS = 4096
+REPLY_TOKENS = 256
+# Activations, prefill logits, cuBLAS/allocator workspace: an allowance, not a measurement.
+WORKSPACE_BYTES = 1 << 30
+# Precisions tried, best quality first, when suggesting one that fits.
+FITTING_ORDER = ("fp16", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class ModelSizes:
+    """Parameter counts of a model's modules and its KV-cache elements per token."""
+
+    llm_linear: int  # weights of the Linear layers in the LLM's decoder layers (quantizable)
+    llm_other: int  # embeddings, lm_head, norms, biases
+    speech_encoder: int
+    adaptor: int
+    speech_decoder: int
+    vocoder: int
+    llm_kv_per_token: int  # K and V elements cached per token over all LLM layers
+    decoder_kv_per_token: int  # K and V elements the speech decoder caches per LLM token
+
+    @property
+    def total_params(self) -> int:
+        """Every parameter of the model."""
+        return self.llm_linear + self.llm_other + self.speech_encoder + self.adaptor + self.speech_decoder + self.vocoder
+
+
+def _numel(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def sizes_from_configs(
+    omni: dict[str, Any], whisper: dict[str, Any] | None, adaptor_hidden: int, vocoder: dict[str, Any] | None
+) -> ModelSizes:
+    """Count parameters from config dicts (config.json keys); None parts count as 0."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
+
+    from omni_cli.config import OMNI_MODEL_TYPE, OmniConfig, VocoderConfig
+    from omni_cli.model.adaptor import SpeechAdaptor
+    from omni_cli.model.encoder import SpeechEncoder
+    from omni_cli.model.unit_decoder import UnitDecoder
+    from omni_cli.model.vocoder import UnitVocoder
+
+    cfg = OmniConfig.from_dict({"model_type": OMNI_MODEL_TYPE, **omni}, "model config")
+    llama = LlamaConfig(**cfg.llama_dict())
+    with torch.device("meta"):
+        llm = LlamaForCausalLM(llama)
+        linear = sum(
+            m.weight.numel() for m in llm.model.layers.modules() if isinstance(m, torch.nn.Linear)
+        )
+        other = _numel(llm) - linear
+        encoder = _numel(SpeechEncoder(WhisperConfig(**whisper))) if whisper else 0
+        adaptor = _numel(
+            SpeechAdaptor(cfg.speech_encoder_hidden_size, cfg.hidden_size, cfg.speech_encoder_ds_rate, inner=adaptor_hidden)
+        )
+        decoder = _numel(UnitDecoder(cfg.speech_decoder, llama)) if cfg.speech_decoder else 0
+        voc = _numel(UnitVocoder(VocoderConfig.from_dict(vocoder))) if vocoder else 0
+    head_dim = getattr(llama, "head_dim", None) or llama.hidden_size // llama.num_attention_heads
+    llm_kv = 2 * llama.num_hidden_layers * llama.num_key_value_heads * head_dim
+    dec = cfg.speech_decoder
+    decoder_kv = 2 * dec.num_layers * dec.hidden_size * dec.upsample_factor if dec else 0
+    return ModelSizes(linear, other, encoder, adaptor, decoder, voc, llm_kv, decoder_kv)
+
+
+def sizes_for_preset(preset: Preset) -> ModelSizes:
+    """Sizes from the preset's copies of the config keys (before anything is downloaded)."""
+    omni = dict(preset.model.config)
+    adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
+    return sizes_from_configs(omni, preset.speech_encoder.config or None, adaptor_hidden, preset.vocoder.config or None)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _adaptor_hidden(model_dir: Path) -> int | None:
+    """The adaptor's inner width from the checkpoint's safetensors headers (not stored in config.json)."""
+    from omni_cli.model.loading import ADAPTOR_PREFIX, read_shapes, weight_files
+
+    try:
+        shapes = read_shapes(weight_files(model_dir))
+    except Exception:  # noqa: BLE001 - unreadable weights are reported when loading
+        return None
+    found = shapes.get(ADAPTOR_PREFIX + "linear1.weight")
+    return int(found[0][0]) if found else None
+
+
+def sizes_for_model(resolved: ResolvedModel) -> ModelSizes | None:
+    """Sizes from the config.json files on disk, falling back to the preset's copies; None if unknown.
+
+    Without a preset, an encoder given as openai-whisper's .pt (no config.json) counts as 0 parameters.
+    """
+    preset = resolved.preset
+    omni = _read_json(resolved.model_dir / "config.json") if resolved.model_dir else None
+    adaptor_hidden = _adaptor_hidden(resolved.model_dir) if resolved.model_dir and omni else None
+    if omni is None or adaptor_hidden is None:
+        if preset is None:
+            return None
+        omni = dict(preset.model.config)
+        adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
+    encoder_dir = resolved.speech_encoder
+    if encoder_dir is None and resolved.model_dir is not None and omni.get("speech_encoder"):
+        # No --speech-encoder: the loader falls back to config.json's path (absolute or in the model dir).
+        encoder_dir = next(
+            (p for p in (Path(omni["speech_encoder"]), resolved.model_dir / omni["speech_encoder"]) if p.is_dir()), None
+        )
+    whisper = None
+    if encoder_dir is not None and encoder_dir.is_dir():
+        whisper = _read_json(encoder_dir / "config.json")
+    if whisper is None and preset is not None:
+        whisper = preset.speech_encoder.config
+    vocoder = _read_json(resolved.vocoder_dir / "config.json") if resolved.vocoder_dir else None
+    if vocoder is None and preset is not None:
+        vocoder = preset.vocoder.config
+    return sizes_from_configs(omni, whisper or None, adaptor_hidden, vocoder or None)
+
+
+def estimate_gpu_memory(
+    sizes: ModelSizes, precision: str, context_tokens: int = CONTEXT_TOKENS, reply_tokens: int = REPLY_TOKENS
+) -> int:
+    """Bytes of GPU memory to load the model at `precision` and hold a chat of `context_tokens`.
+
+    "auto" means fp16 (what it picks on CUDA). 8bit/4bit quantize only the LLM's decoder-layer
+    Linear weights; everything else (and the caches) stays at fp16.
+    """
+    if precision == "auto":
+        precision = "fp16"
+    if precision in QUANTIZED_BYTES:
+        compute = DTYPE_BYTES["fp16"]
+        llm = sizes.llm_linear * QUANTIZED_BYTES[precision] + sizes.llm_other * compute
+    elif precision in DTYPE_BYTES:
+        compute = DTYPE_BYTES[precision]
+        llm = (sizes.llm_linear + sizes.llm_other) * compute
+    else:
+        raise ConfigError(f"unknown precision {precision!r}; choose fp16, bf16, 8bit or 4bit.")
+    speech = (sizes.speech_encoder + sizes.adaptor + sizes.speech_decoder + sizes.vocoder) * compute
+    caches = (sizes.llm_kv_per_token * context_tokens + sizes.decoder_kv_per_token * reply_tokens) * compute
+    return int(llm + speech + caches + WORKSPACE_BYTES)
+
+
+def best_fitting_precision(sizes: ModelSizes, free_bytes: int) -> str | None:
+    """The best-quality precision whose estimate fits in `free_bytes`, or None."""
+    for precision in FITTING_ORDER:
+        if estimate_gpu_memory(sizes, precision) <= free_bytes:
+            return precision
+    return None
+
+
+def check_fits(free_bytes: int, sizes: ModelSizes, precision: str, name: str = "the model") -> int:
+    """Return the estimate; raise ConfigError naming a precision that fits when it does not."""
+    need = estimate_gpu_memory(sizes, precision)
+    if need <= free_bytes:
+        return need
+    shown = "fp16" if precision == "auto" else precision
+    head = f"{name} needs ~{need / GB:.1f} GB of GPU memory at {shown} but the GPU has {free_bytes / GB:.1f} GB free"
+    best = best_fitting_precision(sizes, free_bytes)
+    if best is not None and best != shown:
+        raise ConfigError(f"{head}; try --precision {best} (~{estimate_gpu_memory(sizes, best) / GB:.1f} GB).")
+    smallest = estimate_gpu_memory(sizes, FITTING_ORDER[-1])
+    raise ConfigError(
+        f"{head}; even --precision {FITTING_ORDER[-1]} needs ~{smallest / GB:.1f} GB: close other GPU programs or use a larger GPU."
+    )
+
+
+def cuda_memory(device: str | None = None) -> tuple[str, int, int] | None:
+    """(GPU name, free bytes, total bytes) of the CUDA device, or None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    dev = torch.device(device) if device else torch.device("cuda")
+    if dev.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(dev)
+    return torch.cuda.get_device_name(dev), int(free), int(total)
+
+
+def check_device_fits(resolved: ResolvedModel, precision: str, device: str | None = None) -> None:
+    """Before loading: fail with a suggestion when the CUDA GPU cannot hold the model; no-op on CPU."""
+    from omni_cli.model.loading import PRECISIONS
+
+    if precision not in PRECISIONS:
+        return  # resolve_placement reports it, with the full list
+    memory = cuda_memory(device)
+    if memory is None:
+        return
+    sizes = sizes_for_model(resolved)
+    if sizes is None:
+        return
+    name = resolved.preset.name if resolved.preset else str(resolved.model_dir)
+    check_fits(memory[1], sizes, precision, name)
+
+
+__all__ = [
+    "ModelSizes",
+    "sizes_from_configs",
+    "sizes_for_preset",
+    "sizes_for_model",
+    "estimate_gpu_memory",
+    "best_fitting_precision",
+    "check_fits",
+    "cuda_memory",
+    "check_device_fits",
+]

@@ -1,0 +1,376 @@
+"""Model presets: which weights make up a model, and where those weights are on this machine.
+
+A preset (`omni_cli/preset_files/NAME.toml`, the same file as `models/NAME.toml`) names the
+LLaMA-Omni checkpoint and the Whisper encoder on the Hugging Face hub and the unit vocoder
+by URL. `resolve_preset` turns a preset name (or a checkpoint directory) into local paths
+without touching the network; parts not on disk yet are listed in `ResolvedModel.missing`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from omni_cli.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PRESET_SUFFIX = ".toml"
+# Package data folder holding the shipped presets (not "presets/": that name is this module).
+PRESET_FOLDER = "preset_files"
+GB = 1e9  # sizes shown to people are decimal gigabytes, as download tools show them
+# Where `--local-dir` puts the vocoder, and the hub parts' folder names there.
+VOCODER_DIRNAME = "vocoder"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class HubPart:
+    """A part fetched from the Hugging Face hub with huggingface_hub (its cache, resumable)."""
+
+    key: str  # "model" or "speech_encoder"
+    repo_id: str
+    revision: str
+    allow_patterns: tuple[str, ...]
+    required_files: tuple[str, ...]
+    approx_size_bytes: int
+    licence: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def dirname(self) -> str:
+        """Folder name under --local-dir: the repository's name (e.g. whisper-large-v3)."""
+        return self.repo_id.split("/")[-1]
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file fetched by plain HTTP; size and sha256 are None where not pinned yet."""
+
+    name: str
+    url: str
+    size: int | None
+    sha256: str | None
+
+
+@dataclass(frozen=True)
+class VocoderPart:
+    """The unit vocoder: files by URL, converted once to safetensors after download."""
+
+    name: str
+    checkpoint: str  # the pickled file among `files`, converted to vocoder.safetensors
+    files: tuple[RemoteFile, ...]
+    approx_size_bytes: int
+    licence: str
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+    key: str = "vocoder"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model: its three parts, default chunk size and licence note."""
+
+    name: str
+    description: str
+    chunk_units: int
+    licence: str
+    model: HubPart
+    speech_encoder: HubPart
+    vocoder: VocoderPart
+    source: Path
+
+    @property
+    def parts(self) -> tuple[HubPart | VocoderPart, ...]:
+        """The parts in download order."""
+        return (self.model, self.speech_encoder, self.vocoder)
+
+    def part(self, key: str) -> HubPart | VocoderPart:
+        """The part called `key` ("model", "speech_encoder" or "vocoder")."""
+        for p in self.parts:
+            if p.key == key:
+                return p
+        raise KeyError(key)
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Local paths of a model's parts; `missing` names the preset parts not on disk yet."""
+
+    model_dir: Path | None
+    speech_encoder: Path | None
+    vocoder_dir: Path | None
+    chunk_units: int | None
+    preset: Preset | None = None
+    local_dir: Path | None = None
+    missing: tuple[str, ...] = ()
+
+    @property
+    def complete(self) -> bool:
+        """True when every part is on disk."""
+        return not self.missing
+
+    def missing_bytes(self) -> int:
+        """Approximate download size of the missing parts."""
+        if self.preset is None:
+            return 0
+        return sum(self.preset.part(k).approx_size_bytes for k in self.missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading presets
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in the package."""
+    folder = resources.files("omni_cli") / PRESET_FOLDER
+    return sorted(p.name[: -len(PRESET_SUFFIX)] for p in folder.iterdir() if p.name.endswith(PRESET_SUFFIX))
+
+
+def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
+    value = raw.get(key)
+    if not isinstance(value, dict):
+        raise ConfigError(f"preset {source} lacks the [{key}] table; compare it with models/llama-omni-8b.toml.")
+    return value
+
+
+def _get(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
+    value = raw.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"preset {source}: '{key}' is missing or not a {getattr(kind, '__name__', kind)}.")
+    return value
+
+
+def _hub_part(raw: dict[str, Any], key: str, source: str) -> HubPart:
+    t = _table(raw, key, source)
+    where = f"{source} [{key}]"
+    return HubPart(
+        key=key,
+        repo_id=_get(t, "repo_id", str, where),
+        revision=str(t.get("revision", "main")),
+        allow_patterns=tuple(_get(t, "allow_patterns", list, where)),
+        required_files=tuple(t.get("required_files", ["config.json"])),
+        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        licence=str(t.get("licence", "")),
+        config=dict(t.get("config", {})),
+    )
+
+
+def _vocoder_part(raw: dict[str, Any], source: str) -> VocoderPart:
+    t = _table(raw, "vocoder", source)
+    where = f"{source} [vocoder]"
+    files = []
+    for entry in _get(t, "files", list, where):
+        size = entry.get("size")
+        files.append(
+            RemoteFile(
+                name=_get(entry, "name", str, where),
+                url=_get(entry, "url", str, where),
+                size=int(size) if size else None,  # absent or 0: not pinned
+                sha256=str(entry.get("sha256") or "").lower() or None,  # "": not pinned
+            )
+        )
+    checkpoint = _get(t, "checkpoint", str, where)
+    if checkpoint not in {f.name for f in files}:
+        raise ConfigError(f"preset {where}: checkpoint {checkpoint!r} is not one of its files.")
+    return VocoderPart(
+        name=_get(t, "name", str, where),
+        checkpoint=checkpoint,
+        files=tuple(files),
+        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        licence=str(t.get("licence", "")),
+        config=dict(t.get("config", {})),
+    )
+
+
+def load_preset(path: str | Path) -> Preset:
+    """Read and validate one preset TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read preset {path} ({exc}).") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"preset {path} is not valid TOML ({exc}).") from exc
+    source = path.name
+    return Preset(
+        name=_get(raw, "name", str, source),
+        description=str(raw.get("description", "")),
+        chunk_units=int(_get(raw, "chunk_units", int, source)),
+        licence=str(raw.get("licence", "")),
+        model=_hub_part(raw, "model", source),
+        speech_encoder=_hub_part(raw, "speech_encoder", source),
+        vocoder=_vocoder_part(raw, source),
+        source=path,
+    )
+
+
+def find_preset(name_or_path: str) -> Preset | None:
+    """The preset a name ("llama-omni-8b") or a .toml path names, or None if it names none."""
+    if name_or_path.endswith(PRESET_SUFFIX) and Path(name_or_path).is_file():
+        return load_preset(Path(name_or_path))
+    if "/" in name_or_path or os.sep in name_or_path:
+        return None
+    candidate = resources.files("omni_cli") / PRESET_FOLDER / f"{name_or_path}{PRESET_SUFFIX}"
+    if not candidate.is_file():
+        return None
+    with resources.as_file(candidate) as path:
+        return load_preset(path)
+
+
+def get_preset(name_or_path: str) -> Preset:
+    """Like find_preset, but an unknown name is a one-line error listing the presets."""
+    preset = find_preset(name_or_path)
+    if preset is None:
+        raise ConfigError(f"no preset named {name_or_path!r}; presets: {', '.join(preset_names())} (see models/README.md).")
+    return preset
+
+
+# ---------------------------------------------------------------------------------------------
+# Where parts live on disk
+
+
+def omni_cache_dir() -> Path:
+    """omni's own cache (the vocoder; hub parts live in huggingface_hub's cache): $OMNI_CACHE or ~/.cache/omni."""
+    if os.environ.get("OMNI_CACHE"):
+        return Path(os.environ["OMNI_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "omni"
+
+
+def hub_cache_dir() -> Path:
+    """huggingface_hub's cache folder, read now (so $HF_HUB_CACHE set after import still counts)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE (read now) forbids huggingface_hub to use the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def vocoder_dir(preset: Preset, local_dir: Path | None = None) -> Path:
+    """Where the preset's vocoder is (or will be) kept."""
+    if local_dir is not None:
+        return Path(local_dir) / VOCODER_DIRNAME
+    return omni_cache_dir() / "vocoders" / preset.vocoder.name
+
+
+def missing_hub_files(directory: Path, part: HubPart) -> list[str]:
+    """Required files of a hub part absent from `directory` (shards named by an index included)."""
+    missing = [name for name in part.required_files if not (directory / name).is_file()]
+    if any(p.endswith(".safetensors") for p in part.allow_patterns):
+        index = directory / SAFETENSORS_INDEX
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = []  # a broken index is reported by the loader / `omni doctor`
+            missing += [s for s in shards if not (directory / s).is_file()]
+        elif not any(directory.glob("*.safetensors")):
+            missing.append("*.safetensors")
+    return missing
+
+
+def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path | None = None) -> Path | None:
+    """The folder holding a complete copy of a hub part, or None; never uses the network.
+
+    With `local_dir`, looks in `local_dir/<repo name>`; otherwise asks huggingface_hub for
+    the cached snapshot of the preset's revision (`local_files_only`).
+    """
+    if local_dir is not None:
+        folder = Path(local_dir) / part.dirname
+    else:
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(
+                snapshot_download(
+                    part.repo_id,
+                    revision=part.revision,
+                    allow_patterns=list(part.allow_patterns),
+                    cache_dir=str(cache_dir or hub_cache_dir()),
+                    local_files_only=True,
+                )
+            )
+        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, IncompleteSnapshotError, ...: "not cached"
+            return None
+    if not folder.is_dir() or missing_hub_files(folder, part):
+        return None
+    return folder
+
+
+def vocoder_present(directory: Path, part: VocoderPart) -> bool:
+    """True when the vocoder's config and weights (converted or released) are in `directory`."""
+    from omni_cli.model.vocoder import CONFIG_NAME, SAFETENSORS_NAME
+
+    has_weights = (directory / SAFETENSORS_NAME).is_file() or (directory / part.checkpoint).is_file()
+    return (directory / CONFIG_NAME).is_file() and has_weights
+
+
+def resolve_preset(
+    name_or_path: str | Path, local_dir: str | Path | None = None, cache_dir: str | Path | None = None
+) -> ResolvedModel:
+    """Local paths for `--model`: a checkpoint directory as it is, or a preset's parts.
+
+    Never touches the network. Preset parts not on disk are named in `missing` (their paths
+    are None); `omni_cli.download.download_preset` fetches them.
+    """
+    text = str(name_or_path)
+    local = Path(local_dir).expanduser() if local_dir is not None else None
+    if Path(text).expanduser().is_dir():
+        return ResolvedModel(Path(text).expanduser(), None, None, None)
+    preset = find_preset(text)
+    if preset is None:
+        raise ConfigError(
+            f"--model {text} is neither a checkpoint directory nor a preset; presets: {', '.join(preset_names())}."
+        )
+    cache = Path(cache_dir) if cache_dir is not None else None
+    model_dir = locate_hub_part(preset.model, local, cache)
+    encoder_dir = locate_hub_part(preset.speech_encoder, local, cache)
+    voc_dir = vocoder_dir(preset, local)
+    voc_found = voc_dir if vocoder_present(voc_dir, preset.vocoder) else None
+    missing = tuple(
+        key
+        for key, found in (("model", model_dir), ("speech_encoder", encoder_dir), ("vocoder", voc_found))
+        if found is None
+    )
+    return ResolvedModel(model_dir, encoder_dir, voc_found, preset.chunk_units, preset, local, missing)
+
+
+def looks_like_preset(name_or_path: str | Path) -> bool:
+    """True when `--model` names a preset rather than a directory (used before anything loads)."""
+    text = str(name_or_path)
+    return not Path(text).expanduser().is_dir() and find_preset(text) is not None
+
+
+__all__ = [
+    "HubPart",
+    "RemoteFile",
+    "VocoderPart",
+    "Preset",
+    "ResolvedModel",
+    "preset_names",
+    "load_preset",
+    "find_preset",
+    "get_preset",
+    "omni_cache_dir",
+    "hub_cache_dir",
+    "hub_offline",
+    "vocoder_dir",
+    "missing_hub_files",
+    "locate_hub_part",
+    "vocoder_present",
+    "resolve_preset",
+    "looks_like_preset",
+]

@@ -1,0 +1,51 @@
+"""Lay out files like huggingface_hub's cache, so preset resolution can be tested offline.
+
+huggingface_hub keeps `models--ORG--NAME/blobs/<hash>` (the bytes), `snapshots/<commit>/<file>`
+(symlinks to the blobs) and `refs/main` (the commit the branch points to). The tiny random
+model is written into that layout under the preset's repo ids, and its vocoder into omni's cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+from omni_cli.presets import Preset, vocoder_dir
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def write_snapshot(cache: Path, repo_id: str, source_dir: Path, commit: str = FAKE_COMMIT, ref: str = "main") -> Path:
+    """Copy every file of `source_dir` into the cache as blobs + snapshot symlinks; returns the snapshot folder."""
+    repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for src in sorted(Path(source_dir).rglob("*")):
+        if not src.is_file():
+            continue
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        link = snapshot / src.relative_to(source_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(blob, link.parent), link)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)  # huggingface_hub writes the hash without a newline
+    return snapshot
+
+
+def install_tiny_preset(tiny_model, preset: Preset, hub_cache: Path, local_dir: Path | None = None) -> None:
+    """Put the tiny model where `preset` expects its parts: the hub cache (or local_dir) and omni's vocoder cache.
+
+    The caller points $OMNI_CACHE at a temporary folder first when local_dir is None.
+    """
+    if local_dir is None:
+        write_snapshot(hub_cache, preset.model.repo_id, tiny_model.model_dir)
+        write_snapshot(hub_cache, preset.speech_encoder.repo_id, tiny_model.speech_encoder)
+    else:
+        shutil.copytree(tiny_model.model_dir, Path(local_dir) / preset.model.dirname)
+        shutil.copytree(tiny_model.speech_encoder, Path(local_dir) / preset.speech_encoder.dirname)
+    shutil.copytree(tiny_model.vocoder_dir, vocoder_dir(preset, local_dir))

@@ -1,0 +1,123 @@
+"""`omni doctor` on a machine without GPU or sound card: says what is missing, exits 0 unless something is broken."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from fake_hub_cache import install_tiny_preset
+from typer.testing import CliRunner
+
+from omni_cli.audio.devices import DeviceInfo
+from omni_cli.cli import app
+from omni_cli.doctor import FIX, MISSING, OK, WARN, check_audio, check_offline, exit_code, run_checks
+from omni_cli.errors import AudioInputError
+from omni_cli.presets import get_preset, resolve_preset
+
+PRESET = "llama-omni-8b"
+STATUS_LINE = re.compile(rf"^({OK}|{WARN}|{MISSING}|{FIX}) +\S.* — \S")
+
+
+@pytest.fixture()
+def caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "omni"))
+    return tmp_path / "hub"
+
+
+def _device(index: int, name: str, inputs: int, outputs: int) -> DeviceInfo:
+    return DeviceInfo(index, name, "ALSA", inputs, outputs, 48000.0, inputs > 0, outputs > 0)
+
+
+def _no_audio() -> list[DeviceInfo]:
+    raise AudioInputError("the PortAudio library is missing (test); install it (Debian/Ubuntu: apt-get install libportaudio2).")
+
+
+def test_doctor_on_this_machine_says_what_is_missing_and_exits_0(caches) -> None:
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert all(STATUS_LINE.match(line) for line in lines), lines
+    by_name = {line.split(" — ")[0].split(maxsplit=1)[1]: line for line in lines}
+    assert by_name["python"].startswith(OK) and by_name["torch"].startswith(OK)
+    if not torch.cuda.is_available():
+        gpu = by_name["CUDA GPU"]
+        assert gpu.startswith(MISSING) and "only the tiny model runs on CPU" in gpu
+        assert re.search(r"needs ~\d+\.\d GB at fp16", gpu), "the memory need is shown even without a GPU"
+    for part in ("model", "speech encoder", "vocoder"):
+        line = by_name[f"weights: {part}"]
+        assert line.startswith(MISSING) and "run `omni download llama-omni-8b`" in line
+
+
+def test_precision_changes_the_memory_shown(caches) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU the need is shown on the GPU memory line")
+    fp16 = CliRunner().invoke(app, ["doctor", "--precision", "fp16"]).stdout
+    q4 = CliRunner().invoke(app, ["doctor", "--precision", "4bit"]).stdout
+    need = lambda text, p: float(re.search(rf"needs ~(\d+\.\d) GB at {p}", text).group(1))  # noqa: E731
+    assert need(q4, "4bit") < need(fp16, "fp16")
+    bad = CliRunner().invoke(app, ["doctor", "--precision", "3bit"])
+    assert bad.exit_code == 2 and "unknown precision" in bad.stderr
+
+
+def test_audio_lines_from_devices_or_their_absence() -> None:
+    (missing,) = check_audio(_no_audio)
+    assert missing.status == MISSING and "libportaudio2" in missing.detail and "omni chat" in missing.detail
+    mic_only = check_audio(lambda: [_device(0, "USB Mic", 1, 0)])
+    assert [(c.name, c.status) for c in mic_only] == [("audio input", OK), ("audio output", MISSING)]
+    assert "USB Mic" in mic_only[0].detail
+    both = check_audio(lambda: [_device(0, "USB Mic", 1, 0), _device(1, "Speakers", 0, 2)])
+    assert [c.status for c in both] == [OK, OK]
+
+
+def test_present_weights_are_ok_and_a_corrupt_shard_fails(caches, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    install_tiny_preset(tiny_model, get_preset(PRESET), caches)
+    checks = list(run_checks(PRESET, list_devices=_no_audio))
+    weights = {c.name: c for c in checks if c.name.startswith("weights")}
+    assert [c.status for c in weights.values()] == [OK, OK, OK]
+    assert exit_code(checks) == 0
+    # Damage one shard's header (the cache holds it as a blob behind a symlink).
+    shard = next(resolve_preset(PRESET).model_dir.glob("model-00001-*.safetensors")).resolve()
+    shard.write_bytes(b"\xff" * 64)
+    checks = list(run_checks(PRESET, list_devices=_no_audio))
+    model = next(c for c in checks if c.name == "weights: model")
+    assert model.status == FIX and "damaged" in model.detail and "omni download llama-omni-8b" in model.detail
+    assert exit_code(checks) == 1
+    result = CliRunner().invoke(app, ["doctor"])
+    assert result.exit_code == 1 and "FIX      weights: model" in result.stdout
+
+
+def test_a_damaged_vocoder_config_is_reported(caches, tiny_model) -> None:
+    preset = get_preset(PRESET)
+    install_tiny_preset(tiny_model, preset, caches)
+    (resolve_preset(PRESET).vocoder_dir / "config.json").write_text("{ not json")
+    vocoder = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: vocoder")
+    assert vocoder.status == FIX and "not valid JSON" in vocoder.detail
+
+
+def test_local_dir_is_checked_and_named_in_the_fix(caches, tiny_model, tmp_path: Path) -> None:
+    local = tmp_path / "weights"
+    install_tiny_preset(tiny_model, get_preset(PRESET), caches, local_dir=local)
+    shutil.rmtree(local / "vocoder")
+    checks = {c.name: c for c in run_checks(PRESET, local_dir=local, list_devices=_no_audio)}
+    assert checks["weights: model"].status == OK and checks["weights: model"].detail == str(local / "Llama-3.1-8B-Omni")
+    assert checks["weights: vocoder"].status == MISSING
+    assert f"omni download llama-omni-8b --local-dir {local}" in checks["weights: vocoder"].detail
+
+
+def test_offline_mode_line(caches, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert check_offline(resolve_preset(PRESET)).status == WARN  # nothing downloaded, downloads disabled
+    install_tiny_preset(tiny_model, get_preset(PRESET), caches)
+    assert check_offline(resolve_preset(PRESET)).status == OK
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert "can be downloaded" in check_offline(None).detail
+
+
+def test_unknown_preset_is_a_fix_line(caches) -> None:
+    result = CliRunner().invoke(app, ["doctor", "--preset", "nope"])
+    assert result.exit_code == 1
+    assert any(line.startswith(FIX) and "no preset named 'nope'" in line for line in result.stdout.splitlines())

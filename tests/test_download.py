@@ -1,0 +1,250 @@
+"""The vocoder download over real HTTP from 127.0.0.1: progress, checksums, resume, refusal, conversion."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from fake_hub_cache import install_tiny_preset
+from rich.console import Console
+
+from omni_cli.download import ChecksumError, DownloadError, download_preset, download_url, fetch_vocoder, sha256_of
+from omni_cli.model.vocoder import SAFETENSORS_NAME, load_vocoder
+from omni_cli.presets import PRESET_FOLDER, RemoteFile, VocoderPart, get_preset, load_preset, resolve_preset
+from omni_cli.tiny.vocoder import TINY_CHECKPOINT_NAME, make_tiny_vocoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class FileServer:
+    """Serves `files` with Range support; `cut_after[path] = K` closes the first response for path after K bytes."""
+
+    files: dict[str, bytes]
+    cut_after: dict[str, int] = field(default_factory=dict)
+    honour_range: bool = True
+    requests: list[tuple[str, str | None]] = field(default_factory=list)
+    url: str = ""
+
+    def url_of(self, name: str) -> str:
+        return f"{self.url}/{name}"
+
+
+def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
+    class RangeHandler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            name = self.path.lstrip("/")
+            rng = self.headers.get("Range")
+            server.requests.append((name, rng))
+            data = server.files.get(name)
+            if data is None:
+                self.send_error(404)
+                return
+            start = 0
+            if rng and server.honour_range:
+                start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
+                if start >= len(data):
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{len(data)}")
+                    self.end_headers()
+                    return
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            else:
+                self.send_response(200)
+            body = data[start:]
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+            cut = server.cut_after.pop(name, None)
+            if cut is not None:
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.close_connection = True
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return RangeHandler
+
+
+@pytest.fixture()
+def tiny_vocoder_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    src = make_tiny_vocoder(tmp_path_factory.mktemp("voc-src"))
+    return {name: (src / name).read_bytes() for name in ("config.json", TINY_CHECKPOINT_NAME)}
+
+
+@pytest.fixture()
+def server(tiny_vocoder_files: dict[str, bytes]) -> Iterator[FileServer]:
+    state = FileServer(files=dict(tiny_vocoder_files))
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+    thread.start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _pinned(server: FileServer, name: str, sha256: str | None = "auto", size: int | None = None) -> RemoteFile:
+    data = server.files[name]
+    digest = hashlib.sha256(data).hexdigest() if sha256 == "auto" else sha256
+    return RemoteFile(name, server.url_of(name), size, digest)
+
+
+def _terminal() -> tuple[Console, io.StringIO]:
+    buffer = io.StringIO()
+    return Console(file=buffer, force_terminal=True, width=120), buffer
+
+
+def test_download_shows_progress_and_verifies_the_checksum(server: FileServer, tmp_path: Path) -> None:
+    console, shown = _terminal()
+    data = server.files[TINY_CHECKPOINT_NAME]
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    digest = download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, _pinned(server, TINY_CHECKPOINT_NAME, size=len(data)), console=console)
+    assert dest.read_bytes() == data and digest == hashlib.sha256(data).hexdigest()
+    assert not dest.with_name(dest.name + ".part").exists()
+    text = shown.getvalue()
+    assert TINY_CHECKPOINT_NAME in text
+    assert re.search(r"\d+(\.\d+)?/\d+(\.\d+)? [kM]?B", text), f"no byte progress in {text!r}"
+    # Already there: verified from disk, not fetched again.
+    requests = len(server.requests)
+    assert download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, _pinned(server, TINY_CHECKPOINT_NAME)) == digest
+    assert len(server.requests) == requests
+
+
+def test_interrupted_download_resumes_with_a_range_request(server: FileServer, tmp_path: Path) -> None:
+    data = server.files[TINY_CHECKPOINT_NAME]
+    cut = len(data) // 3
+    server.cut_after[TINY_CHECKPOINT_NAME] = cut
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    part = tmp_path / (TINY_CHECKPOINT_NAME + ".part")
+    expected = _pinned(server, TINY_CHECKPOINT_NAME)
+    with pytest.raises(DownloadError, match="interrupted.*run the same command again to resume") as info:
+        download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, expected, retries=0, console=_terminal()[0])
+    assert "\n" not in str(info.value)
+    assert not dest.exists() and part.read_bytes() == data[:cut]
+    # Second run: continues from the .part file instead of starting over.
+    download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, expected, console=_terminal()[0])
+    assert server.requests == [(TINY_CHECKPOINT_NAME, None), (TINY_CHECKPOINT_NAME, f"bytes={cut}-")]
+    assert dest.read_bytes() == data and not part.exists()
+
+
+def test_a_dropped_connection_is_retried_within_one_run(server: FileServer, tmp_path: Path) -> None:
+    data = server.files[TINY_CHECKPOINT_NAME]
+    server.cut_after[TINY_CHECKPOINT_NAME] = 1000
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, _pinned(server, TINY_CHECKPOINT_NAME), retries=1, console=_terminal()[0])
+    assert [r for _, r in server.requests] == [None, "bytes=1000-"]
+    assert dest.read_bytes() == data
+
+
+def test_a_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
+    data = server.files[TINY_CHECKPOINT_NAME]
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    dest.with_name(dest.name + ".part").write_bytes(b"stale bytes from another file")
+    server.honour_range = False
+    download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, _pinned(server, TINY_CHECKPOINT_NAME), console=_terminal()[0])
+    assert server.requests[0][1] == "bytes=29-"
+    assert dest.read_bytes() == data
+
+
+def test_a_complete_part_file_is_finished_without_refetching(server: FileServer, tmp_path: Path) -> None:
+    data = server.files["config.json"]
+    dest = tmp_path / "config.json"
+    dest.with_name("config.json.part").write_bytes(data)
+    download_url(server.url_of("config.json"), dest, _pinned(server, "config.json"), console=_terminal()[0])
+    assert server.requests == [("config.json", f"bytes={len(data)}-")]  # answered 416: nothing left to fetch
+    assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("bad", ["sha256", "size"])
+def test_a_wrong_checksum_or_size_is_refused_and_the_file_removed(server: FileServer, tmp_path: Path, bad: str) -> None:
+    data = server.files[TINY_CHECKPOINT_NAME]
+    expected = (
+        _pinned(server, TINY_CHECKPOINT_NAME, sha256="0" * 64)
+        if bad == "sha256"
+        else _pinned(server, TINY_CHECKPOINT_NAME, size=len(data) + 1)
+    )
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    with pytest.raises(ChecksumError, match="the file was removed") as info:
+        download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, expected, console=_terminal()[0])
+    assert "\n" not in str(info.value)
+    if bad == "sha256":
+        assert hashlib.sha256(data).hexdigest() in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupted_existing_file_is_refused_too(server: FileServer, tmp_path: Path) -> None:
+    dest = tmp_path / "config.json"
+    dest.write_bytes(b"{}")
+    with pytest.raises(ChecksumError):
+        download_url(server.url_of("config.json"), dest, _pinned(server, "config.json"))
+    assert not dest.exists()
+
+
+def test_http_errors_and_unreachable_hosts_are_one_line(server: FileServer, tmp_path: Path) -> None:
+    with pytest.raises(DownloadError, match="HTTP 404") as info:
+        download_url(server.url_of("nope"), tmp_path / "nope", console=_terminal()[0])
+    assert "\n" not in str(info.value)
+    with pytest.raises(DownloadError, match="cannot reach"):
+        download_url("http://127.0.0.1:9/x", tmp_path / "x", timeout=2, console=_terminal()[0])
+
+
+def test_fetch_vocoder_converts_once_and_prints_unpinned_checksums(server: FileServer, tmp_path: Path) -> None:
+    part = VocoderPart(
+        name="tiny",
+        checkpoint=TINY_CHECKPOINT_NAME,
+        files=(_pinned(server, TINY_CHECKPOINT_NAME), _pinned(server, "config.json", sha256=None)),
+        approx_size_bytes=0,
+        licence="",
+    )
+    said: list[str] = []
+    out = fetch_vocoder(part, tmp_path / "voc", console=_terminal()[0], echo=said.append)
+    assert (out / SAFETENSORS_NAME).is_file()
+    assert said == [f"config.json: sha256 {hashlib.sha256(server.files['config.json']).hexdigest()} (not pinned in the preset; pin it to verify later downloads)"]
+    # The converted weights are what loads now, and they equal the pickle's.
+    reference = load_vocoder(out / TINY_CHECKPOINT_NAME)
+    converted = load_vocoder(out)
+    for (k, a), (_, b) in zip(reference.state_dict().items(), converted.state_dict().items()):
+        assert a.equal(b), k
+    assert sha256_of(out / "config.json") == hashlib.sha256(server.files["config.json"]).hexdigest()
+
+
+def test_download_preset_fetches_only_the_missing_vocoder(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model
+) -> None:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "omni"))
+    # A preset like the shipped one, with the vocoder URLs pointing at the local server and checksums pinned.
+    text = (ROOT / "omni_cli" / PRESET_FOLDER / "llama-omni-8b.toml").read_text()
+    base = "https://dl.fbaipublicfiles.com/fairseq/speech_to_speech/vocoder/code_hifigan/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj"
+    text = text.replace(base, server.url)
+    for name in ("g_00500000", "config.json"):
+        pinned = f'name = "{name}"\nurl = "{server.url}/{name}"\nsha256 = "{hashlib.sha256(server.files[name]).hexdigest()}"'
+        text = text.replace(f'name = "{name}"\nurl = "{server.url}/{name}"\nsha256 = ""', pinned)
+    path = tmp_path / "local-vocoder.toml"
+    path.write_text(text)
+    preset = load_preset(path)
+    assert all(f.sha256 for f in preset.vocoder.files)
+    # Hub parts already cached (offline); the vocoder is not.
+    shipped = get_preset("llama-omni-8b")
+    install_tiny_preset(tiny_model, shipped, tmp_path / "hub")
+    shutil.rmtree(tmp_path / "omni")
+    assert resolve_preset(path).missing == ("vocoder",)
+    said: list[str] = []
+    resolved = download_preset(preset, echo=said.append, console=_terminal()[0])
+    assert resolved.complete and (resolved.vocoder_dir / SAFETENSORS_NAME).is_file()
+    assert sorted(name for name, _ in server.requests) == ["config.json", "g_00500000"]
+    assert not any("sha256" in line for line in said), "pinned files need no checksum note"
+    assert not any(line.startswith("Licence") for line in said), "the licence is shown when the model is downloaded"
