@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory (config.json + safetensors + tokenizer).")]
+ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory (config.json + safetensors + tokenizer), or a preset name such as llama-omni-8b (downloaded on first use).")]
 EncoderOpt = Annotated[
     Optional[Path],
     typer.Option("--speech-encoder", help="Whisper-large-v3: a transformers directory or openai-whisper large-v3.pt. Default: the path in config.json."),
@@ -47,8 +47,26 @@ def build_pipeline(
     temperature: float,
     chunk_units: int,
     first_chunk_units: int | None,
+    assume_yes: bool = False,
 ):  # noqa: ANN201 - returns SpeechToSpeech; imported lazily so `omni --help` stays fast
-    """Load the model (and vocoder) and wrap them in the streaming pipeline."""
+    """Load the model (and vocoder) and wrap them in the streaming pipeline.
+
+    `model` may name a preset (e.g. llama-omni-8b): its missing parts are downloaded after
+    asking (or at once with `assume_yes`), and its encoder and vocoder fill unset options.
+    """
+    from dataclasses import replace
+
+    from omni_cli.download import prepare_model
+    from omni_cli.gpu_memory import check_device_fits
+
+    confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
+    resolved = prepare_model(model, assume_yes=assume_yes, confirm=confirm, echo=lambda line: typer.echo(line, err=True))
+    model = resolved.model_dir
+    speech_encoder = speech_encoder or resolved.speech_encoder
+    vocoder = vocoder or resolved.vocoder_dir
+    # A clear "try --precision 8bit" before a CUDA out-of-memory error halfway through loading.
+    check_device_fits(replace(resolved, model_dir=model, speech_encoder=speech_encoder, vocoder_dir=vocoder), precision, device)
+
     from omni_cli.model.llm import SamplingConfig
     from omni_cli.model.loading import load_omni, resolve_placement
     from omni_cli.model.vocoder import load_vocoder
@@ -80,18 +98,22 @@ def transcribe_and_reply_cmd(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
     chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
     first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
 
     Example:\n
       omni transcribe-and-reply question.wav --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --vocoder ./vocoder --out replies/
     """
+    from omni_cli.presets import looks_like_preset
     from omni_cli.transcribe import transcribe_and_reply
 
-    if out is not None and vocoder is None:
+    if out is not None and vocoder is None and not looks_like_preset(model):
         fail("--out writes the spoken reply and needs --vocoder DIR (the unit HiFi-GAN).")
     try:
-        pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, max_new_tokens, temperature, chunk_units, first_chunk_units)
+        pipeline = build_pipeline(
+            model, speech_encoder, vocoder, precision, device, max_new_tokens, temperature, chunk_units, first_chunk_units, assume_yes=yes
+        )
     except OmniError as exc:
         fail(str(exc))
     failed = transcribe_and_reply(pipeline, files, out, as_json)
@@ -109,6 +131,249 @@ def make_tiny_cmd(
 
     paths = make_tiny_model(out, seed=seed)
     typer.echo(f"--model {paths.model_dir} --speech-encoder {paths.speech_encoder} --vocoder {paths.vocoder_dir}")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: ModelOpt,
+    speech_encoder: EncoderOpt = None,
+    vocoder: VocoderOpt = None,
+    precision: PrecisionOpt = "auto",
+    device: DeviceOpt = None,
+    input_device: Annotated[Optional[str], typer.Option("--input-device", help="Microphone: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
+    output_device: Annotated[Optional[str], typer.Option("--output-device", help="Speaker: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
+    text: Annotated[bool, typer.Option("--text", help="Type questions instead of speaking (replies are still spoken with --vocoder).")] = False,
+    barge_in: Annotated[
+        bool,
+        typer.Option(
+            "--barge-in/--no-barge-in",
+            help="Speaking over a reply stops it and starts your next turn. Off by default (half-duplex): without "
+            "headphones or echo cancellation the microphone hears the reply and would interrupt it.",
+        ),
+    ] = False,
+    session_dir: Annotated[Optional[Path], typer.Option("--session-dir", help="Where the transcript.jsonl and turn WAVs go. Default: ./omni-sessions/<timestamp>.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
+    chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
+    first_chunk_units: Annotated[int, typer.Option(min=1, help="Units in the first chunk: smaller = first sound sooner.")] = 10,
+    hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = 600,
+    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = 2,
+    context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = 4096,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
+) -> None:
+    """Talk with the model: speak, see the reply written and hear it spoken; earlier turns are remembered.
+
+    Ctrl-C ends the session: the reply in progress is cut and everything said so far is saved (transcript.jsonl + turn WAVs in --session-dir). Exit status 0 after Ctrl-C or end of typed input.
+
+    Examples:\n
+      omni chat --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --vocoder ./vocoder\n
+      omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
+      omni chat --model ./Llama-3.1-8B-Omni --text
+    """
+    from dataclasses import replace
+
+    from omni_cli.chat import ChatOptions, default_session_dir, preflight, run_chat
+    from omni_cli.chat_view import ChatView
+
+    options = ChatOptions(
+        session_dir=session_dir or default_session_dir(),
+        text=text,
+        barge_in=barge_in,
+        input_device=input_device,
+        output_device=output_device,
+        hangover_ms=hangover_ms,
+        vad_aggressiveness=vad_aggressiveness,
+    )
+    try:
+        preflight(options)
+        pipeline = build_pipeline(
+            model, speech_encoder, vocoder, precision, device, max_new_tokens, temperature, chunk_units, first_chunk_units, assume_yes=yes
+        )
+        pipeline.streaming = replace(pipeline.streaming, context_budget=context_budget)
+        code = run_chat(pipeline, options, ChatView())
+    except OmniError as exc:
+        fail(str(exc))
+    raise typer.Exit(code)
+
+
+@app.command("devices")
+def devices_cmd() -> None:
+    """List audio input and output devices with their default rates; pass # or a name to --input-device/--output-device."""
+    from rich.console import Console
+
+    from omni_cli.audio.devices import list_devices
+    from omni_cli.chat_view import devices_table
+
+    try:
+        devices = list_devices()
+    except OmniError as exc:
+        fail(str(exc), code=1)
+    if not devices:
+        typer.echo("omni: no audio devices found; connect one or start a sound server (PulseAudio/PipeWire).")
+        return
+    Console().print(devices_table(devices))
+
+
+@app.command("download")
+def download_cmd(
+    preset: Annotated[str, typer.Argument(help="Preset name (see --list) or a preset .toml file.")] = "llama-omni-8b",
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Put the weights here instead of the Hugging Face / omni caches.")] = None,
+    list_presets: Annotated[bool, typer.Option("--list", help="List the presets with their download sizes.")] = False,
+) -> None:
+    """Download a preset's weights (hub parts into the Hugging Face cache, the vocoder checked and converted to safetensors).
+
+    Resumable: run it again after an interruption. Afterwards everything runs offline (HF_HUB_OFFLINE=1).
+
+    Examples:\n
+      omni download llama-omni-8b\n
+      omni download llama-omni-8b --local-dir ./weights
+    """
+    from omni_cli.download import download_preset, format_gb
+    from omni_cli.presets import get_preset, preset_names
+
+    try:
+        if list_presets:
+            for name in preset_names():
+                p = get_preset(name)
+                typer.echo(f"{name}  {format_gb(sum(part.approx_size_bytes for part in p.parts))}  {p.description}")
+            return
+        chosen = get_preset(preset)
+        resolved = download_preset(chosen, local_dir, echo=lambda line: typer.echo(line, err=True))
+    except OmniError as exc:
+        fail(str(exc), code=1)
+    if local_dir is None:
+        typer.echo(f"{chosen.name} is ready: omni chat --model {chosen.name}")
+    else:
+        paths = f"--model {resolved.model_dir} --speech-encoder {resolved.speech_encoder} --vocoder {resolved.vocoder_dir}"
+        typer.echo(f"{chosen.name} is ready: omni chat {paths}")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    preset: Annotated[str, typer.Option("--preset", help="Which model to check weights and GPU memory for.")] = "llama-omni-8b",
+    precision: PrecisionOpt = "auto",
+    local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Look for the weights here (as `omni download --local-dir`).")] = None,
+) -> None:
+    """Check Python, torch, CUDA and GPU memory, bitsandbytes, audio devices and weights; each line OK or what to do.
+
+    Exit status 0 unless something required is broken (FIX lines); a missing GPU, sound card or weights is fine.
+    """
+    from omni_cli.doctor import exit_code, run_checks
+    from omni_cli.model.loading import PRECISIONS
+
+    if precision not in PRECISIONS:
+        fail(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    checks = []
+    for check in run_checks(preset, precision, local_dir):
+        typer.echo(check.line)
+        checks.append(check)
+    raise typer.Exit(exit_code(checks))
+
+
+@app.command("finetune")
+def finetune_cmd(
+    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: speech → text (adaptor + LLM). 2: text hidden states → speech units (speech decoder only).")],
+    data: Annotated[Path, typer.Option("--data", help="Training manifest: the reference JSON list or JSONL (id, speech, conversations, tgt_units).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoint-N/ and the final model in OUTPUT/final.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory to start from (not needed with --resume).")] = None,
+    speech_encoder: EncoderOpt = None,
+    epochs: Annotated[float, typer.Option(min=0.0, help="Passes over the data (paper: 3).")] = 3.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per process per micro-step.")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-steps per optimizer step (8 × 4 = the paper's 32).")] = 4,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: paper's 2e-5 stage 1, 2e-4 stage 2).")] = None,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Linear warm-up share of the steps, then cosine decay.")] = 0.03,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a checkpoint every N steps (0: only at the end and at Ctrl-C).")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed (data order).")] = 42,
+    precision: Annotated[str, typer.Option("--precision", help="auto (bf16/fp16 mixed precision on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    device: DeviceOpt = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run).")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="With --lora: keep the LLM in 4 bit (bitsandbytes, CUDA).")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = 0,
+) -> None:
+    """Fine-tune on your own data: stage 1 (speech → text) or stage 2 (speech decoder).
+
+    Every record is validated before the first step. Several GPUs: torchrun --nproc_per_node N -m omni_cli.cli finetune ...\n
+    Example:\n
+      omni finetune --stage 1 --data train.jsonl --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --output runs/s1
+    """
+    import os
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from omni_cli.train.trainer import FinetuneConfig, TrainLog, finetune
+
+    cfg = FinetuneConfig(
+        stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
+        save_every=save_every, seed=seed, precision=precision, device=device, resume=resume, lora=lora,
+        qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, num_workers=num_workers,
+    )
+    console = Console(stderr=True)
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    progress = Progress(
+        TextColumn(f"stage {stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
+    )
+    task = progress.add_task("train", total=None, info="validating data and loading the model")
+
+    def show(log: TrainLog) -> None:
+        info = f"loss {log.loss:.4f}  lr {log.lr:.2e}  {log.samples_per_second:.1f} samples/s  epoch {log.epoch:.2f}"
+        progress.update(task, completed=log.step, total=log.total_steps, info=info)
+
+    try:
+        with progress:
+            result = finetune(cfg, on_log=show)
+    except OmniError as exc:
+        fail(str(exc))
+    if quiet:
+        return
+    if result.interrupted:
+        where = f"; resume with --resume {result.last_checkpoint}" if result.last_checkpoint else ""
+        typer.echo(f"interrupted at step {result.steps}{where}", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"fine-tuned model: {result.output_dir} (load it with --model {result.output_dir})")
+
+
+@app.command("units")
+def units_cmd(
+    source: Annotated[Path, typer.Argument(help="A directory of response WAVs, or a manifest whose records name their response speech (tgt_speech).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the labelled JSONL (or JSON, for a JSON manifest).")],
+    hubert: Annotated[Path, typer.Option("--hubert", help="mHuBERT converted to a transformers directory (config.json + safetensors).")],
+    kmeans: Annotated[Path, typer.Option("--kmeans", help="k-means centres as safetensors or .npy (convert the released pickle once with `omni convert-kmeans`).")],
+    layer: Annotated[int, typer.Option("--layer", min=1, help="HuBERT layer whose features are clustered (reference: 11).")] = 11,
+    device: DeviceOpt = None,
+) -> None:
+    """Make stage-2 unit targets from response speech: HuBERT layer features → nearest k-means centre, repeats merged."""
+    from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
+
+    try:
+        extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device or "cpu")
+        count = label_units(source, out, extractor, on_item=lambda i, n, path: typer.echo(f"[{i}/{n}] {path}", err=True))
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote units for {count} items to {out}")
+
+
+@app.command("convert-kmeans")
+def convert_kmeans_cmd(
+    src: Annotated[Path, typer.Argument(help="The released k-means file (a scikit-learn pickle, e.g. km.bin).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the centres (safetensors).")],
+) -> None:
+    """Convert the released k-means pickle ONCE into safetensors holding only its centres.
+
+    The pickle is opened in a separate Python process (it can run code: only convert the official file).
+    """
+    from omni_cli.train.units import convert_kmeans
+
+    try:
+        convert_kmeans(src, dst, warn=lambda m: typer.echo(m, err=True))
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {dst}; pass it as --kmeans")
 
 
 def main() -> None:

@@ -37,3 +37,61 @@ def tiny_loaded(tiny_model):
     from omni_cli.model.loading import load_omni
 
     return load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
+
+
+# -- sound: a private PulseAudio server and test speech (shared by tests/audio and tests/test_chat_sound.py) --
+
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/, for sound_server
+
+from sound_server import SoundServer, start_sound_server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sound_server() -> Iterator[SoundServer]:
+    """A PulseAudio server with virtual mic `omni_mic` and speaker `omni_out`, made PortAudio's default.
+
+    Skips with the reason where no server can start (PulseAudio or PortAudio not installed).
+    """
+    from omni_cli.audio.devices import load_sounddevice, rescan_devices
+    from omni_cli.errors import AudioInputError
+
+    try:
+        load_sounddevice()
+    except AudioInputError as exc:
+        pytest.skip(f"no PortAudio: {exc}")
+    server, reason = start_sound_server()
+    if server is None:
+        pytest.skip(f"no sound server: {reason}")
+    try:
+        with server.as_default():
+            # PortAudio scanned devices at import, maybe before the server existed.
+            rescan_devices()
+            yield server
+    finally:
+        server.stop()
+        rescan_devices()
+
+
+@pytest.fixture(scope="session")
+def espeak_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A sentence spoken by espeak-ng (22.05 kHz WAV); skips where espeak-ng is not installed."""
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng not installed; run .ci/sound-server.sh")
+    path = tmp_path_factory.mktemp("espeak") / "sentence.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), "What is the tallest mountain in Europe?"], check=True, capture_output=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def question_16k(question_wavs: list[Path]) -> list[np.ndarray]:
+    """The real spoken questions at 16 kHz mono float32."""
+    from omni_cli.audio.io import load_audio
+
+    return [load_audio(path) for path in question_wavs]

@@ -1,0 +1,619 @@
+"""`omni chat`: the conversation loop — microphone → endpointer → pipeline → player and screen.
+
+`ChatSession` owns the turn-taking and nothing else: the model (anything with
+`respond(audio | text, history, should_stop)`), the microphone (frames from `read()`), the
+endpointer, the player and the view are passed in, so tests drive it with fakes and the CLI
+with real devices. Each turn is saved as it happens by `SessionRecorder`.
+
+Turn-taking:
+- Listening: mic frames go to the endpointer; a SpeechEnd is the user's turn.
+- Replying: text goes to the view and audio chunks to the player as the pipeline yields them.
+  Between events (the pipeline yields after every token) the microphone queue is drained:
+  with barge-in, frames still go to the endpointer and a SpeechStart stops playback and
+  generation at once; the interrupting utterance becomes the next turn. Without barge-in
+  (half-duplex, the default: a speaker without echo cancellation would otherwise interrupt
+  itself), frames heard while replying are dropped and the endpointer is reset afterwards.
+- Multi-turn memory: finished turns (speech embeddings or typed text, and the reply text)
+  are passed back as history; the pipeline keeps the newest ones within its context budget.
+- Stopping: `request_stop()` (Ctrl-C, see `sigint_ends_session`) cuts the reply in progress,
+  records it, and ends the loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from omni_cli.audio.io import SAMPLE_RATE, resample, save_wav
+from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
+from omni_cli.audio.vad import Event as VadEvent
+from omni_cli.chat_view import ChatView
+from omni_cli.errors import AudioInputError, ConfigError
+from omni_cli.pipeline import AudioChunk, Done, Event, HistoryTurn, TextDelta, Units
+
+TRANSCRIPT_NAME = "transcript.jsonl"
+
+
+class ReplySource(Protocol):
+    """What the session needs from the model: `SpeechToSpeech` or a test double."""
+
+    last_speech_embeddings: Any
+
+    def respond(
+        self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None
+    ) -> Iterator[Event]: ...
+
+
+class FrameSource(Protocol):
+    """What the session needs from the microphone: `Microphone` or a test double."""
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None: ...
+
+    def clear(self) -> int: ...
+
+
+class AudioSink(Protocol):
+    """What the session needs from the speaker: `Player` or a test double."""
+
+    sample_rate: int
+    first_audio_time: float | None
+
+    def play(self, chunk: np.ndarray) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    @property
+    def playing(self) -> bool: ...
+
+    @property
+    def output_latency(self) -> float: ...
+
+
+class MicrophoneLost(AudioInputError):
+    """The microphone stopped delivering audio in the middle of a session."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line: its message's first line, or its type when it has none."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
+    """./omni-sessions/<UTC timestamp>: a fresh folder per session."""
+    return root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+class SessionRecorder:
+    """Writes a session folder as it goes: transcript.jsonl plus turn-NNN-user.wav / turn-NNN-reply.wav.
+
+    Every transcript line is flushed and fsynced when written, and WAVs are written atomically,
+    so a crash loses nothing already said. Times named `*_t` are time.monotonic() seconds (the
+    clock the audio and pipeline events use); `time` is the wall clock for people.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.transcript_path = self.directory / TRANSCRIPT_NAME
+        if self.transcript_path.exists():
+            raise ConfigError(f"{self.directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.transcript_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise ConfigError(f"cannot write the session to {self.directory}: {exc.strerror or exc}; pick another --session-dir.") from exc
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Append one JSON line {"type": kind, "time": ..., **fields} and make it durable."""
+        record = {"type": kind, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
+        if self._file.closed:
+            return record
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return record
+
+    def save_audio(self, turn: int, role: str, audio: np.ndarray, rate: int) -> str:
+        """Write turn-NNN-<role>.wav; returns its name (relative to the session folder)."""
+        path = save_wav(self.directory / f"turn-{turn:03d}-{role}.wav", audio, rate)
+        return path.name
+
+    def close(self) -> None:
+        """Close the transcript; later events are ignored."""
+        if not self._file.closed:
+            self._file.close()
+
+
+@dataclass
+class ReplyProgress:
+    """What one reply has produced so far, and how it ended."""
+
+    turn: int
+    heard_t: float  # when the user's turn ended: the endpoint decision, or Enter for typed text
+    text: str = ""
+    units: int = 0
+    tokens: int = 0
+    chunks: list[np.ndarray] = field(default_factory=list)
+    audio_rate: int = SAMPLE_RATE
+    first_text_t: float | None = None
+    generated_t: float | None = None
+    stopped: str = ""
+    interrupted: bool = False
+    barge_in_t: float | None = None
+    error: str | None = None
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(c.size for c in self.chunks) / self.audio_rate
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Turn-taking settings."""
+
+    barge_in: bool = False
+    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
+    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
+    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
+
+
+class ChatSession:
+    """One conversation: turn-taking between a person and the pipeline, saved as it goes."""
+
+    def __init__(
+        self,
+        pipeline: ReplySource,
+        view: ChatView,
+        recorder: SessionRecorder,
+        mic: FrameSource | None = None,
+        endpointer: Endpointer | None = None,
+        player: AudioSink | None = None,
+        settings: ChatSettings | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if mic is not None and endpointer is None:
+            raise ValueError("a microphone needs an endpointer")
+        self.pipeline = pipeline
+        self.view = view
+        self.recorder = recorder
+        self.mic = mic
+        self.endpointer = endpointer
+        self.player = player
+        self.settings = settings or ChatSettings()
+        self.clock = clock
+        self.history: list[HistoryTurn] = []
+        self.turns = 0
+        self.stop_requested = False
+        self.waiting_for_input = False  # True while blocked on typed input: Ctrl-C must interrupt the read
+        self._pending: deque[VadEvent] = deque()  # endpointer events seen while replying, for the listening loop
+        self._reply: ReplyProgress | None = None
+        self._closed = False
+
+    # -- loops ------------------------------------------------------------------------
+
+    @property
+    def replying(self) -> bool:
+        """True while a turn is being answered (generated or played)."""
+        return self._reply is not None
+
+    def request_stop(self) -> None:
+        """End the session soon: the reply in progress is cut and recorded, then the loop returns."""
+        self.stop_requested = True
+
+    def run_voice(self) -> None:
+        """Listen and answer until request_stop(); raises MicrophoneLost if the mic stops delivering."""
+        assert self.mic is not None and self.endpointer is not None
+        self.view.status("listening", "speak; Ctrl-C ends the session")
+        announced = False
+        last_frame_t = self.clock()
+        try:
+            while not self.stop_requested:
+                if self._pending:
+                    events: list[VadEvent] = [self._pending.popleft()]
+                else:
+                    frame = self.mic.read(timeout=self.settings.poll_s)
+                    now = self.clock()
+                    if frame is None:
+                        if now - last_frame_t > self.settings.mic_timeout_s:
+                            raise MicrophoneLost(
+                                f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
+                                "(unplugged, or taken by another program?); check it with `omni devices`."
+                            )
+                        continue
+                    last_frame_t = now
+                    if not announced:
+                        # Frames flow: from here on, speech is heard.
+                        self.recorder.event("listening", t=now)
+                        announced = True
+                    events = self.endpointer.push(frame)
+                for event in events:
+                    if isinstance(event, SpeechStart):
+                        self.view.status("hearing")
+                    elif isinstance(event, SpeechEnd):
+                        self.answer(event.audio, self.clock())
+                        last_frame_t = self.clock()
+                        if not self.stop_requested:
+                            self.view.status("listening")
+        except KeyboardInterrupt:
+            self.stop_requested = True
+
+    def run_text(self, read_line: Callable[[], str | None]) -> None:
+        """Answer typed questions from `read_line` (None = end of input) until it ends or request_stop()."""
+        try:
+            while not self.stop_requested:
+                self.view.status("typing", "type a question; Ctrl-C or Ctrl-D ends the session")
+                self.waiting_for_input = True
+                try:
+                    line = read_line()
+                finally:
+                    self.waiting_for_input = False
+                if line is None:
+                    break
+                if line.strip():
+                    self.answer(line.strip(), self.clock())
+        except KeyboardInterrupt:
+            self.stop_requested = True
+
+    def close(self, reason: str, **stats: Any) -> None:
+        """Record the end of the session (with device `stats` such as overflow counts) and close the transcript (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.player is not None:
+            self.player.stop()
+        self.recorder.event("end", turns=self.turns, reason=reason, **stats)
+        self.recorder.close()
+
+    # -- one turn ---------------------------------------------------------------------
+
+    def answer(self, question: np.ndarray | str, heard_t: float) -> ReplyProgress:
+        """Answer one user turn (16 kHz speech or typed text) that ended at `heard_t`.
+
+        The user turn is saved before the model runs; the reply is saved when it has been played,
+        interrupted, or has failed (a failure is shown in one line and the session goes on).
+        """
+        self.turns += 1
+        turn = self.turns
+        reply = ReplyProgress(turn=turn, heard_t=heard_t)
+        self._reply = reply
+        user: dict[str, Any] = {"turn": turn, "end_t": heard_t}
+        if isinstance(question, str):
+            user["text"] = question
+            self.view.user_typed(turn, question)
+        else:
+            user["wav"] = self.recorder.save_audio(turn, "user", question, SAMPLE_RATE)
+            user["seconds"] = round(question.size / SAMPLE_RATE, 3)
+            self.view.user_spoken(turn, question.size / SAMPLE_RATE)
+        self.recorder.event("user", **user)
+        self.view.status("thinking")
+        try:
+            self._generate(question, reply)
+            if not reply.interrupted and reply.error is None:
+                self._play_out(reply)
+        except Exception as exc:  # noqa: BLE001 - any fault inside the model ends this turn only
+            reply.error = one_line(exc)
+            reply.stopped = "error"
+            if self.player is not None:
+                self.player.stop()
+            self.view.error(f"turn failed: {reply.error}")
+            self.recorder.event("error", turn=turn, message=reply.error)
+        except KeyboardInterrupt:
+            # A second Ctrl-C while the turn was being cut: save what there is, then end.
+            self.stop_requested = True
+            reply.interrupted = True
+            reply.stopped = reply.stopped or "interrupted"
+            if self.player is not None:
+                self.player.stop()
+        finally:
+            self._finish(question, reply)
+            self._reply = None
+        return reply
+
+    def _should_stop(self) -> bool:
+        reply = self._reply
+        return self.stop_requested or (reply is not None and reply.interrupted)
+
+    def _generate(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
+        for event in self.pipeline.respond(question, list(self.history), self._should_stop):
+            if isinstance(event, TextDelta):
+                if reply.first_text_t is None:
+                    reply.first_text_t = event.t
+                    if self.player is None:
+                        self.view.status("replying")
+                reply.text += event.text
+                self.view.reply_text(event.text)
+            elif isinstance(event, Units):
+                reply.units += len(event.units)
+            elif isinstance(event, AudioChunk):
+                if not reply.interrupted and event.audio.size:
+                    if not reply.chunks and self.player is not None:
+                        self.view.status("speaking", "speak to interrupt" if self.settings.barge_in and self.mic is not None else "")
+                    self._queue_audio(reply, event)
+            elif isinstance(event, Done):
+                reply.text, reply.units, reply.tokens, reply.stopped = event.text, len(event.units), event.tokens, event.stopped
+                reply.generated_t = event.t
+            self._listen_while_replying(reply, timeout=0.0)
+            if self.stop_requested and not reply.interrupted:
+                self._interrupt(reply)
+
+    def _queue_audio(self, reply: ReplyProgress, chunk: AudioChunk) -> None:
+        audio = chunk.audio
+        rate = chunk.sample_rate
+        if self.player is not None and rate != self.player.sample_rate:
+            audio, rate = resample(audio, rate, self.player.sample_rate), self.player.sample_rate
+        reply.audio_rate = rate
+        reply.chunks.append(audio)
+        if self.player is not None:
+            self.player.play(audio)
+
+    def _play_out(self, reply: ReplyProgress) -> None:
+        """Wait until the reply has been heard, still listening for barge-in; give up on a stuck speaker."""
+        player = self.player
+        if player is None:
+            return
+        player.finish()
+        start = self.clock()
+        deadline = start + reply.audio_seconds + self.settings.playback_margin_s
+        while player.playing:
+            if self.stop_requested:
+                self._interrupt(reply)
+                return
+            if self.mic is not None:
+                self._listen_while_replying(reply, timeout=self.settings.poll_s)
+            else:
+                time.sleep(self.settings.poll_s)
+            if reply.interrupted:
+                return
+            if self.clock() > deadline:
+                player.stop()
+                self.view.error("the speaker stopped taking audio (unplugged or busy?); replies continue as text only.")
+                self.recorder.event("error", turn=reply.turn, message="speaker stopped taking audio; continuing without sound")
+                self.player = None
+                return
+        # The last block is still in the device buffer for its latency.
+        if reply.chunks and player.output_latency > 0:
+            time.sleep(player.output_latency)
+        if not self.settings.barge_in and self.mic is not None:
+            self._listen_while_replying(reply, timeout=0.0)
+
+    def _listen_while_replying(self, reply: ReplyProgress, timeout: float) -> None:
+        """Drain the mic queue during a reply: detect barge-in, or (half-duplex) drop what was heard."""
+        if self.mic is None or self.endpointer is None:
+            return
+        if not self.settings.barge_in:
+            # Half-duplex: what the mic hears now is (mostly) our own voice.
+            if self.mic.clear() == 0 and timeout > 0:
+                time.sleep(timeout)
+            self.endpointer.reset()
+            return
+        block = timeout
+        while not reply.interrupted:
+            frame = self.mic.read(timeout=block)
+            block = 0.0
+            if frame is None:
+                return
+            for event in self.endpointer.push(frame):
+                if isinstance(event, SpeechStart) and not reply.interrupted:
+                    self._barge_in(reply, event)
+                else:
+                    self._pending.append(event)
+
+    def _barge_in(self, reply: ReplyProgress, event: SpeechStart) -> None:
+        detected = self.clock()
+        self._interrupt(reply)
+        stopped = self.clock()
+        reply.barge_in_t = detected
+        self._pending.append(event)
+        self.recorder.event(
+            "barge_in",
+            turn=reply.turn,
+            detected_t=detected,
+            stopped_t=stopped,
+            stop_ms=round((stopped - detected) * 1000, 2),
+            speech_start_stream_s=event.t,
+        )
+        self.view.status("hearing", "interrupted the reply")
+
+    def _interrupt(self, reply: ReplyProgress) -> None:
+        """Cut playback now and make generation stop at its next token."""
+        reply.interrupted = True
+        reply.stopped = "interrupted"
+        if self.player is not None:
+            self.player.stop()
+
+    def _finish(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
+        """Save the reply (text, WAV, timings), show its summary, and keep it in the history."""
+        player = self.player
+        first_audio_t = player.first_audio_time if player is not None and reply.chunks else None
+        if first_audio_t is not None and first_audio_t < reply.heard_t:
+            first_audio_t = None  # left over from an earlier reply: this one was never heard
+        record: dict[str, Any] = {
+            "turn": reply.turn,
+            "text": reply.text,
+            "tokens": reply.tokens,
+            "units": reply.units,
+            "stopped": reply.stopped or "interrupted",
+        }
+        if reply.chunks:
+            record["wav"] = self.recorder.save_audio(reply.turn, "reply", np.concatenate(reply.chunks), reply.audio_rate)
+            record["audio_seconds"] = round(reply.audio_seconds, 3)
+        if reply.first_text_t is not None:
+            record["first_text_ms"] = round((reply.first_text_t - reply.heard_t) * 1000, 1)
+        if first_audio_t is not None:
+            record["first_audio_t"] = first_audio_t
+            record["latency_ms"] = round((first_audio_t - reply.heard_t) * 1000, 1)
+        if reply.barge_in_t is not None:
+            record["barge_in_t"] = reply.barge_in_t
+        if reply.error is not None:
+            record["error"] = reply.error
+        self.recorder.event("assistant", **record)
+        summary = [f"{reply.tokens} tokens"]
+        if "latency_ms" in record:
+            summary.insert(0, f"first audio {record['latency_ms']:.0f} ms after you stopped")
+        elif "first_text_ms" in record:
+            summary.insert(0, f"first text {record['first_text_ms']:.0f} ms")
+        if record["stopped"] != "eos":
+            summary.append(record["stopped"])
+        self.view.reply_end(", ".join(summary))
+        if reply.error is None and reply.text:
+            speech = None if isinstance(question, str) else self.pipeline.last_speech_embeddings
+            self.history.append(HistoryTurn(user_speech=speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
+
+
+@contextmanager
+def sigint_ends_session(session: ChatSession) -> Iterator[None]:
+    """Within the block, Ctrl-C ends the session cleanly instead of raising anywhere.
+
+    The first Ctrl-C cuts the reply in progress (it is saved) and ends the loop; while waiting
+    for typed input, or on a second Ctrl-C, it raises KeyboardInterrupt, which the loops catch.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if session.stop_requested or session.waiting_for_input:
+            raise KeyboardInterrupt
+        session.request_stop()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """What `omni chat` was asked for, apart from the model."""
+
+    session_dir: Path
+    text: bool = False
+    barge_in: bool = False
+    input_device: str | None = None
+    output_device: str | None = None
+    hangover_ms: int = 600
+    vad_aggressiveness: int = 2
+
+
+def preflight(options: ChatOptions) -> None:
+    """Fail fast, before a model is loaded: the session folder is taken, or the microphone (or a named speaker) does not exist."""
+    from omni_cli.audio.devices import find_device
+
+    if (options.session_dir / TRANSCRIPT_NAME).exists():
+        raise ConfigError(f"{options.session_dir} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+    if not options.text:
+        find_device(options.input_device, "input")
+    if options.output_device is not None:
+        find_device(options.output_device, "output")
+
+
+def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_line: Callable[[], str | None] | None = None) -> int:
+    """Open the devices, run the conversation until Ctrl-C (or end of typed input), save it; returns the exit code.
+
+    A speaker that cannot be opened leaves replies as text; a microphone that cannot be opened
+    is an AudioInputError (raised, nothing recorded yet). A microphone lost mid-session ends the
+    session (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
+    """
+    from omni_cli.audio.mic import Microphone
+    from omni_cli.audio.player import Player
+    from omni_cli.audio.vad import EndpointerConfig
+
+    read_line = read_line or (lambda: view.prompt("you> "))
+    vad_config = EndpointerConfig(hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness)
+    mic: Microphone | None = None
+    if not options.text:
+        mic = Microphone(device=options.input_device, frame_ms=vad_config.frame_ms, sample_rate=vad_config.sample_rate).start()
+    recorder: SessionRecorder | None = None
+    player: Player | None = None
+    try:
+        recorder = SessionRecorder(options.session_dir)
+        vocoder = getattr(pipeline, "vocoder", None)
+        if vocoder is not None:
+            try:
+                player = Player(device=options.output_device, sample_rate=int(vocoder.config.sampling_rate)).start()
+            except AudioInputError as exc:
+                view.error(f"{exc} Replies will be text only.")
+        else:
+            view.note("no --vocoder: replies are text only.")
+        session = ChatSession(
+            pipeline,
+            view,
+            recorder,
+            mic=mic,
+            endpointer=Endpointer(vad_config) if mic is not None else None,
+            player=player,
+            settings=ChatSettings(barge_in=options.barge_in),
+        )
+        recorder.event(
+            "session",
+            mode="text" if mic is None else "voice",
+            barge_in=options.barge_in,
+            microphone=None if mic is None else mic.device_name,
+            microphone_rate=None if mic is None else mic.device_rate,
+            speaker=None if player is None else player.device_name,
+            speaker_rate=None if player is None else player.device_rate,
+        )
+        view.note(f"saving this session to {options.session_dir}/")
+        view.start()
+        code, reason = 0, "end of input"
+        with sigint_ends_session(session):
+            try:
+                if mic is not None:
+                    session.run_voice()
+                else:
+                    session.run_text(read_line)
+            except MicrophoneLost as exc:
+                view.error(str(exc))
+                recorder.event("error", message=str(exc))
+                if mic is not None:
+                    mic.close()
+                session.mic = session.endpointer = None
+                if _stdin_is_terminal() and not session.stop_requested:
+                    view.note("going on with typed questions.")
+                    session.run_text(read_line)
+                else:
+                    code, reason = 1, "microphone lost"
+            finally:
+                if session.stop_requested:
+                    reason = "ctrl-c"
+                stats: dict[str, int] = {}
+                if mic is not None:
+                    stats.update(mic_overflows=mic.overflows, mic_dropped_frames=mic.dropped_frames)
+                if player is not None:
+                    stats.update(speaker_underruns=player.underruns, speaker_xruns=player.xruns)
+                session.close(reason, **stats)
+        view.stop()
+        view.note(f"session saved: {recorder.transcript_path} ({session.turns} turns)")
+        return code
+    finally:
+        view.stop()
+        if recorder is not None:
+            recorder.close()
+        if player is not None:
+            player.close()
+        if mic is not None:
+            mic.close()
+
+
+def _stdin_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stdin.isatty()
+    except (ValueError, AttributeError):
+        return False

@@ -1,0 +1,598 @@
+"""ChatSession driven by fakes: a scripted pipeline, mic frames cut from a real question, a fake player.
+
+Fast and device-free: turn-taking, multi-turn history, text mode, the transcript written as
+it goes (and surviving a failing turn), barge-in and half-duplex, Ctrl-C, a lost microphone;
+then the `omni chat --help` / `omni devices` commands and one typed turn through the CLI.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from rich.console import Console
+from typer.testing import CliRunner
+
+from omni_cli.audio.devices import DeviceInfo
+from omni_cli.audio.io import load_audio
+from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
+from omni_cli.chat import (
+    ChatSession,
+    ChatSettings,
+    MicrophoneLost,
+    SessionRecorder,
+    sigint_ends_session,
+)
+from omni_cli.chat_view import ChatView
+from omni_cli.cli import app
+from omni_cli.errors import AudioInputError, ConfigError
+from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, TextDelta, Units
+
+RATE = 16000
+FRAME_MS = 30
+FRAME = RATE * FRAME_MS // 1000
+
+
+# -- fakes ------------------------------------------------------------------------------------
+
+
+class FakePipeline:
+    """Replies word by word: a TextDelta and Units per token, an AudioChunk every `chunk_every` tokens.
+
+    `on_token(call, i)` runs after each token (tests inject mic frames or Ctrl-C there);
+    `fail_on_call` makes that call raise after its first tokens, as a model fault would.
+    """
+
+    def __init__(self, tokens: int = 6, chunk_every: int = 2, on_token: Callable[[int, int], None] | None = None) -> None:
+        self.tokens = tokens
+        self.chunk_every = chunk_every
+        self.on_token = on_token
+        self.fail_on_call: int | None = None
+        self.calls: list[tuple[object, list[HistoryTurn]]] = []
+        self.played_tokens: list[int] = []
+        self.last_speech_embeddings: object = None
+        self.chunks_yielded: list[np.ndarray] = []
+
+    def respond(self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
+        call = len(self.calls)
+        self.calls.append((audio, list(history)))
+        self.last_speech_embeddings = None if isinstance(audio, str) else f"embeddings-of-call-{call}"
+        words: list[str] = []
+        stopped, n = "eos", 0
+        for i in range(self.tokens):
+            n += 1
+            if self.fail_on_call == call and i == 2:
+                raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+            word = f"w{call}.{i} "
+            words.append(word)
+            yield TextDelta(word, 0.0)
+            yield Units([i % 1000], 0.0)
+            if (i + 1) % self.chunk_every == 0:
+                chunk = np.full(160, 0.1 * (call + 1), np.float32)
+                self.chunks_yielded.append(chunk)
+                yield AudioChunk(chunk, 0.0, i // self.chunk_every, RATE)
+            if self.on_token is not None:
+                self.on_token(call, i)
+            if should_stop is not None and should_stop():
+                stopped = "interrupted"
+                break
+        self.played_tokens.append(n)
+        yield Done("".join(words), list(range(n)), 0.0, n, stopped)
+
+
+class FakeMic:
+    """Frames from a queue; when it runs dry, `on_empty` runs (e.g. to end the session) and read() returns None.
+
+    `later` holds what the user says next: the next one is fed when the queue runs dry while
+    the session listens (so half-duplex does not drop it as heard-while-replying).
+    """
+
+    def __init__(self, audio: np.ndarray | None = None, on_empty: Callable[[], None] | None = None, later: Sequence[np.ndarray] = ()) -> None:
+        self.queue: deque[np.ndarray] = deque()
+        self.on_empty = on_empty
+        self.later = deque(later)
+        self.cleared = 0
+        if audio is not None:
+            self.feed(audio)
+
+    def feed(self, audio: np.ndarray) -> None:
+        self.queue.extend(frames(audio, RATE, FRAME_MS))
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        if self.queue:
+            return self.queue.popleft()
+        if self.on_empty is not None:
+            self.on_empty()
+        return None
+
+    def clear(self) -> int:
+        n = len(self.queue)
+        self.queue.clear()
+        self.cleared += n
+        return n
+
+
+class FakePlayer:
+    """Plays instantly except that `playing` stays True for `polls_per_chunk` checks per queued chunk."""
+
+    sample_rate = RATE
+    output_latency = 0.0
+
+    def __init__(self, polls_per_chunk: int = 0) -> None:
+        self.polls_per_chunk = polls_per_chunk
+        self.played: list[np.ndarray] = []
+        self.first_audio_time: float | None = None
+        self.stops = 0
+        self.finished = False
+        self._remaining = 0
+        self._burst = False
+
+    def play(self, chunk: np.ndarray) -> None:
+        import time
+
+        if not self._burst:
+            self._burst, self.first_audio_time = True, time.monotonic()
+        self.played.append(chunk)
+        self._remaining += self.polls_per_chunk
+
+    def finish(self) -> None:
+        self.finished = True
+        self._burst = False
+
+    def stop(self) -> None:
+        self.stops += 1
+        self._remaining = 0
+        self._burst = False
+
+    @property
+    def playing(self) -> bool:
+        if self._remaining > 0:
+            self._remaining -= 1
+            return True
+        return False
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def silence(ms: int) -> np.ndarray:
+    return np.zeros(RATE * ms // 1000, np.float32)
+
+
+@pytest.fixture(scope="module")
+def speech(question_wavs: list[Path]) -> np.ndarray:
+    """A real spoken question at 16 kHz."""
+    return load_audio(question_wavs[0])
+
+
+def endpointer() -> Endpointer:
+    return Endpointer(EndpointerConfig(frame_ms=FRAME_MS, hangover_ms=300))
+
+
+def plain_view() -> tuple[ChatView, io.StringIO]:
+    out = io.StringIO()
+    return ChatView(Console(file=out, force_terminal=False, width=120), live=False), out
+
+
+def transcript(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "transcript.jsonl").read_text().splitlines()]
+
+
+def make_session(tmp_path: Path, pipeline: FakePipeline, mic: FakeMic | None, player: FakePlayer | None, barge_in: bool = False) -> tuple[ChatSession, io.StringIO]:
+    view, out = plain_view()
+    session = ChatSession(
+        pipeline,
+        view,
+        SessionRecorder(tmp_path / "session"),
+        mic=mic,
+        endpointer=endpointer() if mic is not None else None,
+        player=player,
+        settings=ChatSettings(barge_in=barge_in, poll_s=0.0, mic_timeout_s=0.2),
+    )
+    if mic is not None and mic.on_empty is None:
+        # Out of frames while listening = the user pressed Ctrl-C; while replying it is just a quiet moment.
+        def on_empty() -> None:
+            if session.replying:
+                return
+            if mic.later:
+                mic.feed(mic.later.popleft())
+            else:
+                session.request_stop()
+
+        mic.on_empty = on_empty
+    return session, out
+
+
+# -- turn-taking and memory ---------------------------------------------------------------------
+
+
+def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech: np.ndarray) -> None:
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]), later=[np.concatenate([speech[:RATE], silence(600)])])
+    pipeline, player = FakePipeline(tokens=6), FakePlayer()
+    session, out = make_session(tmp_path, pipeline, mic, player)
+    session.run_voice()
+    session.close("ctrl-c")
+
+    assert len(pipeline.calls) == 2
+    (first_audio, first_history), (second_audio, second_history) = pipeline.calls
+    assert first_history == []
+    # The utterance holds the whole question (plus pre-roll and hangover), not the silence around it.
+    assert speech.size <= first_audio.size < speech.size + RATE
+    assert RATE <= second_audio.size < 2 * RATE
+    # Turn 2 sees turn 1: its speech embeddings and the reply text.
+    assert second_history == [HistoryTurn(user_speech="embeddings-of-call-0", user_text=None, reply="".join(f"w0.{i} " for i in range(6)))]
+    assert [len(h) for h in (session.history,)] == [2]
+
+    rows = transcript(tmp_path / "session")
+    assert [r["type"] for r in rows] == ["listening", "user", "assistant", "user", "assistant", "end"]
+    user, reply = rows[1], rows[2]
+    saved, rate = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
+    assert rate == RATE and saved.size == first_audio.size
+    np.testing.assert_allclose(saved, first_audio, atol=1 / 32768 + 1e-6)  # 16-bit WAV
+    assert reply["text"] == "".join(f"w0.{i} " for i in range(6)) and reply["tokens"] == 6 and reply["units"] == 6
+    assert reply["stopped"] == "eos" and reply["audio_seconds"] == pytest.approx(3 * 160 / RATE)
+    reply_audio, _ = sf.read(tmp_path / "session" / reply["wav"], dtype="float32")
+    np.testing.assert_allclose(reply_audio, np.concatenate(pipeline.chunks_yielded[:3]), atol=1e-4)
+    # Latency is measured from the endpoint decision to the first audio handed to the player.
+    assert reply["first_audio_t"] >= user["end_t"]
+    assert reply["latency_ms"] == pytest.approx((reply["first_audio_t"] - user["end_t"]) * 1000, abs=0.1)
+    assert rows[-1] == {**rows[-1], "turns": 2, "reason": "ctrl-c"}
+    assert "you [1]: (spoken" in out.getvalue() and "w0.5" in out.getvalue()
+    assert len(player.played) == 6 and player.finished
+
+
+def test_text_mode_answers_typed_lines_with_history(tmp_path: Path) -> None:
+    pipeline = FakePipeline(tokens=3)
+    session, out = make_session(tmp_path, pipeline, mic=None, player=None)
+    lines = iter(["hello there", "   ", "and then?", None])
+    session.run_text(lambda: next(lines))
+    session.close("end of input")
+
+    assert [audio for audio, _ in pipeline.calls] == ["hello there", "and then?"]
+    assert pipeline.calls[1][1] == [HistoryTurn(user_speech=None, user_text="hello there", reply="w0.0 w0.1 w0.2 ")]
+    rows = transcript(tmp_path / "session")
+    assert [(r["type"], r.get("text")) for r in rows[:2]] == [("user", "hello there"), ("assistant", "w0.0 w0.1 w0.2 ")]
+    assert "wav" not in rows[0]  # typed: no user WAV
+    assert "wav" in rows[1]  # the reply audio is still saved (no speaker: text on screen only)
+    assert "latency_ms" not in rows[1]  # nothing was played
+    text = out.getvalue()
+    assert "you [1]: hello there" in text and "omni: w0.0 w0.1 w0.2" in text and "you [2]: and then?" in text
+
+
+def test_the_live_terminal_view_keeps_finished_turns_in_the_scrollback(tmp_path: Path) -> None:
+    out = io.StringIO()
+    view = ChatView(Console(file=out, force_terminal=True, width=100, color_system=None), live=True)
+    session = ChatSession(FakePipeline(tokens=3), view, SessionRecorder(tmp_path / "s"), player=FakePlayer())
+    view.start()
+    lines = iter(["first question", "second question", None])
+    session.run_text(lambda: next(lines))
+    view.error("speaker gone")
+    view.stop()
+    text = out.getvalue()
+    for expected in ("you [1]: first question", "omni: w0.0 w0.1 w0.2", "you [2]: second question", "omni: w1.0 w1.1 w1.2", "omni: speaker gone"):
+        assert expected in text, expected
+    assert "first audio" in text  # the turn summary with its latency
+
+
+def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> None:
+    """The session keeps every finished turn; the pipeline drops old ones by its context budget."""
+    pipeline = FakePipeline(tokens=1)
+    session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
+    lines = iter([f"q{i}" for i in range(5)] + [None])
+    session.run_text(lambda: next(lines))
+    assert [len(history) for _, history in pipeline.calls] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("budget", [4096, 40])
+def test_memory_reaches_the_real_pipeline_within_its_budget(tiny_loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
+    """Turn 2's prompt holds turn 1 (question and reply) when the budget has room, and not when it has none."""
+    import omni_cli.pipeline as pipeline_module
+    from omni_cli.model.llm import SamplingConfig
+    from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
+
+    prompts: list[list[int]] = []
+    real_build = pipeline_module.build_prompt_ids
+
+    def spy(tokenizer, turns):  # noqa: ANN001, ANN202 - same signature as build_prompt_ids
+        ids = real_build(tokenizer, turns)
+        prompts.append(list(ids))
+        return ids
+
+    monkeypatch.setattr(pipeline_module, "build_prompt_ids", spy)
+    pipeline = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=SamplingConfig(max_new_tokens=8), context_budget=budget))
+    session, _ = make_session(tmp_path, pipeline, mic=None, player=None)  # type: ignore[arg-type]
+    lines = iter(["what is the capital of France?", "and of Spain?", None])
+    session.run_text(lambda: next(lines))
+    first_reply = next(r["text"] for r in transcript(tmp_path / "session") if r["type"] == "assistant")
+    first, second = (tiny_loaded.tokenizer.decode(p) for p in prompts)
+    assert "capital of France" in first and "and of Spain" in second
+    assert ("capital of France" in second) == (budget == 4096)
+    assert (first_reply.strip() in second) == (budget == 4096)
+
+
+def test_a_failing_turn_is_one_line_logged_and_the_session_goes_on(tmp_path: Path) -> None:
+    seen_before_turn_2: list[list[dict]] = []
+
+    def on_token(call: int, i: int) -> None:
+        if call == 1 and i == 0:
+            # Written as it goes: turn 1 (and its failure) are on disk before turn 2 ends.
+            seen_before_turn_2.append(transcript(tmp_path / "session"))
+
+    pipeline, player = FakePipeline(tokens=4, on_token=on_token), FakePlayer()
+    pipeline.fail_on_call = 0
+    session, out = make_session(tmp_path, pipeline, mic=None, player=player)
+    lines = iter(["first", "second", None])
+    session.run_text(lambda: next(lines))
+    assert player.stops == 1  # the failed turn's audio was cut
+    session.close("end of input")
+
+    assert "omni: turn failed: CUDA out of memory." in out.getvalue()
+    assert "Tried to allocate" not in out.getvalue()  # one line only
+    (early,) = seen_before_turn_2
+    assert [r["type"] for r in early] == ["user", "error", "assistant", "user"]
+    assert early[1]["message"] == "CUDA out of memory." and early[2]["stopped"] == "error"
+    rows = transcript(tmp_path / "session")
+    assert rows[4]["type"] == "assistant" and rows[4]["stopped"] == "eos" and rows[4]["turn"] == 2
+    # The failed turn is not remembered; the good one is.
+    assert pipeline.calls[1][1] == [] and [h.user_text for h in session.history] == ["second"]
+
+
+def test_a_second_session_in_the_same_folder_is_refused(tmp_path: Path) -> None:
+    SessionRecorder(tmp_path).close()
+    with pytest.raises(ConfigError, match="already holds a session"):
+        SessionRecorder(tmp_path)
+
+
+# -- barge-in, half-duplex, Ctrl-C, a lost microphone ------------------------------------------------
+
+
+def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, speech: np.ndarray) -> None:
+    holder: dict[str, FakeMic] = {}
+
+    def on_token(call: int, i: int) -> None:
+        if call == 0 and i == 10:
+            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # the user talks over the reply
+
+    pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
+    holder["mic"] = mic
+    session, out = make_session(tmp_path, pipeline, mic, player, barge_in=True)
+    session.run_voice()
+    session.close("ctrl-c")
+
+    # Speech start needs min_speech_ms of voice: the stop comes a few tokens after the speech began.
+    assert 10 < pipeline.played_tokens[0] < 30, pipeline.played_tokens
+    assert player.stops >= 1
+    rows = transcript(tmp_path / "session")
+    kinds = [r["type"] for r in rows]
+    assert kinds == ["listening", "user", "barge_in", "assistant", "user", "assistant", "end"]
+    barge, first_reply, second_user = rows[2], rows[3], rows[4]
+    assert barge["turn"] == 1 and barge["detected_t"] <= barge["stopped_t"] and barge["stop_ms"] < 50
+    assert first_reply["stopped"] == "interrupted" and first_reply["barge_in_t"] == barge["detected_t"]
+    # No audio chunk yielded after the barge-in reached the player.
+    chunks_before_stop = first_reply["tokens"] // 2
+    assert len(player.played) <= chunks_before_stop + pipeline.played_tokens[1] // 2
+    # The interruption is the next turn, heard whole (pre-roll included).
+    assert second_user["turn"] == 2 and speech.size <= pipeline.calls[1][0].size < speech.size + RATE
+    assert len(pipeline.calls[1][1]) == 1  # the cut reply is remembered as far as it went
+
+
+def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.ndarray) -> None:
+    pipeline = FakePipeline(tokens=4)  # generation ends long before playback
+    player = FakePlayer(polls_per_chunk=1000)
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
+    session, _ = make_session(tmp_path, pipeline, mic, player, barge_in=True)
+    mic.on_empty = None
+    fed = {"done": False}
+
+    def read(timeout: float | None = None, _read=mic.read) -> np.ndarray | None:
+        frame = _read(timeout)
+        if frame is None and not fed["done"] and len(pipeline.played_tokens) == 1:
+            fed["done"] = True
+            mic.feed(np.concatenate([speech, silence(600)]))
+            return _read(timeout)
+        if frame is None and len(pipeline.calls) == 2 and not session.replying:
+            session.request_stop()
+        return frame
+
+    mic.read = read  # type: ignore[method-assign]
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    first_reply = next(r for r in rows if r["type"] == "assistant")
+    assert first_reply["tokens"] == 4 and first_reply["stopped"] == "interrupted"  # generated fully, cut while heard
+    assert any(r["type"] == "barge_in" for r in rows) and len(pipeline.calls) == 2
+
+
+def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, speech: np.ndarray) -> None:
+    holder: dict[str, FakeMic] = {}
+
+    def on_token(call: int, i: int) -> None:
+        if call == 0 and i == 3:
+            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # e.g. our own voice through the speakers
+
+    pipeline, player = FakePipeline(tokens=40, on_token=on_token), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
+    holder["mic"] = mic
+    session, _ = make_session(tmp_path, pipeline, mic, player, barge_in=False)
+    session.run_voice()
+    assert pipeline.played_tokens == [40] and len(pipeline.calls) == 1
+    assert player.stops == 0 and mic.cleared > speech.size // FRAME
+    assert not session.endpointer.in_speech
+
+
+def test_ctrl_c_during_a_reply_cuts_it_saves_it_and_ends(tmp_path: Path, speech: np.ndarray) -> None:
+    def on_token(call: int, i: int) -> None:
+        if i == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal path: handler sets the stop flag
+
+    pipeline, player = FakePipeline(tokens=100, on_token=on_token), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600), speech, silence(600)]))
+    session, _ = make_session(tmp_path, pipeline, mic, player)
+    with sigint_ends_session(session):
+        session.run_voice()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    session.close("ctrl-c")
+    assert pipeline.played_tokens == [6] and len(pipeline.calls) == 1  # the second question was never started
+    rows = transcript(tmp_path / "session")
+    assert [r["type"] for r in rows] == ["listening", "user", "assistant", "end"]
+    assert rows[2]["stopped"] == "interrupted" and rows[2]["text"].startswith("w0.0") and player.stops >= 1
+
+
+def test_ctrl_c_while_waiting_for_typed_input_ends_cleanly(tmp_path: Path) -> None:
+    session, _ = make_session(tmp_path, FakePipeline(), mic=None, player=None)
+
+    def read_line() -> str | None:
+        os.kill(os.getpid(), signal.SIGINT)
+        raise AssertionError("the read should have been interrupted")
+
+    with sigint_ends_session(session):
+        session.run_text(read_line)
+    assert session.stop_requested and session.turns == 0
+
+
+def test_a_microphone_that_stops_delivering_is_reported_and_the_transcript_kept(tmp_path: Path, speech: np.ndarray) -> None:
+    pipeline, player = FakePipeline(tokens=2), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]), on_empty=lambda: None)
+    session, _ = make_session(tmp_path, pipeline, mic, player)
+    with pytest.raises(MicrophoneLost, match="stopped delivering audio"):
+        session.run_voice()
+    session.close("microphone lost")
+    rows = transcript(tmp_path / "session")
+    assert [r["type"] for r in rows] == ["listening", "user", "assistant", "end"]
+    assert isinstance(MicrophoneLost("x"), AudioInputError)
+
+
+# -- the commands -------------------------------------------------------------------------------
+
+
+def test_chat_help_documents_modes_and_ctrl_c() -> None:
+    result = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for option in ("--text", "--barge-in", "--no-barge-in", "--session-dir", "--input-device", "--first-chunk-units", "--context-budget"):
+        assert option in result.output
+    assert "Ctrl-C ends the session" in result.output and "Examples" in result.output
+
+
+def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    import omni_cli.audio.devices as devices
+
+    listed = [
+        DeviceInfo(0, "USB Headset Mic", "ALSA", 1, 0, 44100.0, True, False),
+        DeviceInfo(1, "Built-in Speakers", "ALSA", 0, 2, 48000.0, False, True),
+    ]
+    monkeypatch.setattr(devices, "list_devices", lambda: listed)
+    result = CliRunner().invoke(app, ["devices"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if "USB Headset Mic" in line or "Built-in Speakers" in line]
+    assert len(rows) == 2
+    assert "44100 Hz" in rows[0] and "input" in rows[0] and "48000 Hz" in rows[1] and "output" in rows[1]
+
+    monkeypatch.setattr(devices, "list_devices", lambda: [])
+    result = CliRunner().invoke(app, ["devices"])
+    assert result.exit_code == 0 and "no audio devices found" in result.output
+
+    def no_portaudio() -> list[DeviceInfo]:
+        raise AudioInputError("the PortAudio library is missing (x); install it (Debian/Ubuntu: apt-get install libportaudio2).")
+
+    monkeypatch.setattr(devices, "list_devices", no_portaudio)
+    result = CliRunner().invoke(app, ["devices"])
+    assert result.exit_code == 1 and result.output.count("\n") == 1 and "libportaudio2" in result.output
+
+
+def test_chat_text_mode_through_the_cli_with_the_tiny_model(tiny_model, tmp_path: Path) -> None:
+    session_dir = tmp_path / "s"
+    args = ["chat", "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder)]
+    args += ["--text", "--session-dir", str(session_dir), "--max-new-tokens", "4"]
+    result = CliRunner().invoke(app, args, input="hello\nwhat next?\n")
+    assert result.exit_code == 0, result.output
+    rows = transcript(session_dir)
+    assert [r["type"] for r in rows] == ["session", "user", "assistant", "user", "assistant", "end"]
+    assert rows[0]["mode"] == "text" and rows[2]["tokens"] == 4 and rows[2]["text"]
+    assert rows[-1]["reason"] == "end of input" and rows[-1]["turns"] == 2
+    assert "you [2]: what next?" in result.output
+
+    # The same folder again: one line, nothing overwritten.
+    again = CliRunner().invoke(app, args, input="hello\n")
+    assert again.exit_code == 2 and "already holds a session" in again.output
+    assert len(transcript(session_dir)) == len(rows)
+
+
+def test_chat_without_a_microphone_says_so_before_loading_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import omni_cli.audio.devices as devices
+
+    def no_input(spec: str | int | None, kind: str) -> int | None:
+        raise AudioInputError(f"no audio {kind} device found; connect one or start a sound server, then run `omni devices`.")
+
+    monkeypatch.setattr(devices, "find_device", no_input)
+    # The model path does not exist: the device check must come first.
+    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path / "nowhere"), "--session-dir", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert result.output.strip() == "omni: error: no audio input device found; connect one or start a sound server, then run `omni devices`."
+    assert not (tmp_path / "s").exists()
+
+
+class ScriptedMicrophone:
+    """Stands in for omni_cli.audio.mic.Microphone inside run_chat: one question, then the device goes quiet."""
+
+    instances: list[ScriptedMicrophone] = []
+    audio: np.ndarray = np.zeros(0, np.float32)
+
+    def __init__(self, device: str | None = None, frame_ms: int = FRAME_MS, sample_rate: int = RATE) -> None:
+        self.frames = deque(frames(self.audio, sample_rate, frame_ms))
+        self.device_name, self.device_rate = "scripted", sample_rate
+        self.overflows, self.dropped_frames = 0, 0
+        self.closed = False
+        ScriptedMicrophone.instances.append(self)
+
+    def start(self) -> ScriptedMicrophone:
+        return self
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        return self.frames.popleft() if self.frames else None
+
+    def clear(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_a_microphone_lost_mid_session_ends_or_falls_back_to_typing(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, speech: np.ndarray, terminal: bool
+) -> None:
+    import functools
+
+    import omni_cli.audio.mic as mic_module
+    import omni_cli.chat as chat_module
+    from omni_cli.chat import ChatOptions, run_chat
+
+    ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])
+    ScriptedMicrophone.instances = []
+    monkeypatch.setattr(mic_module, "Microphone", ScriptedMicrophone)
+    monkeypatch.setattr(chat_module, "ChatSettings", functools.partial(ChatSettings, mic_timeout_s=0.3, poll_s=0.01))
+    monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: terminal)
+    view, out = plain_view()
+    typed = iter(["typed after the mic died", None])
+    options = ChatOptions(session_dir=tmp_path / "s", hangover_ms=300)
+    code = run_chat(FakePipeline(tokens=2), options, view, read_line=lambda: next(typed))
+
+    rows = transcript(tmp_path / "s")
+    kinds = [r["type"] for r in rows]
+    assert kinds[:5] == ["session", "listening", "user", "assistant", "error"]
+    assert "stopped delivering audio" in rows[4]["message"] and "stopped delivering audio" in out.getvalue()
+    assert ScriptedMicrophone.instances[0].closed
+    if terminal:
+        assert code == 0 and kinds[5:] == ["user", "assistant", "end"] and rows[5]["text"] == "typed after the mic died"
+    else:
+        assert code == 1 and kinds[5:] == ["end"] and rows[5]["reason"] == "microphone lost"
+    assert rows[-1]["mic_overflows"] == 0
