@@ -134,6 +134,34 @@ def find_device(spec: str | int | None, kind: DeviceKind) -> int | None:
     return _choose_device(devices, spec, kind)
 
 
+def choose_stream_settings(
+    sd: ModuleType, index: int | None, kind: DeviceKind, wanted_rate: int, forced_rate: int | None = None
+) -> tuple[str, int, int]:
+    """(device name, rate, channels) to open a stream with: `wanted_rate` in mono if the device
+    takes it, else its default rate (mono, then all its channels); `forced_rate` overrides.
+
+    Raises AudioInputError naming what was tried when PortAudio accepts none of them.
+    """
+    info = sd.query_devices(index, kind=kind) if index is None else sd.query_devices(index)
+    name = str(info["name"])
+    default_rate = int(info["default_samplerate"])
+    max_channels = max(1, int(info[f"max_{kind}_channels"]))
+    if forced_rate is not None:
+        candidates = [(int(forced_rate), 1), (int(forced_rate), max_channels)]
+    else:
+        candidates = [(wanted_rate, 1), (default_rate, 1), (default_rate, max_channels)]
+    check = sd.check_input_settings if kind == "input" else sd.check_output_settings
+    for rate, channels in candidates:
+        try:
+            check(device=index, samplerate=rate, channels=channels, dtype="float32")
+        except (sd.PortAudioError, ValueError):
+            continue
+        return name, rate, channels
+    tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
+    what, option = ("microphone", "--input-device") if kind == "input" else ("speaker", "--output-device")
+    raise AudioInputError(f"{what} '{name}' accepts none of {tried}; pick another with {option} (see `omni devices`).")
+
+
 class StreamResampler:
     """Convert a stream of blocks between two rates, giving the same samples as one resample_poly call.
 

@@ -8,23 +8,15 @@ streaming resampling to 16 kHz, so the rest of the program (VAD, the model) only
 from __future__ import annotations
 
 import queue
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, find_device, load_sounddevice
+from omni_cli.audio.devices import StreamResampler, choose_stream_settings, find_device, load_sounddevice
 from omni_cli.audio.vad import FrameSplitter
 from omni_cli.errors import AudioInputError
 
-
-def _supported(sd: ModuleType, index: int | None, rate: int, channels: int) -> bool:
-    """True when PortAudio says the input device can be opened with these settings."""
-    try:
-        sd.check_input_settings(device=index, samplerate=rate, channels=channels, dtype="float32")
-    except (sd.PortAudioError, ValueError):
-        return False
-    return True
 
 
 class Microphone:
@@ -61,22 +53,6 @@ class Microphone:
 
     # -- opening ----------------------------------------------------------------------
 
-    def _choose_settings(self, sd: ModuleType, index: int | None) -> tuple[int, int]:
-        """(rate, channels) to open the device with: 16 kHz mono if possible, else its default rate."""
-        info = sd.query_devices(index, kind="input") if index is None else sd.query_devices(index)
-        self.device_name = str(info["name"])
-        default_rate = int(info["default_samplerate"])
-        max_channels = max(1, int(info["max_input_channels"]))
-        if self.requested_device_rate is not None:
-            candidates = [(int(self.requested_device_rate), 1), (int(self.requested_device_rate), max_channels)]
-        else:
-            candidates = [(self.sample_rate, 1), (default_rate, 1), (default_rate, max_channels)]
-        for rate, channels in candidates:
-            if _supported(sd, index, rate, channels):
-                return rate, channels
-        tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
-        raise AudioInputError(f"microphone '{self.device_name}' accepts none of {tried}; pick another with --input-device (see `omni devices`).")
-
     def start(self) -> Microphone:
         """Open and start the input stream; raises AudioInputError with one line on failure."""
         if self._stream is not None:
@@ -84,7 +60,9 @@ class Microphone:
         sd = load_sounddevice()
         index = find_device(self.device, "input")
         try:
-            rate, channels = self._choose_settings(sd, index)
+            self.device_name, rate, channels = choose_stream_settings(
+                sd, index, "input", self.sample_rate, self.requested_device_rate
+            )
             self._channels = channels
             self._resampler = StreamResampler(rate, self.sample_rate)
             self._splitter.reset()

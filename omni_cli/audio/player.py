@@ -11,22 +11,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from types import ModuleType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, find_device, load_sounddevice
+from omni_cli.audio.devices import StreamResampler, choose_stream_settings, find_device, load_sounddevice
 from omni_cli.errors import AudioInputError
 
-
-def _supported(sd: ModuleType, index: int | None, rate: int, channels: int) -> bool:
-    """True when PortAudio says the output device can be opened with these settings."""
-    try:
-        sd.check_output_settings(device=index, samplerate=rate, channels=channels, dtype="float32")
-    except (sd.PortAudioError, ValueError):
-        return False
-    return True
 
 
 class Player:
@@ -78,22 +70,6 @@ class Player:
 
     # -- opening ----------------------------------------------------------------------
 
-    def _choose_settings(self, sd: ModuleType, index: int | None) -> tuple[int, int]:
-        """(rate, channels): our rate in mono if the device takes it, else its default rate."""
-        info = sd.query_devices(index, kind="output") if index is None else sd.query_devices(index)
-        self.device_name = str(info["name"])
-        default_rate = int(info["default_samplerate"])
-        max_channels = max(1, int(info["max_output_channels"]))
-        if self.requested_device_rate is not None:
-            candidates = [(int(self.requested_device_rate), 1), (int(self.requested_device_rate), max_channels)]
-        else:
-            candidates = [(self.sample_rate, 1), (default_rate, 1), (default_rate, max_channels)]
-        for rate, channels in candidates:
-            if _supported(sd, index, rate, channels):
-                return rate, channels
-        tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
-        raise AudioInputError(f"speaker '{self.device_name}' accepts none of {tried}; pick another with --output-device (see `omni devices`).")
-
     def start(self) -> Player:
         """Open and start the output stream (silent until audio is queued)."""
         if self._stream is not None:
@@ -101,7 +77,9 @@ class Player:
         sd = load_sounddevice()
         index = find_device(self.device, "output")
         try:
-            rate, channels = self._choose_settings(sd, index)
+            self.device_name, rate, channels = choose_stream_settings(
+                sd, index, "output", self.sample_rate, self.requested_device_rate
+            )
             self.device_rate = rate
             self._resampler = StreamResampler(self.sample_rate, rate)
             stream = sd.OutputStream(

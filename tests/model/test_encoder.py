@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import WhisperConfig, WhisperModel
+from transformers import WhisperModel
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from omni_cli.errors import CheckpointError
