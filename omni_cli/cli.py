@@ -291,6 +291,7 @@ def finetune_cmd(
     lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="With --lora: keep the LLM in 4 bit (bitsandbytes, CUDA).")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Stage 1 full fine-tuning sharded over the torchrun processes (FSDP2) instead of DDP.")] = False,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = 0,
 ) -> None:
     """Fine-tune on your own data: stage 1 (speech → text) or stage 2 (speech decoder).
@@ -310,7 +311,7 @@ def finetune_cmd(
         stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
         save_every=save_every, seed=seed, precision=precision, device=device, resume=resume, lora=lora,
-        qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, num_workers=num_workers,
+        qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, fsdp=fsdp, num_workers=num_workers,
     )
     console = Console(stderr=True)
     quiet = int(os.environ.get("RANK", "0")) != 0

@@ -1,0 +1,213 @@
+"""Unit targets for stage 2: response speech → mHuBERT layer-11 features → nearest k-means centre.
+
+The reference's units come from mHuBERT base (vp_en_es_fr_it3, 400k) layer 11 at 50 Hz and a
+1000-centre k-means; consecutive duplicates are merged for the CTC targets. HuBERT loads as
+transformers' `HubertModel` from a converted checkpoint (config.json + safetensors).
+
+The released k-means file is a scikit-learn/joblib pickle. Unpickling runs arbitrary code, so
+this process never does it: `convert_kmeans` runs the unpickling once, in a separate Python
+process the user starts on purpose, and keeps only `cluster_centers_` as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import HubertModel
+
+from omni_cli.audio.io import SAMPLE_RATE, load_audio
+from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.train.data import DatasetError, read_manifest
+
+CENTRES_KEY = "cluster_centers"
+# The reference's layer: the output of HuBERT's 11th transformer layer (hidden_states[11]).
+DEFAULT_LAYER = 11
+# Where a manifest record keeps the path of its spoken response, by release.
+RESPONSE_SPEECH_FIELDS = ("tgt_speech", "response_speech", "answer_speech", "tgt_audio")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+KMEANS_WARNING = (
+    "omni: converting {src}: this unpickles the file in a separate Python process, which runs any code "
+    "the file contains. Only do this for the k-means file you downloaded from the official release."
+)
+# Runs in the child process: load the pickle (joblib if present), keep the centres only.
+_CONVERT_SCRIPT = """
+import sys, numpy as np
+src, dst = sys.argv[1], sys.argv[2]
+try:
+    import joblib
+    km = joblib.load(src)
+except ImportError:
+    import pickle
+    with open(src, "rb") as f:
+        km = pickle.load(f)
+centres = getattr(km, "cluster_centers_", None)
+if centres is None:
+    sys.exit("no cluster_centers_ in " + src)
+np.save(dst, np.asarray(centres, dtype=np.float32), allow_pickle=False)
+"""
+
+
+def convert_kmeans(src: str | Path, dst: str | Path, warn: Callable[[str], None] | None = None) -> Path:
+    """Turn the released k-means pickle into `dst` (safetensors holding only the centres, (K, D) float32).
+
+    The unpickling happens in a child process (scikit-learn or joblib must be installed there for
+    the real file); this process only reads the plain array it writes back.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_file():
+        raise CheckpointError(f"k-means file {src} not found; download km.bin of the mHuBERT release.")
+    (warn or (lambda m: print(m, file=sys.stderr)))(KMEANS_WARNING.format(src=src))
+    tmp_npy = dst.with_name(f".{dst.name}.{os.getpid()}.npy")
+    done = subprocess.run([sys.executable, "-c", _CONVERT_SCRIPT, str(src), str(tmp_npy)], capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp_npy.unlink(missing_ok=True)
+        reason = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise CheckpointError(f"could not read k-means centres from {src} ({reason}); pip install scikit-learn joblib and retry.")
+    try:
+        centres = np.load(tmp_npy, allow_pickle=False)
+    finally:
+        tmp_npy.unlink(missing_ok=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    part = dst.with_name(f".{dst.name}.part")
+    save_file({CENTRES_KEY: torch.from_numpy(np.ascontiguousarray(centres))}, str(part))
+    os.replace(part, dst)
+    return dst
+
+
+def load_kmeans_centres(path: str | Path) -> torch.Tensor:
+    """The (K, D) centres from a converted safetensors file or a plain `.npy` (never a pickle)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"k-means centres {path} not found; convert the released file once with `omni convert-kmeans`.")
+    if path.suffix == ".npy":
+        try:
+            centres = torch.from_numpy(np.load(path, allow_pickle=False))
+        except ValueError as exc:
+            raise CheckpointError(f"{path} is not a plain array ({exc}); convert it with `omni convert-kmeans`.") from exc
+    else:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                centres = handle.get_tensor(CENTRES_KEY)
+        except Exception as exc:  # safetensors raises its own error types for non-safetensors files
+            raise CheckpointError(
+                f"{path} is not a converted k-means file ({str(exc).splitlines()[0]}); convert the released pickle with `omni convert-kmeans`."
+            ) from exc
+    if centres.ndim != 2:
+        raise CheckpointError(f"{path}: centres should be a (clusters, dim) matrix, got shape {tuple(centres.shape)}.")
+    return centres.float()
+
+
+def nearest_centre(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centre (Euclidean) for each feature row: (T, D), (K, D) → (T,)."""
+    return torch.cdist(features.float()[None], centres.float()[None])[0].argmin(dim=-1)
+
+
+def merge_repeats(units: Sequence[int]) -> list[int]:
+    """Drop consecutive duplicates (the CTC targets of the reference)."""
+    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+
+
+class UnitExtractor:
+    """HuBERT (transformers) + k-means centres: 16 kHz speech → discrete units at the model's frame rate."""
+
+    def __init__(
+        self, hubert_dir: str | Path, centres: torch.Tensor, layer: int = DEFAULT_LAYER, device: str = "cpu"
+    ) -> None:
+        hubert_dir = Path(hubert_dir)
+        if not (hubert_dir / "config.json").is_file():
+            raise CheckpointError(f"{hubert_dir} is not a transformers HuBERT directory (config.json + safetensors); convert mHuBERT first.")
+        self.model = HubertModel.from_pretrained(str(hubert_dir), use_safetensors=True).to(device).eval()
+        layers = self.model.config.num_hidden_layers
+        if not 1 <= layer <= layers:
+            raise ConfigError(f"--layer {layer} does not exist; this HuBERT has layers 1..{layers}.")
+        if centres.shape[1] != self.model.config.hidden_size:
+            raise ConfigError(
+                f"k-means centres have dimension {centres.shape[1]} but HuBERT layer features have {self.model.config.hidden_size}; use the matching pair."
+            )
+        self.centres = centres.to(device)
+        self.layer = layer
+        self.device = device
+
+    @torch.inference_mode()
+    def features(self, audio: np.ndarray) -> torch.Tensor:
+        """Layer features (T, D) of 16 kHz mono audio (no normalisation, as fairseq's mHuBERT base)."""
+        wave = torch.as_tensor(np.asarray(audio, dtype=np.float32), device=self.device)[None]
+        out = self.model(wave, output_hidden_states=True)
+        # hidden_states[0] is the input to the first layer, so [layer] is that layer's output.
+        return out.hidden_states[self.layer][0]
+
+    def units(self, audio: np.ndarray, merge: bool = True) -> list[int]:
+        """Units of one utterance; consecutive duplicates merged unless `merge` is False."""
+        labels = nearest_centre(self.features(audio), self.centres).tolist()
+        return merge_repeats(labels) if merge else labels
+
+
+def _audio_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+
+
+def label_units(
+    source: str | Path,
+    out: str | Path,
+    extractor: UnitExtractor,
+    on_item: Callable[[int, int, str], None] | None = None,
+) -> int:
+    """Write unit targets for a directory of response WAVs or a manifest; returns the items labelled.
+
+    A directory gives JSONL lines `{"id", "audio", "units"}`. A manifest keeps every record and
+    adds `tgt_units` from each record's response speech (one of RESPONSE_SPEECH_FIELDS). The
+    output is written atomically.
+    """
+    source, out = Path(source), Path(out)
+    rows: list[dict[str, Any]]
+    as_json_list = False
+    if source.is_dir():
+        files = _audio_files(source)
+        if not files:
+            raise DatasetError(f"{source} holds no audio files ({', '.join(AUDIO_SUFFIXES)}).")
+        rows = [{"id": str(f.relative_to(source).with_suffix("")), "audio": str(f)} for f in files]
+        paths = list(files)
+        target = "units"
+    else:
+        rows = read_manifest(source)
+        as_json_list = source.read_text(encoding="utf-8").lstrip().startswith("[")
+        paths, missing = [], []
+        for i, row in enumerate(rows):
+            value = next((row.get(f) for f in RESPONSE_SPEECH_FIELDS if isinstance(row, dict) and row.get(f)), None)
+            if value is None:
+                missing.append(str(row.get("id", f"#{i}")) if isinstance(row, dict) else f"#{i}")
+                continue
+            path = Path(value)
+            paths.append(path if path.is_absolute() else source.parent / path)
+        if missing:
+            raise DatasetError(
+                f"{source}: records {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} name no response speech "
+                f"({' or '.join(RESPONSE_SPEECH_FIELDS)}); add it or label a directory of WAVs instead."
+            )
+        target = "tgt_units"
+    for i, (row, path) in enumerate(zip(rows, paths)):
+        row[target] = extractor.units(load_audio(path, SAMPLE_RATE))
+        if on_item is not None:
+            on_item(i + 1, len(rows), str(path))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    part = out.with_name(f".{out.name}.part")
+    with part.open("w", encoding="utf-8") as f:
+        if as_json_list:
+            json.dump(rows, f, ensure_ascii=False, indent=1)
+            f.write("\n")
+        else:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(part, out)
+    return len(rows)

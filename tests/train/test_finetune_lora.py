@@ -1,0 +1,85 @@
+"""Stage 1 with --lora: only adapters (and the adaptor) learn, and the saved checkpoint has them merged in the released layout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from omni_cli.errors import ConfigError
+from omni_cli.model.loading import load_omni
+from omni_cli.train.trainer import FinetuneConfig, finetune
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in model_dir.glob("*.safetensors"):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def test_lora_stage1_saves_merged_weights_that_reproduce_the_trained_model(tiny_model, tmp_path: Path) -> None:
+    t = np.arange(8000) / 16000
+    sf.write(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris."}) + "\n")
+    cfg = FinetuneConfig(stage=1, data=manifest, output=tmp_path / "out", model=tiny_model.model_dir,
+                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1, grad_accum=1,
+                         lr=1e-2, lora=True, lora_rank=4, lora_alpha=8, save_every=0)
+    result = finetune(cfg)
+    before, after = _weights(tiny_model.model_dir), _weights(result.output_dir)
+    assert before.keys() == after.keys()  # merged: no lora_ keys, released names
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("model.speech_projector.") for k in changed)
+    llm_changed = {k for k in changed if not k.startswith("model.speech_projector.")}
+    assert llm_changed and all(k.split(".")[-2] in LORA_TARGETS for k in llm_changed), llm_changed
+
+    # The merged checkpoint computes what the trained (unmerged) LoRA model computes.
+    loaded = load_omni(result.output_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
+    ids = torch.tensor([[1, 5, 9, 17, 33]])
+    with torch.no_grad():
+        trained = result.model.llm(input_ids=ids).logits
+        merged = loaded.llm(input_ids=ids).logits
+    torch.testing.assert_close(merged, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_flags_are_checked(tiny_model, tmp_path: Path) -> None:
+    base = dict(data=tmp_path / "m.jsonl", output=tmp_path / "o", model=tiny_model.model_dir)
+    with pytest.raises(ConfigError, match="--lora"):
+        finetune(FinetuneConfig(stage=1, qlora=True, **base))
+    with pytest.raises(ConfigError, match="stage 1"):
+        finetune(FinetuneConfig(stage=2, lora=True, **base))
+
+
+def test_lora_resume_matches_training_straight(tiny_model, tmp_path: Path) -> None:
+    t = np.arange(8000) / 16000
+    for i, freq in enumerate((300, 500)):
+        sf.write(tmp_path / f"q{i}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"id": f"q{i}", "speech": f"q{i}.wav", "response": r}) + "\n" for i, r in enumerate(("Paris.", "Hello!"))))
+
+    def cfg(out: str, **kw) -> FinetuneConfig:
+        return FinetuneConfig(stage=1, data=manifest, output=tmp_path / out, model=tiny_model.model_dir,
+                              speech_encoder=tiny_model.speech_encoder, max_steps=4, batch_size=1, grad_accum=1,
+                              lr=1e-2, lora=True, lora_rank=4, lora_alpha=8, save_every=2, **kw)
+
+    straight = finetune(cfg("straight"))
+
+    def stop_at_2(log) -> None:
+        if log.step == 2:
+            raise KeyboardInterrupt
+
+    cut = finetune(cfg("cut"), on_log=stop_at_2)
+    assert cut.interrupted and cut.steps == 2
+    resumed = finetune(cfg("cut", resume=tmp_path / "cut"))
+    a, b = _weights(straight.output_dir), _weights(resumed.output_dir)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert straight.losses[2:] == pytest.approx(resumed.losses, abs=1e-5)

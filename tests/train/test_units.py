@@ -1,0 +1,128 @@
+"""Unit targets: tiny random HuBERT + random centres, hand-checked nearest centre, safe k-means conversion."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import save_file
+from transformers import HubertConfig, HubertModel
+from typer.testing import CliRunner
+
+from omni_cli.cli import app
+from omni_cli.errors import CheckpointError
+from omni_cli.train.units import (
+    CENTRES_KEY,
+    UnitExtractor,
+    convert_kmeans,
+    label_units,
+    load_kmeans_centres,
+    merge_repeats,
+    nearest_centre,
+)
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def hubert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random HuBERT with the real 20 ms frame (conv strides 5·2·2·2·2·2·2 = 320) and tiny widths."""
+    config = HubertConfig(
+        hidden_size=16, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=32,
+        conv_dim=(8,) * 7, num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2,
+    )
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("hubert")
+    HubertModel(config).eval().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def centres_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("km") / "km.safetensors"
+    save_file({CENTRES_KEY: torch.randn(12, 16)}, str(path))
+    return path
+
+
+def _speech(path: Path, seconds: float, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(16000 * seconds)) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 200 * (1 + t) * t) + 0.05 * rng.standard_normal(t.size)
+    sf.write(path, wave.astype(np.float32), 16000)
+    return path
+
+
+def test_units_are_nearest_centres_of_the_layer_at_50_hz(hubert_dir: Path, centres_file: Path, tmp_path: Path) -> None:
+    centres = load_kmeans_centres(centres_file)
+    extractor = UnitExtractor(hubert_dir, centres, layer=2)
+    audio = sf.read(_speech(tmp_path / "a.wav", 1.0, 0), dtype="float32")[0]
+    feats = extractor.features(audio)
+    assert feats.shape == (49, 16)  # 1 s → 49 frames of 20 ms (the conv stack's valid length)
+    with torch.no_grad():
+        hidden = HubertModel.from_pretrained(str(hubert_dir))(torch.tensor(audio)[None], output_hidden_states=True).hidden_states
+    torch.testing.assert_close(feats, hidden[2][0])
+    by_hand = [int(((centres - f) ** 2).sum(-1).argmin()) for f in feats]
+    assert nearest_centre(feats, centres).tolist() == by_hand
+    assert extractor.units(audio, merge=False) == by_hand
+    assert extractor.units(audio) == merge_repeats(by_hand)
+    assert merge_repeats([3, 3, 1, 3, 3, 3, 2]) == [3, 1, 3, 2]
+
+
+def test_units_cli_labels_a_directory_and_the_output_trains(hubert_dir: Path, centres_file: Path, tmp_path: Path) -> None:
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    for i in range(2):
+        _speech(wavs / f"r{i}.wav", 0.5 + 0.25 * i, i)
+    out = tmp_path / "units.jsonl"
+    result = CliRunner().invoke(app, ["units", str(wavs), "--out", str(out), "--hubert", str(hubert_dir), "--kmeans", str(centres_file), "--layer", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["r0", "r1"]
+    extractor = UnitExtractor(hubert_dir, load_kmeans_centres(centres_file), layer=3)
+    for row in rows:
+        assert row["units"] == extractor.units(sf.read(row["audio"], dtype="float32")[0])
+        assert row["units"] and all(0 <= u < 12 for u in row["units"])
+
+
+def test_manifest_records_get_tgt_units_from_their_response_speech(hubert_dir: Path, centres_file: Path, tmp_path: Path) -> None:
+    _speech(tmp_path / "ans.wav", 0.5, 3)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps([{"id": "x", "speech": "q.wav", "response": "Hi.", "tgt_speech": "ans.wav"}]))
+    extractor = UnitExtractor(hubert_dir, load_kmeans_centres(centres_file), layer=LAYERS)
+    assert label_units(manifest, tmp_path / "out.json", extractor) == 1
+    rows = json.loads((tmp_path / "out.json").read_text())
+    assert rows[0]["id"] == "x" and rows[0]["tgt_units"] == extractor.units(sf.read(tmp_path / "ans.wav", dtype="float32")[0])
+
+
+def test_kmeans_pickle_is_converted_in_a_child_process_to_centres_only(tmp_path: Path) -> None:
+    centres = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    src = tmp_path / "km.bin"
+    # Stands in for the sklearn KMeans pickle: any object with cluster_centers_.
+    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=centres, n_clusters=5)))
+    warnings: list[str] = []
+    dst = convert_kmeans(src, tmp_path / "km.safetensors", warn=warnings.append)
+    assert warnings and "separate Python process" in warnings[0]
+    np.testing.assert_array_equal(load_kmeans_centres(dst).numpy(), centres)
+    # The main process never unpickles: a pickle passed as centres is refused, not loaded.
+    with pytest.raises(CheckpointError, match="convert"):
+        load_kmeans_centres(src)
+    (tmp_path / "junk.bin").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="could not read k-means centres"):
+        convert_kmeans(tmp_path / "junk.bin", tmp_path / "x.safetensors", warn=lambda m: None)
+
+
+def test_convert_kmeans_cli_warns_and_writes_centres(tmp_path: Path) -> None:
+    centres = np.arange(6, dtype=np.float32).reshape(3, 2)
+    src = tmp_path / "km.bin"
+    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=centres)))
+    result = CliRunner().invoke(app, ["convert-kmeans", str(src), str(tmp_path / "km.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "unpickles" in result.stderr and "--kmeans" in result.stdout
+    np.testing.assert_array_equal(load_kmeans_centres(tmp_path / "km.safetensors").numpy(), centres)
