@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from omni_cli.errors import ConfigError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     IncrementalDetokenizer,
@@ -116,7 +117,14 @@ class SpeechToSpeech:
         self.model = model
         self.vocoder = vocoder
         self.streaming = streaming or StreamingConfig()
-        self.stop_ids = stop_token_ids(model.tokenizer)
+        generation_config = getattr(model.llm, "generation_config", None)
+        self.stop_ids = stop_token_ids(model.tokenizer, getattr(generation_config, "eos_token_id", None))
+        decoder = model.unit_decoder
+        if vocoder is not None and decoder is not None and decoder.cfg.unit_vocab_size > vocoder.config.num_embeddings:
+            raise ConfigError(
+                f"the speech decoder emits {decoder.cfg.unit_vocab_size} kinds of units but the vocoder knows "
+                f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
+            )
         self.last_speech_embeddings: torch.Tensor | None = None
 
     @torch.inference_mode()
@@ -137,7 +145,8 @@ class SpeechToSpeech:
 
     def _turns(self, history: Sequence[HistoryTurn], user: Turn, user_cost: int) -> tuple[list[Turn], list[torch.Tensor]]:
         kept: list[HistoryTurn] = []
-        budget = self.streaming.context_budget - user_cost
+        # Room is kept for the reply itself.
+        budget = self.streaming.context_budget - user_cost - self.streaming.sampling.max_new_tokens
         for h in reversed(history):
             budget -= h.positions()
             if budget < 0:
@@ -175,7 +184,8 @@ class SpeechToSpeech:
                 speech_now = self.encode_speech(audio)
                 turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
                 speech.append(speech_now)
-            self.last_speech_embeddings = speech_now
+            # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.
+            self.last_speech_embeddings = None if speech_now is None else speech_now.detach().cpu()
             prompt_ids = build_prompt_ids(m.tokenizer, turns)
             embeds = splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech)
         yield from self._stream(embeds, should_stop)

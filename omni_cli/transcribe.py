@@ -18,7 +18,7 @@ import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, save_wav
 from omni_cli.errors import AudioInputError, OmniError
-from omni_cli.model.features import CHUNK_SAMPLES
+from omni_cli.model.features import CHUNK_SAMPLES, split_into_windows
 from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech, TextDelta
 
 
@@ -45,47 +45,54 @@ class FileReply:
         return json.dumps(data, ensure_ascii=False)
 
 
-def answer_file(pipeline: SpeechToSpeech, path: Path, out_dir: Path | None, stream_to: TextIO | None) -> FileReply:
-    """Answer one file; raise OmniError for bad input (nothing is written then)."""
+def answer_file(pipeline: SpeechToSpeech, path: Path, out_dir: Path | None, stream_to: TextIO | None, reply: FileReply) -> None:
+    """Answer one file into `reply`, filled as the reply streams.
+
+    Bad input raises OmniError before anything is produced. A failure halfway through a
+    reply also raises, but `reply` keeps the text so far and the audio so far is written.
+    """
     audio = load_audio(path)
     if is_silent(audio):
         raise AudioInputError(f"{path}: only silence (no sound above -50 dBFS); nothing to answer.")
-    reply = FileReply(file=str(path))
-    seconds = len(audio) / SAMPLE_RATE
-    if len(audio) > CHUNK_SAMPLES:
-        windows = -(-len(audio) // CHUNK_SAMPLES)
-        reply.note = f"{seconds:.1f} s of speech is longer than 30 s: encoded in {windows} windows of 30 s"
+    notes: list[str] = []
+    windows = len(split_into_windows(audio, CHUNK_SAMPLES))
+    if windows > 1:
+        notes.append(f"{len(audio) / SAMPLE_RATE:.1f} s of speech is longer than 30 s: encoded in {windows} windows of 30 s")
     chunks: list[np.ndarray] = []
+    rate = SAMPLE_RATE
+    finished = False
     start = time.monotonic()
-    for event in pipeline.respond(audio):
-        if isinstance(event, TextDelta):
-            if reply.first_text_ms is None:
-                reply.first_text_ms = (event.t - start) * 1000
-            if stream_to is not None:
-                stream_to.write(event.text)
-                stream_to.flush()
-        elif isinstance(event, AudioChunk):
-            if reply.first_audio_ms is None:
-                reply.first_audio_ms = (event.t - start) * 1000
-            chunks.append(event.audio)
-        elif isinstance(event, Done):
-            reply.text, reply.tokens, reply.stopped = event.text, event.tokens, event.stopped
-            reply.total_ms = (event.t - start) * 1000
-            if pipeline.vocoder is not None:
-                reply.units = event.units
-    if pipeline.vocoder is not None:
-        if not reply.units:
-            reply.note = "the speech decoder produced no units for this reply; no WAV written"
-        else:
+    try:
+        for event in pipeline.respond(audio):
+            if isinstance(event, TextDelta):
+                if reply.first_text_ms is None:
+                    reply.first_text_ms = round((event.t - start) * 1000, 1)
+                reply.text += event.text
+                if stream_to is not None:
+                    stream_to.write(event.text)
+                    stream_to.flush()
+            elif isinstance(event, AudioChunk):
+                if reply.first_audio_ms is None:
+                    reply.first_audio_ms = round((event.t - start) * 1000, 1)
+                chunks.append(event.audio)
+                rate = event.sample_rate
+            elif isinstance(event, Done):
+                reply.text, reply.tokens, reply.stopped = event.text, event.tokens, event.stopped
+                reply.total_ms = round((event.t - start) * 1000, 1)
+                if pipeline.vocoder is not None:
+                    reply.units = event.units
+        finished = True
+    finally:
+        if pipeline.vocoder is not None and finished and not reply.units:
+            notes.append("the speech decoder produced no units for this reply; no WAV written")
+        if chunks:
             audio_out = np.concatenate(chunks)
-            reply.audio_seconds = round(len(audio_out) / SAMPLE_RATE, 3)
+            reply.audio_seconds = round(len(audio_out) / rate, 3)
             if out_dir is not None:
-                reply.wav = str(save_wav(out_dir / f"{path.stem}.wav", audio_out, SAMPLE_RATE))
-    for key in ("first_text_ms", "first_audio_ms", "total_ms"):
-        value = getattr(reply, key)
-        if value is not None:
-            setattr(reply, key, round(value, 1))
-    return reply
+                reply.wav = str(save_wav(out_dir / f"{path.stem}.wav", audio_out, rate))
+            if not finished:
+                notes.append("the reply was cut short by an error; the text and audio so far are kept")
+        reply.note = "; ".join(notes) or None
 
 
 def transcribe_and_reply(
@@ -104,19 +111,23 @@ def transcribe_and_reply(
         if not as_json:
             out.write(f"{path.name}: ")
             out.flush()
+        reply = FileReply(file=str(path))
         try:
-            reply = answer_file(pipeline, path, out_dir, None if as_json else out)
+            answer_file(pipeline, path, out_dir, None if as_json else out, reply)
         except (OmniError, RuntimeError) as exc:
             # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
-            # one file failing must not lose the answers to the others.
+            # one file failing must not lose the answers to the others, nor its own partial reply.
             if not isinstance(exc, OmniError):
                 exc = OmniError(f"{path}: the model failed on this file ({str(exc).splitlines()[0]})")
             failed += 1
             if as_json:
-                out.write(FileReply(file=str(path), error=str(exc)).to_json() + "\n")
+                reply.error = str(exc)
+                out.write(reply.to_json() + "\n")
             else:
                 out.write("\n")
             err.write(f"omni: error: {exc}\n")
+            if reply.wav:
+                err.write(f"  the reply so far: {reply.wav} ({reply.audio_seconds:.2f} s)\n")
             continue
         if as_json:
             out.write(reply.to_json() + "\n")

@@ -107,3 +107,15 @@ def test_history_is_part_of_the_next_prompt(tiny_loaded, vocoder, question_wavs)
     # A budget too small for the earlier turn drops it: the reply equals the memoryless one.
     tight = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=pipe.streaming.sampling, context_budget=40))
     assert list(tight.respond("What did you just say?", history=history))[-1].text == again_alone.text
+
+
+def test_speech_over_30_s_is_encoded_window_by_window(tiny_loaded, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, None)
+    speech = load_audio(question_wavs[0])
+    long = np.tile(speech, int(31 * 16000 // len(speech)) + 1)
+    assert len(long) > 30 * 16000
+    embeddings = pipe.encode_speech(long)
+    assert embeddings.shape[0] == 2 * 300
+    # The second window is the rest of the audio, padded: not a copy of the first.
+    torch.testing.assert_close(embeddings[:300], pipe.encode_speech(long[: 30 * 16000]))
+    assert not torch.allclose(embeddings[300:], embeddings[:300])

@@ -144,3 +144,40 @@ def test_a_file_that_is_not_a_vocoder_is_one_line(runner: CliRunner, tiny_model,
     errors = [line for line in result.stderr.splitlines() if line.startswith("omni: error:")]
     assert len(errors) == 1 and "vocoder" in errors[0]
     assert "Traceback" not in result.stderr
+
+
+def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, tmp_path: Path) -> None:
+    import io
+
+    from omni_cli.model.llm import SamplingConfig
+    from omni_cli.model.loading import load_omni
+    from omni_cli.model.vocoder import load_vocoder
+    from omni_cli.pipeline import AudioChunk, SpeechToSpeech, StreamingConfig
+    from omni_cli.transcribe import transcribe_and_reply
+
+    model = load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
+    real = SpeechToSpeech(model, load_vocoder(tiny_model.vocoder_dir),
+                          StreamingConfig(chunk_units=5, sampling=SamplingConfig(max_new_tokens=30, ignore_stop=True)))
+
+    class DiesAfterTwoChunks:
+        vocoder = real.vocoder
+
+        def respond(self, audio):
+            chunks = 0
+            for event in real.respond(audio):
+                yield event
+                chunks += isinstance(event, AudioChunk)
+                if chunks == 2:
+                    raise RuntimeError("CUDA out of memory (simulated)")
+
+    out, err = io.StringIO(), io.StringIO()
+    failed = transcribe_and_reply(DiesAfterTwoChunks(), [question_wavs[0], question_wavs[1]], tmp_path, True, out, err)
+    assert failed == 2
+    rows = [json.loads(line) for line in out.getvalue().splitlines()]
+    for row, q in zip(rows, question_wavs):
+        assert "the model failed on this file (CUDA out of memory (simulated))" in row["error"]
+        assert row["text"], "the text generated before the failure is kept"
+        assert "cut short" in row["note"]
+        audio, rate = sf.read(row["wav"])
+        assert rate == 16000 and len(audio) > 0
+        assert Path(row["wav"]).name == f"{q.stem}.wav"

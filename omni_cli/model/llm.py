@@ -20,6 +20,10 @@ from transformers.generation.logits_process import (
 )
 
 SPEECH_PLACEHOLDER = "<speech>"
+# What a speech turn carries through the chat template instead of "<speech>", so a user who
+# types (or a reply that says) "<speech>" gets text, not a speech slot. A private-use
+# character never appears in tokenized text: text turns are stripped of it.
+_SPEECH_SLOT = "\ue000speech\ue000"
 # Marks where speech embeddings go in the token ids; never a real vocabulary id (as in the reference).
 SPEECH_TOKEN_INDEX = -200
 
@@ -44,33 +48,47 @@ STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
 
 @dataclass(frozen=True)
 class Turn:
-    """One message of the conversation; `<speech>` in a user turn marks one spliced utterance."""
+    """One message of the conversation; a `speech` turn holds one spliced utterance where `<speech>` stands."""
 
     role: str
     content: str
+    speech: bool = False
+
+    def rendered(self) -> str:
+        """The content as the template sees it: the speech slot marked, stray markers removed."""
+        text = self.content.replace(_SPEECH_SLOT[0], "")
+        return text.replace(SPEECH_PLACEHOLDER, _SPEECH_SLOT, 1) if self.speech else text
 
 
 def speech_turn() -> Turn:
     """The reference's user message for one spoken question."""
-    return Turn("user", f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}")
+    return Turn("user", f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}", speech=True)
 
 
 def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> list[int]:
-    """Render system + `turns` through the Llama-3 chat template and tokenize around `<speech>`.
+    """Render system + `turns` through the Llama-3 chat template and tokenize around the speech slots.
 
-    Each `<speech>` becomes one SPEECH_TOKEN_INDEX entry, to be replaced by speech embeddings.
+    Each speech slot becomes one SPEECH_TOKEN_INDEX entry, to be replaced by speech embeddings.
+    Tokenization follows the reference (LLaVA's `tokenizer_image_token`): every piece is
+    tokenized with the tokenizer's special tokens, the first piece keeps the BOS the tokenizer
+    adds, later pieces drop it. The rendered text already starts with `<|begin_of_text|>`, so
+    with the released Llama-3 tokenizer the prompt starts with two BOS ids, exactly as the
+    released weights were trained and are run by the reference.
     """
     messages = [{"role": "system", "content": SYSTEM_MESSAGE}]
-    messages += [{"role": t.role, "content": t.content} for t in turns]
+    messages += [{"role": t.role, "content": t.rendered()} for t in turns]
     text = tokenizer.apply_chat_template(
         messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
     )
-    ids: list[int] = []
-    for i, piece in enumerate(text.split(SPEECH_PLACEHOLDER)):
+    pieces = [tokenizer(piece)["input_ids"] for piece in text.split(_SPEECH_SLOT)]
+    bos = tokenizer.bos_token_id
+    adds_bos = bool(pieces[0]) and bos is not None and pieces[0][0] == bos
+    ids: list[int] = [bos] if adds_bos else []
+    skip = 1 if adds_bos else 0
+    for i, piece in enumerate(pieces):
         if i:
             ids.append(SPEECH_TOKEN_INDEX)
-        if piece:
-            ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+        ids.extend(piece[skip:])
     return ids
 
 
@@ -131,13 +149,17 @@ class GenerationState:
     tokens: list[int] = field(default_factory=list)
 
 
-def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """Ids that end a reply (`<|eot_id|>` and `<|end_of_text|>` where the vocabulary has them)."""
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None = None) -> set[int]:
+    """Ids that end a reply: `<|eot_id|>`, `<|end_of_text|>`, the tokenizer's EOS, and the
+    checkpoint's generation_config eos ids (Llama-3.1 adds `<|eom_id|>` there), as the
+    reference's `generate` stops on them."""
     ids = {tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS}
     ids.discard(tokenizer.unk_token_id)
     ids.discard(None)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
+    if generation_eos is not None:
+        ids.update([generation_eos] if isinstance(generation_eos, int) else generation_eos)
     return {int(i) for i in ids}
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +135,9 @@ def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[i
 
 
 def _load_prefixed(
-    module: torch.nn.Module, shapes: dict[str, tuple[tuple[int, ...], Path]], prefix: str, placement: Placement
-) -> None:
+    build: Callable[[], torch.nn.Module], shapes: dict[str, tuple[tuple[int, ...], Path]], prefix: str, placement: Placement
+) -> torch.nn.Module:
+    """Build a module without allocating random weights and fill it with the checkpoint's `prefix` tensors."""
     state: dict[str, torch.Tensor] = {}
     by_file: dict[Path, list[str]] = {}
     for key, (_, f) in shapes.items():
@@ -145,9 +146,11 @@ def _load_prefixed(
     for f, keys in by_file.items():
         with safe_open(str(f), framework="pt") as handle:
             for key in keys:
-                state[key[len(prefix) :]] = handle.get_tensor(key)
-    module.load_state_dict(state, strict=True)
-    module.to(device=placement.device, dtype=placement.dtype)
+                state[key[len(prefix) :]] = handle.get_tensor(key).to(device=placement.device, dtype=placement.dtype)
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module
 
 
 @contextlib.contextmanager
@@ -215,10 +218,10 @@ def load_omni(
         expected = _meta_shapes(meta_llm)
         if llama_config.tie_word_embeddings and "lm_head.weight" not in found:
             expected.pop("lm_head.weight", None)
-        inner = found.get(ADAPTOR_PREFIX + "linear1.weight", ((0,),))[0]
-        meta_adaptor = SpeechAdaptor(
-            config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=max(int(inner), 1)
-        )
+        # The adaptor's inner width is not in config.json: read it from the weight (1 if absent,
+        # so check_keys names the missing key).
+        inner = int(found.get(ADAPTOR_PREFIX + "linear1.weight", (1,))[0])
+        meta_adaptor = SpeechAdaptor(config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=inner)
         expected.update(_meta_shapes(meta_adaptor, ADAPTOR_PREFIX))
         if config.speech_decoder is not None:
             expected.update(_meta_shapes(UnitDecoder(config.speech_decoder, llama_config), DECODER_PREFIX))
@@ -234,12 +237,14 @@ def load_omni(
             f"{config.speech_encoder_hidden_size}; pass the matching Whisper checkpoint."
         )
 
-    adaptor = SpeechAdaptor(config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=int(inner))
-    _load_prefixed(adaptor, shapes, ADAPTOR_PREFIX, placement)
+    adaptor = _load_prefixed(
+        lambda: SpeechAdaptor(config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=inner),
+        shapes, ADAPTOR_PREFIX, placement,
+    )
     unit_decoder = None
     if config.speech_decoder is not None:
-        unit_decoder = UnitDecoder(config.speech_decoder, llama_config)
-        _load_prefixed(unit_decoder, shapes, DECODER_PREFIX, placement)
+        decoder_config = config.speech_decoder
+        unit_decoder = _load_prefixed(lambda: UnitDecoder(decoder_config, llama_config), shapes, DECODER_PREFIX, placement)
 
     kwargs: dict = {"config": llama_config, "dtype": placement.dtype}
     if placement.quantization is not None:

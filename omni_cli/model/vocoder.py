@@ -164,7 +164,11 @@ class UnitVocoder(nn.Module):
         return t.to(device=self.dict.weight.device, dtype=torch.long)
 
     def check_durations(self, durations: Sequence[int] | torch.Tensor, length: int) -> torch.LongTensor:
-        """Validate one non-negative integer duration per unit (positive sum) into a LongTensor on the device."""
+        """Validate one positive integer duration per unit into a LongTensor on the device.
+
+        At least one frame per unit, as the reference's clamp guarantees: a unit of length 0
+        would let a chunk's left context be shorter than the tail the stream re-renders.
+        """
         d = torch.as_tensor(durations)
         if d.dim() == 2 and d.shape[0] == 1:
             d = d[0]
@@ -172,8 +176,8 @@ class UnitVocoder(nn.Module):
             raise VocoderInputError(
                 f"durations must give one value per unit: {length} units, durations of shape {tuple(d.shape)}."
             )
-        if d.is_floating_point() or bool((d < 0).any()) or int(d.sum()) == 0:
-            raise VocoderInputError("durations must be non-negative integers with a positive sum.")
+        if d.is_floating_point() or bool((d < 1).any()):
+            raise VocoderInputError("durations must be positive integers (at least one frame per unit).")
         return d.to(device=self.dict.weight.device, dtype=torch.long)
 
     @torch.inference_mode()

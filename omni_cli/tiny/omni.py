@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from omni_cli.config import OMNI_MODEL_TYPE, OmniConfig
@@ -53,7 +53,7 @@ class TinyModelPaths:
 
 
 def make_tiny_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE offline with the Llama-3 special tokens and save it to `out_dir`."""
+    """Train a byte-level BPE offline with the Llama-3 special tokens and BOS post-processor; save it to `out_dir`."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -64,6 +64,11 @@ def make_tiny_tokenizer(out_dir: Path, vocab_size: int = 384) -> PreTrainedToken
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    # Like the released Llama-3 tokenizer: plain calls add <|begin_of_text|> in front.
+    bos = "<|begin_of_text|>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<|begin_of_text|>",

@@ -19,8 +19,10 @@ from omni_cli.model.llm import (
     stop_token_ids,
 )
 
+# The reference renders "<|begin_of_text|>..." and then tokenizes with the tokenizer's own BOS
+# added (LLaVA's tokenizer_speech_token), so the released model sees two BOS ids.
 REFERENCE_PROMPT = (
-    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+    "<|begin_of_text|><|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
     "You are a helpful language and speech assistant. You are able to understand the speech content "
     "that the user provides, and assist the user with a variety of tasks using natural language.<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n<speech>\n"
@@ -36,8 +38,19 @@ def test_prompt_is_the_reference_text_with_one_speech_slot(tiny_loaded) -> None:
     cut = ids.index(SPEECH_TOKEN_INDEX)
     text = tok.decode(ids[:cut]) + "<speech>" + tok.decode(ids[cut + 1 :])
     assert text == REFERENCE_PROMPT
-    # The special tokens are single ids, not spelled out in bytes.
-    assert ids[0] == tok.convert_tokens_to_ids("<|begin_of_text|>")
+    # The special tokens are single ids, not spelled out in bytes; the BOS is doubled as in the reference.
+    bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+    assert ids[:3] == [bos, bos, tok.convert_tokens_to_ids("<|start_header_id|>")]
+    assert bos not in ids[2:]
+
+
+def test_typed_speech_marker_is_text_not_a_slot(tiny_loaded) -> None:
+    tok = tiny_loaded.tokenizer
+    ids = build_prompt_ids(tok, [Turn("user", "what does <speech> mean?"), Turn("assistant", "a <speech> tag")])
+    assert SPEECH_TOKEN_INDEX not in ids
+    assert "what does <speech> mean?" in tok.decode(ids)
+    ids = build_prompt_ids(tok, [Turn("user", "odd \ue000speech\ue000 marker"), speech_turn()])
+    assert ids.count(SPEECH_TOKEN_INDEX) == 1
 
 
 def test_multi_turn_prompt_keeps_order_and_slots(tiny_loaded) -> None:

@@ -137,3 +137,14 @@ def test_config_keeps_unknown_keys(tiny_model, tmp_path: Path) -> None:
     cfg = OmniConfig.from_dict(raw)
     cfg.save(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text()) == raw
+
+
+def test_missing_adaptor_weight_is_named(tiny_model, tmp_path: Path) -> None:
+    d = _copy(tiny_model, tmp_path)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    shard = d / index["weight_map"]["model.speech_projector.linear1.weight"]
+    tensors = load_file(str(shard))
+    del tensors["model.speech_projector.linear1.weight"]
+    save_file(tensors, str(shard))
+    with pytest.raises(CheckpointError, match="missing weight 'model.speech_projector.linear1.weight'"):
+        load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
