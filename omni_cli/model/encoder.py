@@ -8,7 +8,6 @@ transformers checkpoint `openai/whisper-large-v3`. Both load here into transform
 from __future__ import annotations
 
 import json
-import pickle
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -20,6 +19,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from omni_cli.errors import CheckpointError
+from omni_cli.model.checkpoint_files import indexed_shards, load_weights_pickle
 
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
@@ -53,7 +53,6 @@ _HF_LAYER = re.compile(r"layers\.(\d+)\.(.*)")
 _OPENAI_DIMS = ("n_mels", "n_audio_ctx", "n_audio_state", "n_audio_head", "n_audio_layer")
 _MAX_NAMED_KEYS = 5
 # How torch.load(weights_only=True) names a class it refused to unpickle.
-_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 # Maps a transformers WhisperEncoder key to the name the checkpoint being read uses for it,
 # so errors name keys the way the user's file does.
@@ -227,18 +226,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
         return [single]
     index = directory / SAFETENSORS_INDEX_FILE
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"cannot read {index} ({error}); re-download the speech encoder") from error
-        files = [directory / name for name in sorted(set(weight_map.values()))]
-        absent = [file.name for file in files if not file.is_file()]
-        if absent:
-            raise CheckpointError(
-                f"{directory} lacks shards {_name_keys(absent)} listed in {index.name}; "
-                "finish downloading the speech encoder"
-            )
-        return files
+        return indexed_shards(index, "speech encoder")
     raise CheckpointError(
         f"{directory} has a Whisper config.json but no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}; "
         "download the safetensors weights of the speech encoder"
@@ -255,20 +243,10 @@ def _safetensors_keys(file: Path) -> list[str]:
 
 def _read_openai_checkpoint(file: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor], KeyNamer]:
     """Config, encoder tensors (transformers names) and how the file names them, from openai-whisper's .pt."""
-    try:
-        # mmap: the decoder half of the file is never read into memory.
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        # weights_only refuses any class it does not know; other unpickling errors mean "not a pickle".
-        refused = _REFUSED_GLOBAL.search(str(error))
-        if refused:
-            raise CheckpointError(
-                f"{file} holds a Python object ({refused.group(1)}) besides tensors and was not unpickled "
-                "(weights_only); use the official openai-whisper large-v3.pt or a transformers Whisper directory"
-            ) from error
-        raise _not_a_checkpoint(file) from error
-    except Exception as error:  # not a torch file at all: zip, pickle or EOF errors of many kinds
-        raise _not_a_checkpoint(file) from error
+    # mmap: the decoder half of the file is never read into memory.
+    checkpoint = load_weights_pickle(
+        file, "the official openai-whisper large-v3.pt or a transformers Whisper directory", _not_a_checkpoint(file), mmap=True
+    )
     if not isinstance(checkpoint, dict) or not {"dims", "model_state_dict"} <= checkpoint.keys():
         raise _not_a_checkpoint(file)
     dims, state = checkpoint["dims"], checkpoint["model_state_dict"]

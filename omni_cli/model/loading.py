@@ -9,7 +9,6 @@ separately, from --speech-encoder or the path config.json names.
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from omni_cli.config import OmniConfig
 from omni_cli.errors import CheckpointError, ConfigError
 from omni_cli.model.adaptor import SpeechAdaptor
+from omni_cli.model.checkpoint_files import indexed_shards
 from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
 from omni_cli.model.unit_decoder import UnitDecoder
 
@@ -82,15 +82,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a checkpoint: those the index names, or every *.safetensors."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a safetensors index; re-download the checkpoint.") from exc
-        files = sorted({model_dir / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{model_dir}: shard {missing[0]} listed in the index is missing; re-download it.")
-        return files
+        return indexed_shards(index, "checkpoint")
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise CheckpointError(

@@ -10,7 +10,6 @@ chunk with left context and a short re-rendered tail, so chunk seams stay quiet.
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -26,6 +25,7 @@ from torch import nn
 
 from omni_cli.config import DurationPredictorConfig, VocoderConfig
 from omni_cli.errors import CheckpointError, ConfigError, OmniError
+from omni_cli.model.checkpoint_files import load_weights_pickle
 
 # Leaky-ReLU slope inside the generator (HiFi-GAN's LRELU_SLOPE). The activation before
 # conv_post uses torch's default slope 0.01, exactly as the released generator was trained.
@@ -287,21 +287,11 @@ def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def _read_generator_pickle(path: Path) -> dict[str, torch.Tensor]:
     """Read the fairseq checkpoint's "generator" state dict with the safe (weights-only) unpickler."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # The weights-only unpickler names the first class/function the file would have run.
-        found = re.search(r"GLOBAL (\S+)", str(exc))
-        if found:
-            raise CheckpointError(
-                f"{path} holds a Python object ({found.group(1)}) besides tensors; refusing to unpickle it "
-                "— use the released g_00500000 or a converted vocoder.safetensors."
-            ) from exc
-        raise CheckpointError(f"{path} is not a torch checkpoint; expected the unit vocoder (g_00500000).") from exc
-    except Exception as exc:  # torch raises many types for random bytes (RuntimeError, EOFError, ...)
-        raise CheckpointError(
-            f"{path} is not a torch checkpoint ({type(exc).__name__}); expected the unit vocoder (g_00500000)."
-        ) from exc
+    ckpt = load_weights_pickle(
+        path,
+        "the released g_00500000 or a converted vocoder.safetensors",
+        CheckpointError(f"{path} is not a torch checkpoint; expected the unit vocoder (g_00500000)."),
+    )
     generator = ckpt.get("generator") if isinstance(ckpt, dict) else None
     if not isinstance(generator, Mapping):
         raise CheckpointError(f"{path} has no 'generator' weights: it is not a CodeHiFiGAN vocoder checkpoint.")
