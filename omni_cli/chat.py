@@ -13,8 +13,9 @@ Turn-taking:
   generation at once; the interrupting utterance becomes the next turn. Without barge-in
   (half-duplex, the default: a speaker without echo cancellation would otherwise interrupt
   itself), frames heard while replying are dropped and the endpointer is reset afterwards.
-- Multi-turn memory: finished turns (speech embeddings or typed text, and the reply text)
-  are passed back as history; the pipeline keeps the newest ones within its context budget.
+- Multi-turn memory: finished turns (speech embeddings, on the CPU, or typed text, and the
+  reply text) are passed back as history; the pipeline keeps the newest ones within its
+  context budget, and turns older than a whole budget are dropped here.
 - Stopping: `request_stop()` (Ctrl-C, see `sigint_ends_session`) cuts the reply in progress,
   records it, and ends the loop.
 """
@@ -36,11 +37,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from omni_cli.audio.io import SAMPLE_RATE, resample, save_wav
+from omni_cli.audio.io import SAMPLE_RATE, save_wav
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
-from omni_cli.errors import AudioInputError, ConfigError
+from omni_cli.errors import AudioInputError, ConfigError, one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, HistoryTurn, TextDelta, Units
 
 TRANSCRIPT_NAME = "transcript.jsonl"
@@ -87,10 +88,10 @@ class MicrophoneLost(AudioInputError):
     """The microphone stopped delivering audio in the middle of a session."""
 
 
-def one_line(exc: BaseException) -> str:
-    """An exception as one line: its message's first line, or its type when it has none."""
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def refuse_used_session_dir(directory: Path) -> None:
+    """Raise ConfigError if `directory` already holds a session: never append to or overwrite another transcript."""
+    if (directory / TRANSCRIPT_NAME).exists():
+        raise ConfigError(f"{directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
 
 
 def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
@@ -109,8 +110,7 @@ class SessionRecorder:
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.transcript_path = self.directory / TRANSCRIPT_NAME
-        if self.transcript_path.exists():
-            raise ConfigError(f"{self.directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+        refuse_used_session_dir(self.directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._file = open(self.transcript_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -351,14 +351,12 @@ class ChatSession:
                 self._interrupt(reply)
 
     def _queue_audio(self, reply: ReplyProgress, chunk: AudioChunk) -> None:
-        audio = chunk.audio
-        rate = chunk.sample_rate
-        if self.player is not None and rate != self.player.sample_rate:
-            audio, rate = resample(audio, rate, self.player.sample_rate), self.player.sample_rate
-        reply.audio_rate = rate
-        reply.chunks.append(audio)
+        # The player is opened at the vocoder's rate and resamples to the device as one stream
+        # (run_chat); resampling chunk by chunk here would click at every chunk boundary.
+        reply.audio_rate = chunk.sample_rate
+        reply.chunks.append(chunk.audio)
         if self.player is not None:
-            self.player.play(audio)
+            self.player.play(chunk.audio)
 
     def _play_out(self, reply: ReplyProgress) -> None:
         """Wait until the reply has been heard, still listening for barge-in; give up on a stuck speaker."""
@@ -471,7 +469,26 @@ class ChatSession:
         self.view.reply_end(", ".join(summary))
         if reply.error is None and reply.text:
             speech = None if isinstance(question, str) else self.pipeline.last_speech_embeddings
-            self.history.append(HistoryTurn(user_speech=speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
+            self._remember(HistoryTurn(user_speech=speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
+
+    def _remember(self, turn: HistoryTurn) -> None:
+        """Keep a finished turn for memory, dropping the oldest turns the pipeline's context budget could never fit again.
+
+        The pipeline picks the newest turns that fit its budget for each prompt; turns beyond a
+        whole budget would never be picked, so keeping them (speech embeddings included) only
+        grows memory over a long session. A pipeline without a `streaming.context_budget` keeps all.
+        """
+        self.history.append(turn)
+        budget = getattr(getattr(self.pipeline, "streaming", None), "context_budget", None)
+        if budget is None:
+            return
+        kept = 0
+        for h in reversed(self.history):
+            budget -= h.positions()
+            if budget < 0:
+                break
+            kept += 1
+        del self.history[: len(self.history) - kept]
 
 
 @contextmanager
@@ -514,8 +531,7 @@ def preflight(options: ChatOptions) -> None:
     """Fail fast, before a model is loaded: the session folder is taken, or the microphone (or a named speaker) does not exist."""
     from omni_cli.audio.devices import find_device
 
-    if (options.session_dir / TRANSCRIPT_NAME).exists():
-        raise ConfigError(f"{options.session_dir} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+    refuse_used_session_dir(options.session_dir)
     if not options.text:
         find_device(options.input_device, "input")
     if options.output_device is not None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from omni_cli.errors import OmniError
+from omni_cli.errors import OmniError, one_line
 from omni_cli.presets import Preset, ResolvedModel, get_preset, hub_offline, resolve_preset
 
 OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
@@ -172,7 +172,7 @@ def check_weights(preset: Preset, resolved: ResolvedModel) -> list[Check]:
         try:
             validators[part.key](folder)
         except (OmniError, OSError, ValueError) as exc:
-            checks.append(Check(FIX, label, f"{folder} is damaged ({str(exc).splitlines()[0]}); delete it and run `{command}`"))
+            checks.append(Check(FIX, label, f"{folder} is damaged ({one_line(exc)}); delete it and run `{command}`"))
         else:
             checks.append(Check(OK, label, str(folder)))
     return checks

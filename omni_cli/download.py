@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from omni_cli.errors import CheckpointError, OmniError
+from omni_cli.errors import CheckpointError, OmniError, one_line
 from omni_cli.presets import (
     GB,
     HubPart,
@@ -40,6 +41,7 @@ PART_SUFFIX = ".part"
 CHUNK_BYTES = 1 << 16
 USER_AGENT = "omni-cli"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
 
 Echo = Callable[[str], None]
 
@@ -50,6 +52,20 @@ class DownloadError(OmniError):
 
 class ChecksumError(DownloadError):
     """A downloaded file's size or SHA-256 differs from the preset's; the file was removed."""
+
+
+class _RangeNotSatisfiable(Exception):
+    """The server answered 416 to a resume: the `.part` is at or past the end of its file (`size`, when it says)."""
+
+    def __init__(self, size: int | None) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _worth_retrying(exc: DownloadError) -> bool:
+    """Network failures and 5xx answers may pass; a 4xx (not found, forbidden) will not."""
+    cause = exc.__cause__
+    return not (isinstance(cause, urllib.error.HTTPError) and cause.code < 500)
 
 
 def _stderr_console() -> Console:
@@ -79,8 +95,8 @@ def _verify(path: Path, digest: str, size: int, expected: RemoteFile | None, lab
         raise ChecksumError(f"{label} {problem}; the file was removed — run the download again (or check the URL).")
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | None:
-    """GET `url` from byte `offset`; None when the server says the range starts at or past the end (416)."""
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    """GET `url` from byte `offset`; raises _RangeNotSatisfiable when the range starts at or past the end (416)."""
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
@@ -88,7 +104,8 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse | N
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)  # noqa: S310
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
-            return None
+            match = _CONTENT_RANGE_UNSATISFIED.match(exc.headers.get("Content-Range", "") if exc.headers else "")
+            raise _RangeNotSatisfiable(int(match.group(1)) if match else None) from exc
         raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; check the URL in the preset.") from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -104,14 +121,17 @@ def download_url(
     *,
     retries: int = 2,
     timeout: float = 30.0,
+    backoff_s: float = 0.5,
     console: Console | None = None,
 ) -> str:
     """Download `url` to `dest`, resuming `dest.part` if present; returns the file's SHA-256.
 
     Size and SHA-256 are checked when `expected` pins them (a mismatch deletes the file and
     raises ChecksumError); otherwise the computed SHA-256 is returned for pinning. A dropped
-    connection is resumed with a Range request up to `retries` times; after that the `.part`
-    file stays, and running again resumes it. An existing `dest` is verified, not re-fetched.
+    connection, or a failed (re)connection, is retried with a Range request up to `retries`
+    times, `backoff_s` × attempt apart; after that the `.part` file stays, and running again
+    resumes it. A `.part` longer than the server's file is discarded and fetched again from zero.
+    An existing `dest` is verified, not re-fetched.
     """
     dest = Path(dest)
     label = dest.name
@@ -137,10 +157,21 @@ def download_url(
         task = progress.add_task(f"{label}", total=None)
         while True:
             offset = part.stat().st_size if part.is_file() else 0
-            response = _open(url, offset, timeout)
-            if response is None:  # 416: the .part already holds the whole file
-                digest = None
+            try:
+                response = _open(url, offset, timeout)
+            except _RangeNotSatisfiable as exc:
+                size = exc.size if exc.size is not None else (expected.size if expected is not None else None)
+                if size is not None and offset > size:
+                    part.unlink()  # longer than the file: not a prefix of it, start over
+                    continue
+                digest = None  # the .part already holds the whole file (verified below)
                 break
+            except DownloadError as exc:
+                attempt += 1
+                if attempt > retries or not _worth_retrying(exc):
+                    raise
+                time.sleep(backoff_s * attempt)
+                continue
             with response:
                 if offset and response.status != 206:
                     offset = 0  # the server ignored Range: start over
@@ -172,6 +203,7 @@ def download_url(
                     f"download of {label} was interrupted ({interrupted}); run the same command again to resume "
                     f"from {part.stat().st_size if part.is_file() else 0} bytes."
                 ) from interrupted
+            time.sleep(backoff_s * attempt)
     hexdigest = digest.hexdigest() if digest is not None else sha256_of(part)
     _verify(part, hexdigest, part.stat().st_size, expected, label)
     os.replace(part, dest)
@@ -219,9 +251,8 @@ def fetch_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path
             )
         )
     except Exception as exc:  # huggingface_hub raises many types: network, offline, gated, not found
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         offline = " (HF_HUB_OFFLINE is set: unset it to download)" if hub_offline() else ""
-        raise DownloadError(f"cannot download {part.repo_id}{offline}: {first}") from exc
+        raise DownloadError(f"cannot download {part.repo_id}{offline}: {one_line(exc)}") from exc
     missing = missing_hub_files(folder, part)
     if missing:
         raise DownloadError(f"{part.repo_id} was fetched but lacks {', '.join(missing)}; check the preset's allow_patterns.")

@@ -17,3 +17,14 @@ class CheckpointError(OmniError):
 
 class AudioInputError(OmniError):
     """An audio file or device cannot give us usable speech."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one line for people: its message's first non-empty line, or its type's name when it has none.
+
+    Library errors often carry multi-line messages (or none at all); our messages must stay one line.
+    """
+    for line in str(exc).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(exc).__name__

@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, save_wav
-from omni_cli.errors import AudioInputError, OmniError
+from omni_cli.errors import AudioInputError, OmniError, one_line
 from omni_cli.model.features import CHUNK_SAMPLES, split_into_windows
 from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech, TextDelta
 
@@ -118,7 +118,7 @@ def transcribe_and_reply(
             # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
             # one file failing must not lose the answers to the others, nor its own partial reply.
             if not isinstance(exc, OmniError):
-                exc = OmniError(f"{path}: the model failed on this file ({str(exc).splitlines()[0]})")
+                exc = OmniError(f"{path}: the model failed on this file ({one_line(exc)})")
             failed += 1
             if as_json:
                 reply.error = str(exc)

@@ -14,6 +14,7 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -283,12 +284,24 @@ def test_the_live_terminal_view_keeps_finished_turns_in_the_scrollback(tmp_path:
 
 
 def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> None:
-    """The session keeps every finished turn; the pipeline drops old ones by its context budget."""
+    """Without a context budget to go by, the session keeps every finished turn; the pipeline picks within its own."""
     pipeline = FakePipeline(tokens=1)
     session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
     lines = iter([f"q{i}" for i in range(5)] + [None])
     session.run_text(lambda: next(lines))
     assert [len(history) for _, history in pipeline.calls] == [0, 1, 2, 3, 4]
+
+
+def test_turns_older_than_a_whole_context_budget_are_not_kept(tmp_path: Path) -> None:
+    """Each typed turn here costs (2 + 6) // 3 + 16 = 18 positions: a budget of 40 can only ever hold the newest 2."""
+    pipeline = FakePipeline(tokens=1)
+    pipeline.streaming = SimpleNamespace(context_budget=40)
+    session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
+    lines = iter([f"q{i}" for i in range(5)] + [None])
+    session.run_text(lambda: next(lines))
+    assert [h.positions() for h in session.history] == [18, 18]
+    assert [h.user_text for h in session.history] == ["q3", "q4"]
+    assert [[h.user_text for h in history] for _, history in pipeline.calls] == [[], ["q0"], ["q0", "q1"], ["q1", "q2"], ["q2", "q3"]]
 
 
 @pytest.mark.parametrize("budget", [4096, 40])

@@ -98,6 +98,19 @@ def test_a_damaged_vocoder_config_is_reported(caches, tiny_model) -> None:
     assert vocoder.status == FIX and "not valid JSON" in vocoder.detail
 
 
+def test_a_damage_error_without_a_message_still_gives_a_fix_line(caches, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omni_cli import doctor
+
+    install_tiny_preset(tiny_model, get_preset(PRESET), caches)
+
+    def empty_error(folder: Path) -> None:
+        raise ValueError()
+
+    monkeypatch.setattr(doctor, "_validate_vocoder", empty_error)
+    vocoder = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: vocoder")
+    assert vocoder.status == FIX and "is damaged (ValueError); delete it" in vocoder.detail
+
+
 def test_local_dir_is_checked_and_named_in_the_fix(caches, tiny_model, tmp_path: Path) -> None:
     local = tmp_path / "weights"
     install_tiny_preset(tiny_model, get_preset(PRESET), caches, local_dir=local)

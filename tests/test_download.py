@@ -7,6 +7,7 @@ import io
 import re
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,11 +27,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass
 class FileServer:
-    """Serves `files` with Range support; `cut_after[path] = K` closes the first response for path after K bytes."""
+    """Serves `files` with Range support; `cut_after[path] = K` closes the first response for path after K bytes.
+
+    `unavailable` holds indices (into `requests`) of requests answered 503, as a briefly overloaded server would.
+    """
 
     files: dict[str, bytes]
     cut_after: dict[str, int] = field(default_factory=dict)
     honour_range: bool = True
+    unavailable: set[int] = field(default_factory=set)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     url: str = ""
 
@@ -44,6 +49,9 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             name = self.path.lstrip("/")
             rng = self.headers.get("Range")
             server.requests.append((name, rng))
+            if len(server.requests) - 1 in server.unavailable:
+                self.send_error(503)
+                return
             data = server.files.get(name)
             if data is None:
                 self.send_error(404)
@@ -149,6 +157,35 @@ def test_a_dropped_connection_is_retried_within_one_run(server: FileServer, tmp_
     assert dest.read_bytes() == data
 
 
+def test_a_failed_reconnection_is_retried_after_a_pause(server: FileServer, tmp_path: Path) -> None:
+    data = server.files[TINY_CHECKPOINT_NAME]
+    server.cut_after[TINY_CHECKPOINT_NAME] = 1000
+    server.unavailable = {1}  # the first reconnection is refused
+    dest = tmp_path / TINY_CHECKPOINT_NAME
+    start = time.monotonic()
+    download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, _pinned(server, TINY_CHECKPOINT_NAME), retries=2, backoff_s=0.1, console=_terminal()[0])
+    assert time.monotonic() - start >= 0.1 + 0.2  # a pause after each failed attempt, growing
+    assert [r for _, r in server.requests] == [None, "bytes=1000-", "bytes=1000-"]
+    assert dest.read_bytes() == data
+    # Failed connections count against the same retries: with none left, the error is raised.
+    server.requests.clear()
+    server.cut_after[TINY_CHECKPOINT_NAME] = 1000
+    server.unavailable = {1}
+    other = tmp_path / "again" / TINY_CHECKPOINT_NAME
+    with pytest.raises(DownloadError, match="HTTP 503"):
+        download_url(server.url_of(TINY_CHECKPOINT_NAME), other, retries=1, backoff_s=0.0, console=_terminal()[0])
+    assert len(server.requests) == 2 and other.with_name(other.name + ".part").stat().st_size == 1000
+
+
+def test_a_part_file_longer_than_the_file_is_fetched_again(server: FileServer, tmp_path: Path) -> None:
+    data = server.files["config.json"]
+    dest = tmp_path / "config.json"
+    dest.with_name("config.json.part").write_bytes(data + b"trailing bytes of something else")
+    download_url(server.url_of("config.json"), dest, console=_terminal()[0])  # nothing pinned: only the server's 416 tells
+    assert server.requests == [("config.json", f"bytes={len(data) + 32}-"), ("config.json", None)]
+    assert dest.read_bytes() == data
+
+
 def test_a_server_ignoring_range_restarts_from_zero(server: FileServer, tmp_path: Path) -> None:
     data = server.files[TINY_CHECKPOINT_NAME]
     dest = tmp_path / TINY_CHECKPOINT_NAME
@@ -197,8 +234,9 @@ def test_http_errors_and_unreachable_hosts_are_one_line(server: FileServer, tmp_
     with pytest.raises(DownloadError, match="HTTP 404") as info:
         download_url(server.url_of("nope"), tmp_path / "nope", console=_terminal()[0])
     assert "\n" not in str(info.value)
+    assert len(server.requests) == 1  # a 404 will not go away: not retried
     with pytest.raises(DownloadError, match="cannot reach"):
-        download_url("http://127.0.0.1:9/x", tmp_path / "x", timeout=2, console=_terminal()[0])
+        download_url("http://127.0.0.1:9/x", tmp_path / "x", timeout=2, backoff_s=0.0, console=_terminal()[0])
 
 
 def test_fetch_vocoder_converts_once_and_prints_unpinned_checksums(server: FileServer, tmp_path: Path) -> None:

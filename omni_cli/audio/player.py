@@ -64,7 +64,8 @@ class Player:
         self._starved = False  # the queue ran dry during this burst and has not been refilled
         self._idle = threading.Event()
         self._idle.set()
-        # Serialises play/finish/stop (a producer and a barge-in thread may race); never taken by the callback.
+        # Serialises play/finish/stop (a producer and a barge-in thread may race); the callback only
+        # tries it without blocking, to set `_idle` atomically with the producer's updates.
         self._producer_lock = threading.Lock()
         self._output_latency = 0.0
 
@@ -220,5 +221,12 @@ class Player:
             if self._expecting and self.first_audio_time is not None and not self._starved:
                 self.underruns += 1
                 self._starved = True
-            if not self._expecting and not self._idle.is_set():
-                self._idle.set()
+            if not self._idle.is_set() and self._producer_lock.acquire(blocking=False):
+                # Decide under the producer's lock: otherwise a play() landing between our checks
+                # and set() would leave its audio queued with `_idle` set. Never wait for it:
+                # if a producer holds the lock, the next callback decides.
+                try:
+                    if not self._expecting and not self._pending:
+                        self._idle.set()
+                finally:
+                    self._producer_lock.release()

@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase,
 from transformers.utils import logging as hf_logging
 
 from omni_cli.config import OmniConfig
-from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.checkpoint_files import indexed_shards
 from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
@@ -184,7 +184,7 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{model_dir}: no usable tokenizer ({str(exc).splitlines()[0]}); re-download the checkpoint.") from exc
+        raise CheckpointError(f"{model_dir}: no usable tokenizer ({one_line(exc)}); re-download the checkpoint.") from exc
 
 
 def load_omni(

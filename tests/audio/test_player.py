@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -104,6 +105,34 @@ def test_wait_idle_returns_once_everything_was_rendered() -> None:
     thread.start()
     assert player.wait_idle(timeout=5)
     thread.join()
+    assert not player.playing
+
+
+class EventThatPlaysWhenAsked(threading.Event):
+    """An Event whose is_set() first runs `before_answer` once: a producer landing mid-callback."""
+
+    before_answer: Callable[[], None] | None = None
+
+    def is_set(self) -> bool:
+        hook, self.before_answer = self.before_answer, None
+        if hook is not None:
+            hook()
+        return super().is_set()
+
+
+def test_a_burst_queued_while_the_callback_goes_idle_still_counts_as_playing() -> None:
+    player = Player()
+    player._idle = EventThatPlaysWhenAsked()
+    player.play(np.ones(64, np.float32))
+    player.finish()
+    render_blocks(player, 1)  # exactly the queued audio: idle is decided on the next, empty block
+    assert player.playing
+    player._idle.before_answer = lambda: player.play(np.full(100, 0.5, np.float32))
+    np.testing.assert_array_equal(render_blocks(player, 1), 0.0)  # the new burst arrives after this block was filled
+    player.finish()
+    assert player.playing  # its audio is still queued
+    np.testing.assert_array_equal(render_blocks(player, 2)[:100], 0.5)
+    render_blocks(player, 1)
     assert not player.playing
 
 
