@@ -67,6 +67,8 @@ def build_pipeline(
     # A clear "try --precision 8bit" before a CUDA out-of-memory error halfway through loading.
     check_device_fits(replace(resolved, model_dir=model, speech_encoder=speech_encoder, vocoder_dir=vocoder), precision, device)
 
+    import torch
+
     from omni_cli.model.llm import SamplingConfig
     from omni_cli.model.loading import load_omni, resolve_placement
     from omni_cli.model.vocoder import load_vocoder
@@ -74,7 +76,9 @@ def build_pipeline(
 
     # The vocoder is small: load it first so a wrong --vocoder fails before the LLM loads.
     placement = resolve_placement(precision, device)
-    voc = None if vocoder is None else load_vocoder(vocoder, dtype=placement.dtype, device=placement.device)
+    # fp32 whatever the LLM's precision: it is small, and in half precision the predicted
+    # durations round differently, changing the audio's length.
+    voc = None if vocoder is None else load_vocoder(vocoder, dtype=torch.float32, device=placement.device)
     loaded = load_omni(model, speech_encoder, precision=precision, device=device)
     streaming = StreamingConfig(
         chunk_units=chunk_units,
@@ -289,7 +293,7 @@ def finetune_cmd(
     device: DeviceOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
-    qlora: Annotated[bool, typer.Option("--qlora", help="With --lora: keep the LLM in 4 bit (bitsandbytes, CUDA).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Stage 1: LoRA (implies --lora) with the LLM kept in 4 bit (bitsandbytes, CUDA).")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Stage 1 full fine-tuning sharded over the torchrun processes (FSDP2) instead of DDP.")] = False,
     num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = 0,
@@ -349,10 +353,13 @@ def units_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Make stage-2 unit targets from response speech: HuBERT layer features → nearest k-means centre, repeats merged."""
+    import torch
+
     from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
 
     try:
-        extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device or "cpu")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # as --device's help says
+        extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device)
         count = label_units(source, out, extractor, on_item=lambda i, n, path: typer.echo(f"[{i}/{n}] {path}", err=True))
     except OmniError as exc:
         fail(str(exc))

@@ -72,6 +72,8 @@ CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
 # Paper values (section 4): 2e-5 for stage 1, 2e-4 for stage 2.
 DEFAULT_LR = {1: 2e-5, 2: 2e-4}
+# Training keeps fp32 master weights; these are the compute precisions it supports.
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SHARD_BYTES = 5 * 1024**3  # the release's shard size; small models get one shard
 
 
@@ -106,6 +108,11 @@ class FinetuneConfig:
     qlora: bool = False
     fsdp: bool = False  # shard the model over the torchrun processes (stage 1 full fine-tuning)
     max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        # QLoRA is LoRA on a 4-bit LLM: asking for it asks for LoRA.
+        if self.qlora:
+            self.lora = True
 
     def learning_rate(self) -> float:
         """The peak learning rate: given, or the paper's for this stage."""
@@ -320,10 +327,23 @@ def write_weight_shards(tensors: dict[str, torch.Tensor], out_dir: Path, shard_b
     for i, keys in enumerate(groups):
         name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file({k: tensors[k] for k in keys}, str(out_dir / name), metadata={"format": "pt"})
+        fsync_file(out_dir / name)
         weight_map.update({k: name for k in keys})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    with (out_dir / "model.safetensors.index.json").open("w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_file(path: Path) -> None:
+    """Force a written file's data to disk, so a power loss after the rename cannot leave it empty."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def replace_directory(tmp: Path, final: Path) -> None:
@@ -363,7 +383,14 @@ def save_checkpoint(
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     write_weight_shards(tensors, tmp)
     if trainer_state is not None:
-        torch.save(trainer_state, tmp / TRAINER_STATE_FILE)
+        with (tmp / TRAINER_STATE_FILE).open("wb") as f:
+            torch.save(trainer_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    # Copied files too: everything in the folder is on disk before the folder gets its name.
+    for written in tmp.iterdir():
+        if written.suffix != ".safetensors" and written.name not in ("model.safetensors.index.json", TRAINER_STATE_FILE):
+            fsync_file(written)
     replace_directory(tmp, out_dir)
     return out_dir
 
@@ -401,20 +428,26 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at, read from its trainer state (memory-mapped: no full read)."""
+    state = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return int(state["step"])
+
+
 def latest_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint, else its finished `final/`, else its newest `checkpoint-N`."""
+    """`path` itself if it is a checkpoint, else the checkpoint under it (`final/` or `checkpoint-N`) with the most steps.
+
+    The step comes from each trainer state, not the folder name: after resuming a finished run
+    with more steps, a newer `checkpoint-N` is ahead of the old `final/`.
+    """
     path = Path(path)
     if (path / TRAINER_STATE_FILE).is_file():
         return path
-    if (path / FINAL_DIR / TRAINER_STATE_FILE).is_file():
-        return path / FINAL_DIR
-    found = sorted(
-        (p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()),
-        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
-    )
+    found = [p for p in [path / FINAL_DIR, *path.glob(f"{CHECKPOINT_PREFIX}*")] if (p / TRAINER_STATE_FILE).is_file()]
     if not found:
         raise CheckpointError(f"no checkpoint to resume under {path}; pass --resume a {CHECKPOINT_PREFIX}N directory.")
-    return found[-1]
+    # On equal steps `final/` wins (it is the finished model).
+    return max(found, key=lambda p: (checkpoint_step(p), p.name == FINAL_DIR))
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -475,10 +508,10 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
     """
     if cfg.stage not in (1, 2):
         raise ConfigError(f"--stage must be 1 or 2, got {cfg.stage}.")
-    if cfg.qlora and not cfg.lora:
-        raise ConfigError("--qlora is LoRA on a 4-bit LLM; pass --lora with it.")
+    if cfg.precision not in TRAIN_PRECISIONS:
+        raise ConfigError(f"--precision {cfg.precision!r} cannot train; choose one of {', '.join(TRAIN_PRECISIONS)} (QLoRA: --qlora).")
     if cfg.lora and cfg.stage != 1:
-        raise ConfigError("--lora applies to stage 1 (the LLM); stage 2 trains only the small speech decoder.")
+        raise ConfigError("--lora/--qlora applies to stage 1 (the LLM); stage 2 trains only the small speech decoder.")
     if cfg.fsdp and (cfg.stage != 1 or cfg.lora):
         raise ConfigError("--fsdp is for full stage-1 fine-tuning; stage 2 and --lora fit one GPU each (plain DDP).")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
@@ -585,17 +618,27 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         }
 
-    saved: list[Path] = []
+    saved: list[Path] = []  # the same on every rank, so all ranks skip or save together
 
-    def save_step() -> Path | None:
-        path = Path(cfg.output) / f"{CHECKPOINT_PREFIX}{step}"
+    def checkpoint_contents() -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
         # Under FSDP gathering weights and optimizer state is collective: every rank takes part.
-        tensors, train_state = checkpoint_tensors(model, cfg.fsdp), trainer_state()
+        # Under DDP only rank 0 writes, so only it builds the CPU copy.
+        if cfg.fsdp or dist_info.is_main:
+            return checkpoint_tensors(model, cfg.fsdp), trainer_state()
+        return {}, None
+
+    def save_step() -> Path:
+        path = Path(cfg.output) / f"{CHECKPOINT_PREFIX}{step}"
+        if saved and saved[-1] == path:  # Ctrl-C right after a periodic save: it is on disk already
+            return path
+        tensors, train_state = checkpoint_contents()
         if dist_info.is_main:
             save_checkpoint(tensors, source, path, train_state, cfg.speech_encoder)
-            saved.append(path)
-            for old in saved[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
+        saved.append(path)
+        if cfg.keep_checkpoints > 0:
+            for old in saved[: -cfg.keep_checkpoints]:  # never the newest: keep_checkpoints >= 1
+                if dist_info.is_main:
+                    shutil.rmtree(old, ignore_errors=True)
                 saved.remove(old)
         if dist_info.world_size > 1:
             dist.barrier()
@@ -656,7 +699,7 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
         return result
     # The final directory is both the fine-tuned model and a resumable checkpoint.
     final = Path(cfg.output) / FINAL_DIR
-    tensors, train_state = checkpoint_tensors(model, cfg.fsdp), trainer_state()
+    tensors, train_state = checkpoint_contents()
     if dist_info.is_main:
         save_checkpoint(tensors, source, final, train_state, cfg.speech_encoder)
     if dist_info.world_size > 1:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import soundfile as sf
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -68,6 +69,7 @@ def convert_kmeans(src: str | Path, dst: str | Path, warn: Callable[[str], None]
     if not src.is_file():
         raise CheckpointError(f"k-means file {src} not found; download km.bin of the mHuBERT release.")
     (warn or (lambda m: print(m, file=sys.stderr)))(KMEANS_WARNING.format(src=src))
+    dst.parent.mkdir(parents=True, exist_ok=True)  # the child writes its array next to dst
     tmp_npy = dst.with_name(f".{dst.name}.{os.getpid()}.npy")
     done = subprocess.run([sys.executable, "-c", _CONVERT_SCRIPT, str(src), str(tmp_npy)], capture_output=True, text=True)
     if done.returncode != 0:
@@ -78,7 +80,6 @@ def convert_kmeans(src: str | Path, dst: str | Path, warn: Callable[[str], None]
         centres = np.load(tmp_npy, allow_pickle=False)
     finally:
         tmp_npy.unlink(missing_ok=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(f".{dst.name}.part")
     save_file({CENTRES_KEY: torch.from_numpy(np.ascontiguousarray(centres))}, str(part))
     os.replace(part, dst)
@@ -157,6 +158,20 @@ def _audio_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
+def unreadable_audio(paths: Sequence[Path]) -> list[str]:
+    """`path (reason)` for each path that is missing or whose audio header soundfile cannot read."""
+    bad = []
+    for path in paths:
+        if not path.is_file():
+            bad.append(f"{path} (no such file)")
+            continue
+        try:
+            sf.info(str(path))
+        except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+            bad.append(f"{path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    return bad
+
+
 def label_units(
     source: str | Path,
     out: str | Path,
@@ -167,7 +182,9 @@ def label_units(
 
     A directory gives JSONL lines `{"id", "audio", "units"}`. A manifest keeps every record and
     adds `tgt_units` from each record's response speech (one of RESPONSE_SPEECH_FIELDS). The
-    output is written atomically.
+    output is written atomically: rows go to a `.part` file as they are labelled (it keeps
+    the work done if a file fails midway) and it is renamed to `out` at the end. Every audio
+    file is checked (exists, readable header) before the first one is labelled.
     """
     source, out = Path(source), Path(out)
     rows: list[dict[str, Any]]
@@ -196,18 +213,24 @@ def label_units(
                 f"({' or '.join(RESPONSE_SPEECH_FIELDS)}); add it or label a directory of WAVs instead."
             )
         target = "tgt_units"
-    for i, (row, path) in enumerate(zip(rows, paths)):
-        row[target] = extractor.units(load_audio(path, SAMPLE_RATE))
-        if on_item is not None:
-            on_item(i + 1, len(rows), str(path))
+    bad = unreadable_audio(paths)
+    if bad:
+        raise DatasetError(
+            f"{len(bad)} audio file(s) cannot be read: {'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; fix or remove them and rerun."
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f".{out.name}.part")
     with part.open("w", encoding="utf-8") as f:
         if as_json_list:
-            json.dump(rows, f, ensure_ascii=False, indent=1)
-            f.write("\n")
-        else:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write("[\n")
+        for i, (row, path) in enumerate(zip(rows, paths)):
+            row[target] = extractor.units(load_audio(path, SAMPLE_RATE))
+            line = json.dumps(row, ensure_ascii=False)
+            f.write((f"{',' if i else ''}{line}\n") if as_json_list else line + "\n")
+            f.flush()
+            if on_item is not None:
+                on_item(i + 1, len(rows), str(path))
+        if as_json_list:
+            f.write("]\n")
     os.replace(part, out)
     return len(rows)

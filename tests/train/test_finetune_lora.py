@@ -52,10 +52,12 @@ def test_lora_stage1_saves_merged_weights_that_reproduce_the_trained_model(tiny_
 
 def test_lora_flags_are_checked(tiny_model, tmp_path: Path) -> None:
     base = dict(data=tmp_path / "m.jsonl", output=tmp_path / "o", model=tiny_model.model_dir)
-    with pytest.raises(ConfigError, match="--lora"):
-        finetune(FinetuneConfig(stage=1, qlora=True, **base))
+    assert FinetuneConfig(stage=1, qlora=True, **base).lora  # --qlora implies --lora
+    assert not FinetuneConfig(stage=1, **base).lora
     with pytest.raises(ConfigError, match="stage 1"):
         finetune(FinetuneConfig(stage=2, lora=True, **base))
+    with pytest.raises(ConfigError, match="stage 1"):
+        finetune(FinetuneConfig(stage=2, qlora=True, **base))
 
 
 def test_lora_resume_matches_training_straight(tiny_model, tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.errors import CheckpointError
+from omni_cli.train.data import DatasetError
 from omni_cli.train.units import (
     CENTRES_KEY,
     UnitExtractor,
@@ -126,3 +127,77 @@ def test_convert_kmeans_cli_warns_and_writes_centres(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "unpickles" in result.stderr and "--kmeans" in result.stdout
     np.testing.assert_array_equal(load_kmeans_centres(tmp_path / "km.safetensors").numpy(), centres)
+
+
+class _CountingExtractor:
+    """Stands in for UnitExtractor: one unit per 1000 samples; fails on request to simulate a crash midway."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def units(self, audio: np.ndarray) -> list[int]:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("simulated crash")
+        return [len(audio) // 1000]
+
+
+def test_every_unreadable_audio_file_is_reported_before_any_labelling(tmp_path: Path) -> None:
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    _speech(wavs / "a.wav", 0.5, 0)
+    (wavs / "b.wav").write_bytes(b"not audio")
+    (wavs / "c.flac").write_bytes(b"")
+    extractor = _CountingExtractor()
+    with pytest.raises(DatasetError, match="2 audio file") as info:
+        label_units(wavs, tmp_path / "out.jsonl", extractor)  # type: ignore[arg-type]
+    assert "b.wav" in str(info.value) and "c.flac" in str(info.value) and "a.wav" not in str(info.value)
+    assert extractor.calls == 0 and not (tmp_path / "out.jsonl").exists()
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "x", "tgt_speech": "gone.wav"}) + "\n")
+    with pytest.raises(DatasetError, match="gone.wav"):
+        label_units(manifest, tmp_path / "out.jsonl", extractor)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_labelled_rows_reach_the_part_file_as_they_are_done(tmp_path: Path, suffix: str) -> None:
+    for i in range(3):
+        _speech(tmp_path / f"r{i}.wav", 0.25 * (i + 1), i)
+    rows = [{"id": f"r{i}", "tgt_speech": f"r{i}.wav"} for i in range(3)]
+    manifest = tmp_path / f"m{suffix}"
+    manifest.write_text(json.dumps(rows) if suffix == ".json" else "".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / f"out{suffix}"
+    with pytest.raises(RuntimeError, match="simulated"):
+        label_units(manifest, out, _CountingExtractor(fail_at=3))  # type: ignore[arg-type]
+    part = out.with_name(f".{out.name}.part")
+    assert not out.exists() and part.read_text(encoding="utf-8").count('"tgt_units"') == 2
+    assert label_units(manifest, out, _CountingExtractor()) == 3  # a full run renames into place
+    done = json.loads(out.read_text()) if suffix == ".json" else [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["tgt_units"] for r in done] == [[4], [8], [12]] and not part.exists()
+
+
+def test_convert_kmeans_creates_the_destination_folder(tmp_path: Path) -> None:
+    src = tmp_path / "km.bin"
+    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=np.ones((2, 3), dtype=np.float32))))
+    dst = convert_kmeans(src, tmp_path / "new" / "dir" / "km.safetensors", warn=lambda m: None)
+    assert load_kmeans_centres(dst).shape == (2, 3)
+
+
+def test_units_cli_defaults_to_cuda_when_available(centres_file: Path, tmp_path: Path, monkeypatch) -> None:
+    from omni_cli.errors import ConfigError
+    from omni_cli.train import units
+
+    devices: list[str] = []
+
+    def fake_extractor(hubert, centres, layer, device):  # records the device, stops before loading
+        devices.append(device)
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(units, "UnitExtractor", fake_extractor)
+    args = ["units", str(tmp_path), "--out", str(tmp_path / "o.jsonl"), "--hubert", str(tmp_path), "--kmeans", str(centres_file)]
+    for available, expected in ((True, "cuda"), (False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda available=available: available)
+        assert CliRunner().invoke(app, args).exit_code == 2
+        assert devices[-1] == expected
+    assert CliRunner().invoke(app, [*args, "--device", "cpu"]).exit_code == 2 and devices[-1] == "cpu"
