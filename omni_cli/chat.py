@@ -50,8 +50,6 @@ TRANSCRIPT_NAME = "transcript.jsonl"
 class ReplySource(Protocol):
     """What the session needs from the model: `SpeechToSpeech` or a test double."""
 
-    last_speech_embeddings: Any
-
     def respond(
         self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None
     ) -> Iterator[Event]: ...
@@ -155,6 +153,7 @@ class ReplyProgress:
     interrupted: bool = False
     barge_in_t: float | None = None
     error: str | None = None
+    user_speech: Any = None  # the turn's speech embeddings from Done, kept in the history
 
     @property
     def audio_seconds(self) -> float:
@@ -346,6 +345,7 @@ class ChatSession:
             elif isinstance(event, Done):
                 reply.text, reply.units, reply.tokens, reply.stopped = event.text, len(event.units), event.tokens, event.stopped
                 reply.generated_t = event.t
+                reply.user_speech = event.user_speech
             self._listen_while_replying(reply, timeout=0.0)
             if self.stop_requested and not reply.interrupted:
                 self._interrupt(reply)
@@ -468,8 +468,7 @@ class ChatSession:
             summary.append(record["stopped"])
         self.view.reply_end(", ".join(summary))
         if reply.error is None and reply.text:
-            speech = None if isinstance(question, str) else self.pipeline.last_speech_embeddings
-            self._remember(HistoryTurn(user_speech=speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
+            self._remember(HistoryTurn(user_speech=reply.user_speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
 
     def _remember(self, turn: HistoryTurn) -> None:
         """Keep a finished turn for memory, dropping the oldest turns the pipeline's context budget could never fit again.

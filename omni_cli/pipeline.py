@@ -67,6 +67,8 @@ class Done:
     t: float
     tokens: int
     stopped: str  # "eos", "budget" or "interrupted"
+    # This turn's speech embeddings on the CPU (None for typed text), for the caller's history.
+    user_speech: torch.Tensor | None = None
 
 
 Event = TextDelta | Units | AudioChunk | Done
@@ -125,7 +127,6 @@ class SpeechToSpeech:
                 f"the speech decoder emits {decoder.cfg.unit_vocab_size} kinds of units but the vocoder knows "
                 f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
             )
-        self.last_speech_embeddings: torch.Tensor | None = None
 
     @torch.inference_mode()
     def encode_speech(self, audio: np.ndarray) -> torch.Tensor:
@@ -172,8 +173,8 @@ class SpeechToSpeech:
     ) -> Iterator[Event]:
         """Answer one user turn (16 kHz audio, or typed text) and stream the reply as events.
 
-        After the iterator ends, `last_speech_embeddings` holds this turn's speech embeddings
-        (None for text) so the caller can keep them in its history.
+        The final Done event carries this turn's speech embeddings (None for text) so the
+        caller can keep them in its history.
         """
         m = self.model
         with torch.inference_mode():
@@ -184,13 +185,15 @@ class SpeechToSpeech:
                 speech_now = self.encode_speech(audio)
                 turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
                 speech.append(speech_now)
-            # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.
-            self.last_speech_embeddings = None if speech_now is None else speech_now.detach().cpu()
             prompt_ids = build_prompt_ids(m.tokenizer, turns)
             embeds = splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech)
-        yield from self._stream(embeds, should_stop)
+        # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.
+        user_speech = None if speech_now is None else speech_now.detach().cpu()
+        yield from self._stream(embeds, should_stop, user_speech)
 
-    def _stream(self, embeds: torch.Tensor, should_stop: Callable[[], bool] | None) -> Iterator[Event]:
+    def _stream(
+        self, embeds: torch.Tensor, should_stop: Callable[[], bool] | None, user_speech: torch.Tensor | None
+    ) -> Iterator[Event]:
         m = self.model
         cfg = self.streaming
         speaking = self.vocoder is not None and m.unit_decoder is not None
@@ -231,7 +234,7 @@ class SpeechToSpeech:
             last = self._render(state, final=True)
             if last.audio.size:
                 yield last
-        yield Done(state.detok.text, state.units, time.monotonic(), n_tokens, stopped)
+        yield Done(state.detok.text, state.units, time.monotonic(), n_tokens, stopped, user_speech)
 
     def _vocoder_stream(self) -> VocoderStream:
         assert self.vocoder is not None

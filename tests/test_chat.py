@@ -59,13 +59,12 @@ class FakePipeline:
         self.fail_on_call: int | None = None
         self.calls: list[tuple[object, list[HistoryTurn]]] = []
         self.played_tokens: list[int] = []
-        self.last_speech_embeddings: object = None
         self.chunks_yielded: list[np.ndarray] = []
 
     def respond(self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
         call = len(self.calls)
         self.calls.append((audio, list(history)))
-        self.last_speech_embeddings = None if isinstance(audio, str) else f"embeddings-of-call-{call}"
+        speech = None if isinstance(audio, str) else f"embeddings-of-call-{call}"
         words: list[str] = []
         stopped, n = "eos", 0
         for i in range(self.tokens):
@@ -86,7 +85,7 @@ class FakePipeline:
                 stopped = "interrupted"
                 break
         self.played_tokens.append(n)
-        yield Done("".join(words), list(range(n)), 0.0, n, stopped)
+        yield Done("".join(words), list(range(n)), 0.0, n, stopped, speech)
 
 
 class FakeMic:

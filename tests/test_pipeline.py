@@ -100,7 +100,8 @@ def test_history_is_part_of_the_next_prompt(tiny_loaded, vocoder, question_wavs)
     pipe = _pipeline(tiny_loaded, None, max_new_tokens=8)
     audio = load_audio(question_wavs[0])
     first = list(pipe.respond(audio))[-1]
-    history = [HistoryTurn(pipe.last_speech_embeddings, None, first.text)]
+    assert first.user_speech is not None and first.user_speech.device.type == "cpu"
+    history = [HistoryTurn(first.user_speech, None, first.text)]
     again_alone = list(pipe.respond("What did you just say?"))[-1]
     with_memory = list(pipe.respond("What did you just say?", history=history))[-1]
     assert with_memory.text != again_alone.text
