@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 
 from omni_cli.errors import OmniError
+
+if TYPE_CHECKING:
+    from omni_cli.pipeline import SpeechToSpeech
 
 app = typer.Typer(
     name="omni",
@@ -31,7 +34,7 @@ PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp16 on CU
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1 or cpu. Default: cuda when available.")]
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one error line and exit."""
     typer.echo(f"omni: error: {message}", err=True)
     raise typer.Exit(code)
@@ -48,7 +51,7 @@ def build_pipeline(
     chunk_units: int,
     first_chunk_units: int | None,
     assume_yes: bool = False,
-):  # noqa: ANN201 - returns SpeechToSpeech; imported lazily so `omni --help` stays fast
+) -> SpeechToSpeech:  # imported lazily so `omni --help` stays fast
     """Load the model (and vocoder) and wrap them in the streaming pipeline.
 
     `model` may name a preset (e.g. llama-omni-8b): its missing parts are downloaded after

@@ -149,7 +149,7 @@ class OmniConfig:
         return out
 
     def save(self, model_dir: Path) -> None:
-        """Write config.json exactly as read (plus any edits made to `raw`)."""
+        """Write config.json with every key read (plus any edits made to `raw`), keys sorted."""
         path = Path(model_dir) / "config.json"
         path.write_text(json.dumps(self.raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 

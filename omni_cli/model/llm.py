@@ -145,7 +145,6 @@ class GenerationState:
     """What one reply's generation owns: its KV cache and how far it got."""
 
     cache: DynamicCache
-    prompt_length: int
     tokens: list[int] = field(default_factory=list)
 
 
@@ -190,7 +189,7 @@ def generate(
     """
     body = llm.model
     head = llm.lm_head
-    state = GenerationState(cache=DynamicCache(config=llm.config), prompt_length=inputs_embeds.shape[1])
+    state = GenerationState(cache=DynamicCache(config=llm.config))
     warpers = _sampler(sampling)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
