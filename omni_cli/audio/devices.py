@@ -10,7 +10,7 @@ import difflib
 from dataclasses import dataclass
 from math import gcd
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from scipy.signal import resample_poly
@@ -142,7 +142,10 @@ def choose_stream_settings(
 
     Raises AudioInputError naming what was tried when PortAudio accepts none of them.
     """
-    info = sd.query_devices(index, kind=kind) if index is None else sd.query_devices(index)
+    try:
+        info = sd.query_devices(index, kind=kind) if index is None else sd.query_devices(index)
+    except sd.PortAudioError as exc:
+        raise _cannot_open(kind, "default" if index is None else str(index), exc) from exc
     name = str(info["name"])
     default_rate = int(info["default_samplerate"])
     max_channels = max(1, int(info[f"max_{kind}_channels"]))
@@ -160,6 +163,30 @@ def choose_stream_settings(
     tried = ", ".join(f"{r} Hz/{c} ch" for r, c in dict.fromkeys(candidates))
     what, option = ("microphone", "--input-device") if kind == "input" else ("speaker", "--output-device")
     raise AudioInputError(f"{what} '{name}' accepts none of {tried}; pick another with {option} (see `omni devices`).")
+
+
+def _cannot_open(kind: DeviceKind, name: str, exc: BaseException) -> AudioInputError:
+    what = "microphone" if kind == "input" else "speaker"
+    return AudioInputError(f"cannot open {what} '{name}': {exc}; check it is connected and not in use (see `omni devices`).")
+
+
+def open_stream(sd: ModuleType, kind: DeviceKind, index: int | None, name: str, **settings: Any) -> Any:
+    """Open and start a float32 sounddevice input or output stream; one-line AudioInputError on failure."""
+    factory = sd.InputStream if kind == "input" else sd.OutputStream
+    try:
+        stream = factory(device=index, dtype="float32", **settings)
+        stream.start()
+    except sd.PortAudioError as exc:
+        raise _cannot_open(kind, name, exc) from exc
+    return stream
+
+
+def close_stream(stream: Any) -> None:
+    """Stop and close a stream, closing it even when stopping fails."""
+    try:
+        stream.stop()
+    finally:
+        stream.close()
 
 
 class StreamResampler:

@@ -13,9 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, choose_stream_settings, find_device, load_sounddevice
+from omni_cli.audio.devices import StreamResampler, choose_stream_settings, close_stream, find_device, load_sounddevice, open_stream
 from omni_cli.audio.vad import FrameSplitter
-from omni_cli.errors import AudioInputError
 
 
 
@@ -59,29 +58,23 @@ class Microphone:
             return self
         sd = load_sounddevice()
         index = find_device(self.device, "input")
-        try:
-            self.device_name, rate, channels = choose_stream_settings(
-                sd, index, "input", self.sample_rate, self.requested_device_rate
-            )
-            self._channels = channels
-            self._resampler = StreamResampler(rate, self.sample_rate)
-            self._splitter.reset()
-            self.device_rate = rate
-            stream = sd.InputStream(
-                device=index,
-                samplerate=rate,
-                channels=channels,
-                dtype="float32",
-                # One callback per frame when no resampling is needed: frames go straight to the queue.
-                blocksize=max(1, round(rate * self.frame_ms / 1000)),
-                latency="low",
-                callback=self._callback,
-            )
-            stream.start()
-        except sd.PortAudioError as exc:
-            raise AudioInputError(
-                f"cannot open microphone '{self.device_name}': {exc}; check it is connected and not in use (see `omni devices`)."
-            ) from exc
+        self.device_name, rate, channels = choose_stream_settings(sd, index, "input", self.sample_rate, self.requested_device_rate)
+        self._channels = channels
+        self._resampler = StreamResampler(rate, self.sample_rate)
+        self._splitter.reset()
+        self.device_rate = rate
+        stream = open_stream(
+            sd,
+            "input",
+            index,
+            self.device_name,
+            samplerate=rate,
+            channels=channels,
+            # One callback per frame when no resampling is needed: frames go straight to the queue.
+            blocksize=max(1, round(rate * self.frame_ms / 1000)),
+            latency="low",
+            callback=self._callback,
+        )
         self._stream = stream
         return self
 
@@ -89,10 +82,7 @@ class Microphone:
         """Stop and close the stream; frames already queued stay readable."""
         stream, self._stream = self._stream, None
         if stream is not None:
-            try:
-                stream.stop()
-            finally:
-                stream.close()
+            close_stream(stream)
 
     def __enter__(self) -> Microphone:
         return self.start()

@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, choose_stream_settings, find_device, load_sounddevice
-from omni_cli.errors import AudioInputError
+from omni_cli.audio.devices import StreamResampler, choose_stream_settings, close_stream, find_device, load_sounddevice, open_stream
 
 
 
@@ -77,26 +76,20 @@ class Player:
             return self
         sd = load_sounddevice()
         index = find_device(self.device, "output")
-        try:
-            self.device_name, rate, channels = choose_stream_settings(
-                sd, index, "output", self.sample_rate, self.requested_device_rate
-            )
-            self.device_rate = rate
-            self._resampler = StreamResampler(self.sample_rate, rate)
-            stream = sd.OutputStream(
-                device=index,
-                samplerate=rate,
-                channels=channels,
-                dtype="float32",
-                blocksize=max(1, round(rate * self.block_ms / 1000)),
-                latency=self.latency,
-                callback=self._callback,
-            )
-            stream.start()
-        except sd.PortAudioError as exc:
-            raise AudioInputError(
-                f"cannot open speaker '{self.device_name}': {exc}; check it is connected and not in use (see `omni devices`)."
-            ) from exc
+        self.device_name, rate, channels = choose_stream_settings(sd, index, "output", self.sample_rate, self.requested_device_rate)
+        self.device_rate = rate
+        self._resampler = StreamResampler(self.sample_rate, rate)
+        stream = open_stream(
+            sd,
+            "output",
+            index,
+            self.device_name,
+            samplerate=rate,
+            channels=channels,
+            blocksize=max(1, round(rate * self.block_ms / 1000)),
+            latency=self.latency,
+            callback=self._callback,
+        )
         self._output_latency = float(stream.latency)
         self._stream = stream
         return self
@@ -106,10 +99,7 @@ class Player:
         self.stop()
         stream, self._stream = self._stream, None
         if stream is not None:
-            try:
-                stream.stop()
-            finally:
-                stream.close()
+            close_stream(stream)
 
     def __enter__(self) -> Player:
         return self.start()
