@@ -64,11 +64,11 @@ def check_gpu(preset: Preset | None, resolved: ResolvedModel | None, precision: 
     except Exception:  # noqa: BLE001 - reported by check_libraries
         return []
     from omni_cli.download import format_gb
-    from omni_cli.gpu_memory import best_fitting_precision, cuda_memory, estimate_gpu_memory, sizes_for_model
+    from omni_cli.gpu_memory import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
 
     sizes = sizes_for_model(resolved) if resolved is not None else None
     need = estimate_gpu_memory(sizes, precision) if sizes is not None else None
-    shown = "fp16" if precision == "auto" else precision
+    shown = shown_precision(precision)
     needs = f"; {preset.name} needs ~{format_gb(need)} at {shown}" if preset and need else ""
     memory = cuda_memory()
     if memory is None:

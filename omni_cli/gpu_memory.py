@@ -9,11 +9,11 @@ compute dtype. On top come the KV caches of a long chat and a fixed workspace al
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omni_cli.config import read_json
 from omni_cli.errors import ConfigError
 from omni_cli.presets import GB, Preset, ResolvedModel
 
@@ -96,11 +96,11 @@ def sizes_for_preset(preset: Preset) -> ModelSizes:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    """A config file's contents, or None when it is absent or unreadable (estimates then fall back to the preset)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "config")
+    except ConfigError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _adaptor_hidden(model_dir: Path) -> int | None:
@@ -176,12 +176,17 @@ def best_fitting_precision(sizes: ModelSizes, free_bytes: int) -> str | None:
     return None
 
 
+def shown_precision(precision: str) -> str:
+    """The precision a GPU load really uses: "auto" means fp16 there."""
+    return "fp16" if precision == "auto" else precision
+
+
 def check_fits(free_bytes: int, sizes: ModelSizes, precision: str, name: str = "the model") -> int:
     """Return the estimate; raise ConfigError naming a precision that fits when it does not."""
     need = estimate_gpu_memory(sizes, precision)
     if need <= free_bytes:
         return need
-    shown = "fp16" if precision == "auto" else precision
+    shown = shown_precision(precision)
     head = f"{name} needs ~{need / GB:.1f} GB of GPU memory at {shown} but the GPU has {free_bytes / GB:.1f} GB free"
     best = best_fitting_precision(sizes, free_bytes)
     if best is not None and best != shown:
