@@ -28,7 +28,7 @@ import torch
 
 from omni_cli.audio.io import load_audio
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
-from omni_cli.model.llm import SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
+from omni_cli.model.llm import LlmSteps, SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.loading import OmniModel, Placement, load_omni
 from omni_cli.model.unit_decoder import collapse_ctc
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream, load_vocoder
@@ -54,8 +54,12 @@ class Clock:
         return out, self.now() - start
 
 
-def build_full(device: torch.device, dtype: torch.dtype) -> tuple[OmniModel, UnitVocoder]:
-    """The released architecture at full size with random weights, built directly on the device."""
+def build_full(device: torch.device, dtype: torch.dtype, llm_layers: int = 32, encoder_layers: int = 32) -> tuple[OmniModel, UnitVocoder]:
+    """The released architecture at full size with random weights, built directly on the device.
+
+    `llm_layers`/`encoder_layers` below 32 keep every width but cut the depth: a smoke run of the
+    full-size code path on a machine without the memory for all of it.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig
 
     from omni_cli.config import OmniConfig, VocoderConfig
@@ -67,7 +71,7 @@ def build_full(device: torch.device, dtype: torch.dtype) -> tuple[OmniModel, Uni
     tmp = Path(tempfile.mkdtemp())
     tokenizer = make_tiny_tokenizer(tmp)
     raw = tiny_config_dict(len(tokenizer), int(tokenizer.bos_token_id), int(tokenizer.eos_token_id), "", 1280,
-                           hidden=4096, layers=32, heads=32, kv_heads=8, decoder_spec="(2,4096,32,11008)")
+                           hidden=4096, layers=llm_layers, heads=32, kv_heads=8, decoder_spec="(2,4096,32,11008)")
     raw.update(vocab_size=128256, intermediate_size=14336)
     config = OmniConfig.from_dict(raw)
     llama = LlamaConfig(**config.llama_dict())
@@ -76,18 +80,20 @@ def build_full(device: torch.device, dtype: torch.dtype) -> tuple[OmniModel, Uni
     try:
         with torch.device(device):
             llm = LlamaForCausalLM(llama).eval()
-            encoder = SpeechEncoder(WhisperConfig(num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20,
+            encoder = SpeechEncoder(WhisperConfig(num_mel_bins=128, d_model=1280, encoder_layers=encoder_layers, encoder_attention_heads=20,
                                                   encoder_ffn_dim=5120, max_source_positions=1500)).eval()
             adaptor = SpeechAdaptor(1280, 4096, 5, 2048).eval()
             decoder = UnitDecoder(config.speech_decoder, llama).eval()
-            vocoder = UnitVocoder(VocoderConfig.from_dict({
+    finally:
+        torch.set_default_dtype(previous)
+    # The vocoder runs in fp32 whatever the LLM's precision, as in the product.
+    with torch.device(device):
+        vocoder = UnitVocoder(VocoderConfig.from_dict({
                 "upsample_rates": [5, 4, 4, 2, 2], "upsample_kernel_sizes": [11, 8, 8, 4, 4],
                 "upsample_initial_channel": 512, "resblock_kernel_sizes": [3, 7, 11],
                 "resblock_dilation_sizes": [[1, 3, 5]] * 3, "num_embeddings": 1000, "embedding_dim": 128,
                 "model_in_dim": 128, "dur_predictor_params": {"encoder_embed_dim": 128, "var_pred_hidden_dim": 128,
                                                               "var_pred_kernel_size": 3, "var_pred_dropout": 0.5}}))
-    finally:
-        torch.set_default_dtype(previous)
     model = OmniModel(config, tokenizer, encoder, adaptor, llm, decoder, Placement(device, dtype, None))
     return model, vocoder
 
@@ -101,7 +107,8 @@ def build_tiny(device: torch.device) -> tuple[OmniModel, UnitVocoder]:
     return model, load_vocoder(paths.vocoder_dir, device=device)
 
 
-def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: int, tokens: int, clock: Clock) -> dict:
+def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: int, tokens: int, clock: Clock,
+            steps: LlmSteps | None = None) -> dict:
     """Time one reply our way and the reference's way on the same inputs."""
     dev, dtype = model.device, model.placement.dtype
     out: dict = {}
@@ -123,7 +130,7 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
     hiddens = []
     audio_out = 0
     t0 = clock.now()
-    gen = generate(model.llm, embeds, set(), sampling)
+    gen = generate(model.llm, embeds, set(), sampling, steps=steps)
     prefill_ms = None
     while True:
         s = clock.now()
@@ -154,7 +161,7 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
     total = clock.now() - t0
     front = out["features_ms"] + out["encoder_ms"] + out["adaptor_ms"]
     out.update(prefill_ms=prefill_ms, llm_step_ms=llm_s / max(len(hiddens) - 1, 1),
-               unit_step_ms=unit_s / len(hiddens), vocoder_ms_per_chunk=voc_s / max(1, -(-len(ours_units) // chunk)),
+               unit_step_ms=unit_s / len(hiddens), vocoder_chunk_ms=voc_s / max(1, -(-len(ours_units) // chunk)),
                llm_steps_until_first_chunk=llm_steps_first,
                first_audio_ms=None if first_chunk_at is None else front + first_chunk_at,
                reply_s=front + total, audio_s=audio_out / vocoder.config.sampling_rate)
@@ -187,7 +194,12 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
                unit_decoding_speedup=ref_unit_s / unit_s if unit_s else None)
     if ref_first and out["first_audio_ms"]:
         out["first_audio_ratio_ref_over_ours"] = ref_first / out["first_audio_ms"]
-    return {k: (round(v * 1000, 2) if k.endswith("_ms") and isinstance(v, float) else v) for k, v in out.items()}
+    def shown(key: str, value: object) -> object:
+        if not isinstance(value, float):
+            return value
+        return round(value * 1000, 2) if key.endswith("_ms") else round(value, 3)
+
+    return {k: shown(k, v) for k, v in out.items()}
 
 
 def main() -> None:
@@ -199,22 +211,39 @@ def main() -> None:
     parser.add_argument("--chunk-units", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--llm-steps", nargs="+", choices=("eager", "static", "compiled"), default=["eager"],
+                        help="LLM decoding step modes to time side by side (compiled: static cache + torch.compile)")
+    parser.add_argument("--llm-layers", type=int, default=32, help="full size only: fewer layers for a smoke run")
+    parser.add_argument("--encoder-layers", type=int, default=32, help="full size only: fewer layers for a smoke run")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
-    model, vocoder = build_full(device, dtype) if args.size == "full" else build_tiny(device)
+    if args.size == "full":
+        model, vocoder = build_full(device, dtype, args.llm_layers, args.encoder_layers)
+    else:
+        model, vocoder = build_tiny(device)
     clock = Clock(device)
     audio = load_audio(args.wav)
-    for _ in range(args.warmup):
-        measure(model, vocoder, audio, args.chunk_units[0], 8, clock)
-    for chunk in args.chunk_units:
-        row = {"benchmark": "latency", "size": args.size, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               "dtype": str(dtype).removeprefix("torch."), "chunk_units": chunk, "tokens": args.max_new_tokens, "wav": args.wav.name}
-        row.update(measure(model, vocoder, audio, chunk, args.max_new_tokens, clock))
-        if device.type == "cuda":
-            row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        print(json.dumps(row), flush=True)
+    for mode in args.llm_steps:
+        steps = LlmSteps(model.llm, static_cache=mode != "eager", compile=mode == "compiled")
+        compile_s = None
+        for i in range(max(args.warmup, 1 if mode == "compiled" else 0)):
+            (_, seconds) = clock.time(lambda: measure(model, vocoder, audio, args.chunk_units[0], 8, clock, steps))
+            compile_s = seconds if i == 0 and mode == "compiled" else compile_s
+        for chunk in args.chunk_units:
+            row = {"benchmark": "latency", "size": args.size,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                   "dtype": str(dtype).removeprefix("torch."), "llm_steps": mode, "chunk_units": chunk,
+                   "tokens": args.max_new_tokens, "wav": args.wav.name}
+            if args.size == "full" and (args.llm_layers, args.encoder_layers) != (32, 32):
+                row.update(llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)
+            if compile_s is not None:
+                row["compile_warmup_s"] = round(compile_s, 1)
+            row.update(measure(model, vocoder, audio, chunk, args.max_new_tokens, clock, steps))
+            if device.type == "cuda":
+                row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

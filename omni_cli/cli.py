@@ -11,7 +11,7 @@ import typer
 from omni_cli.errors import OmniError
 
 if TYPE_CHECKING:
-    from omni_cli.pipeline import SpeechToSpeech
+    from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
 
 app = typer.Typer(
     name="omni",
@@ -32,6 +32,14 @@ VocoderOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16, 8bit, 4bit.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1 or cpu. Default: cuda when available.")]
+LlmStepsOpt = Annotated[
+    str,
+    typer.Option(
+        "--llm-steps",
+        help="How the LLM's decoding steps run: eager (default); static (preallocated KV cache); compiled "
+        "(static + torch.compile, CUDA graphs on a GPU: faster tokens after a one-off compile at start).",
+    ),
+]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -46,10 +54,7 @@ def build_pipeline(
     vocoder: Path | None,
     precision: str,
     device: str | None,
-    max_new_tokens: int,
-    temperature: float,
-    chunk_units: int,
-    first_chunk_units: int | None,
+    streaming: StreamingConfig,
     assume_yes: bool = False,
 ) -> SpeechToSpeech:  # imported lazily so `omni --help` stays fast
     """Load the model (and vocoder) and wrap them in the streaming pipeline.
@@ -72,10 +77,9 @@ def build_pipeline(
 
     import torch
 
-    from omni_cli.model.llm import SamplingConfig
     from omni_cli.model.loading import load_omni, resolve_placement
     from omni_cli.model.vocoder import load_vocoder
-    from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
 
     # The vocoder is small: load it first so a wrong --vocoder fails before the LLM loads.
     placement = resolve_placement(precision, device)
@@ -83,12 +87,34 @@ def build_pipeline(
     # durations round differently, changing the audio's length.
     voc = None if vocoder is None else load_vocoder(vocoder, dtype=torch.float32, device=placement.device)
     loaded = load_omni(model, speech_encoder, precision=precision, device=device)
-    streaming = StreamingConfig(
+    pipeline = SpeechToSpeech(loaded, voc, streaming)
+    if streaming.llm_steps == "compiled":
+        typer.echo("Compiling the LLM decoding steps (once per start; can take a minute)...", err=True)
+        problem = pipeline.warm_up()
+        if problem:
+            typer.echo(f"omni: warning: {problem}", err=True)
+    return pipeline
+
+
+def streaming_config(
+    max_new_tokens: int,
+    temperature: float,
+    chunk_units: int,
+    first_chunk_units: int | None,
+    llm_steps: str,
+    context_budget: int = 4096,
+) -> StreamingConfig:
+    """The reply options shared by chat and transcribe-and-reply."""
+    from omni_cli.model.llm import SamplingConfig
+    from omni_cli.pipeline import StreamingConfig
+
+    return StreamingConfig(
         chunk_units=chunk_units,
         first_chunk_units=first_chunk_units,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+        context_budget=context_budget,
+        llm_steps=llm_steps,
     )
-    return SpeechToSpeech(loaded, voc, streaming)
 
 
 @app.command("transcribe-and-reply")
@@ -105,6 +131,7 @@ def transcribe_and_reply_cmd(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
     chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
     first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = None,
+    llm_steps: LlmStepsOpt = "eager",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
@@ -118,9 +145,8 @@ def transcribe_and_reply_cmd(
     if out is not None and vocoder is None and not looks_like_preset(model):
         fail("--out writes the spoken reply and needs --vocoder DIR (the unit HiFi-GAN).")
     try:
-        pipeline = build_pipeline(
-            model, speech_encoder, vocoder, precision, device, max_new_tokens, temperature, chunk_units, first_chunk_units, assume_yes=yes
-        )
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, llm_steps)
+        pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
     except OmniError as exc:
         fail(str(exc))
     failed = transcribe_and_reply(pipeline, files, out, as_json)
@@ -166,6 +192,7 @@ def chat_cmd(
     hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = 600,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = 2,
     context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = 4096,
+    llm_steps: LlmStepsOpt = "eager",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
 ) -> None:
     """Talk with the model: speak, see the reply written and hear it spoken; earlier turns are remembered.
@@ -177,8 +204,6 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
-    from dataclasses import replace
-
     from omni_cli.chat import ChatOptions, default_session_dir, preflight, run_chat
     from omni_cli.chat_view import ChatView
 
@@ -193,10 +218,8 @@ def chat_cmd(
     )
     try:
         preflight(options)
-        pipeline = build_pipeline(
-            model, speech_encoder, vocoder, precision, device, max_new_tokens, temperature, chunk_units, first_chunk_units, assume_yes=yes
-        )
-        pipeline.streaming = replace(pipeline.streaming, context_budget=context_budget)
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, llm_steps, context_budget)
+        pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
         code = run_chat(pipeline, options, ChatView())
     except OmniError as exc:
         fail(str(exc))

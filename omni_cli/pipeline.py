@@ -19,6 +19,7 @@ from omni_cli.errors import ConfigError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     IncrementalDetokenizer,
+    LlmSteps,
     SamplingConfig,
     Turn,
     build_prompt_ids,
@@ -73,6 +74,8 @@ class Done:
 
 Event = TextDelta | Units | AudioChunk | Done
 
+LLM_STEP_MODES = ("eager", "static", "compiled")
+
 
 @dataclass(frozen=True)
 class StreamingConfig:
@@ -84,6 +87,13 @@ class StreamingConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Earlier turns are dropped, oldest first, once the prompt would exceed this many positions.
     context_budget: int = 4096
+    # How LLM decoding steps run: "eager" (growing KV cache), "static" (preallocated cache of
+    # context_budget positions) or "compiled" (static + torch.compile; CUDA graphs on a GPU).
+    llm_steps: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.llm_steps not in LLM_STEP_MODES:
+            raise ConfigError(f"unknown LLM step mode {self.llm_steps!r}; choose one of {', '.join(LLM_STEP_MODES)}.")
 
 
 @dataclass
@@ -121,12 +131,39 @@ class SpeechToSpeech:
         self.streaming = streaming or StreamingConfig()
         generation_config = getattr(model.llm, "generation_config", None)
         self.stop_ids = stop_token_ids(model.tokenizer, getattr(generation_config, "eos_token_id", None))
+        self.llm_steps = self._llm_steps(self.streaming.llm_steps)
         decoder = model.unit_decoder
         if vocoder is not None and decoder is not None and decoder.cfg.unit_vocab_size > vocoder.config.num_embeddings:
             raise ConfigError(
                 f"the speech decoder emits {decoder.cfg.unit_vocab_size} kinds of units but the vocoder knows "
                 f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
             )
+
+    def _llm_steps(self, mode: str) -> LlmSteps:
+        return LlmSteps(
+            self.model.llm, static_cache=mode != "eager", compile=mode == "compiled", capacity=self.streaming.context_budget
+        )
+
+    def warm_up(self) -> str | None:
+        """Run a few LLM steps so one-off work (torch.compile) happens now, not in the first reply.
+
+        If compiling fails (no compiler, unsupported quantization), the pipeline goes on with
+        uncompiled static-cache steps and the reason is returned for the caller to show.
+        """
+        m = self.model
+        with torch.inference_mode():
+            ids = build_prompt_ids(m.tokenizer, [Turn("user", "Hello.")])
+            embeds = splice_speech(m.llm.get_input_embeddings(), ids, [])
+        try:
+            # Two steps after the prefill: the first compiles, the second replays (CUDA graph capture).
+            for _ in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=4, ignore_stop=True), steps=self.llm_steps):
+                pass
+        except Exception as exc:  # noqa: BLE001 - any compiler failure means: run uncompiled
+            if not self.llm_steps.compiled:
+                raise
+            self.llm_steps = self._llm_steps("static")
+            return f"compiling the LLM steps failed ({type(exc).__name__}); running them uncompiled."
+        return None
 
     @torch.inference_mode()
     def encode_speech(self, audio: np.ndarray) -> torch.Tensor:
@@ -204,7 +241,7 @@ class SpeechToSpeech:
         )
         stopped = "budget"
         n_tokens = 0
-        for tok in generate(m.llm, embeds, self.stop_ids, cfg.sampling, should_stop):
+        for tok in generate(m.llm, embeds, self.stop_ids, cfg.sampling, should_stop, steps=self.llm_steps):
             n_tokens += 1
             if not tok.is_stop:
                 delta = state.detok.push(tok.token_id)

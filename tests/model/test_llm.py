@@ -10,6 +10,7 @@ from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.llm import (
     SPEECH_TOKEN_INDEX,
     IncrementalDetokenizer,
+    LlmSteps,
     SamplingConfig,
     Turn,
     build_prompt_ids,
@@ -122,6 +123,48 @@ def test_yielded_hidden_states_equal_a_full_forward(tiny_loaded) -> None:
     for i, tok in enumerate(out):
         # The hidden state that produced token i sits at position p - 1 + i.
         torch.testing.assert_close(tok.hidden, hs[p - 1 + i], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static", "static+compiled"])
+def test_static_cache_steps_give_the_same_reply_as_the_growing_cache(tiny_loaded, compiled: bool) -> None:
+    m = tiny_loaded
+    graphs: list = []
+
+    def counting_backend(gm, example_inputs):  # dynamo's traced step, run as is (no C++ build)
+        graphs.append(gm)
+        return gm.forward
+
+    steps = LlmSteps(m.llm, static_cache=True, compile=compiled, capacity=256, compile_backend=counting_backend)
+    dynamic = list(generate(m.llm, _prompt_embeds(m, 5), set(), SamplingConfig(max_new_tokens=12)))
+    for seed in (5, 6):  # the second reply reuses (resets) the same static buffers
+        embeds = _prompt_embeds(m, seed)
+        ours = list(generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=12), steps=steps))
+        ref = dynamic if seed == 5 else list(generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=12)))
+        assert [t.token_id for t in ours] == [t.token_id for t in ref]
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-4)
+    # Compiled: one graph for every step of both replies (fixed shapes: no recompiles per reply).
+    assert len(graphs) == (1 if compiled else 0)
+
+
+def test_static_steps_fall_back_to_a_growing_cache_when_the_prompt_does_not_fit(tiny_loaded) -> None:
+    m = tiny_loaded
+    embeds = _prompt_embeds(m, 7)
+    steps = LlmSteps(m.llm, static_cache=True, capacity=int(embeds.shape[1]) + 3)
+    ours = [t.token_id for t in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=8), steps=steps)]
+    ref = [t.token_id for t in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=8))]
+    assert ours == ref and len(ours) == 8
+
+
+def test_static_steps_refuse_a_second_reply_at_the_same_time(tiny_loaded) -> None:
+    m = tiny_loaded
+    steps = LlmSteps(m.llm, static_cache=True, capacity=256)
+    first = generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps)
+    next(first)
+    with pytest.raises(RuntimeError, match="one reply at a time"):
+        next(generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps))
+    first.close()  # an abandoned reply gives the buffers back
+    assert len(list(generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps))) == 4
 
 
 def test_generation_stops_at_eot_and_flags_it(tiny_loaded) -> None:
