@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import tempfile
 import time
@@ -108,7 +109,7 @@ def build_tiny(device: torch.device) -> tuple[OmniModel, UnitVocoder]:
 
 
 def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: int, tokens: int, clock: Clock,
-            steps: LlmSteps | None = None) -> dict:
+            steps: LlmSteps | None = None, temperature: float = 0.0, units_per_token: float = 0.0) -> dict:
     """Time one reply our way and the reference's way on the same inputs."""
     dev, dtype = model.device, model.placement.dtype
     out: dict = {}
@@ -119,7 +120,7 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
         ids = build_prompt_ids(model.tokenizer, [speech_turn()])
         embeds = splice_speech(model.llm.get_input_embeddings(), ids, [speech])
 
-    sampling = SamplingConfig(max_new_tokens=tokens, ignore_stop=True)
+    sampling = SamplingConfig(max_new_tokens=tokens, ignore_stop=True, temperature=temperature, seed=0)
     stream = model.unit_decoder.start_stream()
     voc = VocoderStream(vocoder)
     llm_s = unit_s = voc_s = 0.0
@@ -166,7 +167,18 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
                first_audio_ms=None if first_chunk_at is None else front + first_chunk_at,
                reply_s=front + total, audio_s=audio_out / vocoder.config.sampling_rate)
     out["rtf"] = out["reply_s"] / out["audio_s"] if out["audio_s"] else None
-    out["speech_overhead_vs_llm"] = (unit_s + voc_s) / max(llm_s + prefill_ms, 1e-9)
+    # The target's measure: what unit decoding + vocoding add per token, over one LLM step.
+    out["speech_per_token_over_llm_step"] = (unit_s + voc_s) / len(hiddens) / max(out["llm_step_ms"], 1e-9)
+    # Random weights give about one unit per token (a token's 25 identical frames mostly share
+    # one label), trained weights several, so the measured first chunk waits for far more LLM
+    # steps than it would with the released model. The projection puts the measured per-step
+    # costs together at an assumed rate; the first token gives at most one unit (its frames are
+    # identical inputs to a causal decoder).
+    if units_per_token:
+        k = 1 + math.ceil((chunk - 1) / units_per_token)
+        out.update(projected_units_per_token=units_per_token, projected_llm_steps_until_first_chunk=k,
+                   first_audio_projected_ms=front + prefill_ms + (k - 1) * out["llm_step_ms"]
+                   + k * out["unit_step_ms"] + out["vocoder_chunk_ms"])
 
     # The reference: re-decode the whole prefix at every token; vocode each chunk on its own.
     h = torch.stack(hiddens)
@@ -213,6 +225,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--llm-steps", nargs="+", choices=("eager", "static", "compiled"), default=["eager"],
                         help="LLM decoding step modes to time side by side (compiled: static cache + torch.compile)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="sample the reply: random full-size weights tend to repeat one token greedily, which "
+                        "gives the speech decoder the same hidden state over and over and few units")
+    parser.add_argument("--units-per-token", type=float, default=0.0,
+                        help="also report first audio projected from the measured step costs at this many units per "
+                        "token (trained weights give several, random weights about one); 0 = off")
     parser.add_argument("--llm-layers", type=int, default=32, help="full size only: fewer layers for a smoke run")
     parser.add_argument("--encoder-layers", type=int, default=32, help="full size only: fewer layers for a smoke run")
     args = parser.parse_args()
@@ -235,12 +253,12 @@ def main() -> None:
             row = {"benchmark": "latency", "size": args.size,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                    "dtype": str(dtype).removeprefix("torch."), "llm_steps": mode, "chunk_units": chunk,
-                   "tokens": args.max_new_tokens, "wav": args.wav.name}
+                   "tokens": args.max_new_tokens, "temperature": args.temperature, "wav": args.wav.name}
             if args.size == "full" and (args.llm_layers, args.encoder_layers) != (32, 32):
                 row.update(llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)
             if compile_s is not None:
                 row["compile_warmup_s"] = round(compile_s, 1)
-            row.update(measure(model, vocoder, audio, chunk, args.max_new_tokens, clock, steps))
+            row.update(measure(model, vocoder, audio, chunk, args.max_new_tokens, clock, steps, args.temperature, args.units_per_token))
             if device.type == "cuda":
                 row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             print(json.dumps(row), flush=True)

@@ -20,7 +20,8 @@ def _run(script: str, *args: str) -> list[dict]:
 
 
 def test_latency_benchmark_reports_breakdown_and_reference_ratio() -> None:
-    rows = _run("latency.py", "--max-new-tokens", "30", "--chunk-units", "10", "--warmup", "0", "--llm-steps", "eager", "static")
+    rows = _run("latency.py", "--max-new-tokens", "30", "--chunk-units", "10", "--warmup", "0", "--llm-steps", "eager", "static",
+                "--units-per-token", "4")
     assert [r["llm_steps"] for r in rows] == ["eager", "static"]
     for row in rows:
         for key in ("features_ms", "encoder_ms", "adaptor_ms", "prefill_ms", "llm_step_ms", "unit_step_ms", "vocoder_chunk_ms",
@@ -31,6 +32,9 @@ def test_latency_benchmark_reports_breakdown_and_reference_ratio() -> None:
         assert 0 < row["units"] <= 30 * 25 and row["audio_s"] > 0
         # The whole reply cannot be faster than the time to its first audio.
         assert row["reply_s"] * 1000 >= row["first_audio_ms"]
+        # 1 unit from the first token, 9 more at 4 per token: 3 more steps.
+        assert row["projected_llm_steps_until_first_chunk"] == 4
+        assert row["first_audio_projected_ms"] > row["prefill_ms"] + row["encoder_ms"]
     # Same weights, same question: both step modes produce the same units.
     assert rows[0]["units"] == rows[1]["units"]
 
@@ -40,3 +44,32 @@ def test_unit_decoding_benchmark_compares_both_ways() -> None:
     results = rows[0]["results"]
     assert [r["tokens"] for r in results] == [10, 20]
     assert all(r["units_agree"] for r in results)
+
+
+def test_memory_benchmark_measures_loaded_weights_and_a_spoken_reply() -> None:
+    rows = _run("memory.py", "--size", "tiny", "--precision", "fp32", "--device", "cpu", "--max-new-tokens", "8")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["size"], row["precision"], row["device"] != "") == ("tiny", "fp32", True)
+    # All fp32: the loaded modules' bytes equal gpu_memory's count from the config files × 4 bytes.
+    assert row["param_bytes"] > 0
+    assert row["param_bytes"] == row["estimate_weight_bytes"]
+    # The full estimate adds caches and workspace; this run's KV length is below the 4096-token chat budget.
+    assert row["estimate_gb"] >= row["estimate_this_reply_gb"] > row["estimate_weights_gb"]
+    assert row["peak_rss_gb"] > 0
+    assert row["reply_tokens"] == 8 and row["reply_units"] > 0
+    # Every unit lasts at least one 20 ms vocoder frame.
+    assert row["reply_audio_s"] >= 0.02 * row["reply_units"]
+
+
+def test_memory_benchmark_refuses_4bit_on_cpu_before_writing_anything(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--size", "full", "--precision", "4bit",
+         "--device", "cpu", "--workdir", str(tmp_path)],
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "4bit" in lines[0] and "CUDA" in lines[0], proc.stderr
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []  # failed before writing the 18 GB checkpoint
