@@ -31,7 +31,8 @@ from omni_cli.audio.io import load_audio
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
 from omni_cli.model.llm import LlmSteps, SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.loading import OmniModel, Placement, load_omni
-from omni_cli.model.unit_decoder import collapse_ctc
+from omni_cli.model.decode_steps import DECODE_MODES
+from omni_cli.model.unit_decoder import UnitSteps, collapse_ctc
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream, load_vocoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def build_tiny(device: torch.device) -> tuple[OmniModel, UnitVocoder]:
 
 
 def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: int, tokens: int, clock: Clock,
-            steps: LlmSteps | None = None, temperature: float = 0.0, units_per_token: float = 0.0) -> dict:
+            steps: tuple[LlmSteps, UnitSteps] | None = None, temperature: float = 0.0, units_per_token: float = 0.0) -> dict:
     """Time one reply our way and the reference's way on the same inputs."""
     dev, dtype = model.device, model.placement.dtype
     out: dict = {}
@@ -121,7 +122,8 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
         embeds = splice_speech(model.llm.get_input_embeddings(), ids, [speech])
 
     sampling = SamplingConfig(max_new_tokens=tokens, ignore_stop=True, temperature=temperature, seed=0)
-    stream = model.unit_decoder.start_stream()
+    llm_steps, unit_steps = steps or (None, None)
+    stream = model.unit_decoder.start_stream(unit_steps)
     voc = VocoderStream(vocoder)
     llm_s = unit_s = voc_s = 0.0
     first_chunk_at = None
@@ -131,7 +133,7 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
     hiddens = []
     audio_out = 0
     t0 = clock.now()
-    gen = generate(model.llm, embeds, set(), sampling, steps=steps)
+    gen = generate(model.llm, embeds, set(), sampling, steps=llm_steps)
     prefill_ms = None
     while True:
         s = clock.now()
@@ -223,8 +225,9 @@ def main() -> None:
     parser.add_argument("--chunk-units", type=int, nargs="+", default=[10, 40])
     parser.add_argument("--max-new-tokens", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--llm-steps", nargs="+", choices=("eager", "static", "compiled"), default=["eager"],
-                        help="LLM decoding step modes to time side by side (compiled: static cache + torch.compile)")
+    parser.add_argument("--decode-steps", nargs="+", choices=DECODE_MODES, default=["eager"],
+                        help="per-token step modes of the LLM and speech decoder to time side by side "
+                        "(compiled: static caches + torch.compile)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="sample the reply: random full-size weights tend to repeat one token greedily, which "
                         "gives the speech decoder the same hidden state over and over and few units")
@@ -243,8 +246,10 @@ def main() -> None:
         model, vocoder = build_tiny(device)
     clock = Clock(device)
     audio = load_audio(args.wav)
-    for mode in args.llm_steps:
-        steps = LlmSteps(model.llm, static_cache=mode != "eager", compile=mode == "compiled")
+    for mode in args.decode_steps:
+        static, compiled = mode != "eager", mode == "compiled"
+        steps = (LlmSteps(model.llm, static_cache=static, compile=compiled),
+                 UnitSteps(model.unit_decoder, static_cache=static, compile=compiled, capacity_tokens=args.max_new_tokens))
         compile_s = None
         for i in range(max(args.warmup, 1 if mode == "compiled" else 0)):
             (_, seconds) = clock.time(lambda: measure(model, vocoder, audio, args.chunk_units[0], 8, clock, steps))
@@ -252,7 +257,7 @@ def main() -> None:
         for chunk in args.chunk_units:
             row = {"benchmark": "latency", "size": args.size,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                   "dtype": str(dtype).removeprefix("torch."), "llm_steps": mode, "chunk_units": chunk,
+                   "dtype": str(dtype).removeprefix("torch."), "decode_steps": mode, "chunk_units": chunk,
                    "tokens": args.max_new_tokens, "temperature": args.temperature, "wav": args.wav.name}
             if args.size == "full" and (args.llm_layers, args.encoder_layers) != (32, 32):
                 row.update(llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)

@@ -32,12 +32,12 @@ VocoderOpt = Annotated[
 ]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16, 8bit, 4bit.")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1 or cpu. Default: cuda when available.")]
-LlmStepsOpt = Annotated[
+DecodeStepsOpt = Annotated[
     str,
     typer.Option(
-        "--llm-steps",
-        help="How the LLM's decoding steps run: eager (default); static (preallocated KV cache); compiled "
-        "(static + torch.compile, CUDA graphs on a GPU: faster tokens after a one-off compile at start).",
+        "--decode-steps",
+        help="How the per-token steps of the LLM and the speech decoder run: eager (default); static "
+        "(preallocated KV caches); compiled (static + torch.compile, CUDA graphs on a GPU: a one-off compile at start).",
     ),
 ]
 
@@ -88,8 +88,8 @@ def build_pipeline(
     voc = None if vocoder is None else load_vocoder(vocoder, dtype=torch.float32, device=placement.device)
     loaded = load_omni(model, speech_encoder, precision=precision, device=device)
     pipeline = SpeechToSpeech(loaded, voc, streaming)
-    if streaming.llm_steps == "compiled":
-        typer.echo("Compiling the LLM decoding steps (once per start; can take a minute)...", err=True)
+    if streaming.decode_steps == "compiled":
+        typer.echo("Compiling the decoding steps (once per start; can take a minute)...", err=True)
         problem = pipeline.warm_up()
         if problem:
             typer.echo(f"omni: warning: {problem}", err=True)
@@ -101,7 +101,7 @@ def streaming_config(
     temperature: float,
     chunk_units: int,
     first_chunk_units: int | None,
-    llm_steps: str,
+    decode_steps: str,
     context_budget: int = 4096,
 ) -> StreamingConfig:
     """The reply options shared by chat and transcribe-and-reply."""
@@ -113,7 +113,7 @@ def streaming_config(
         first_chunk_units=first_chunk_units,
         sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
         context_budget=context_budget,
-        llm_steps=llm_steps,
+        decode_steps=decode_steps,
     )
 
 
@@ -131,7 +131,7 @@ def transcribe_and_reply_cmd(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
     chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
     first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = None,
-    llm_steps: LlmStepsOpt = "eager",
+    decode_steps: DecodeStepsOpt = "eager",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
@@ -145,7 +145,7 @@ def transcribe_and_reply_cmd(
     if out is not None and vocoder is None and not looks_like_preset(model):
         fail("--out writes the spoken reply and needs --vocoder DIR (the unit HiFi-GAN).")
     try:
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, llm_steps)
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps)
         pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
     except OmniError as exc:
         fail(str(exc))
@@ -192,7 +192,7 @@ def chat_cmd(
     hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = 600,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = 2,
     context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = 4096,
-    llm_steps: LlmStepsOpt = "eager",
+    decode_steps: DecodeStepsOpt = "eager",
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
 ) -> None:
     """Talk with the model: speak, see the reply written and hear it spoken; earlier turns are remembered.
@@ -218,7 +218,7 @@ def chat_cmd(
     )
     try:
         preflight(options)
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, llm_steps, context_budget)
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps, context_budget)
         pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
         code = run_chat(pipeline, options, ChatView())
     except OmniError as exc:

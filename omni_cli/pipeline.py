@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from omni_cli.errors import ConfigError
+from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     IncrementalDetokenizer,
@@ -29,7 +30,7 @@ from omni_cli.model.llm import (
     stop_token_ids,
 )
 from omni_cli.model.loading import OmniModel
-from omni_cli.model.unit_decoder import UnitStream
+from omni_cli.model.unit_decoder import UnitSteps, UnitStream
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream
 
 
@@ -74,8 +75,6 @@ class Done:
 
 Event = TextDelta | Units | AudioChunk | Done
 
-LLM_STEP_MODES = ("eager", "static", "compiled")
-
 
 @dataclass(frozen=True)
 class StreamingConfig:
@@ -87,13 +86,14 @@ class StreamingConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Earlier turns are dropped, oldest first, once the prompt would exceed this many positions.
     context_budget: int = 4096
-    # How LLM decoding steps run: "eager" (growing KV cache), "static" (preallocated cache of
-    # context_budget positions) or "compiled" (static + torch.compile; CUDA graphs on a GPU).
-    llm_steps: str = "eager"
+    # How the LLM's and the speech decoder's per-token steps run: "eager" (growing KV caches),
+    # "static" (preallocated caches: context_budget positions for the LLM, max_new_tokens
+    # tokens' frames for the decoder) or "compiled" (static + torch.compile; CUDA graphs on a GPU).
+    decode_steps: str = "eager"
 
     def __post_init__(self) -> None:
-        if self.llm_steps not in LLM_STEP_MODES:
-            raise ConfigError(f"unknown LLM step mode {self.llm_steps!r}; choose one of {', '.join(LLM_STEP_MODES)}.")
+        if self.decode_steps not in DECODE_MODES:
+            raise ConfigError(f"unknown decode-steps mode {self.decode_steps!r}; choose one of {', '.join(DECODE_MODES)}.")
 
 
 @dataclass
@@ -131,7 +131,7 @@ class SpeechToSpeech:
         self.streaming = streaming or StreamingConfig()
         generation_config = getattr(model.llm, "generation_config", None)
         self.stop_ids = stop_token_ids(model.tokenizer, getattr(generation_config, "eos_token_id", None))
-        self.llm_steps = self._llm_steps(self.streaming.llm_steps)
+        self._make_steps(self.streaming.decode_steps)
         decoder = model.unit_decoder
         if vocoder is not None and decoder is not None and decoder.cfg.unit_vocab_size > vocoder.config.num_embeddings:
             raise ConfigError(
@@ -139,13 +139,16 @@ class SpeechToSpeech:
                 f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
             )
 
-    def _llm_steps(self, mode: str) -> LlmSteps:
-        return LlmSteps(
-            self.model.llm, static_cache=mode != "eager", compile=mode == "compiled", capacity=self.streaming.context_budget
+    def _make_steps(self, mode: str) -> None:
+        static, compiled = mode != "eager", mode == "compiled"
+        self.llm_steps = LlmSteps(self.model.llm, static_cache=static, compile=compiled, capacity=self.streaming.context_budget)
+        decoder = self.model.unit_decoder
+        self.unit_steps = None if decoder is None else UnitSteps(
+            decoder, static_cache=static, compile=compiled, capacity_tokens=self.streaming.sampling.max_new_tokens
         )
 
     def warm_up(self) -> str | None:
-        """Run a few LLM steps so one-off work (torch.compile) happens now, not in the first reply.
+        """Run a few decoding steps so one-off work (torch.compile) happens now, not in the first reply.
 
         If compiling fails (no compiler, unsupported quantization), the pipeline goes on with
         uncompiled static-cache steps and the reason is returned for the caller to show.
@@ -155,14 +158,16 @@ class SpeechToSpeech:
             ids = build_prompt_ids(m.tokenizer, [Turn("user", "Hello.")])
             embeds = splice_speech(m.llm.get_input_embeddings(), ids, [])
         try:
-            # Two steps after the prefill: the first compiles, the second replays (CUDA graph capture).
-            for _ in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=4, ignore_stop=True), steps=self.llm_steps):
-                pass
+            # Prefill, then steps that compile and replay (CUDA graph capture) — the LLM's and the speech decoder's.
+            stream = None if m.unit_decoder is None else m.unit_decoder.start_stream(self.unit_steps)
+            for tok in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=4, ignore_stop=True), steps=self.llm_steps):
+                if stream is not None:
+                    stream.step(tok.hidden)
         except Exception as exc:  # noqa: BLE001 - any compiler failure means: run uncompiled
             if not self.llm_steps.compiled:
                 raise
-            self.llm_steps = self._llm_steps("static")
-            return f"compiling the LLM steps failed ({type(exc).__name__}); running them uncompiled."
+            self._make_steps("static")
+            return f"compiling the decoding steps failed ({type(exc).__name__}); running them uncompiled."
         return None
 
     @torch.inference_mode()
@@ -236,7 +241,7 @@ class SpeechToSpeech:
         speaking = self.vocoder is not None and m.unit_decoder is not None
         state = ReplyState(
             detok=IncrementalDetokenizer(m.tokenizer),
-            unit_stream=m.unit_decoder.start_stream() if speaking else None,
+            unit_stream=m.unit_decoder.start_stream(self.unit_steps) if speaking else None,
             vocoder_stream=self._vocoder_stream() if speaking else None,
         )
         stopped = "budget"

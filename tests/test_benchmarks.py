@@ -20,9 +20,9 @@ def _run(script: str, *args: str) -> list[dict]:
 
 
 def test_latency_benchmark_reports_breakdown_and_reference_ratio() -> None:
-    rows = _run("latency.py", "--max-new-tokens", "30", "--chunk-units", "10", "--warmup", "0", "--llm-steps", "eager", "static",
+    rows = _run("latency.py", "--max-new-tokens", "30", "--chunk-units", "10", "--warmup", "0", "--decode-steps", "eager", "static",
                 "--units-per-token", "4")
-    assert [r["llm_steps"] for r in rows] == ["eager", "static"]
+    assert [r["decode_steps"] for r in rows] == ["eager", "static"]
     for row in rows:
         for key in ("features_ms", "encoder_ms", "adaptor_ms", "prefill_ms", "llm_step_ms", "unit_step_ms", "vocoder_chunk_ms",
                     "first_audio_ms", "ref_first_audio_ms", "rtf", "unit_decoding_speedup"):

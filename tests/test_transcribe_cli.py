@@ -183,14 +183,14 @@ def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, 
         assert Path(row["wav"]).name == f"{q.stem}.wav"
 
 
-def test_llm_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, question_wavs, monkeypatch) -> None:
+def test_decode_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, question_wavs, monkeypatch) -> None:
     def reply(*extra: str) -> tuple[dict, str]:
         result = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--json", *extra)])
         assert result.exit_code == 0, result.output
         return json.loads(result.stdout.splitlines()[0]), result.stderr
 
     eager, _ = reply()
-    static, _ = reply("--llm-steps", "static")
+    static, _ = reply("--decode-steps", "static")
     assert (static["text"], static["units"]) == (eager["text"], eager["units"])
 
     # A compiler that fails (no C compiler, unsupported quantization) costs a warning, not the reply.
@@ -202,10 +202,10 @@ def test_llm_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, quest
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    compiled, stderr = reply("--llm-steps", "compiled")
-    assert "warning: compiling the LLM steps failed (RuntimeError); running them uncompiled." in stderr
+    compiled, stderr = reply("--decode-steps", "compiled")
+    assert "warning: compiling the decoding steps failed (RuntimeError); running them uncompiled." in stderr
     assert (compiled["text"], compiled["units"]) == (eager["text"], eager["units"])
 
-    bad = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--llm-steps", "fast")])
+    bad = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--decode-steps", "fast")])
     assert bad.exit_code == 2
-    assert bad.stderr.strip() == "omni: error: unknown LLM step mode 'fast'; choose one of eager, static, compiled."
+    assert bad.stderr.strip() == "omni: error: unknown decode-steps mode 'fast'; choose one of eager, static, compiled."

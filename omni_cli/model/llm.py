@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from transformers import Cache, DynamicCache, LlamaForCausalLM, PreTrainedTokenizerBase, StaticCache
@@ -19,6 +18,8 @@ from transformers.generation.logits_process import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+
+from omni_cli.model.decode_steps import CompileBackend, StaticCacheSlot, compile_step, run_compiled
 
 SPEECH_PLACEHOLDER = "<speech>"
 # What a speech turn carries through the chat template instead of "<speech>", so a user who
@@ -141,23 +142,20 @@ class GeneratedToken:
     is_stop: bool
 
 
-@dataclass
+@dataclass(eq=False)
 class GenerationState:
     """What one reply's generation owns: its KV cache and how far it got."""
 
-    cache: Cache
+    cache: Cache | None = None
     tokens: list[int] = field(default_factory=list)
 
 
 class LlmSteps:
     """How the LLM's one-token decoding steps run: eagerly with a growing cache (default), or
-    with a preallocated static KV cache and, optionally, a `torch.compile`d step.
+    on a preallocated static KV cache and, optionally, as a `torch.compile`d step.
 
-    A static cache has fixed shapes, which is what lets `torch.compile(mode="reduce-overhead")`
-    capture each step as a CUDA graph: an 8B model's step is otherwise bound by launching
-    hundreds of small kernels from Python. The cache is allocated once and reset per reply, so
-    one LlmSteps serves one reply at a time; a prompt that would not fit falls back to a growing
-    cache (same tokens, just not compiled).
+    The static cache is reset per reply, so one LlmSteps serves one reply at a time; a prompt
+    that would not fit falls back to a growing cache (same tokens, just not compiled).
     """
 
     def __init__(
@@ -166,61 +164,45 @@ class LlmSteps:
         static_cache: bool = False,
         compile: bool = False,
         capacity: int = 4096,
-        compile_backend: str | Callable[..., Any] = "inductor",
+        compile_backend: CompileBackend = "inductor",
     ) -> None:
         if compile and not static_cache:
             raise ValueError("compiled LLM steps need the static cache (compile=True, static_cache=True)")
         self.llm = llm
-        self.static_cache = static_cache
-        self.capacity = capacity
-        self._cache: StaticCache | None = None
-        self._busy = False
-        step = self._step
-        if compile:
-            options = {"mode": "reduce-overhead"} if compile_backend == "inductor" else {}
-            # dynamic=False: every decoding step has the same shapes, so one graph serves all.
-            step = torch.compile(self._step, backend=compile_backend, fullgraph=False, dynamic=False, **options)
-        self._compiled_step = step
+        self.slot = StaticCacheSlot(llm.config, capacity) if static_cache else None
         self.compiled = compile
+        self._compiled_step = compile_step(self._step, compile_backend) if compile else self._step
 
     def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True)
         hidden = out.last_hidden_state[0, -1]
         return hidden, self.llm.lm_head(hidden)
 
-    def new_cache(self, needed: int) -> Cache:
-        """A cache for one reply of `needed` positions (prompt + new tokens)."""
-        if not self.static_cache or needed > self.capacity:
-            return DynamicCache(config=self.llm.config)
-        if self._busy:
-            raise RuntimeError("this LlmSteps is already decoding a reply; one reply at a time")
-        if self._cache is None:
-            self._cache = StaticCache(config=self.llm.config, max_cache_len=self.capacity)
+    def start(self, state: GenerationState, needed: int) -> None:
+        """Give one reply of `needed` positions (prompt + new tokens) its cache."""
+        if self.slot is None or needed > self.slot.capacity:
+            state.cache = DynamicCache(config=self.llm.config)
         else:
-            self._cache.reset()
-        self._busy = True
-        return self._cache
+            state.cache = self.slot.borrow(state)
 
-    def release(self, cache: Cache) -> None:
-        """The reply that used `cache` is over (its static buffers may be reused)."""
-        if cache is self._cache:
-            self._busy = False
-
-    def prefill(self, embeds: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(self, embeds: torch.Tensor, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the prompt (1, T, H) eagerly; return the last position's hidden state and logits."""
         positions = torch.arange(embeds.shape[1], device=embeds.device)[None]
+        return self._step(embeds, positions, self._cache_of(state))
+
+    def step(self, embeds: torch.Tensor, position: int, state: GenerationState) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token's embedding (1, 1, H) at `position` → its hidden state and logits."""
+        cache = self._cache_of(state)
+        positions = torch.tensor([[position]], device=embeds.device)
+        if self.compiled and isinstance(cache, StaticCache):
+            hidden, logits = run_compiled(self._compiled_step, embeds.device, embeds, positions, cache)
+            return hidden, logits
         return self._step(embeds, positions, cache)
 
-    def step(self, embeds: torch.Tensor, position: int, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token's embedding (1, 1, H) at `position` → its hidden state and logits."""
-        positions = torch.tensor([[position]], device=embeds.device)
-        if not (self.compiled and isinstance(cache, StaticCache)):
-            return self._step(embeds, positions, cache)
-        if embeds.device.type == "cuda":
-            # CUDA graphs reuse their output buffers on the next replay: mark the step and copy out.
-            torch.compiler.cudagraph_mark_step_begin()
-        hidden, logits = self._compiled_step(embeds, positions, cache)
-        return hidden.clone(), logits.clone()
+    def _cache_of(self, state: GenerationState) -> Cache:
+        if self.slot is not None and isinstance(state.cache, StaticCache):
+            self.slot.check(state)
+        return state.cache
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, generation_eos: int | Sequence[int] | None = None) -> set[int]:
@@ -265,23 +247,8 @@ def generate(
     (eager with a growing cache when None).
     """
     steps = steps or LlmSteps(llm)
-    prompt_len = int(inputs_embeds.shape[1])
-    state = GenerationState(cache=steps.new_cache(prompt_len + sampling.max_new_tokens))
-    try:
-        yield from _decode(llm, inputs_embeds, stop_ids, sampling, should_stop, steps, state)
-    finally:
-        steps.release(state.cache)
-
-
-def _decode(
-    llm: LlamaForCausalLM,
-    inputs_embeds: torch.Tensor,
-    stop_ids: set[int],
-    sampling: SamplingConfig,
-    should_stop: Callable[[], bool] | None,
-    steps: LlmSteps,
-    state: GenerationState,
-) -> Iterator[GeneratedToken]:
+    state = GenerationState()
+    steps.start(state, int(inputs_embeds.shape[1]) + sampling.max_new_tokens)
     warpers = _sampler(sampling)
     generator = None
     if sampling.temperature > 0 and sampling.seed is not None:
@@ -291,10 +258,10 @@ def _decode(
         if should_stop is not None and should_stop():
             return
         if i == 0:
-            hidden, logits = steps.prefill(inputs_embeds, state.cache)
+            hidden, logits = steps.prefill(inputs_embeds, state)
         else:
             step_input = llm.model.embed_tokens(torch.tensor([[state.tokens[-1]]], device=inputs_embeds.device))
-            hidden, logits = steps.step(step_input, position, state.cache)
+            hidden, logits = steps.step(step_input, position, state)
             position += 1
         logits = logits.float().unsqueeze(0)
         if sampling.temperature > 0:

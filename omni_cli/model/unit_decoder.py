@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import LlamaConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from omni_cli.config import OmniConfig, SpeechDecoderConfig
 from omni_cli.errors import ConfigError
+from omni_cli.model.decode_steps import CompileBackend, StaticCacheSlot, compile_step, run_compiled
 
 # Padding value of target unit sequences, as in the reference's data collator.
 IGNORE_INDEX = -100
@@ -154,7 +155,7 @@ class UnitDecoder(nn.Module):
         self,
         frames: Tensor,
         position_ids: Tensor,
-        cache: DynamicCache | None,
+        cache: Cache | None,
     ) -> Tensor:
         """input_proj → layers → output_proj over upsampled frames (B, T, H_llm) → logits."""
         states = self.input_proj(frames)
@@ -279,9 +280,57 @@ class UnitDecoder(nn.Module):
         # clamp: an all-empty batch gives 0 instead of the reference's division by zero.
         return loss / target_lengths.sum().clamp(min=1)
 
-    def start_stream(self) -> UnitStream:
-        """A fresh incremental decoding state for one reply."""
-        return UnitStream(self)
+    def start_stream(self, steps: UnitSteps | None = None) -> UnitStream:
+        """A fresh incremental decoding state for one reply (`steps`: how its steps run)."""
+        return UnitStream(self, steps)
+
+
+class UnitSteps:
+    """How the speech decoder's per-token steps run: eagerly with a growing cache (default), or
+    on a preallocated static cache of `capacity_tokens` tokens' frames and, optionally, as a
+    `torch.compile`d step (see decode_steps). One reply at a time."""
+
+    def __init__(
+        self,
+        decoder: UnitDecoder,
+        static_cache: bool = False,
+        compile: bool = False,
+        capacity_tokens: int = 256,
+        compile_backend: CompileBackend = "inductor",
+    ) -> None:
+        if compile and not static_cache:
+            raise ValueError("compiled speech-decoder steps need the static cache (compile=True, static_cache=True)")
+        self.decoder = decoder
+        capacity = capacity_tokens * decoder.cfg.upsample_factor
+        self.slot = StaticCacheSlot(decoder.config, capacity) if static_cache else None
+        self.compiled = compile
+        self._compiled_run = compile_step(self._run, compile_backend) if compile else self._run
+
+    def _run(self, frames: Tensor, position_ids: Tensor, cache: Cache) -> tuple[Tensor]:
+        return (self.decoder._run_layers(frames, position_ids, cache),)
+
+    def new_cache(self, holder: object) -> Cache:
+        """A cache for one reply, held by `holder` (its UnitStream)."""
+        if self.slot is None:
+            return DynamicCache(config=self.decoder.config)
+        return self.slot.borrow(holder)
+
+    def run(self, frames: Tensor, start: int, cache: Cache, holder: object) -> Tensor:
+        """Frames (1, n, H_llm) at positions start.. against `cache` → per-frame logits."""
+        end = start + frames.shape[1]
+        position_ids = torch.arange(start, end, device=frames.device)[None]
+        if isinstance(cache, StaticCache) and self.slot is not None:
+            self.slot.check(holder)
+            if end > self.slot.capacity:
+                raise RuntimeError(
+                    f"the reply outgrew the speech decoder's static cache ({self.slot.capacity} frames); "
+                    "raise its capacity (max new tokens) or use eager steps"
+                )
+            # The first step fills the empty cache eagerly (as the LLM's prefill does), so the
+            # compiled step only ever sees an initialised cache: one graph for every later step.
+            if self.compiled and start > 0:
+                return run_compiled(self._compiled_run, frames.device, frames, position_ids, cache)[0]
+        return self._run(frames, position_ids, cache)[0]
 
 
 class UnitStream:
@@ -292,9 +341,10 @@ class UnitStream:
     `UnitDecoder.predict_units` on the whole reply.
     """
 
-    def __init__(self, decoder: UnitDecoder) -> None:
+    def __init__(self, decoder: UnitDecoder, steps: UnitSteps | None = None) -> None:
         self.decoder = decoder
-        self.cache = DynamicCache(config=decoder.config)
+        self.steps = steps or UnitSteps(decoder)
+        self.cache = self.steps.new_cache(self)
         self.position = 0
         self.collapser = CtcCollapser(decoder.blank_id)
         self.last_labels: Tensor | None = None  # per-frame argmax of the latest step
@@ -309,8 +359,7 @@ class UnitStream:
             return []
         frames = hidden.repeat_interleave(decoder.cfg.upsample_factor, dim=0)[None]
         count = frames.shape[1]
-        position_ids = torch.arange(self.position, self.position + count, device=weight.device)[None]
-        logits = decoder._run_layers(frames, position_ids, self.cache)
+        logits = self.steps.run(frames, self.position, self.cache, self)
         self.position += count
         labels = F.log_softmax(logits[0].float(), dim=-1).argmax(dim=-1)
         self.last_labels = labels

@@ -156,15 +156,16 @@ def test_static_steps_fall_back_to_a_growing_cache_when_the_prompt_does_not_fit(
     assert ours == ref and len(ours) == 8
 
 
-def test_static_steps_refuse_a_second_reply_at_the_same_time(tiny_loaded) -> None:
+def test_a_newer_reply_takes_the_static_cache_and_the_older_one_stops(tiny_loaded) -> None:
     m = tiny_loaded
     steps = LlmSteps(m.llm, static_cache=True, capacity=256)
-    first = generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps)
-    next(first)
-    with pytest.raises(RuntimeError, match="one reply at a time"):
-        next(generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps))
-    first.close()  # an abandoned reply gives the buffers back
-    assert len(list(generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps))) == 4
+    old = generate(m.llm, _prompt_embeds(m, 8), set(), SamplingConfig(max_new_tokens=4), steps=steps)
+    next(old)  # an interrupted reply, not closed yet
+    new = [t.token_id for t in generate(m.llm, _prompt_embeds(m, 9), set(), SamplingConfig(max_new_tokens=4), steps=steps)]
+    assert new == [t.token_id for t in generate(m.llm, _prompt_embeds(m, 9), set(), SamplingConfig(max_new_tokens=4))]
+    # The older reply must not read the newer reply's keys and values.
+    with pytest.raises(RuntimeError, match="taken by a newer reply"):
+        next(old)
 
 
 def test_generation_stops_at_eot_and_flags_it(tiny_loaded) -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import transformers
 
 from omni_cli.config import OmniConfig, SpeechDecoderConfig
-from omni_cli.model.unit_decoder import CtcCollapser, UnitDecoder, collapse_ctc
+from omni_cli.model.unit_decoder import CtcCollapser, UnitDecoder, UnitSteps, collapse_ctc
 
 LLM_HIDDEN = 32
 UNITS = 50
@@ -280,6 +280,40 @@ def test_streaming_with_the_released_upsample_factor() -> None:
     stream = decoder.start_stream()
     bounds = [0, 1, 4, 5, 11, 19, 20, 33, 40]
     assert [u for a, b in itertools.pairwise(bounds) for u in stream.step(hidden[a:b])] == offline
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["static", "static+compiled"])
+def test_static_cache_streams_give_exactly_the_offline_units(compiled: bool) -> None:
+    decoder = make_decoder(factor=25, llama3=True)
+    graphs: list = []
+
+    def counting_backend(gm, example_inputs):  # dynamo's traced step, run as is (no C++ build)
+        graphs.append(gm)
+        return gm.forward
+
+    steps = UnitSteps(decoder, static_cache=True, compile=compiled, capacity_tokens=40, compile_backend=counting_backend)
+    for seed in (5, 6):  # the second reply resets and reuses the same buffers
+        hidden = reply(40, seed=seed)
+        stream = decoder.start_stream(steps)
+        units = [u for i in range(40) for u in stream.step(hidden[i])]
+        assert units == decoder.predict_units(hidden)
+    # One traced step serves every token of both replies: the shapes never change.
+    assert len(graphs) == (1 if compiled else 0)
+    # The cache holds 40 tokens' frames; a 41st is refused, not written past the end.
+    with pytest.raises(RuntimeError, match="outgrew the speech decoder's static cache"):
+        stream.step(hidden[0])
+
+
+def test_a_newer_stream_takes_the_static_cache_and_the_older_one_stops() -> None:
+    decoder = make_decoder()
+    steps = UnitSteps(decoder, static_cache=True, capacity_tokens=20)
+    old = decoder.start_stream(steps)
+    old.step(reply(20, seed=3)[0])
+    hidden = reply(20, seed=4)
+    new = decoder.start_stream(steps)
+    assert [u for i in range(20) for u in new.step(hidden[i])] == decoder.predict_units(hidden)
+    with pytest.raises(RuntimeError, match="taken by a newer reply"):
+        old.step(hidden[0])
 
 
 def test_two_streams_do_not_share_state() -> None:
