@@ -120,6 +120,16 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
         speech, out["adaptor_ms"] = clock.time(lambda: model.adaptor(frames)[0])
         ids = build_prompt_ids(model.tokenizer, [speech_turn()])
         embeds = splice_speech(model.llm.get_input_embeddings(), ids, [speech])
+        # What the 30 s padding costs: the encoder on the question's own length and the prefill of
+        # the shorter prompt it gives. Not what omni runs: unpadded outputs differ from padded ones
+        # (the released model was trained on padded input), so this only prices the idea.
+        short_mel = log_mel_spectrogram(audio, model.encoder.n_mels, None, device=dev)
+        short_frames, out["unpadded_encoder_ms"] = clock.time(lambda: model.encoder(short_mel.unsqueeze(0).to(dtype)))
+        short = splice_speech(model.llm.get_input_embeddings(), ids, [model.adaptor(short_frames)[0]])
+        _, out["unpadded_prefill_ms"] = clock.time(lambda: model.llm.model(inputs_embeds=short))
+        _, padded_prefill = clock.time(lambda: model.llm.model(inputs_embeds=embeds))
+        out["speech_positions"], out["unpadded_speech_positions"] = int(speech.shape[0]), int(short.shape[1] - embeds.shape[1] + speech.shape[0])
+        out["padded_prefill_ms"] = padded_prefill
 
     sampling = SamplingConfig(max_new_tokens=tokens, ignore_stop=True, temperature=temperature, seed=0)
     llm_steps, unit_steps = steps or (None, None)

@@ -32,6 +32,9 @@ def test_latency_benchmark_reports_breakdown_and_reference_ratio() -> None:
         assert 0 < row["units"] <= 30 * 25 and row["audio_s"] > 0
         # The whole reply cannot be faster than the time to its first audio.
         assert row["reply_s"] * 1000 >= row["first_audio_ms"]
+        # The 30 s padding priced: a ~2 s question needs a fraction of the 300 speech positions.
+        assert row["speech_positions"] == 300 and 0 < row["unpadded_speech_positions"] < 60
+        assert row["unpadded_encoder_ms"] > 0 and row["unpadded_prefill_ms"] > 0
         # 1 unit from the first token, 9 more at 4 per token: 3 more steps.
         assert row["projected_llm_steps_until_first_chunk"] == 4
         assert row["first_audio_projected_ms"] > row["prefill_ms"] + row["encoder_ms"]
