@@ -7,11 +7,12 @@ being written.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Cache, DynamicCache, LlamaForCausalLM, PreTrainedTokenizerBase, StaticCache
+from transformers import Cache, DynamicCache, LlamaForCausalLM, LlamaModel, PreTrainedTokenizerBase, StaticCache
 from transformers.generation.logits_process import (
     LogitsProcessorList,
     TemperatureLogitsWarper,
@@ -46,6 +47,10 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
 )
 STOP_TOKENS = ("<|eot_id|>", "<|end_of_text|>")
+# transformers 5.24 renamed the model's `past_key_values` keyword to `cache`. A keyword the
+# model does not know vanishes into **kwargs: no cache, every step would see one token. So
+# the name is looked up, not assumed.
+_CACHE_KW = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -142,7 +147,7 @@ class GeneratedToken:
     is_stop: bool
 
 
-@dataclass(eq=False)
+@dataclass
 class GenerationState:
     """What one reply's generation owns: its KV cache and how far it got."""
 
@@ -174,7 +179,7 @@ class LlmSteps:
         self._compiled_step = compile_step(self._step, compile_backend) if compile else self._step
 
     def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, cache=cache, use_cache=True)
+        out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **{_CACHE_KW: cache})
         hidden = out.last_hidden_state[0, -1]
         return hidden, self.llm.lm_head(hidden)
 
