@@ -148,3 +148,46 @@ def test_missing_adaptor_weight_is_named(tiny_model, tmp_path: Path) -> None:
     save_file(tensors, str(shard))
     with pytest.raises(CheckpointError, match="missing weight 'model.speech_projector.linear1.weight'"):
         load_omni(d, tiny_model.speech_encoder, precision="fp32", device="cpu")
+
+
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_quantized_load_stores_the_estimated_bytes_and_stays_close(tiny_model, tiny_loaded, monkeypatch, quantization: str) -> None:
+    """The --precision 4bit/8bit path through bitsandbytes, run on the CPU.
+
+    Users are sent to a GPU for these precisions (on a CPU they only cost speed); bitsandbytes
+    >= 0.50 runs them on the CPU too, which lets CI load the released layout through the same
+    from_pretrained + BitsAndBytesConfig path and check what gpu_memory assumes.
+    """
+    import bitsandbytes as bnb
+
+    from omni_cli.gpu_memory import QUANTIZED_BYTES
+    from omni_cli.model import loading
+    from omni_cli.model.llm import build_prompt_ids, speech_turn, splice_speech
+
+    monkeypatch.setattr(loading, "resolve_placement", lambda precision, device=None: loading.Placement(torch.device("cpu"), torch.float32, quantization))
+    m = load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision=quantization, device="cpu")
+    kind = bnb.nn.Linear4bit if quantization == "4bit" else bnb.nn.Linear8bitLt
+    linears = [mod for layer in m.llm.model.layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
+    assert linears and all(isinstance(mod, kind) for mod in linears)
+    # The head and the embeddings stay unquantized, as gpu_memory counts them.
+    assert type(m.llm.lm_head) is torch.nn.Linear and m.llm.lm_head.weight.dtype == torch.float32
+
+    # Stored bytes per quantized weight: what the GPU estimate multiplies by.
+    weights = sum(mod.in_features * mod.out_features for mod in linears)
+    if quantization == "4bit":
+        stored = sum(mod.weight.numel() + mod.weight.quant_state.absmax.numel() * 4 for mod in linears)
+        assert stored == weights * QUANTIZED_BYTES["4bit"]
+    else:
+        stored = sum(mod.weight.numel() * mod.weight.element_size() for mod in linears)
+        assert stored == weights * QUANTIZED_BYTES["8bit"]
+
+    # Same prompt, same weights: the quantized LLM's last hidden states point where fp32's do.
+    torch.manual_seed(0)
+    ids = build_prompt_ids(m.tokenizer, [speech_turn()])
+    speech = torch.randn(12, m.config.hidden_size) * 0.5
+    with torch.inference_mode():
+        ours = m.llm.model(inputs_embeds=splice_speech(m.llm.get_input_embeddings(), ids, [speech])).last_hidden_state[0]
+        ref = tiny_loaded.llm.model(inputs_embeds=splice_speech(tiny_loaded.llm.get_input_embeddings(), ids, [speech])).last_hidden_state[0]
+    cos = torch.nn.functional.cosine_similarity(ours.float(), ref, dim=-1)
+    # A load that dropped or scrambled weights gives about 0; nf4 rounding leaves ~0.99, int8 ~0.9999.
+    assert cos.min() > (0.95 if quantization == "4bit" else 0.999), cos.min()
