@@ -42,6 +42,7 @@ from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
 from omni_cli.model.loading import (
     ADAPTOR_PREFIX,
     DECODER_PREFIX,
+    IGNORED_PREFIXES,
     OmniModel,
     load_omni,
     load_tokenizer,
@@ -255,10 +256,20 @@ def apply_lora(omni: OmniModel, rank: int, alpha: int, quantized: bool) -> None:
     omni.llm = get_peft_model(omni.llm, config)
 
 
-def llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
-    """The LLM weights under their released names; LoRA adapters are merged in (without changing `llm`)."""
+def llm_state_dict(llm: nn.Module, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """The LLM weights under their released names; LoRA adapters are merged in (without changing `llm`).
+
+    QLoRA (a 4/8-bit base): merging into the quantized weights would write packed bytes and
+    quantization state, which is not the released layout, and would bake the rounding into
+    every weight. Instead the adapters' deltas are added to the original weights read from
+    `base_dir`, and the result is stored in float32.
+    """
     if not _is_peft(llm):
         return {k: v.detach() for k, v in llm.state_dict().items()}
+    if _has_quantized_base(llm):
+        if base_dir is None:
+            raise ValueError("merging QLoRA adapters needs the base checkpoint directory")
+        return _merge_into_base(llm, base_dir)
     llm.merge_adapter()
     try:
         state = {}
@@ -272,8 +283,35 @@ def llm_state_dict(llm: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def checkpoint_tensors(model: OmniForTraining, sharded: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of the released layout, on CPU and contiguous.
+def _has_quantized_base(llm: nn.Module) -> bool:
+    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in llm.modules())
+
+
+def _merge_into_base(llm: nn.Module, base_dir: Path) -> dict[str, torch.Tensor]:
+    from peft.tuners.lora import LoraLayer
+
+    deltas: dict[str, torch.Tensor] = {}
+    for name, module in llm.named_modules():
+        if isinstance(module, LoraLayer):
+            key = name.removeprefix("base_model.model.") + ".weight"
+            with torch.no_grad():
+                deltas[key] = sum(module.get_delta_weight(a).float() for a in module.active_adapters).cpu()
+    own = (ADAPTOR_PREFIX, DECODER_PREFIX, *IGNORED_PREFIXES)
+    state: dict[str, torch.Tensor] = {}
+    for shard in weight_files(base_dir):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(own):
+                    continue
+                tensor = f.get_tensor(key)
+                state[key] = tensor.float() + deltas.pop(key) if key in deltas else tensor
+    if deltas:
+        raise CheckpointError(f"{base_dir} has no weight {next(iter(deltas))!r} for a trained adapter; pass the base model it was trained from.")
+    return state
+
+
+def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the released layout, on CPU and contiguous (`base_dir`: the base weights, for QLoRA).
 
     With `sharded` (FSDP) every process must call this: the full weights are gathered onto
     rank 0's CPU, and the other ranks get an empty dict.
@@ -288,7 +326,7 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False) -> dict[st
         adaptor = {k[len("adaptor.") :]: v for k, v in full.items() if k.startswith("adaptor.")}
         decoder = {k[len("unit_decoder.") :]: v for k, v in full.items() if k.startswith("unit_decoder.")}
     else:
-        tensors = llm_state_dict(model.llm)
+        tensors = llm_state_dict(model.llm, base_dir)
         adaptor = model.adaptor.state_dict()
         decoder = model.unit_decoder.state_dict() if model.unit_decoder is not None else {}
     if getattr(model.llm.config, "tie_word_embeddings", False):
@@ -624,7 +662,7 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
         # Under FSDP gathering weights and optimizer state is collective: every rank takes part.
         # Under DDP only rank 0 writes, so only it builds the CPU copy.
         if cfg.fsdp or dist_info.is_main:
-            return checkpoint_tensors(model, cfg.fsdp), trainer_state()
+            return checkpoint_tensors(model, cfg.fsdp, weights_source), trainer_state()
         return {}, None
 
     def save_step() -> Path:

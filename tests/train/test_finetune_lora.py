@@ -85,3 +85,45 @@ def test_lora_resume_matches_training_straight(tiny_model, tmp_path: Path) -> No
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     assert straight.losses[2:] == pytest.approx(resumed.losses, abs=1e-5)
+
+
+def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, tmp_path: Path, monkeypatch) -> None:
+    """--qlora trains on a 4-bit base; the saved checkpoint must still be the released layout.
+
+    Run on the CPU (bitsandbytes >= 0.50 quantizes there too; users are sent to a GPU for 4-bit).
+    """
+    import bitsandbytes as bnb
+
+    from omni_cli.model import loading
+
+    real = loading.resolve_placement
+    monkeypatch.setattr(loading, "resolve_placement", lambda precision, device=None: (
+        loading.Placement(torch.device("cpu"), torch.float32, "4bit") if precision == "4bit" else real(precision, device)))
+    t = np.arange(8000) / 16000
+    sf.write(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris."}) + "\n")
+    rank, alpha = 4, 8
+    cfg = FinetuneConfig(stage=1, data=manifest, output=tmp_path / "out", model=tiny_model.model_dir,
+                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1, grad_accum=1,
+                         lr=1e-2, qlora=True, lora_rank=rank, lora_alpha=alpha, save_every=0)
+    result = finetune(cfg)
+    trained = result.model.llm.state_dict()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.llm.modules()), "the base was not 4-bit"
+
+    before, after = _weights(tiny_model.model_dir), _weights(result.output_dir)
+    assert before.keys() == after.keys()  # no packed weights, no quantization state: the released names
+    for key, value in after.items():
+        module = key.removesuffix(".weight")
+        a = trained.get(f"base_model.model.{module}.lora_A.default.weight")
+        if a is None:
+            if not key.startswith("model.speech_projector."):
+                assert torch.equal(value, before[key]), key  # frozen: bit-identical to the base
+            continue
+        b = trained[f"base_model.model.{module}.lora_B.default.weight"]
+        # W + B·A·alpha/r, added to the ORIGINAL weight, not to its 4-bit rounding.
+        expected = before[key].float() + (b.float() @ a.float()) * (alpha / rank)
+        torch.testing.assert_close(value, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(value, before[key].float()), f"{key}: the adapter did not learn"
+    # And it loads (strictly) for inference like any checkpoint.
+    load_omni(result.output_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
