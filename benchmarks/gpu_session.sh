@@ -34,7 +34,7 @@ case "${1:-}" in
         | tee "$out/unit_decoding.jsonl"
     else
       for precision in 4bit fp16; do
-        python3 benchmarks/memory.py --size full --device cuda --precision "$precision" --max-new-tokens 100 \
+        python3 benchmarks/memory.py --size full --device cuda --precision "$precision" --max-new-tokens 100 --decode-steps static \
           --workdir /tmp/omni-full 2>>"$out/memory.err" | tee -a "$out/memory.jsonl"
       done
     fi

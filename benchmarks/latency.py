@@ -16,6 +16,7 @@ released architecture sizes with random weights: Whisper-large-v3 encoder, Llama
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import platform
@@ -214,6 +215,7 @@ def measure(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, chunk: in
             emitted = units
     assert emitted == ours_units, "re-decoding and streaming gave different units"
     out["units"] = len(ours_units)
+    out["units_sha1"] = hashlib.sha1(json.dumps(ours_units).encode()).hexdigest()[:12]  # compares runs and modes
     out.update(ref_unit_decoding_ms=ref_unit_s, ours_unit_decoding_ms=unit_s, ref_first_audio_ms=ref_first,
                unit_decoding_speedup=ref_unit_s / unit_s if unit_s else None)
     if ref_first and out["first_audio_ms"]:
@@ -272,10 +274,13 @@ def main() -> None:
             if args.size == "full" and (args.llm_layers, args.encoder_layers) != (32, 32):
                 row.update(llm_layers=args.llm_layers, encoder_layers=args.encoder_layers)
             if compile_s is not None:
+                # The first 8-token warm-up reply, compiling included: an upper bound on the compile time.
                 row["compile_warmup_s"] = round(compile_s, 1)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             row.update(measure(model, vocoder, audio, chunk, args.max_new_tokens, clock, steps, args.temperature, args.units_per_token))
             if device.type == "cuda":
-                row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                row["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 2)  # this row's peak, decimal GB
             print(json.dumps(row), flush=True)
 
 

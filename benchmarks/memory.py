@@ -45,6 +45,7 @@ from safetensors.torch import save_file
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import ConfigError, OmniError, one_line
 from omni_cli.gpu_memory import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
+from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.llm import SamplingConfig, build_prompt_ids, speech_turn
 from omni_cli.model.loading import (
     PRECISIONS,
@@ -324,10 +325,15 @@ def precision_name(placement: Placement) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[placement.dtype]
 
 
-def reply(model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, tokens: int, chunk_units: int) -> dict[str, Any]:
+def reply(
+    model: OmniModel, vocoder: UnitVocoder, audio: np.ndarray, tokens: int, chunk_units: int, decode_steps: str = "eager"
+) -> dict[str, Any]:
     """One forced-length spoken reply through the streaming pipeline; what it produced and how long it took."""
-    streaming = StreamingConfig(chunk_units=chunk_units, sampling=SamplingConfig(max_new_tokens=tokens, ignore_stop=True))
+    streaming = StreamingConfig(chunk_units=chunk_units, sampling=SamplingConfig(max_new_tokens=tokens, ignore_stop=True),
+                                decode_steps=decode_steps)
     pipeline = SpeechToSpeech(model, vocoder, streaming)
+    if decode_steps == "compiled":
+        pipeline.warm_up()  # as `omni chat` does at start: the graphs' memory counts too
     samples, rate, done = 0, vocoder.config.sampling_rate, None
     start = time.perf_counter()
     for event in pipeline.respond(audio):
@@ -355,7 +361,8 @@ def cuda_figures(device: torch.device) -> dict[str, int]:
 
 
 def measure(
-    paths: TinyModelPaths, precision: str, device: str | None, wav: Path, tokens: int, chunk_units: int
+    paths: TinyModelPaths, precision: str, device: str | None, wav: Path, tokens: int, chunk_units: int,
+    decode_steps: str = "eager",
 ) -> dict[str, Any]:
     """Load through the users' path, run one reply, and return the row's figures (bytes, seconds)."""
     placement = resolve_placement(precision, device)
@@ -379,7 +386,7 @@ def measure(
         row.update(load_peak_allocated_gb=after_load["peak_allocated"] / GB, load_allocated_gb=after_load["allocated"] / GB,
                    load_reserved_gb=after_load["reserved"] / GB)
 
-    row.update(reply(model, vocoder, load_audio(wav), tokens, chunk_units))
+    row.update(reply(model, vocoder, load_audio(wav), tokens, chunk_units, decode_steps))
 
     name = precision_name(placement)
     row["precision"] = name
@@ -417,13 +424,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="omni-memory-", ignore_cleanup_errors=True) as tmp:
         root = Path(args.workdir) if args.workdir else Path(tmp)
         paths, write_s = prepare_checkpoint(args.size, root, spec, args.seed)
-        figures = measure(paths, args.precision, args.device, args.wav, args.max_new_tokens, args.chunk_units)
+        figures = measure(paths, args.precision, args.device, args.wav, args.max_new_tokens, args.chunk_units, args.decode_steps)
     dev = resolve_placement(args.precision, args.device).device
     row: dict[str, Any] = {
         "benchmark": "memory", "size": args.size, "precision": figures.pop("precision"),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "wav": args.wav.name, "chunk_units": args.chunk_units,
-        "max_new_tokens": args.max_new_tokens, "write_s": None if write_s is None else round(write_s, 1),
+        "max_new_tokens": args.max_new_tokens, "decode_steps": args.decode_steps, "write_s": None if write_s is None else round(write_s, 1),
     }
     if spec is not None:
         row.update(llm_layers=spec.omni["num_hidden_layers"], encoder_layers=spec.whisper["encoder_layers"])
@@ -441,6 +448,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="forced reply length (default: the reference CLI's)")
     parser.add_argument("--chunk-units", type=int, default=10)
+    parser.add_argument("--decode-steps", choices=DECODE_MODES, default="eager",
+                        help="as `omni chat --decode-steps`: static/compiled add preallocated caches (and CUDA graphs)")
     parser.add_argument("--seed", type=int, default=0)
     # Depth overrides prove the full-width writing and loading on a small machine; omit them to measure.
     parser.add_argument("--llm-layers", type=int, default=None, help="(smoke runs, --size full) LLM depth")

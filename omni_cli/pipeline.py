@@ -8,6 +8,7 @@ measured where it happens.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,10 @@ class Done:
 
 Event = TextDelta | Units | AudioChunk | Done
 
+# Static-cache room beyond StreamingConfig.context_budget, which does not count the system
+# prompt and the chat template (about 60 tokens with Llama-3's tokenizer).
+PROMPT_MARGIN = 256
+
 
 @dataclass(frozen=True)
 class StreamingConfig:
@@ -141,9 +146,12 @@ class SpeechToSpeech:
 
     def _make_steps(self, mode: str) -> None:
         static, compiled = mode != "eager", mode == "compiled"
-        self.llm_steps = LlmSteps(self.model.llm, static_cache=static, compile=compiled, capacity=self.streaming.context_budget)
+        # The context budget does not count the system prompt and the chat template's tokens.
+        capacity = self.streaming.context_budget + PROMPT_MARGIN
+        self.llm_steps = LlmSteps(self.model.llm, static_cache=static, compile=compiled, capacity=capacity)
         decoder = self.model.unit_decoder
-        self.unit_steps = None if decoder is None else UnitSteps(
+        # The speech decoder only runs when there is a vocoder to speak with.
+        self.unit_steps = None if decoder is None or self.vocoder is None else UnitSteps(
             decoder, static_cache=static, compile=compiled, capacity_tokens=self.streaming.sampling.max_new_tokens
         )
 
@@ -159,7 +167,7 @@ class SpeechToSpeech:
             embeds = splice_speech(m.llm.get_input_embeddings(), ids, [])
         try:
             # Prefill, then steps that compile and replay (CUDA graph capture) — the LLM's and the speech decoder's.
-            stream = None if m.unit_decoder is None else m.unit_decoder.start_stream(self.unit_steps)
+            stream = None if self.unit_steps is None or m.unit_decoder is None else m.unit_decoder.start_stream(self.unit_steps)
             for tok in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=4, ignore_stop=True), steps=self.llm_steps):
                 if stream is not None:
                     stream.step(tok.hidden)
@@ -167,7 +175,13 @@ class SpeechToSpeech:
             if not self.llm_steps.compiled:
                 raise
             self._make_steps("static")
-            return f"compiling the decoding steps failed ({type(exc).__name__}); running them uncompiled."
+            with contextlib.suppress(Exception):
+                torch.compiler.reset()  # drop dynamo's caches (and what they hold) from the failed attempt
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            reason = (str(exc).strip().splitlines() or [""])[0][:160]
+            detail = f": {reason}" if reason else ""
+            return f"compiling the decoding steps failed ({type(exc).__name__}{detail}); running them uncompiled."
         return None
 
     @torch.inference_mode()

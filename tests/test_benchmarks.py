@@ -37,9 +37,8 @@ def test_latency_benchmark_reports_breakdown_and_reference_ratio() -> None:
         assert row["unpadded_encoder_ms"] > 0 and row["unpadded_prefill_ms"] > 0
         # 1 unit from the first token, 9 more at 4 per token: 3 more steps.
         assert row["projected_llm_steps_until_first_chunk"] == 4
-        assert row["first_audio_projected_ms"] > row["prefill_ms"] + row["encoder_ms"]
     # Same weights, same question: both step modes produce the same units.
-    assert rows[0]["units"] == rows[1]["units"]
+    assert rows[0]["units_sha1"] == rows[1]["units_sha1"]
 
 
 def test_unit_decoding_benchmark_compares_both_ways() -> None:
@@ -59,7 +58,6 @@ def test_memory_benchmark_measures_loaded_weights_and_a_spoken_reply() -> None:
     assert row["param_bytes"] == row["estimate_weight_bytes"]
     # The full estimate adds caches and workspace; this run's KV length is below the 4096-token chat budget.
     assert row["estimate_gb"] >= row["estimate_this_reply_gb"] > row["estimate_weights_gb"]
-    assert row["peak_rss_gb"] > 0
     assert row["reply_tokens"] == 8 and row["reply_units"] > 0
     # Every unit lasts at least one 20 ms vocoder frame.
     assert row["reply_audio_s"] >= 0.02 * row["reply_units"]

@@ -203,7 +203,16 @@ def test_decode_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, qu
 
     monkeypatch.setattr(torch, "compile", broken_compile)
     compiled, stderr = reply("--decode-steps", "compiled")
-    assert "warning: compiling the decoding steps failed (RuntimeError); running them uncompiled." in stderr
+    assert "warning: compiling the decoding steps failed (RuntimeError: no compiler here); running them uncompiled." in stderr
+    assert (compiled["text"], compiled["units"]) == (eager["text"], eager["units"])
+
+    # torch.compile itself refusing (e.g. Dynamo on an unsupported Python) is the same warning.
+    def refusing_compile(fn, **kwargs):
+        raise RuntimeError("Dynamo is not supported on this Python")
+
+    monkeypatch.setattr(torch, "compile", refusing_compile)
+    compiled, stderr = reply("--decode-steps", "compiled")
+    assert "compiling the decoding steps failed (RuntimeError: Dynamo is not supported on this Python)" in stderr
     assert (compiled["text"], compiled["units"]) == (eager["text"], eager["units"])
 
     bad = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--decode-steps", "fast")])

@@ -176,7 +176,8 @@ class LlmSteps:
         self.llm = llm
         self.slot = StaticCacheSlot(llm.config, capacity) if static_cache else None
         self.compiled = compile
-        self._compiled_step = compile_step(self._step, compile_backend) if compile else self._step
+        self._backend = compile_backend
+        self._compiled_step: Callable[..., tuple[torch.Tensor, ...]] | None = None  # compiled at first use
 
     def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **{_CACHE_KW: cache})
@@ -200,6 +201,8 @@ class LlmSteps:
         cache = self._cache_of(state)
         positions = torch.tensor([[position]], device=embeds.device)
         if self.compiled and isinstance(cache, StaticCache):
+            if self._compiled_step is None:
+                self._compiled_step = compile_step(self._step, self._backend)
             hidden, logits = run_compiled(self._compiled_step, embeds.device, embeds, positions, cache)
             return hidden, logits
         return self._step(embeds, positions, cache)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -304,7 +304,8 @@ class UnitSteps:
         capacity = capacity_tokens * decoder.cfg.upsample_factor
         self.slot = StaticCacheSlot(decoder.config, capacity) if static_cache else None
         self.compiled = compile
-        self._compiled_run = compile_step(self._run, compile_backend) if compile else self._run
+        self._backend = compile_backend
+        self._compiled_run: Callable[..., tuple[Tensor, ...]] | None = None  # compiled at first use
 
     def _run(self, frames: Tensor, position_ids: Tensor, cache: Cache) -> tuple[Tensor]:
         return (self.decoder._run_layers(frames, position_ids, cache),)
@@ -329,6 +330,8 @@ class UnitSteps:
             # The first step fills the empty cache eagerly (as the LLM's prefill does), so the
             # compiled step only ever sees an initialised cache: one graph for every later step.
             if self.compiled and start > 0:
+                if self._compiled_run is None:
+                    self._compiled_run = compile_step(self._run, self._backend)
                 return run_compiled(self._compiled_run, frames.device, frames, position_ids, cache)[0]
         return self._run(frames, position_ids, cache)[0]
 

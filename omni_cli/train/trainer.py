@@ -261,8 +261,8 @@ def llm_state_dict(llm: nn.Module, base_dir: Path | None = None) -> dict[str, to
 
     QLoRA (a 4/8-bit base): merging into the quantized weights would write packed bytes and
     quantization state, which is not the released layout, and would bake the rounding into
-    every weight. Instead the adapters' deltas are added to the original weights read from
-    `base_dir`, and the result is stored in float32.
+    every weight. Instead each adapter's delta is added, in float32, to the original weight
+    read from `base_dir`; every other tensor (and the frozen speech decoder) is the base's own.
     """
     if not _is_peft(llm):
         return {k: v.detach() for k, v in llm.state_dict().items()}
@@ -290,23 +290,31 @@ def _has_quantized_base(llm: nn.Module) -> bool:
 def _merge_into_base(llm: nn.Module, base_dir: Path) -> dict[str, torch.Tensor]:
     from peft.tuners.lora import LoraLayer
 
-    deltas: dict[str, torch.Tensor] = {}
-    for name, module in llm.named_modules():
-        if isinstance(module, LoraLayer):
-            key = name.removeprefix("base_model.model.") + ".weight"
-            with torch.no_grad():
-                deltas[key] = sum(module.get_delta_weight(a).float() for a in module.active_adapters).cpu()
-    own = (ADAPTOR_PREFIX, DECODER_PREFIX, *IGNORED_PREFIXES)
+    # Module references only: each delta is computed when its weight is read, so the host
+    # holds the merged tensors and one delta at a time, not every delta at once.
+    adapted = {
+        name.removeprefix("base_model.model.") + ".weight": module
+        for name, module in llm.named_modules()
+        if isinstance(module, LoraLayer)
+    }
+    # The adaptor trains in stage 1 (it comes from the model); the speech decoder is frozen,
+    # so its original tensors are kept as they are.
+    skipped = (ADAPTOR_PREFIX, *IGNORED_PREFIXES)
     state: dict[str, torch.Tensor] = {}
     for shard in weight_files(base_dir):
         with safe_open(str(shard), framework="pt") as f:
             for key in f.keys():
-                if key.startswith(own):
+                if key.startswith(skipped):
                     continue
                 tensor = f.get_tensor(key)
-                state[key] = tensor.float() + deltas.pop(key) if key in deltas else tensor
-    if deltas:
-        raise CheckpointError(f"{base_dir} has no weight {next(iter(deltas))!r} for a trained adapter; pass the base model it was trained from.")
+                module = adapted.pop(key, None)
+                if module is not None:
+                    with torch.no_grad():
+                        delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
+                    tensor = tensor.float() + delta.cpu()  # float32: bf16 would round small deltas away
+                state[key] = tensor
+    if adapted:
+        raise CheckpointError(f"{base_dir} has no weight {next(iter(adapted))!r} for a trained adapter; pass the base model it was trained from.")
     return state
 
 
@@ -329,6 +337,8 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: 
         tensors = llm_state_dict(model.llm, base_dir)
         adaptor = model.adaptor.state_dict()
         decoder = model.unit_decoder.state_dict() if model.unit_decoder is not None else {}
+        if any(k.startswith(DECODER_PREFIX) for k in tensors):
+            decoder = {}  # QLoRA: the frozen decoder came from the base checkpoint, untouched
     if getattr(model.llm.config, "tie_word_embeddings", False):
         tensors.pop("lm_head.weight", None)  # safetensors refuses shared storage; the loader re-ties
     tensors.update({ADAPTOR_PREFIX + k: v for k, v in adaptor.items()})
@@ -591,6 +601,10 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
     np.random.seed(cfg.seed)
     # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA).
     omni = load_omni(weights_source, cfg.speech_encoder, precision="4bit" if cfg.qlora else "fp32", device=str(device))
+    if cfg.qlora:
+        # A 4-bit load puts the speech modules in fp16; the trained adaptor needs fp32 master
+        # weights (fp16 updates round away, and the fp16 grad scaler refuses fp16 gradients).
+        omni.adaptor.float()
     if cfg.lora:
         apply_lora(omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
         if state is not None:

@@ -130,9 +130,9 @@ def test_static_cache_steps_give_the_same_reply_as_the_growing_cache(tiny_loaded
     m = tiny_loaded
     graphs: list = []
 
-    def counting_backend(gm, example_inputs):  # dynamo's traced step, run as is (no C++ build)
+    def counting_backend(gm, example_inputs):  # dynamo's graph through AOT autograd, no C++ build
         graphs.append(gm)
-        return gm.forward
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
     steps = LlmSteps(m.llm, static_cache=True, compile=compiled, capacity=256, compile_backend=counting_backend)
     dynamic = list(generate(m.llm, _prompt_embeds(m, 5), set(), SamplingConfig(max_new_tokens=12)))
