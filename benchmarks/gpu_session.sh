@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh fetch            # here: wheels the GPU image lacks, into .whl/
 #   bash benchmarks/gpu_session.sh latency          # there: latency.py + unit_decoding.py at full size
-#   bash benchmarks/gpu_session.sh memory           # there: memory.py, 4-bit then fp16, one written checkpoint
+#   bash benchmarks/gpu_session.sh memory [PREC...] # there: memory.py at 4bit (the target) or the precisions named
 #
 # The device image has torch, tokenizers, huggingface_hub, safetensors, rich and typer, but an
 # older transformers (omni needs the `cache` keyword of 5.24's Llama, or the lookup that falls
@@ -33,7 +33,8 @@ case "${1:-}" in
       python3 benchmarks/unit_decoding.py --size full --device cuda --dtype bfloat16 2>"$out/unit_decoding.err" \
         | tee "$out/unit_decoding.jsonl"
     else
-      for precision in 4bit fp16; do
+      shift
+      for precision in "${@:-4bit}"; do
         python3 benchmarks/memory.py --size full --device cuda --precision "$precision" --max-new-tokens 100 --decode-steps static \
           --workdir /tmp/omni-full 2>>"$out/memory.err" | tee -a "$out/memory.jsonl"
       done
