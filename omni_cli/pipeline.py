@@ -167,7 +167,7 @@ class SpeechToSpeech:
             embeds = splice_speech(m.llm.get_input_embeddings(), ids, [])
         try:
             # Prefill, then steps that compile and replay (CUDA graph capture) — the LLM's and the speech decoder's.
-            stream = None if self.unit_steps is None or m.unit_decoder is None else m.unit_decoder.start_stream(self.unit_steps)
+            stream = None if self.unit_steps is None else self.unit_steps.decoder.start_stream(self.unit_steps)
             for tok in generate(m.llm, embeds, set(), SamplingConfig(max_new_tokens=4, ignore_stop=True), steps=self.llm_steps):
                 if stream is not None:
                     stream.step(tok.hidden)

@@ -53,10 +53,24 @@ class StaticCacheSlot:
             raise RuntimeError("this reply's static KV cache was taken by a newer reply; one reply at a time")
 
 
-def compile_step(step: Callable[..., Any], backend: CompileBackend = "inductor") -> Callable[..., Any]:
-    """`torch.compile` a decoding step for fixed shapes (CUDA graphs with inductor)."""
-    options = {"mode": "reduce-overhead"} if backend == "inductor" else {}
-    return torch.compile(step, backend=backend, fullgraph=False, dynamic=False, **options)
+class CompiledStep:
+    """A decoding step `torch.compile`d for fixed shapes (CUDA graphs with inductor).
+
+    Compiled at its first call, so a torch that cannot compile fails there, inside the
+    caller's warm-up and its fallback, not while the pipeline is being built.
+    """
+
+    def __init__(self, step: Callable[..., tuple[torch.Tensor, ...]], backend: CompileBackend = "inductor") -> None:
+        self.step = step
+        self.backend = backend
+        self._compiled: Callable[..., tuple[torch.Tensor, ...]] | None = None
+
+    def __call__(self, device: torch.device, *args: Any) -> tuple[torch.Tensor, ...]:
+        """Run the compiled step on `args` (tensors on `device`); outputs copied out (see run_compiled)."""
+        if self._compiled is None:
+            options = {"mode": "reduce-overhead"} if self.backend == "inductor" else {}
+            self._compiled = torch.compile(self.step, backend=self.backend, fullgraph=False, dynamic=False, **options)
+        return run_compiled(self._compiled, device, *args)
 
 
 def run_compiled(step: Callable[..., Any], device: torch.device, *args: Any) -> tuple[torch.Tensor, ...]:

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from omni_cli.model.decode_steps import CompileBackend, StaticCacheSlot, compile_step, run_compiled
+from omni_cli.model.decode_steps import CompileBackend, CompiledStep, StaticCacheSlot
 
 SPEECH_PLACEHOLDER = "<speech>"
 # What a speech turn carries through the chat template instead of "<speech>", so a user who
@@ -176,8 +176,7 @@ class LlmSteps:
         self.llm = llm
         self.slot = StaticCacheSlot(llm.config, capacity) if static_cache else None
         self.compiled = compile
-        self._backend = compile_backend
-        self._compiled_step: Callable[..., tuple[torch.Tensor, ...]] | None = None  # compiled at first use
+        self._compiled_step = CompiledStep(self._step, compile_backend) if compile else None
 
     def _step(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.llm.model(inputs_embeds=embeds, position_ids=position_ids, use_cache=True, **{_CACHE_KW: cache})
@@ -200,10 +199,8 @@ class LlmSteps:
         """One token's embedding (1, 1, H) at `position` → its hidden state and logits."""
         cache = self._cache_of(state)
         positions = torch.tensor([[position]], device=embeds.device)
-        if self.compiled and isinstance(cache, StaticCache):
-            if self._compiled_step is None:
-                self._compiled_step = compile_step(self._step, self._backend)
-            hidden, logits = run_compiled(self._compiled_step, embeds.device, embeds, positions, cache)
+        if self._compiled_step is not None and isinstance(cache, StaticCache):
+            hidden, logits = self._compiled_step(embeds.device, embeds, positions, cache)
             return hidden, logits
         return self._step(embeds, positions, cache)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from omni_cli.config import OmniConfig, SpeechDecoderConfig
 from omni_cli.errors import ConfigError
-from omni_cli.model.decode_steps import CompileBackend, StaticCacheSlot, compile_step, run_compiled
+from omni_cli.model.decode_steps import CompileBackend, CompiledStep, StaticCacheSlot
 
 # Padding value of target unit sequences, as in the reference's data collator.
 IGNORE_INDEX = -100
@@ -304,8 +304,7 @@ class UnitSteps:
         capacity = capacity_tokens * decoder.cfg.upsample_factor
         self.slot = StaticCacheSlot(decoder.config, capacity) if static_cache else None
         self.compiled = compile
-        self._backend = compile_backend
-        self._compiled_run: Callable[..., tuple[Tensor, ...]] | None = None  # compiled at first use
+        self._compiled_run = CompiledStep(self._run, compile_backend) if compile else None
 
     def _run(self, frames: Tensor, position_ids: Tensor, cache: Cache) -> tuple[Tensor]:
         return (self.decoder._run_layers(frames, position_ids, cache),)
@@ -329,10 +328,8 @@ class UnitSteps:
                 )
             # The first step fills the empty cache eagerly (as the LLM's prefill does), so the
             # compiled step only ever sees an initialised cache: one graph for every later step.
-            if self.compiled and start > 0:
-                if self._compiled_run is None:
-                    self._compiled_run = compile_step(self._run, self._backend)
-                return run_compiled(self._compiled_run, frames.device, frames, position_ids, cache)[0]
+            if self._compiled_run is not None and start > 0:
+                return self._compiled_run(frames.device, frames, position_ids, cache)[0]
         return self._run(frames, position_ids, cache)[0]
 
 
