@@ -34,7 +34,8 @@ from omni_cli.model.llm import LlmSteps, SamplingConfig, build_prompt_ids, gener
 from omni_cli.model.loading import OmniModel, Placement, load_omni
 from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.unit_decoder import UnitSteps, collapse_ctc
-from omni_cli.model.vocoder import UnitVocoder, VocoderStream, load_vocoder
+from omni_cli.model.vocoder import UnitVocoder, VocoderStream
+from omni_cli.model.vocoder_loading import load_vocoder
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAV = ROOT / "tests" / "data" / "helpful_base_1.wav"

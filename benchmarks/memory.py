@@ -4,7 +4,7 @@ Writes a random-weight checkpoint in the released file layout (config.json, shar
 safetensors + index, tokenizer; a transformers Whisper; the fairseq vocoder pickle), loads it
 through `load_omni` and `load_vocoder` at --precision, runs one forced-length reply through
 `SpeechToSpeech`, and prints one JSON line: what was measured next to the estimate of
-`omni_cli.gpu_memory` (the one `omni chat` checks before loading).
+`omni_cli.weights.fit` (the one `omni chat` checks before loading).
 
 On CUDA: the allocator's peaks after loading and after the reply, the device's used memory
 as nvidia-smi sees it (CUDA context included), and `fits_10gb` = peak reserved + memory
@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import ConfigError, OmniError, one_line
-from omni_cli.gpu_memory import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
+from omni_cli.weights.fit import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
 from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.llm import SamplingConfig, build_prompt_ids, speech_turn
 from omni_cli.model.loading import (
@@ -54,9 +54,11 @@ from omni_cli.model.loading import (
     load_omni,
     resolve_placement,
 )
-from omni_cli.model.vocoder import UnitVocoder, load_vocoder
+from omni_cli.model.vocoder import UnitVocoder
+from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech, StreamingConfig
-from omni_cli.presets import GB, ResolvedModel, get_preset
+from omni_cli.weights.layout import SAFETENSORS_NAME, plan_shards, shard_name, write_index
+from omni_cli.weights.presets import GB, ResolvedModel, get_preset
 from omni_cli.tiny.omni import TinyModelPaths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,36 +117,21 @@ def random_weight(key: str, shape: tuple[int, ...], dtype: torch.dtype, generato
     return torch.empty(shape, dtype=dtype).normal_(0.0, WEIGHT_STD, generator=generator)
 
 
-def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, limit: int) -> list[list[str]]:
-    """Keys grouped in order into shards of at most `limit` bytes (a bigger tensor gets its own shard)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, shape in shapes.items():
-        nbytes = int(np.prod(shape)) * itemsize
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
-
-
 def write_random_safetensors(
     shapes: dict[str, tuple[int, ...]], out_dir: Path, dtype: torch.dtype, seed: int, what: str, index: bool
 ) -> None:
     """Write random weights of these names and shapes as released: shards + model.safetensors.index.json,
     or one model.safetensors when `index` is False. Only one shard is in memory at a time."""
     itemsize = torch.empty(0, dtype=dtype).element_size()
-    shards = plan_shards(shapes, itemsize, SHARD_BYTES)
-    if not index and len(shards) > 1:
-        shards = [[k for shard in shards for k in shard]]
+    sizes = {k: int(np.prod(s)) * itemsize for k, s in shapes.items()}
+    shards = plan_shards(sizes, SHARD_BYTES) if index else [list(shapes)]
     generator = torch.Generator().manual_seed(seed)
-    total = sum(int(np.prod(s)) for s in shapes.values()) * itemsize
+    total = sum(sizes.values())
     weight_map: dict[str, str] = {}
     done = 0
     start = time.perf_counter()
     for i, keys in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if index else "model.safetensors"
+        name = shard_name(i, len(shards)) if index else SAFETENSORS_NAME
         part = {k: random_weight(k, shapes[k], dtype, generator) for k in keys}
         save_file(part, str(out_dir / name), metadata={"format": "pt"})
         done += sum(t.numel() * itemsize for t in part.values())
@@ -153,8 +140,7 @@ def write_random_safetensors(
         elapsed = time.perf_counter() - start
         print(f"  {what}: wrote {name} ({done / GB:.1f} of {total / GB:.1f} GB, {elapsed:.0f} s)", file=sys.stderr, flush=True)
     if index:
-        body = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(body, indent=2) + "\n")
+        write_index(out_dir, weight_map, total)
 
 
 def meta_state_shapes(module: torch.nn.Module, prefix: str = "", skip: Iterable[str] = ()) -> dict[str, tuple[int, ...]]:
@@ -244,7 +230,7 @@ def write_full_model(spec: FullSpec, root: Path, seed: int) -> TinyModelPaths:
 
 def full_checkpoint_bytes(spec: FullSpec) -> int:
     """Roughly what write_full_model puts on disk (LLM + adaptor + decoder in bf16, encoder in fp16)."""
-    from omni_cli.gpu_memory import sizes_from_configs
+    from omni_cli.weights.fit import sizes_from_configs
 
     sizes = sizes_from_configs(spec.omni, spec.whisper, spec.adaptor_hidden, None)
     return 2 * sizes.total_params
@@ -319,7 +305,7 @@ def peak_rss_bytes(was_reset: bool) -> int:
 
 
 def precision_name(placement: Placement) -> str:
-    """The precision a placement really uses ("auto" resolved), as gpu_memory names it."""
+    """The precision a placement really uses ("auto" resolved), as weights/fit.py names it."""
     if placement.quantization:
         return placement.quantization
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[placement.dtype]

@@ -64,8 +64,8 @@ def build_pipeline(
     """
     from dataclasses import replace
 
-    from omni_cli.download import prepare_model
-    from omni_cli.gpu_memory import check_device_fits
+    from omni_cli.weights.download import prepare_model
+    from omni_cli.weights.fit import check_device_fits
 
     confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
     resolved = prepare_model(model, assume_yes=assume_yes, confirm=confirm, echo=lambda line: typer.echo(line, err=True))
@@ -78,7 +78,7 @@ def build_pipeline(
     import torch
 
     from omni_cli.model.loading import load_omni, resolve_placement
-    from omni_cli.model.vocoder import load_vocoder
+    from omni_cli.model.vocoder_loading import load_vocoder
     from omni_cli.pipeline import SpeechToSpeech
 
     # The vocoder is small: load it first so a wrong --vocoder fails before the LLM loads.
@@ -139,7 +139,7 @@ def transcribe_and_reply_cmd(
     Example:\n
       omni transcribe-and-reply question.wav --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --vocoder ./vocoder --out replies/
     """
-    from omni_cli.presets import looks_like_preset
+    from omni_cli.weights.presets import looks_like_preset
     from omni_cli.transcribe import transcribe_and_reply
 
     if out is not None and vocoder is None and not looks_like_preset(model):
@@ -258,8 +258,8 @@ def download_cmd(
       omni download llama-omni-8b\n
       omni download llama-omni-8b --local-dir ./weights
     """
-    from omni_cli.download import download_preset, format_gb
-    from omni_cli.presets import get_preset, preset_names
+    from omni_cli.weights.download import download_preset, format_gb
+    from omni_cli.weights.presets import get_preset, preset_names
 
     try:
         if list_presets:

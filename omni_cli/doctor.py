@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni_cli.errors import OmniError, one_line
-from omni_cli.presets import Preset, ResolvedModel, get_preset, hub_offline, resolve_preset
+from omni_cli.weights.presets import Preset, ResolvedModel, get_preset, hub_offline, resolve_preset
 
 OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
 MIN_PYTHON = (3, 10)
@@ -63,8 +63,8 @@ def check_gpu(preset: Preset | None, resolved: ResolvedModel | None, precision: 
         import torch
     except Exception:  # noqa: BLE001 - reported by check_libraries
         return []
-    from omni_cli.download import format_gb
-    from omni_cli.gpu_memory import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
+    from omni_cli.weights.download import format_gb
+    from omni_cli.weights.fit import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
 
     sizes = sizes_for_model(resolved) if resolved is not None else None
     need = estimate_gpu_memory(sizes, precision) if sizes is not None else None
@@ -123,14 +123,14 @@ def check_audio(list_devices: Callable[[], list] | None = None) -> list[Check]:
 
 
 def _safetensors_headers(files: list[Path]) -> None:
-    from omni_cli.model.loading import read_shapes
+    from omni_cli.weights.layout import read_shapes
 
     read_shapes(files)  # raises CheckpointError naming the unreadable file
 
 
 def _validate_model(folder: Path) -> None:
     from omni_cli.config import OmniConfig
-    from omni_cli.model.loading import weight_files
+    from omni_cli.weights.layout import weight_files
 
     OmniConfig.load(folder)
     _safetensors_headers(weight_files(folder))
@@ -148,11 +148,11 @@ def _validate_encoder(folder: Path) -> None:
 
 def _validate_vocoder(folder: Path) -> None:
     from omni_cli.config import VocoderConfig
-    from omni_cli.model.vocoder import CONFIG_NAME, SAFETENSORS_NAME
+    from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME
 
     VocoderConfig.load(folder / CONFIG_NAME)
-    if (folder / SAFETENSORS_NAME).is_file():
-        _safetensors_headers([folder / SAFETENSORS_NAME])
+    if (folder / VOCODER_SAFETENSORS_NAME).is_file():
+        _safetensors_headers([folder / VOCODER_SAFETENSORS_NAME])
 
 
 def check_weights(preset: Preset, resolved: ResolvedModel) -> list[Check]:

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from omni_cli.presets import Preset, vocoder_dir
+from omni_cli.weights.presets import Preset, vocoder_dir
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

@@ -53,7 +53,7 @@ def test_memory_benchmark_measures_loaded_weights_and_a_spoken_reply() -> None:
     assert len(rows) == 1
     row = rows[0]
     assert (row["size"], row["precision"], row["device"] != "") == ("tiny", "fp32", True)
-    # All fp32: the loaded modules' bytes equal gpu_memory's count from the config files × 4 bytes.
+    # All fp32: the loaded modules' bytes equal weights.fit's count from the config files × 4 bytes.
     assert row["param_bytes"] > 0
     assert row["param_bytes"] == row["estimate_weight_bytes"]
     # The full estimate adds caches and workspace; this run's KV length is below the 4096-token chat budget.

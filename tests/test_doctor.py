@@ -15,7 +15,7 @@ from omni_cli.audio.devices import DeviceInfo
 from omni_cli.cli import app
 from omni_cli.doctor import FIX, MISSING, OK, WARN, check_audio, check_offline, exit_code, run_checks
 from omni_cli.errors import AudioInputError
-from omni_cli.presets import get_preset, resolve_preset
+from omni_cli.weights.presets import get_preset, resolve_preset
 
 PRESET = "llama-omni-8b"
 STATUS_LINE = re.compile(rf"^({OK}|{WARN}|{MISSING}|{FIX}) +\S.* — \S")

@@ -17,9 +17,10 @@ import pytest
 from fake_hub_cache import install_tiny_preset
 from rich.console import Console
 
-from omni_cli.download import ChecksumError, DownloadError, download_preset, download_url, fetch_vocoder, sha256_of
-from omni_cli.model.vocoder import SAFETENSORS_NAME, load_vocoder
-from omni_cli.presets import PRESET_FOLDER, RemoteFile, VocoderPart, get_preset, load_preset, resolve_preset
+from omni_cli.weights.download import ChecksumError, DownloadError, download_preset, download_url, fetch_vocoder, sha256_of
+from omni_cli.model.vocoder_loading import load_vocoder
+from omni_cli.weights.layout import VOCODER_SAFETENSORS_NAME as SAFETENSORS_NAME
+from omni_cli.weights.presets import PRESET_FOLDER, RemoteFile, VocoderPart, get_preset, load_preset, resolve_preset
 from omni_cli.tiny.vocoder import TINY_CHECKPOINT_NAME, make_tiny_vocoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import torch
 
 from omni_cli.audio.io import load_audio
 from omni_cli.model.llm import SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
-from omni_cli.model.vocoder import load_vocoder
+from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, StreamingConfig, TextDelta, Units
 
 

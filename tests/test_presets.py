@@ -11,11 +11,11 @@ from fake_hub_cache import FAKE_COMMIT, install_tiny_preset, write_snapshot
 from typer.testing import CliRunner
 
 from omni_cli.cli import app
-from omni_cli.download import DownloadError, prepare_model
+from omni_cli.weights.download import DownloadError, prepare_model
 from omni_cli.errors import ConfigError
 from omni_cli.model.loading import load_omni
-from omni_cli.model.vocoder import load_vocoder
-from omni_cli.presets import (
+from omni_cli.model.vocoder_loading import load_vocoder
+from omni_cli.weights.presets import (
     PRESET_FOLDER,
     find_preset,
     get_preset,

@@ -151,7 +151,7 @@ def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, 
 
     from omni_cli.model.llm import SamplingConfig
     from omni_cli.model.loading import load_omni
-    from omni_cli.model.vocoder import load_vocoder
+    from omni_cli.model.vocoder_loading import load_vocoder
     from omni_cli.pipeline import AudioChunk, SpeechToSpeech, StreamingConfig
     from omni_cli.transcribe import transcribe_and_reply
 

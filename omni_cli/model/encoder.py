@@ -19,10 +19,7 @@ from transformers import WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from omni_cli.errors import CheckpointError
-from omni_cli.model.checkpoint_files import indexed_shards, load_weights_pickle
-
-SAFETENSORS_FILE = "model.safetensors"
-SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+from omni_cli.weights.layout import SAFETENSORS_INDEX_NAME, SAFETENSORS_NAME, indexed_shards, load_weights_pickle
 
 # Encoder key prefixes of the transformers checkpoints we accept, most specific first:
 # WhisperForConditionalGeneration (openai/whisper-large-v3), WhisperModel, bare WhisperEncoder.
@@ -221,14 +218,14 @@ def _read_hf_checkpoint(
 
 def _safetensors_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint directory: the single file or the shards its index lists."""
-    single = directory / SAFETENSORS_FILE
+    single = directory / SAFETENSORS_NAME
     if single.is_file():
         return [single]
-    index = directory / SAFETENSORS_INDEX_FILE
+    index = directory / SAFETENSORS_INDEX_NAME
     if index.is_file():
         return indexed_shards(index, "speech encoder")
     raise CheckpointError(
-        f"{directory} has a Whisper config.json but no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX_FILE}; "
+        f"{directory} has a Whisper config.json but no {SAFETENSORS_NAME} or {SAFETENSORS_INDEX_NAME}; "
         "download the safetensors weights of the speech encoder"
     )
 

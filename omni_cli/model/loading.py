@@ -14,21 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
 from omni_cli.config import OmniConfig
 from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
-from omni_cli.model.checkpoint_files import indexed_shards
 from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
 from omni_cli.model.unit_decoder import UnitDecoder
-
-ADAPTOR_PREFIX = "model.speech_projector."
-DECODER_PREFIX = "speech_generator."
-# Some exports also store the frozen Whisper encoder; we load it from its own file instead.
-IGNORED_PREFIXES = ("model.speech_encoder.",)
+from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX, IGNORED_PREFIXES, TOKENIZER_NAME, Shapes, read_shapes, weight_files
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
 
@@ -78,32 +73,6 @@ class OmniModel:
         return self.placement.device
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: those the index names, or every *.safetensors."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return indexed_shards(index, "checkpoint")
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(
-            f"{model_dir} holds no .safetensors weights; point --model at a LLaMA-Omni checkpoint directory."
-        )
-    return files
-
-
-def read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], Path]]:
-    """Every tensor name in the checkpoint with its shape and file, read from headers only."""
-    shapes: dict[str, tuple[tuple[int, ...], Path]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                for key in handle.keys():
-                    shapes[key] = (tuple(handle.get_slice(key).get_shape()), f)
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{f} is not a readable safetensors file ({exc}); re-download it.") from exc
-    return shapes
-
-
 def check_keys(found: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
     """Fail with the first offending key named when names or shapes differ."""
     missing = sorted(set(expected) - set(found))
@@ -127,7 +96,7 @@ def _meta_shapes(module: torch.nn.Module, prefix: str = "") -> dict[str, tuple[i
 
 
 def _load_prefixed(
-    build: Callable[[], torch.nn.Module], shapes: dict[str, tuple[tuple[int, ...], Path]], prefix: str, placement: Placement
+    build: Callable[[], torch.nn.Module], shapes: Shapes, prefix: str, placement: Placement
 ) -> torch.nn.Module:
     """Build a module without allocating random weights and fill it with the checkpoint's `prefix` tensors."""
     state: dict[str, torch.Tensor] = {}
@@ -179,8 +148,8 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
     Not AutoTokenizer: it would read config.json, whose model_type transformers does not know.
     """
-    if not (model_dir / "tokenizer.json").is_file():
-        raise CheckpointError(f"{model_dir} has no tokenizer.json; re-download the checkpoint.")
+    if not (model_dir / TOKENIZER_NAME).is_file():
+        raise CheckpointError(f"{model_dir} has no {TOKENIZER_NAME}; re-download the checkpoint.")
     try:
         return PreTrainedTokenizerFast.from_pretrained(str(model_dir))
     except (OSError, ValueError) as exc:

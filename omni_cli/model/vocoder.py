@@ -2,36 +2,26 @@
 
 Discrete units (mHuBERT k-means ids, 50 per second) → embedding → predicted durations →
 repeated embeddings → HiFi-GAN generator → 16 kHz waveform. Module names match the fairseq
-generator state dict, so the released `g_00500000` loads unchanged once its weight norm is
-folded into plain weights (`fold_weight_norm`). `VocoderStream` renders a reply chunk by
-chunk with left context and a short re-rendered tail, so chunk seams stay quiet.
+generator state dict once its weight norm is folded (reading the released files:
+`vocoder_loading.py`). `VocoderStream` renders a reply chunk by chunk with left context and a
+short re-rendered tail, so chunk seams stay quiet.
 """
 
 from __future__ import annotations
 
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from omni_cli.config import DurationPredictorConfig, VocoderConfig
-from omni_cli.errors import CheckpointError, ConfigError, OmniError
-from omni_cli.model.checkpoint_files import load_weights_pickle
+from omni_cli.errors import ConfigError, OmniError
 
 # Leaky-ReLU slope inside the generator (HiFi-GAN's LRELU_SLOPE). The activation before
 # conv_post uses torch's default slope 0.01, exactly as the released generator was trained.
 LRELU_SLOPE = 0.1
-SAFETENSORS_NAME = "vocoder.safetensors"
-CONFIG_NAME = "config.json"
 # Streaming defaults, measured on the tiny vocoder (same architecture, same ~21-frame receptive
 # radius): 8 units of left context make the start of a chunk equal whole-utterance synthesis;
 # re-rendering the last 8 frames (160 ms) of each chunk once the next units are known takes the
@@ -39,11 +29,7 @@ CONFIG_NAME = "config.json"
 # as the reference) and 0.15 (context only) to 0.005.
 DEFAULT_CONTEXT_UNITS = 8
 DEFAULT_HOLDBACK_FRAMES = 8
-# Weight-norm pairs as saved by torch.nn.utils.weight_norm (fairseq) and by the newer parametrizations.
-_WEIGHT_NORM_SUFFIXES = (
-    (".weight_g", ".weight_v"),
-    (".parametrizations.weight.original0", ".parametrizations.weight.original1"),
-)
+
 
 
 class VocoderInputError(OmniError):
@@ -254,202 +240,7 @@ def _check_supported(cfg: VocoderConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights: weight-norm folding, safe loading, one-time conversion
-
-
-def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace every weight-norm pair (g, v) by the plain weight g * v / ||v||.
-
-    The norm is over all dims but 0 for Conv1d and ConvTranspose1d alike (torch's weight_norm
-    default dim=0, which fairseq/HiFi-GAN use); computed in float32 with the same op as
-    torch's remove_weight_norm, so folded weights equal the reference's bit for bit.
-    """
-    out: dict[str, torch.Tensor] = {}
-    consumed: set[str] = set()
-    for key in state:
-        for g_suffix, v_suffix in _WEIGHT_NORM_SUFFIXES:
-            if key.endswith(g_suffix):
-                base = key[: -len(g_suffix)]
-                v_key = base + v_suffix
-                if v_key not in state:
-                    raise CheckpointError(f"vocoder checkpoint has '{key}' without '{v_key}'; the file is damaged.")
-                g, v = state[key].float(), state[v_key].float()
-                out[base + ".weight"] = torch._weight_norm(v, g, 0)
-                consumed.update((key, v_key))
-    for key, value in state.items():
-        if key in consumed:
-            continue
-        if any(key.endswith(v_suffix) for _, v_suffix in _WEIGHT_NORM_SUFFIXES):
-            raise CheckpointError(f"vocoder checkpoint has '{key}' without its weight-norm gain; the file is damaged.")
-        out[key] = value
-    return out
-
-
-def _read_generator_pickle(path: Path) -> dict[str, torch.Tensor]:
-    """Read the fairseq checkpoint's "generator" state dict with the safe (weights-only) unpickler."""
-    ckpt = load_weights_pickle(
-        path,
-        "the released g_00500000 or a converted vocoder.safetensors",
-        CheckpointError(f"{path} is not a torch checkpoint; expected the unit vocoder (g_00500000)."),
-    )
-    generator = ckpt.get("generator") if isinstance(ckpt, dict) else None
-    if not isinstance(generator, Mapping):
-        raise CheckpointError(f"{path} has no 'generator' weights: it is not a CodeHiFiGAN vocoder checkpoint.")
-    bad = [k for k, v in generator.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: generator entry {bad[0]!r} is not a tensor; the file is not a vocoder checkpoint.")
-    return fold_weight_norm(generator)
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}); convert the vocoder again.") from exc
-
-
-def _load_state_strict(model: UnitVocoder, state: Mapping[str, torch.Tensor], source: Path) -> None:
-    """load_state_dict with one-line errors naming the first missing/unexpected/mis-shaped key."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(
-            f"{source} lacks the vocoder weight '{missing[0]}'{more}; the checkpoint does not match config.json."
-        )
-    unexpected = [k for k in state if k not in expected]
-    if unexpected:
-        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
-        raise CheckpointError(
-            f"{source} has an unexpected vocoder weight '{unexpected[0]}'{more}; "
-            "the checkpoint does not match config.json."
-        )
-    for key, param in expected.items():
-        if tuple(state[key].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{source}: weight '{key}' has shape {tuple(state[key].shape)} but config.json implies "
-                f"{tuple(param.shape)}; the config does not match the weights."
-            )
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-
-
-def _find_checkpoint(directory: Path) -> Path:
-    """The fairseq checkpoint in a directory: the latest g_<steps> file, else the only other non-text file."""
-    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
-    g_files = [p for p in files if re.fullmatch(r"g_\d+", p.name)]
-    if g_files:
-        return max(g_files, key=lambda p: int(p.name[2:]))
-    others = sorted(p for p in files if p.suffix.lower() not in (".json", ".md", ".txt"))
-    if not others:
-        raise CheckpointError(
-            f"{directory} holds no vocoder weights (g_00500000 or {SAFETENSORS_NAME}); run `omni download`."
-        )
-    if len(others) > 1:
-        names = ", ".join(p.name for p in others[:3])
-        raise CheckpointError(f"{directory} holds several possible vocoder checkpoints ({names}); pass the file itself.")
-    return others[0]
-
-
-def locate_vocoder_files(path: str | Path) -> tuple[Path, Path]:
-    """(config.json, weights file) for a vocoder directory or a weights file with config.json beside it.
-
-    In a directory the converted vocoder.safetensors wins over the released pickle.
-    """
-    path = Path(path)
-    if path.is_dir():
-        config = path / CONFIG_NAME
-        weights = path / SAFETENSORS_NAME
-        if not weights.is_file():
-            weights = _find_checkpoint(path)
-    elif path.is_file():
-        config, weights = path.parent / CONFIG_NAME, path
-    else:
-        raise CheckpointError(f"vocoder path {path} does not exist; run `omni download` or pass the vocoder directory.")
-    if not config.is_file():
-        raise ConfigError(f"{config} not found: the vocoder needs its config.json next to the weights.")
-    return config, weights
-
-
-def _read_vocoder_state(weights: Path) -> dict[str, torch.Tensor]:
-    if weights.suffix == ".safetensors":
-        return _read_safetensors(weights)
-    return _read_generator_pickle(weights)
-
-
-def load_vocoder(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> UnitVocoder:
-    """Load the unit vocoder from a directory (config.json + vocoder.safetensors or g_00500000) or a weights file.
-
-    The pickle is read only with torch's weights-only unpickler; weight norm is folded; the
-    key set and every shape must match config.json exactly.
-    """
-    config_path, weights = locate_vocoder_files(path)
-    cfg = VocoderConfig.load(config_path)
-    state = _read_vocoder_state(weights)
-    model = UnitVocoder(cfg)
-    _load_state_strict(model, state, weights)
-    return model.to(device=device, dtype=dtype)
-
-
-def _atomic_write(dst: Path, write: Callable[[Path], object]) -> None:
-    """Write via a temporary file in the same directory, then os.replace, so no half file is ever seen."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def convert_vocoder_checkpoint(src: Path, dst_dir: Path) -> Path:
-    """Convert the released pickle once into `dst_dir/vocoder.safetensors` (weight norm folded) + config.json.
-
-    `src` is the checkpoint file or its directory. The weights are validated against the
-    config before anything is written. Returns the safetensors path.
-    """
-    src = Path(src)
-    config_path, weights = locate_vocoder_files(src)
-    if weights.suffix == ".safetensors":
-        state = _read_safetensors(weights)
-    else:
-        state = _read_generator_pickle(weights)
-    cfg = VocoderConfig.load(config_path)
-    _load_state_strict(UnitVocoder(cfg), state, weights)  # refuse to write weights that would not load
-    dst_dir = Path(dst_dir)
-    dst_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.float().contiguous() for k, v in state.items()}
-    out = dst_dir / SAFETENSORS_NAME
-    _atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", "source": weights.name}))
-    dst_config = dst_dir / CONFIG_NAME
-    if not (dst_config.exists() and dst_config.resolve() == config_path.resolve()):
-        _atomic_write(dst_config, lambda tmp: shutil.copyfile(config_path, tmp))
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # Streaming
-
-
-def receptive_radius_frames(cfg: VocoderConfig) -> float:
-    """How many duration frames on either side can influence a frame's samples (an estimate).
-
-    Sums the half-widths of conv_pre, each transposed conv, the widest residual block and
-    conv_post, each converted to frames at its stage's sample rate. For the released sizes
-    this is ~20 frames: audio within that distance of a chunk's end depends on units not yet known.
-    """
-    radius = 3.0  # conv_pre, kernel 7, at one sample per frame
-    rate = 1
-    for u, k in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
-        radius += (k / u) / 2 / rate
-        rate *= u
-        # Residual block: per dilation d, a dilated conv then an undilated one, both of kernel k_res.
-        kernels = zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes)
-        widest = max(sum((k_res - 1) // 2 * (d + 1) for d in dil) for k_res, dil in kernels)
-        radius += widest / rate
-    return radius + 3.0 / rate  # conv_post
 
 
 class VocoderStream:
@@ -533,37 +324,10 @@ class VocoderStream:
         return tail
 
 
-def seam_error(
-    streamed: torch.Tensor | np.ndarray, whole: torch.Tensor | np.ndarray, boundaries: Sequence[int], width: int
-) -> float:
-    """RMS of (streamed - whole) within ±width samples of each boundary, relative to the RMS of `whole`.
-
-    Used to measure how audible chunk seams are: 0 means streaming equals whole-utterance synthesis.
-    """
-    a = torch.as_tensor(np.asarray(streamed), dtype=torch.float64)
-    b = torch.as_tensor(np.asarray(whole), dtype=torch.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"streamed and whole audio differ in length: {a.numel()} vs {b.numel()}")
-    mask = torch.zeros_like(a, dtype=torch.bool)
-    for s in boundaries:
-        mask[max(0, s - width) : min(a.numel(), s + width)] = True
-    if not bool(mask.any()):
-        return 0.0
-    err = torch.sqrt(torch.mean((a[mask] - b[mask]) ** 2))
-    ref = torch.sqrt(torch.mean(b**2)).clamp_min(1e-12)
-    return float(err / ref)
-
-
 __all__ = [
     "UnitVocoder",
     "VocoderStream",
     "VocoderInputError",
     "UnitRangeError",
-    "fold_weight_norm",
-    "load_vocoder",
-    "convert_vocoder_checkpoint",
-    "locate_vocoder_files",
-    "seam_error",
-    "receptive_radius_frames",
     "get_padding",
 ]

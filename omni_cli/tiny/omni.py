@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -23,6 +22,7 @@ from omni_cli.model.llm import LLAMA3_CHAT_TEMPLATE, SPEECH_INSTRUCTION, SYSTEM_
 from omni_cli.model.unit_decoder import UnitDecoder
 from omni_cli.tiny.vocoder import make_tiny_vocoder
 from omni_cli.tiny.whisper import make_tiny_whisper
+from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX, write_shards
 
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
@@ -141,23 +141,6 @@ def tiny_config_dict(
     }
 
 
-def write_checkpoint_shards(tensors: dict[str, torch.Tensor], model_dir: Path, n_shards: int = 2) -> None:
-    """Write `tensors` as `model-0000i-of-0000n.safetensors` plus `model.safetensors.index.json`, as released."""
-    keys = sorted(tensors)
-    per = -(-len(keys) // n_shards)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i in range(n_shards):
-        name = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
-        part = {k: tensors[k].contiguous() for k in keys[i * per : (i + 1) * per]}
-        save_file(part, str(model_dir / name), metadata={"format": "pt"})
-        for k, t in part.items():
-            weight_map[k] = name
-            total += t.numel() * t.element_size()
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (model_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def make_tiny_model(root: Path, seed: int = 0, encoder_format: str = "hf") -> TinyModelPaths:
     """Write a complete tiny LLaMA-Omni (checkpoint, Whisper encoder, vocoder) under `root`."""
     root = Path(root)
@@ -198,7 +181,7 @@ def make_tiny_model(root: Path, seed: int = 0, encoder_format: str = "hf") -> Ti
         decoder.output_proj.weight.mul_(20.0)
 
     tensors: dict[str, torch.Tensor] = dict(llm.state_dict())
-    tensors.update({f"model.speech_projector.{k}": v for k, v in adaptor.state_dict().items()})
-    tensors.update({f"speech_generator.{k}": v for k, v in decoder.state_dict().items()})
-    write_checkpoint_shards(tensors, model_dir)
+    tensors.update({ADAPTOR_PREFIX + k: v for k, v in adaptor.state_dict().items()})
+    tensors.update({DECODER_PREFIX + k: v for k, v in decoder.state_dict().items()})
+    write_shards(tensors, model_dir, count=2)  # sharded with an index, as released
     return TinyModelPaths(model_dir=model_dir, speech_encoder=Path(speech_encoder), vocoder_dir=Path(vocoder_dir))

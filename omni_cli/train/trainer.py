@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
@@ -39,15 +38,16 @@ from omni_cli.errors import CheckpointError, ConfigError
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.config import OmniConfig
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
-from omni_cli.model.loading import (
+from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer
+from omni_cli.weights.layout import (
     ADAPTOR_PREFIX,
     DECODER_PREFIX,
     IGNORED_PREFIXES,
-    OmniModel,
-    load_omni,
-    load_tokenizer,
+    SAFETENSORS_INDEX_NAME,
+    fsync_file,
     read_shapes,
     weight_files,
+    write_shards,
 )
 from omni_cli.train.data import (
     Batch,
@@ -75,7 +75,6 @@ FINAL_DIR = "final"
 DEFAULT_LR = {1: 2e-5, 2: 2e-4}
 # Training keeps fp32 master weights; these are the compute precisions it supports.
 TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SHARD_BYTES = 5 * 1024**3  # the release's shard size; small models get one shard
 
 
 @dataclass
@@ -360,40 +359,6 @@ def shard_for_fsdp(model: OmniForTraining, compute_dtype: torch.dtype | None) ->
     fully_shard(model, mp_policy=policy)
 
 
-def write_weight_shards(tensors: dict[str, torch.Tensor], out_dir: Path, shard_bytes: int = SHARD_BYTES) -> None:
-    """Write `model-0000i-of-0000n.safetensors` shards of at most `shard_bytes` plus the index, as released."""
-    groups: list[list[str]] = [[]]
-    size = 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].numel() * tensors[key].element_size()
-        if groups[-1] and size + nbytes > shard_bytes:
-            groups.append([])
-            size = 0
-        groups[-1].append(key)
-        size += nbytes
-    weight_map: dict[str, str] = {}
-    for i, keys in enumerate(groups):
-        name = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file({k: tensors[k] for k in keys}, str(out_dir / name), metadata={"format": "pt"})
-        fsync_file(out_dir / name)
-        weight_map.update({k: name for k in keys})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with (out_dir / "model.safetensors.index.json").open("w", encoding="utf-8") as f:
-        f.write(json.dumps(index, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_file(path: Path) -> None:
-    """Force a written file's data to disk, so a power loss after the rename cannot leave it empty."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def replace_directory(tmp: Path, final: Path) -> None:
     """Move a fully written `tmp` onto `final`; an old `final` is removed only after the new one is in place."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -429,7 +394,7 @@ def save_checkpoint(
         raw = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
         raw["speech_encoder"] = str(Path(speech_encoder).resolve())
         (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_weight_shards(tensors, tmp)
+    write_shards(tensors, tmp, durable=True)
     if trainer_state is not None:
         with (tmp / TRAINER_STATE_FILE).open("wb") as f:
             torch.save(trainer_state, f)
@@ -437,7 +402,7 @@ def save_checkpoint(
             os.fsync(f.fileno())
     # Copied files too: everything in the folder is on disk before the folder gets its name.
     for written in tmp.iterdir():
-        if written.suffix != ".safetensors" and written.name not in ("model.safetensors.index.json", TRAINER_STATE_FILE):
+        if written.suffix != ".safetensors" and written.name not in (SAFETENSORS_INDEX_NAME, TRAINER_STATE_FILE):
             fsync_file(written)
     replace_directory(tmp, out_dir)
     return out_dir

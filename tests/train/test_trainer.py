@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.model.loading import load_omni
-from omni_cli.model.vocoder import load_vocoder
+from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import Done, SpeechToSpeech
 from omni_cli.train.trainer import TRAINER_STATE_FILE, FinetuneConfig, finetune, load_trainer_state
 

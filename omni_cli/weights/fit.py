@@ -15,7 +15,7 @@ from typing import Any
 
 from omni_cli.config import read_json
 from omni_cli.errors import ConfigError
-from omni_cli.presets import GB, Preset, ResolvedModel
+from omni_cli.weights.presets import GB, Preset, ResolvedModel
 
 # Bytes per stored weight. 4-bit NF4 keeps one fp32 absmax per 64 weights (no double quant,
 # as load_omni configures it): 0.5 + 4/64. LLM.int8 adds one fp32 scale per row: negligible.
@@ -105,7 +105,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 def _adaptor_hidden(model_dir: Path) -> int | None:
     """The adaptor's inner width from the checkpoint's safetensors headers (not stored in config.json)."""
-    from omni_cli.model.loading import ADAPTOR_PREFIX, read_shapes, weight_files
+    from omni_cli.weights.layout import ADAPTOR_PREFIX, read_shapes, weight_files
 
     try:
         shapes = read_shapes(weight_files(model_dir))

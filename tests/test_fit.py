@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import omni_cli.gpu_memory as gpu_memory
+import omni_cli.weights.fit as fit
 from omni_cli.errors import ConfigError
-from omni_cli.gpu_memory import (
+from omni_cli.weights.fit import (
     CONTEXT_TOKENS,
     REPLY_TOKENS,
     WORKSPACE_BYTES,
@@ -22,8 +22,8 @@ from omni_cli.gpu_memory import (
     sizes_for_model,
     sizes_for_preset,
 )
-from omni_cli.model.vocoder import load_vocoder
-from omni_cli.presets import GB, get_preset, resolve_preset
+from omni_cli.model.vocoder_loading import load_vocoder
+from omni_cli.weights.presets import GB, get_preset, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def test_check_fits_suggests_the_best_precision_that_fits() -> None:
 
 def test_check_device_fits_reads_the_gpu_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     resolved = resolve_preset("llama-omni-8b")  # nothing downloaded: the preset's sizes are used
-    monkeypatch.setattr(gpu_memory, "cuda_memory", lambda device=None: None)
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: None)
     check_device_fits(resolved, "fp16")  # CPU: nothing to check
-    monkeypatch.setattr(gpu_memory, "cuda_memory", lambda device=None: ("Fake GPU", int(12 * GB), int(16 * GB)))
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: ("Fake GPU", int(12 * GB), int(16 * GB)))
     with pytest.raises(ConfigError, match="llama-omni-8b needs .* 12.0 GB free; try --precision 4bit"):
         check_device_fits(resolved, "fp16")
     check_device_fits(resolved, "4bit")

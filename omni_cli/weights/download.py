@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from omni_cli.errors import CheckpointError, OmniError, one_line
-from omni_cli.presets import (
+from omni_cli.weights.layout import VOCODER_SAFETENSORS_NAME
+from omni_cli.weights.presets import (
     GB,
     HubPart,
     Preset,
@@ -261,14 +262,14 @@ def fetch_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path
 
 def fetch_vocoder(part: VocoderPart, dest_dir: Path, *, console: Console | None = None, echo: Echo = print) -> Path:
     """Download the vocoder files into `dest_dir`, then convert the pickle once to vocoder.safetensors."""
-    from omni_cli.model.vocoder import SAFETENSORS_NAME, convert_vocoder_checkpoint
+    from omni_cli.model.vocoder_loading import convert_vocoder_checkpoint
 
     dest_dir = Path(dest_dir)
     for remote in part.files:
         digest = download_url(remote.url, dest_dir / remote.name, remote, console=console)
         if remote.sha256 is None:
             echo(f"{remote.name}: sha256 {digest} (not pinned in the preset; pin it to verify later downloads)")
-    if not (dest_dir / SAFETENSORS_NAME).is_file():
+    if not (dest_dir / VOCODER_SAFETENSORS_NAME).is_file():
         try:
             convert_vocoder_checkpoint(dest_dir / part.checkpoint, dest_dir)
         except OmniError as exc:

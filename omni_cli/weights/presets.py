@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_cli.errors import ConfigError
+from omni_cli.weights.layout import SAFETENSORS_INDEX_NAME, index_shard_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -29,7 +30,6 @@ PRESET_FOLDER = "preset_files"
 GB = 1e9  # sizes shown to people are decimal gigabytes, as download tools show them
 # Where `--local-dir` puts the vocoder, and the hub parts' folder names there.
 VOCODER_DIRNAME = "vocoder"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass(frozen=True)
@@ -270,11 +270,11 @@ def missing_hub_files(directory: Path, part: HubPart) -> list[str]:
     """Required files of a hub part absent from `directory` (shards named by an index included)."""
     missing = [name for name in part.required_files if not (directory / name).is_file()]
     if any(p.endswith(".safetensors") for p in part.allow_patterns):
-        index = directory / SAFETENSORS_INDEX
+        index = directory / SAFETENSORS_INDEX_NAME
         if index.is_file():
             try:
-                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                shards = index_shard_names(index)
+            except ValueError:
                 shards = []  # a broken index is reported by the loader / `omni doctor`
             missing += [s for s in shards if not (directory / s).is_file()]
         elif not any(directory.glob("*.safetensors")):
@@ -312,9 +312,9 @@ def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Pat
 
 def vocoder_present(directory: Path, part: VocoderPart) -> bool:
     """True when the vocoder's config and weights (converted or released) are in `directory`."""
-    from omni_cli.model.vocoder import CONFIG_NAME, SAFETENSORS_NAME
+    from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME
 
-    has_weights = (directory / SAFETENSORS_NAME).is_file() or (directory / part.checkpoint).is_file()
+    has_weights = (directory / VOCODER_SAFETENSORS_NAME).is_file() or (directory / part.checkpoint).is_file()
     return (directory / CONFIG_NAME).is_file() and has_weights
 
 
@@ -324,7 +324,7 @@ def resolve_preset(
     """Local paths for `--model`: a checkpoint directory as it is, or a preset's parts.
 
     Never touches the network. Preset parts not on disk are named in `missing` (their paths
-    are None); `omni_cli.download.download_preset` fetches them.
+    are None); `omni_cli.weights.download.download_preset` fetches them.
     """
     text = str(name_or_path)
     local = Path(local_dir).expanduser() if local_dir is not None else None
