@@ -30,9 +30,9 @@ import torch
 
 from omni_cli.audio.io import load_audio
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
-from omni_cli.model.llm import LlmSteps, SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
+from omni_cli.config import DECODE_MODES, SamplingConfig
+from omni_cli.model.llm import LlmSteps, build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.loading import OmniModel, Placement, load_omni
-from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.unit_decoder import UnitSteps, collapse_ctc
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream
 from omni_cli.model.vocoder_loading import load_vocoder

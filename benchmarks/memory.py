@@ -45,8 +45,8 @@ from safetensors.torch import save_file
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import ConfigError, OmniError, one_line
 from omni_cli.weights.fit import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
-from omni_cli.model.decode_steps import DECODE_MODES
-from omni_cli.model.llm import SamplingConfig, build_prompt_ids, speech_turn
+from omni_cli.config import DECODE_MODES, SamplingConfig, StreamingConfig
+from omni_cli.model.llm import build_prompt_ids, speech_turn
 from omni_cli.model.loading import (
     PRECISIONS,
     OmniModel,
@@ -56,7 +56,7 @@ from omni_cli.model.loading import (
 )
 from omni_cli.model.vocoder import UnitVocoder
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech, StreamingConfig
+from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech
 from omni_cli.weights.layout import SAFETENSORS_NAME, plan_shards, shard_name, write_index
 from omni_cli.weights.presets import GB, ResolvedModel, get_preset
 from omni_cli.tiny.omni import TinyModelPaths

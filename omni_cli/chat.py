@@ -41,6 +41,7 @@ from omni_cli.audio.io import SAMPLE_RATE, save_wav
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
+from omni_cli.config import ChatOptions
 from omni_cli.errors import AudioInputError, ConfigError, one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, HistoryTurn, TextDelta, Units
 
@@ -511,19 +512,6 @@ def sigint_ends_session(session: ChatSession) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-@dataclass(frozen=True)
-class ChatOptions:
-    """What `omni chat` was asked for, apart from the model."""
-
-    session_dir: Path
-    text: bool = False
-    barge_in: bool = False
-    input_device: str | None = None
-    output_device: str | None = None
-    hangover_ms: int = 600
-    vad_aggressiveness: int = 2
 
 
 def preflight(options: ChatOptions) -> None:

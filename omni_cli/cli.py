@@ -1,25 +1,76 @@
-"""The `omni` command: parses options, builds objects, and calls one function per command."""
+"""The `omni` command: parses options, builds objects, and calls one function per command.
+
+Importing this module does not import torch (option defaults and choices come from the
+torch-free `config.py`), so `omni --help` and option errors are instant; each command imports
+what it needs when it runs.
+"""
 
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
+from typer.core import TyperGroup
 
+from omni_cli.config import (
+    CHAT_FIRST_CHUNK_UNITS,
+    DECODE_MODES,
+    PRECISIONS,
+    TRAIN_PRECISIONS,
+    ChatOptions,
+    FinetuneConfig,
+    SamplingConfig,
+    StreamingConfig,
+)
 from omni_cli.errors import OmniError
 
 if TYPE_CHECKING:
-    from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
+
+
+
+class _OneLineErrors(TyperGroup):
+    """Typer's command group, except that a mistyped command line is one line like every other
+    omni error (`omni: error: ...`), not a framed panel."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        except Exception as exc:
+            # Usage errors (typer vendors click, so matched by shape, not class): one line, exit 2.
+            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+                raise
+            ctx = getattr(exc, "ctx", None)
+            if type(exc).__name__ != "NoArgsIsHelpError":  # that one has printed the help already
+                message = exc.format_message().replace("Value error, ", "").rstrip(".")
+                where = f"; see `{ctx.command_path} --help`" if ctx is not None else ""
+                typer.echo(f"omni: error: {message}{where}.", err=True)
+            sys.exit(exc.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
+    cls=_OneLineErrors,
     name="omni",
     help="A local voice assistant: speak to LLaMA-Omni and hear the answer while it is written.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# Choices checked while parsing, before anything loads; the names come from config.py.
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)  # type: ignore[misc]
+TrainPrecision = Enum("TrainPrecision", {p: p for p in TRAIN_PRECISIONS}, type=str)  # type: ignore[misc]
+DecodeSteps = Enum("DecodeSteps", {m: m for m in DECODE_MODES}, type=str)  # type: ignore[misc]
 
 ModelOpt = Annotated[Path, typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory (config.json + safetensors + tokenizer), or a preset name such as llama-omni-8b (downloaded on first use).")]
 EncoderOpt = Annotated[
@@ -30,16 +81,23 @@ VocoderOpt = Annotated[
     Optional[Path],
     typer.Option("--vocoder", help="Unit HiFi-GAN directory (config.json + g_00500000 or vocoder.safetensors). Without it, replies are text only."),
 ]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16, bf16, 8bit, 4bit.")]
+PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto = fp16 on CUDA, fp32 on CPU; 8bit/4bit need a CUDA GPU (bitsandbytes).")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1 or cpu. Default: cuda when available.")]
 DecodeStepsOpt = Annotated[
-    str,
+    DecodeSteps,
     typer.Option(
         "--decode-steps",
-        help="How the per-token steps of the LLM and the speech decoder run: eager (default); static "
+        help="How the per-token steps of the LLM and the speech decoder run: eager (growing KV caches); static "
         "(preallocated KV caches); compiled (static + torch.compile, CUDA graphs on a GPU: a one-off compile at start).",
     ),
 ]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")]
+TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")]
+ChunkUnitsOpt = Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")]
+
+_SAMPLING = SamplingConfig()
+_STREAMING = StreamingConfig()
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -48,66 +106,36 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def build_pipeline(
-    model: Path,
-    speech_encoder: Path | None,
-    vocoder: Path | None,
-    precision: str,
-    device: str | None,
-    streaming: StreamingConfig,
-    assume_yes: bool = False,
-) -> SpeechToSpeech:  # imported lazily so `omni --help` stays fast
-    """Load the model (and vocoder) and wrap them in the streaming pipeline.
+def _echo_err(line: str) -> None:
+    typer.echo(line, err=True)
 
-    `model` may name a preset (e.g. llama-omni-8b): its missing parts are downloaded after
-    asking (or at once with `assume_yes`), and its encoder and vocoder fill unset options.
-    """
-    from dataclasses import replace
 
-    from omni_cli.weights.download import prepare_model
-    from omni_cli.weights.fit import check_device_fits
+def load_pipeline(
+    model: Path, speech_encoder: Path | None, vocoder: Path | None, precision: str, device: str | None,
+    streaming: StreamingConfig, assume_yes: bool = False,
+) -> SpeechToSpeech:
+    """--model (a directory or a preset, downloaded after asking) → the loaded streaming pipeline, compiled if asked."""
+    from omni_cli.pipeline import SpeechToSpeech
+    from omni_cli.weights.model_files import prepare_model_files
 
     confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
-    resolved = prepare_model(model, assume_yes=assume_yes, confirm=confirm, echo=lambda line: typer.echo(line, err=True))
-    model = resolved.model_dir
-    speech_encoder = speech_encoder or resolved.speech_encoder
-    vocoder = vocoder or resolved.vocoder_dir
-    # A clear "try --precision 8bit" before a CUDA out-of-memory error halfway through loading.
-    check_device_fits(replace(resolved, model_dir=model, speech_encoder=speech_encoder, vocoder_dir=vocoder), precision, device)
-
-    import torch
-
-    from omni_cli.model.loading import load_omni, resolve_placement
-    from omni_cli.model.vocoder_loading import load_vocoder
-    from omni_cli.pipeline import SpeechToSpeech
-
-    # The vocoder is small: load it first so a wrong --vocoder fails before the LLM loads.
-    placement = resolve_placement(precision, device)
-    # fp32 whatever the LLM's precision: it is small, and in half precision the predicted
-    # durations round differently, changing the audio's length.
-    voc = None if vocoder is None else load_vocoder(vocoder, dtype=torch.float32, device=placement.device)
-    loaded = load_omni(model, speech_encoder, precision=precision, device=device)
-    pipeline = SpeechToSpeech(loaded, voc, streaming)
+    files = prepare_model_files(
+        model, speech_encoder, vocoder, precision, device, assume_yes=assume_yes, confirm=confirm, echo=_echo_err
+    )
+    pipeline = SpeechToSpeech.load(files, precision, device, streaming)
     if streaming.decode_steps == "compiled":
-        typer.echo("Compiling the decoding steps (once per start; can take a minute)...", err=True)
+        _echo_err("Compiling the decoding steps (once per start; can take a minute)...")
         problem = pipeline.warm_up()
         if problem:
-            typer.echo(f"omni: warning: {problem}", err=True)
+            _echo_err(f"omni: warning: {problem}")
     return pipeline
 
 
 def streaming_config(
-    max_new_tokens: int,
-    temperature: float,
-    chunk_units: int,
-    first_chunk_units: int | None,
-    decode_steps: str,
-    context_budget: int = 4096,
+    max_new_tokens: int, temperature: float, chunk_units: int, first_chunk_units: int | None, decode_steps: str,
+    context_budget: int = _STREAMING.context_budget,
 ) -> StreamingConfig:
     """The reply options shared by chat and transcribe-and-reply."""
-    from omni_cli.model.llm import SamplingConfig
-    from omni_cli.pipeline import StreamingConfig
-
     return StreamingConfig(
         chunk_units=chunk_units,
         first_chunk_units=first_chunk_units,
@@ -125,14 +153,14 @@ def transcribe_and_reply_cmd(
     vocoder: VocoderOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the spoken reply to OUT/<name>.wav (needs --vocoder).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file: text, units, wav, timings.")] = False,
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
-    chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
-    first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = None,
-    decode_steps: DecodeStepsOpt = "eager",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
+    max_new_tokens: MaxNewTokensOpt = _SAMPLING.max_new_tokens,
+    temperature: TemperatureOpt = _SAMPLING.temperature,
+    chunk_units: ChunkUnitsOpt = _STREAMING.chunk_units,
+    first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = _STREAMING.first_chunk_units,
+    decode_steps: DecodeStepsOpt = DecodeSteps(_STREAMING.decode_steps),
+    yes: YesOpt = False,
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
 
@@ -145,8 +173,8 @@ def transcribe_and_reply_cmd(
     if out is not None and vocoder is None and not looks_like_preset(model):
         fail("--out writes the spoken reply and needs --vocoder DIR (the unit HiFi-GAN).")
     try:
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps)
-        pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value)
+        pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
     except OmniError as exc:
         fail(str(exc))
     failed = transcribe_and_reply(pipeline, files, out, as_json)
@@ -171,7 +199,7 @@ def chat_cmd(
     model: ModelOpt,
     speech_encoder: EncoderOpt = None,
     vocoder: VocoderOpt = None,
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = None,
     input_device: Annotated[Optional[str], typer.Option("--input-device", help="Microphone: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
     output_device: Annotated[Optional[str], typer.Option("--output-device", help="Speaker: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
@@ -183,17 +211,17 @@ def chat_cmd(
             help="Speaking over a reply stops it and starts your next turn. Off by default (half-duplex): without "
             "headphones or echo cancellation the microphone hears the reply and would interrupt it.",
         ),
-    ] = False,
+    ] = ChatOptions.barge_in,
     session_dir: Annotated[Optional[Path], typer.Option("--session-dir", help="Where the transcript.jsonl and turn WAVs go. Default: ./omni-sessions/<timestamp>.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")] = 256,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")] = 0.0,
-    chunk_units: Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")] = 40,
-    first_chunk_units: Annotated[int, typer.Option(min=1, help="Units in the first chunk: smaller = first sound sooner.")] = 10,
-    hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = 600,
-    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = 2,
-    context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = 4096,
-    decode_steps: DecodeStepsOpt = "eager",
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's missing weights without asking.")] = False,
+    max_new_tokens: MaxNewTokensOpt = _SAMPLING.max_new_tokens,
+    temperature: TemperatureOpt = _SAMPLING.temperature,
+    chunk_units: ChunkUnitsOpt = _STREAMING.chunk_units,
+    first_chunk_units: Annotated[int, typer.Option(min=1, help="Units in the first chunk: smaller = first sound sooner.")] = CHAT_FIRST_CHUNK_UNITS,
+    hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = ChatOptions.hangover_ms,
+    vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = ChatOptions.vad_aggressiveness,
+    context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = _STREAMING.context_budget,
+    decode_steps: DecodeStepsOpt = DecodeSteps(_STREAMING.decode_steps),
+    yes: YesOpt = False,
 ) -> None:
     """Talk with the model: speak, see the reply written and hear it spoken; earlier turns are remembered.
 
@@ -204,7 +232,7 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
-    from omni_cli.chat import ChatOptions, default_session_dir, preflight, run_chat
+    from omni_cli.chat import default_session_dir, preflight, run_chat
     from omni_cli.chat_view import ChatView
 
     options = ChatOptions(
@@ -218,8 +246,8 @@ def chat_cmd(
     )
     try:
         preflight(options)
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps, context_budget)
-        pipeline = build_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes)
+        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
+        pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
         code = run_chat(pipeline, options, ChatView())
     except OmniError as exc:
         fail(str(exc))
@@ -281,7 +309,7 @@ def download_cmd(
 @app.command("doctor")
 def doctor_cmd(
     preset: Annotated[str, typer.Option("--preset", help="Which model to check weights and GPU memory for.")] = "llama-omni-8b",
-    precision: PrecisionOpt = "auto",
+    precision: PrecisionOpt = Precision.auto,
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Look for the weights here (as `omni download --local-dir`).")] = None,
 ) -> None:
     """Check Python, torch, CUDA and GPU memory, bitsandbytes, audio devices and weights; each line OK or what to do.
@@ -289,12 +317,9 @@ def doctor_cmd(
     Exit status 0 unless something required is broken (FIX lines); a missing GPU, sound card or weights is fine.
     """
     from omni_cli.doctor import exit_code, run_checks
-    from omni_cli.model.loading import PRECISIONS
 
-    if precision not in PRECISIONS:
-        fail(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
     checks = []
-    for check in run_checks(preset, precision, local_dir):
+    for check in run_checks(preset, precision.value, local_dir):
         typer.echo(check.line)
         checks.append(check)
     raise typer.Exit(exit_code(checks))
@@ -307,22 +332,22 @@ def finetune_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoint-N/ and the final model in OUTPUT/final.")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory to start from (not needed with --resume).")] = None,
     speech_encoder: EncoderOpt = None,
-    epochs: Annotated[float, typer.Option(min=0.0, help="Passes over the data (paper: 3).")] = 3.0,
+    epochs: Annotated[float, typer.Option(min=0.0, help="Passes over the data (paper: 3).")] = FinetuneConfig.epochs,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per process per micro-step.")] = 8,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-steps per optimizer step (8 × 4 = the paper's 32).")] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per process per micro-step.")] = FinetuneConfig.batch_size,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-steps per optimizer step (8 × 4 = the paper's 32).")] = FinetuneConfig.grad_accum,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: paper's 2e-5 stage 1, 2e-4 stage 2).")] = None,
-    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Linear warm-up share of the steps, then cosine decay.")] = 0.03,
-    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a checkpoint every N steps (0: only at the end and at Ctrl-C).")] = 500,
-    seed: Annotated[int, typer.Option(help="Random seed (data order).")] = 42,
-    precision: Annotated[str, typer.Option("--precision", help="auto (bf16/fp16 mixed precision on CUDA, fp32 on CPU), fp32, bf16, fp16.")] = "auto",
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Linear warm-up share of the steps, then cosine decay.")] = FinetuneConfig.warmup_ratio,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a checkpoint every N steps (0: only at the end and at Ctrl-C).")] = FinetuneConfig.save_every,
+    seed: Annotated[int, typer.Option(help="Random seed (data order).")] = FinetuneConfig.seed,
+    precision: Annotated[TrainPrecision, typer.Option("--precision", help="auto = bf16 (fp16 without bf16 support) mixed precision on CUDA, fp32 on CPU.")] = TrainPrecision(FinetuneConfig.precision),
     device: DeviceOpt = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="Stage 1: LoRA (implies --lora) with the LLM kept in 4 bit (bitsandbytes, CUDA).")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="Rank of each LoRA adapter (alpha = 2 × rank).")] = FinetuneConfig.lora_rank,
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Stage 1 full fine-tuning sharded over the torchrun processes (FSDP2) instead of DDP.")] = False,
-    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = 0,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = FinetuneConfig.num_workers,
 ) -> None:
     """Fine-tune on your own data: stage 1 (speech → text) or stage 2 (speech decoder).
 
@@ -332,32 +357,19 @@ def finetune_cmd(
     """
     import os
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from omni_cli.train.trainer import FinetuneConfig, TrainLog, finetune
+    from omni_cli.train.progress import TrainProgress
+    from omni_cli.train.trainer import finetune
 
     cfg = FinetuneConfig(
         stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
-        save_every=save_every, seed=seed, precision=precision, device=device, resume=resume, lora=lora,
+        save_every=save_every, seed=seed, precision=precision.value, device=device, resume=resume, lora=lora,
         qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, fsdp=fsdp, num_workers=num_workers,
     )
-    console = Console(stderr=True)
     quiet = int(os.environ.get("RANK", "0")) != 0
-    progress = Progress(
-        TextColumn(f"stage {stage}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet,
-    )
-    task = progress.add_task("train", total=None, info="validating data and loading the model")
-
-    def show(log: TrainLog) -> None:
-        info = f"loss {log.loss:.4f}  lr {log.lr:.2e}  {log.samples_per_second:.1f} samples/s  epoch {log.epoch:.2f}"
-        progress.update(task, completed=log.step, total=log.total_steps, info=info)
-
     try:
-        with progress:
-            result = finetune(cfg, on_log=show)
+        with TrainProgress(stage, quiet) as progress:
+            result = finetune(cfg, on_log=progress.show)
     except OmniError as exc:
         fail(str(exc))
     if quiet:
@@ -379,12 +391,9 @@ def units_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Make stage-2 unit targets from response speech: HuBERT layer features → nearest k-means centre, repeats merged."""
-    import torch
-
     from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
 
     try:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # as --device's help says
         extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device)
         count = label_units(source, out, extractor, on_item=lambda i, n, path: typer.echo(f"[{i}/{n}] {path}", err=True))
     except OmniError as exc:

@@ -1,7 +1,9 @@
-"""Model settings read from the released config.json files into small dataclasses.
+"""Settings as small dataclasses: the model's, read from the released config.json files, and
+each run's (sampling, streaming, chat, fine-tuning), whose defaults are the CLI's defaults.
 
 Every size the code uses comes from here, so a checkpoint with other sizes (a tiny test
-model, a future release) loads without code changes.
+model, a future release) loads without code changes. This module imports no torch: the CLI
+reads its option defaults and choices from it, so `omni --help` and option errors are instant.
 """
 
 from __future__ import annotations
@@ -254,3 +256,110 @@ class VocoderConfig:
                 "var_pred_dropout": d.var_pred_dropout,
             }
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run settings (the CLI's defaults live here, once)
+
+# --precision for inference: auto = fp16 on CUDA, fp32 on the CPU.
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
+# --precision for training: master weights stay fp32; these are the compute precisions.
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# --decode-steps: "eager" (growing KV caches), "static" (preallocated caches) or "compiled"
+# (static + torch.compile; CUDA graphs on a GPU).
+DECODE_MODES = ("eager", "static", "compiled")
+# Paper values (section 4): 2e-5 for stage 1, 2e-4 for stage 2.
+DEFAULT_LR = {1: 2e-5, 2: 2e-4}
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How to pick the next token; temperature 0 is greedy (the reference CLI's setting)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    # Forced length for benchmarks with random weights: ignore stop tokens until the budget is spent.
+    ignore_stop: bool = False
+
+
+@dataclass(frozen=True)
+class StreamingConfig:
+    """How a reply streams: when units go to the vocoder (every `chunk_units`, Ω, the first chunk
+    possibly sooner), how much history the prompt may hold, and how decoding steps run."""
+
+    chunk_units: int = 40
+    first_chunk_units: int | None = None
+    context_units: int | None = None  # vocoder left context; None keeps the vocoder's default
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Earlier turns are dropped, oldest first, once the prompt would exceed this many positions.
+    context_budget: int = 4096
+    # See DECODE_MODES. Static caches hold context_budget positions for the LLM and
+    # max_new_tokens tokens' frames for the speech decoder.
+    decode_steps: str = "eager"
+
+    def __post_init__(self) -> None:
+        if self.decode_steps not in DECODE_MODES:
+            raise ConfigError(f"unknown decode-steps mode {self.decode_steps!r}; choose one of {', '.join(DECODE_MODES)}.")
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """What `omni chat` was asked for, apart from the model and the reply settings."""
+
+    session_dir: Path
+    text: bool = False
+    barge_in: bool = False
+    input_device: str | None = None
+    output_device: str | None = None
+    hangover_ms: int = 600
+    vad_aggressiveness: int = 2
+
+
+# A conversation starts speaking with a smaller first chunk than a file reply (whose
+# first chunk is StreamingConfig.first_chunk_units: Ω).
+CHAT_FIRST_CHUNK_UNITS = 10
+
+
+@dataclass
+class FinetuneConfig:
+    """One fine-tuning run. Defaults are the paper's: 3 epochs, batch 32, 3 % warm-up, cosine decay."""
+
+    stage: int
+    data: Path
+    output: Path
+    model: Path | None = None  # not needed with `resume`
+    speech_encoder: Path | None = None
+    epochs: float = 3.0
+    max_steps: int | None = None  # overrides epochs
+    batch_size: int = 8  # per process and micro-step
+    grad_accum: int = 4  # 8 × 4 = the paper's 32 on one GPU
+    lr: float | None = None  # None: the paper's value for the stage
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    precision: str = "auto"  # auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU
+    device: str | None = None
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    num_workers: int = 0
+    resume: Path | None = None
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    qlora: bool = False
+    fsdp: bool = False  # shard the model over the torchrun processes (stage 1 full fine-tuning)
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        # QLoRA is LoRA on a 4-bit LLM: asking for it asks for LoRA.
+        if self.qlora:
+            self.lora = True
+
+    def learning_rate(self) -> float:
+        """The peak learning rate: given, or the paper's for this stage."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.stage]

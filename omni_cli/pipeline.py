@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from omni_cli.config import SamplingConfig, StreamingConfig
 from omni_cli.errors import ConfigError
-from omni_cli.model.decode_steps import DECODE_MODES
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     IncrementalDetokenizer,
     LlmSteps,
-    SamplingConfig,
     Turn,
     build_prompt_ids,
     generate,
@@ -30,9 +29,11 @@ from omni_cli.model.llm import (
     splice_speech,
     stop_token_ids,
 )
-from omni_cli.model.loading import OmniModel
+from omni_cli.model.loading import OmniModel, load_omni, resolve_placement
 from omni_cli.model.unit_decoder import UnitSteps, UnitStream
 from omni_cli.model.vocoder import UnitVocoder, VocoderStream
+from omni_cli.model.vocoder_loading import load_vocoder
+from omni_cli.weights.model_files import ModelFiles
 
 
 @dataclass(frozen=True)
@@ -81,26 +82,6 @@ Event = TextDelta | Units | AudioChunk | Done
 PROMPT_MARGIN = 256
 
 
-@dataclass(frozen=True)
-class StreamingConfig:
-    """When to hand units to the vocoder: every `chunk_units` (Ω), the first chunk possibly sooner."""
-
-    chunk_units: int = 40
-    first_chunk_units: int | None = None
-    context_units: int | None = None  # vocoder left context; None keeps the vocoder's default
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # Earlier turns are dropped, oldest first, once the prompt would exceed this many positions.
-    context_budget: int = 4096
-    # How the LLM's and the speech decoder's per-token steps run: "eager" (growing KV caches),
-    # "static" (preallocated caches: context_budget positions for the LLM, max_new_tokens
-    # tokens' frames for the decoder) or "compiled" (static + torch.compile; CUDA graphs on a GPU).
-    decode_steps: str = "eager"
-
-    def __post_init__(self) -> None:
-        if self.decode_steps not in DECODE_MODES:
-            raise ConfigError(f"unknown decode-steps mode {self.decode_steps!r}; choose one of {', '.join(DECODE_MODES)}.")
-
-
 @dataclass
 class HistoryTurn:
     """One finished exchange kept for multi-turn memory: the user's speech embeddings or text, and the reply."""
@@ -143,6 +124,20 @@ class SpeechToSpeech:
                 f"the speech decoder emits {decoder.cfg.unit_vocab_size} kinds of units but the vocoder knows "
                 f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
             )
+
+    @classmethod
+    def load(
+        cls, files: ModelFiles, precision: str = "auto", device: str | None = None, streaming: StreamingConfig | None = None
+    ) -> SpeechToSpeech:
+        """Load the model (and its vocoder, when `files` has one) and wrap them in the streaming pipeline."""
+        placement = resolve_placement(precision, device)
+        # The vocoder is small: loaded first, so a wrong --vocoder fails before the LLM loads. In
+        # fp32 whatever the LLM's precision: in half precision the predicted durations round
+        # differently, changing the audio's length.
+        vocoder = None
+        if files.vocoder_dir is not None:
+            vocoder = load_vocoder(files.vocoder_dir, dtype=torch.float32, device=placement.device, config=files.vocoder_config)
+        return cls(load_omni(files, precision=precision, device=device), vocoder, streaming)
 
     def _make_steps(self, mode: str) -> None:
         static, compiled = mode != "eager", mode == "compiled"

@@ -307,8 +307,8 @@ def test_turns_older_than_a_whole_context_budget_are_not_kept(tmp_path: Path) ->
 def test_memory_reaches_the_real_pipeline_within_its_budget(tiny_loaded, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
     """Turn 2's prompt holds turn 1 (question and reply) when the budget has room, and not when it has none."""
     import omni_cli.pipeline as pipeline_module
-    from omni_cli.model.llm import SamplingConfig
-    from omni_cli.pipeline import SpeechToSpeech, StreamingConfig
+    from omni_cli.config import SamplingConfig, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
 
     prompts: list[list[int]] = []
     real_build = pipeline_module.build_prompt_ids
@@ -586,7 +586,8 @@ def test_a_microphone_lost_mid_session_ends_or_falls_back_to_typing(
 
     import omni_cli.audio.mic as mic_module
     import omni_cli.chat as chat_module
-    from omni_cli.chat import ChatOptions, run_chat
+    from omni_cli.chat import run_chat
+    from omni_cli.config import ChatOptions
 
     ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])
     ScriptedMicrophone.instances = []

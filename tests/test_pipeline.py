@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from omni_cli.audio.io import load_audio
-from omni_cli.model.llm import SamplingConfig, build_prompt_ids, generate, speech_turn, splice_speech
+from omni_cli.config import SamplingConfig, StreamingConfig
+from omni_cli.model.llm import build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, StreamingConfig, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, TextDelta, Units
 
 
 @pytest.fixture(scope="module")

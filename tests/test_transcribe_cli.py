@@ -149,10 +149,10 @@ def test_a_file_that_is_not_a_vocoder_is_one_line(runner: CliRunner, tiny_model,
 def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, tmp_path: Path) -> None:
     import io
 
-    from omni_cli.model.llm import SamplingConfig
+    from omni_cli.config import SamplingConfig, StreamingConfig
     from omni_cli.model.loading import load_omni
     from omni_cli.model.vocoder_loading import load_vocoder
-    from omni_cli.pipeline import AudioChunk, SpeechToSpeech, StreamingConfig
+    from omni_cli.pipeline import AudioChunk, SpeechToSpeech
     from omni_cli.transcribe import transcribe_and_reply
 
     model = load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
@@ -217,4 +217,7 @@ def test_decode_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, qu
 
     bad = runner.invoke(app, ["transcribe-and-reply", str(question_wavs[0]), *_args(tiny_model, "--decode-steps", "fast")])
     assert bad.exit_code == 2
-    assert bad.stderr.strip() == "omni: error: unknown decode-steps mode 'fast'; choose one of eager, static, compiled."
+    assert bad.stderr.strip() == (  # refused while parsing, before the model loads
+        "omni: error: Invalid value for '--decode-steps': 'fast' is not one of 'eager', 'static', 'compiled'; "
+        "see `omni transcribe-and-reply --help`."
+    )

@@ -14,10 +14,6 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig, StaticCache
 
-# How decoding steps run: "eager" (growing cache), "static" (preallocated cache) or "compiled"
-# (static + torch.compile).
-DECODE_MODES = ("eager", "static", "compiled")
-
 CompileBackend = str | Callable[..., Any]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -114,12 +115,14 @@ def load_speech_encoder(
     path: str | Path,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    config: dict[str, Any] | None = None,
 ) -> SpeechEncoder:
     """Load a Whisper encoder from a transformers checkpoint directory or an openai-whisper `.pt` file.
 
     Only encoder tensors are read; decoder tensors are skipped. Missing, unexpected or
     wrongly shaped encoder tensors raise CheckpointError naming them. Returns the encoder
-    in eval mode; freezing (`requires_grad_(False)`) is the caller's choice.
+    in eval mode; freezing (`requires_grad_(False)`) is the caller's choice. `config`: the
+    directory's config.json already read (see `ModelFiles`), so it is not read twice.
     """
     path = Path(path)
     if not path.exists():
@@ -127,12 +130,12 @@ def load_speech_encoder(
             f"speech encoder {path} does not exist; pass --speech-encoder a Whisper checkpoint directory or large-v3.pt"
         )
     if path.is_dir() and (path / "config.json").is_file():
-        config, tensors, file_key = _read_hf_checkpoint(path, device)
+        whisper, tensors, file_key = _read_hf_checkpoint(path, device, config)
     elif path.is_file():
-        config, tensors, file_key = _read_openai_checkpoint(path)
+        whisper, tensors, file_key = _read_openai_checkpoint(path)
     else:
         raise _not_a_checkpoint(path)
-    return _build_encoder(path, config, tensors, file_key, dtype, device)
+    return _build_encoder(path, whisper, tensors, file_key, dtype, device)
 
 
 def openai_key_to_hf(key: str) -> str | None:
@@ -177,15 +180,16 @@ def _not_a_checkpoint(path: Path) -> CheckpointError:
 
 
 def _read_hf_checkpoint(
-    directory: Path, device: str | torch.device
+    directory: Path, device: str | torch.device, raw_config: dict[str, Any] | None = None
 ) -> tuple[WhisperConfig, dict[str, torch.Tensor], KeyNamer]:
     """Config, encoder tensors (transformers names) and how the files name them, from a Whisper directory."""
-    try:
-        raw_config = json.loads((directory / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise CheckpointError(
-            f"cannot read {directory / 'config.json'} ({error}); re-download the speech encoder"
-        ) from error
+    if raw_config is None:
+        try:
+            raw_config = json.loads((directory / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(
+                f"cannot read {directory / 'config.json'} ({error}); re-download the speech encoder"
+            ) from error
     if not isinstance(raw_config, dict) or raw_config.get("model_type") != "whisper":
         raise _not_a_checkpoint(directory)
     config = WhisperConfig.from_dict(raw_config)

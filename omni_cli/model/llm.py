@@ -20,6 +20,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from omni_cli.config import SamplingConfig, StreamingConfig
 from omni_cli.model.decode_steps import CompileBackend, CompiledStep, StaticCacheSlot
 
 SPEECH_PLACEHOLDER = "<speech>"
@@ -126,19 +127,6 @@ def splice_speech(
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How to pick the next token; temperature 0 is greedy (the reference CLI's setting)."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    # Forced length for benchmarks with random weights: ignore stop tokens until the budget is spent.
-    ignore_stop: bool = False
-
-
-@dataclass(frozen=True)
 class GeneratedToken:
     """One generated token id and the last-layer hidden state (after the final norm) that produced it."""
 
@@ -168,7 +156,7 @@ class LlmSteps:
         llm: LlamaForCausalLM,
         static_cache: bool = False,
         compile: bool = False,
-        capacity: int = 4096,
+        capacity: int = StreamingConfig.context_budget,
         compile_backend: CompileBackend = "inductor",
     ) -> None:
         if compile and not static_cache:

@@ -18,14 +18,13 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from omni_cli.config import OmniConfig
+from omni_cli.config import PRECISIONS, OmniConfig
 from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
 from omni_cli.model.unit_decoder import UnitDecoder
-from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX, IGNORED_PREFIXES, TOKENIZER_NAME, Shapes, read_shapes, weight_files
-
-PRECISIONS = ("auto", "fp32", "fp16", "bf16", "8bit", "4bit")
+from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX, IGNORED_PREFIXES, TOKENIZER_NAME, Shapes
+from omni_cli.weights.model_files import ModelFiles, read_model_files
 
 
 @dataclass(frozen=True)
@@ -125,24 +124,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def resolve_speech_encoder(config: OmniConfig, model_dir: Path, override: str | Path | None) -> Path:
-    """--speech-encoder if given, else config.json's `speech_encoder` (relative to the model dir or cwd)."""
-    if override:
-        path = Path(override).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"speech encoder {path} not found; pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt.")
-        return path
-    if not config.speech_encoder:
-        raise ConfigError("config.json names no speech_encoder; pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt.")
-    for candidate in (Path(config.speech_encoder).expanduser(), model_dir / config.speech_encoder):
-        if candidate.exists():
-            return candidate
-    raise CheckpointError(
-        f"the speech encoder {config.speech_encoder!r} named in config.json was not found; "
-        "pass --speech-encoder a Whisper-large-v3 directory or large-v3.pt."
-    )
-
-
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     """The checkpoint's tokenizer (tokenizer.json + tokenizer_config.json).
 
@@ -157,22 +138,22 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def load_omni(
-    model_dir: str | Path,
+    model: str | Path | ModelFiles,
     speech_encoder: str | Path | None = None,
     precision: str = "auto",
     device: str | None = None,
 ) -> OmniModel:
-    """Load a LLaMA-Omni checkpoint directory strictly and place it for inference.
+    """Load a LLaMA-Omni checkpoint (a directory, or its `ModelFiles` already read) strictly and place it for inference.
 
     Every tensor name and shape is checked against config.json before anything is
     allocated, so a wrong or partial checkpoint fails in a second with the key named.
+    `speech_encoder` overrides config.json's encoder path (only with a directory).
     """
-    model_dir = Path(model_dir).expanduser()
-    config = OmniConfig.load(model_dir)
+    files = model if isinstance(model, ModelFiles) else read_model_files(model, speech_encoder)
+    model_dir, config, shapes = files.model_dir, files.config, files.shapes
     placement = resolve_placement(precision, device)
     llama_config = LlamaConfig(**config.llama_dict())
 
-    shapes = read_shapes(weight_files(model_dir))
     found = {k: s for k, (s, _) in shapes.items() if not k.startswith(IGNORED_PREFIXES)}
     with torch.device("meta"):
         meta_llm = LlamaForCausalLM(llama_config)
@@ -181,7 +162,7 @@ def load_omni(
             expected.pop("lm_head.weight", None)
         # The adaptor's inner width is not in config.json: read it from the weight (1 if absent,
         # so check_keys names the missing key).
-        inner = int(found.get(ADAPTOR_PREFIX + "linear1.weight", (1,))[0])
+        inner = files.adaptor_hidden or 1
         meta_adaptor = SpeechAdaptor(config.speech_encoder_hidden_size, config.hidden_size, config.speech_encoder_ds_rate, inner=inner)
         expected.update(_meta_shapes(meta_adaptor, ADAPTOR_PREFIX))
         if config.speech_decoder is not None:
@@ -189,9 +170,7 @@ def load_omni(
     check_keys(found, expected, str(model_dir))
 
     tokenizer = load_tokenizer(model_dir)
-    encoder = load_speech_encoder(
-        resolve_speech_encoder(config, model_dir, speech_encoder), dtype=placement.dtype, device=placement.device
-    )
+    encoder = load_speech_encoder(files.speech_encoder, dtype=placement.dtype, device=placement.device, config=files.whisper_config)
     if encoder.hidden_size != config.speech_encoder_hidden_size:
         raise ConfigError(
             f"the speech encoder has width {encoder.hidden_size} but config.json says speech_encoder_hidden_size "

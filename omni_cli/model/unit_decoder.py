@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from omni_cli.config import OmniConfig, SpeechDecoderConfig
+from omni_cli.config import OmniConfig, SamplingConfig, SpeechDecoderConfig
 from omni_cli.errors import ConfigError
 from omni_cli.model.decode_steps import CompileBackend, CompiledStep, StaticCacheSlot
 
@@ -295,7 +295,7 @@ class UnitSteps:
         decoder: UnitDecoder,
         static_cache: bool = False,
         compile: bool = False,
-        capacity_tokens: int = 256,
+        capacity_tokens: int = SamplingConfig.max_new_tokens,
         compile_backend: CompileBackend = "inductor",
     ) -> None:
         if compile and not static_cache:

@@ -5,7 +5,6 @@ folded) or our one-time safetensors conversion, checked key by key against confi
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping
@@ -16,9 +15,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from omni_cli.config import VocoderConfig
-from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.errors import CheckpointError
 from omni_cli.model.vocoder import UnitVocoder
-from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME, load_weights_pickle
+from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME, load_weights_pickle, locate_vocoder_files
 
 # Weight-norm pairs as saved by torch.nn.utils.weight_norm (fairseq) and by the newer parametrizations.
 _WEIGHT_NORM_SUFFIXES = (
@@ -103,43 +102,6 @@ def _load_state_strict(model: UnitVocoder, state: Mapping[str, torch.Tensor], so
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
-def _find_checkpoint(directory: Path) -> Path:
-    """The fairseq checkpoint in a directory: the latest g_<steps> file, else the only other non-text file."""
-    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
-    g_files = [p for p in files if re.fullmatch(r"g_\d+", p.name)]
-    if g_files:
-        return max(g_files, key=lambda p: int(p.name[2:]))
-    others = sorted(p for p in files if p.suffix.lower() not in (".json", ".md", ".txt"))
-    if not others:
-        raise CheckpointError(
-            f"{directory} holds no vocoder weights (g_00500000 or {VOCODER_SAFETENSORS_NAME}); run `omni download`."
-        )
-    if len(others) > 1:
-        names = ", ".join(p.name for p in others[:3])
-        raise CheckpointError(f"{directory} holds several possible vocoder checkpoints ({names}); pass the file itself.")
-    return others[0]
-
-
-def locate_vocoder_files(path: str | Path) -> tuple[Path, Path]:
-    """(config.json, weights file) for a vocoder directory or a weights file with config.json beside it.
-
-    In a directory the converted vocoder.safetensors wins over the released pickle.
-    """
-    path = Path(path)
-    if path.is_dir():
-        config = path / CONFIG_NAME
-        weights = path / VOCODER_SAFETENSORS_NAME
-        if not weights.is_file():
-            weights = _find_checkpoint(path)
-    elif path.is_file():
-        config, weights = path.parent / CONFIG_NAME, path
-    else:
-        raise CheckpointError(f"vocoder path {path} does not exist; run `omni download` or pass the vocoder directory.")
-    if not config.is_file():
-        raise ConfigError(f"{config} not found: the vocoder needs its config.json next to the weights.")
-    return config, weights
-
-
 def _read_vocoder_state(weights: Path) -> dict[str, torch.Tensor]:
     if weights.suffix == ".safetensors":
         return _read_safetensors(weights)
@@ -147,15 +109,19 @@ def _read_vocoder_state(weights: Path) -> dict[str, torch.Tensor]:
 
 
 def load_vocoder(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    config: VocoderConfig | None = None,
 ) -> UnitVocoder:
     """Load the unit vocoder from a directory (config.json + vocoder.safetensors or g_00500000) or a weights file.
 
     The pickle is read only with torch's weights-only unpickler; weight norm is folded; the
-    key set and every shape must match config.json exactly.
+    key set and every shape must match config.json exactly. `config`: the config.json already
+    read (see `ModelFiles`), so it is not read twice.
     """
     config_path, weights = locate_vocoder_files(path)
-    cfg = VocoderConfig.load(config_path)
+    cfg = config if config is not None else VocoderConfig.load(config_path)
     state = _read_vocoder_state(weights)
     model = UnitVocoder(cfg)
     _load_state_strict(model, state, weights)

@@ -36,7 +36,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from omni_cli.errors import CheckpointError, ConfigError
 from omni_cli.model.adaptor import SpeechAdaptor
-from omni_cli.config import OmniConfig
+from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig, OmniConfig
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
 from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer
 from omni_cli.weights.layout import (
@@ -71,54 +71,6 @@ COPIED_FILES = (
 )
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
-# Paper values (section 4): 2e-5 for stage 1, 2e-4 for stage 2.
-DEFAULT_LR = {1: 2e-5, 2: 2e-4}
-# Training keeps fp32 master weights; these are the compute precisions it supports.
-TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-@dataclass
-class FinetuneConfig:
-    """One fine-tuning run. Defaults are the paper's: 3 epochs, batch 32, 3 % warm-up, cosine decay."""
-
-    stage: int
-    data: Path
-    output: Path
-    model: Path | None = None  # not needed with `resume`
-    speech_encoder: Path | None = None
-    epochs: float = 3.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 4  # 8 × 4 = the paper's 32 on one GPU
-    lr: float | None = None  # None: the paper's value for the stage
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    precision: str = "auto"  # auto: bf16 (fp16 without bf16 support) on CUDA, fp32 on CPU
-    device: str | None = None
-    save_every: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    num_workers: int = 0
-    resume: Path | None = None
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: int = 32
-    qlora: bool = False
-    fsdp: bool = False  # shard the model over the torchrun processes (stage 1 full fine-tuning)
-    max_length: int = 2048
-
-    def __post_init__(self) -> None:
-        # QLoRA is LoRA on a 4-bit LLM: asking for it asks for LoRA.
-        if self.qlora:
-            self.lora = True
-
-    def learning_rate(self) -> float:
-        """The peak learning rate: given, or the paper's for this stage."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
-
-
 @dataclass(frozen=True)
 class TrainLog:
     """One progress report: after optimizer step `step` of `total_steps`."""

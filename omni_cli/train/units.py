@@ -119,12 +119,18 @@ def merge_repeats(units: Sequence[int]) -> list[int]:
     return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
 
 
+def pick_device(device: str | None) -> str:
+    """--device as given, else cuda when available, else cpu."""
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class UnitExtractor:
     """HuBERT (transformers) + k-means centres: 16 kHz speech → discrete units at the model's frame rate."""
 
     def __init__(
-        self, hubert_dir: str | Path, centres: torch.Tensor, layer: int = DEFAULT_LAYER, device: str = "cpu"
+        self, hubert_dir: str | Path, centres: torch.Tensor, layer: int = DEFAULT_LAYER, device: str | None = None
     ) -> None:
+        device = pick_device(device)
         hubert_dir = Path(hubert_dir)
         if not (hubert_dir / "config.json").is_file():
             raise CheckpointError(f"{hubert_dir} is not a transformers HuBERT directory (config.json + safetensors); convert mHuBERT first.")

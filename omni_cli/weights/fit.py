@@ -10,21 +10,23 @@ compute dtype. On top come the KV caches of a long chat and a fixed workspace al
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omni_cli.config import read_json
-from omni_cli.errors import ConfigError
+from omni_cli.config import PRECISIONS, SamplingConfig, StreamingConfig
+from omni_cli.errors import ConfigError, OmniError
 from omni_cli.weights.presets import GB, Preset, ResolvedModel
+
+if TYPE_CHECKING:
+    from omni_cli.weights.model_files import ModelFiles
 
 # Bytes per stored weight. 4-bit NF4 keeps one fp32 absmax per 64 weights (no double quant,
 # as load_omni configures it): 0.5 + 4/64. LLM.int8 adds one fp32 scale per row: negligible.
 DTYPE_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
 QUANTIZED_BYTES = {"8bit": 1.0, "4bit": 0.5 + 4 / 64}
-# KV-cache budget: a multi-turn chat of this many tokens, and the speech decoder's cache for
-# one reply of the default max_new_tokens.
-CONTEXT_TOKENS = 4096
-REPLY_TOKENS = 256
+# KV-cache budget: a multi-turn chat of the default context budget, and the speech decoder's
+# cache for one reply of the default max_new_tokens.
+CONTEXT_TOKENS = StreamingConfig.context_budget
+REPLY_TOKENS = SamplingConfig.max_new_tokens
 # Activations, prefill logits, cuBLAS/allocator workspace: an allowance, not a measurement.
 WORKSPACE_BYTES = 1 << 30
 # Precisions tried, best quality first, when suggesting one that fits.
@@ -95,54 +97,34 @@ def sizes_for_preset(preset: Preset) -> ModelSizes:
     return sizes_from_configs(omni, preset.speech_encoder.config or None, adaptor_hidden, preset.vocoder.config or None)
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A config file's contents, or None when it is absent or unreadable (estimates then fall back to the preset)."""
-    try:
-        return read_json(path, "config")
-    except ConfigError:
-        return None
+def sizes_for_files(files: ModelFiles) -> ModelSizes:
+    """Sizes from the config files read for this run, the preset's copies filling what they lack.
 
-
-def _adaptor_hidden(model_dir: Path) -> int | None:
-    """The adaptor's inner width from the checkpoint's safetensors headers (not stored in config.json)."""
-    from omni_cli.weights.layout import ADAPTOR_PREFIX, read_shapes, weight_files
-
-    try:
-        shapes = read_shapes(weight_files(model_dir))
-    except Exception:  # noqa: BLE001 - unreadable weights are reported when loading
-        return None
-    found = shapes.get(ADAPTOR_PREFIX + "linear1.weight")
-    return int(found[0][0]) if found else None
+    The encoder given as openai-whisper's .pt (no config.json) counts as 0 parameters without a preset.
+    """
+    preset = files.preset
+    adaptor_hidden = files.adaptor_hidden
+    omni = dict(files.config.raw)
+    if adaptor_hidden is None:  # reported by the loader; estimate from the preset meanwhile
+        if preset is None:
+            raise ConfigError(f"{files.model_dir} has no adaptor weights; it is not a LLaMA-Omni checkpoint.")
+        omni = dict(preset.model.config)
+        adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
+    whisper = files.whisper_config if files.whisper_config is not None else (preset.speech_encoder.config if preset else None)
+    vocoder = files.vocoder_config.raw if files.vocoder_config is not None else (preset.vocoder.config if preset else None)
+    return sizes_from_configs(omni, whisper or None, adaptor_hidden, vocoder or None)
 
 
 def sizes_for_model(resolved: ResolvedModel) -> ModelSizes | None:
-    """Sizes from the config.json files on disk, falling back to the preset's copies; None if unknown.
+    """Sizes of a model that may be partly downloaded: its files where readable, else the preset's copies; None if unknown."""
+    from omni_cli.weights.model_files import read_model_files
 
-    Without a preset, an encoder given as openai-whisper's .pt (no config.json) counts as 0 parameters.
-    """
-    preset = resolved.preset
-    omni = _read_json(resolved.model_dir / "config.json") if resolved.model_dir else None
-    adaptor_hidden = _adaptor_hidden(resolved.model_dir) if resolved.model_dir and omni else None
-    if omni is None or adaptor_hidden is None:
-        if preset is None:
-            return None
-        omni = dict(preset.model.config)
-        adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
-    encoder_dir = resolved.speech_encoder
-    if encoder_dir is None and resolved.model_dir is not None and omni.get("speech_encoder"):
-        # No --speech-encoder: the loader falls back to config.json's path (absolute or in the model dir).
-        encoder_dir = next(
-            (p for p in (Path(omni["speech_encoder"]), resolved.model_dir / omni["speech_encoder"]) if p.is_dir()), None
-        )
-    whisper = None
-    if encoder_dir is not None and encoder_dir.is_dir():
-        whisper = _read_json(encoder_dir / "config.json")
-    if whisper is None and preset is not None:
-        whisper = preset.speech_encoder.config
-    vocoder = _read_json(resolved.vocoder_dir / "config.json") if resolved.vocoder_dir else None
-    if vocoder is None and preset is not None:
-        vocoder = preset.vocoder.config
-    return sizes_from_configs(omni, whisper or None, adaptor_hidden, vocoder or None)
+    if resolved.model_dir is not None:
+        try:
+            return sizes_for_files(read_model_files(resolved.model_dir, resolved.speech_encoder, resolved.vocoder_dir, resolved.preset))
+        except OmniError:  # a part missing or unreadable: `omni doctor` reports it; estimate from the preset
+            pass
+    return sizes_for_preset(resolved.preset) if resolved.preset is not None else None
 
 
 def estimate_gpu_memory(
@@ -210,19 +192,19 @@ def cuda_memory(device: str | None = None) -> tuple[str, int, int] | None:
     return torch.cuda.get_device_name(dev), int(free), int(total)
 
 
-def check_device_fits(resolved: ResolvedModel, precision: str, device: str | None = None) -> None:
-    """Before loading: fail with a suggestion when the CUDA GPU cannot hold the model; no-op on CPU."""
-    from omni_cli.model.loading import PRECISIONS
+def check_device_fits(model: ModelFiles | ResolvedModel, precision: str, device: str | None = None) -> None:
+    """Before loading (or downloading): fail with a suggestion when the CUDA GPU cannot hold the model; no-op on CPU."""
+    from omni_cli.weights.model_files import ModelFiles
 
     if precision not in PRECISIONS:
         return  # resolve_placement reports it, with the full list
     memory = cuda_memory(device)
     if memory is None:
         return
-    sizes = sizes_for_model(resolved)
+    sizes = sizes_for_files(model) if isinstance(model, ModelFiles) else sizes_for_model(model)
     if sizes is None:
         return
-    name = resolved.preset.name if resolved.preset else str(resolved.model_dir)
+    name = model.name if isinstance(model, ModelFiles) else (model.preset.name if model.preset else str(model.model_dir))
     check_fits(memory[1], sizes, precision, name)
 
 
@@ -230,6 +212,7 @@ __all__ = [
     "ModelSizes",
     "sizes_from_configs",
     "sizes_for_preset",
+    "sizes_for_files",
     "sizes_for_model",
     "estimate_gpu_memory",
     "best_fitting_precision",

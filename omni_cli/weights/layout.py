@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from omni_cli.errors import CheckpointError
+from omni_cli.errors import CheckpointError, ConfigError
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"  # a checkpoint in one file (Whisper's release)
@@ -176,3 +176,40 @@ def load_weights_pickle(path: Path, use_instead: str, not_a_checkpoint: Checkpoi
         raise not_a_checkpoint from exc
     except Exception as exc:  # random bytes raise many types (RuntimeError, EOFError, zip errors, ...)
         raise not_a_checkpoint from exc
+
+
+def _find_checkpoint(directory: Path) -> Path:
+    """The fairseq checkpoint in a directory: the latest g_<steps> file, else the only other non-text file."""
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith(".")]
+    g_files = [p for p in files if re.fullmatch(r"g_\d+", p.name)]
+    if g_files:
+        return max(g_files, key=lambda p: int(p.name[2:]))
+    others = sorted(p for p in files if p.suffix.lower() not in (".json", ".md", ".txt"))
+    if not others:
+        raise CheckpointError(
+            f"{directory} holds no vocoder weights (g_00500000 or {VOCODER_SAFETENSORS_NAME}); run `omni download`."
+        )
+    if len(others) > 1:
+        names = ", ".join(p.name for p in others[:3])
+        raise CheckpointError(f"{directory} holds several possible vocoder checkpoints ({names}); pass the file itself.")
+    return others[0]
+
+
+def locate_vocoder_files(path: str | Path) -> tuple[Path, Path]:
+    """(config.json, weights file) for a vocoder directory or a weights file with config.json beside it.
+
+    In a directory the converted vocoder.safetensors wins over the released pickle.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = path / CONFIG_NAME
+        weights = path / VOCODER_SAFETENSORS_NAME
+        if not weights.is_file():
+            weights = _find_checkpoint(path)
+    elif path.is_file():
+        config, weights = path.parent / CONFIG_NAME, path
+    else:
+        raise CheckpointError(f"vocoder path {path} does not exist; run `omni download` or pass the vocoder directory.")
+    if not config.is_file():
+        raise ConfigError(f"{config} not found: the vocoder needs its config.json next to the weights.")
+    return config, weights

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from omni_cli.config import VocoderConfig
 from omni_cli.errors import CheckpointError, ConfigError, OmniError
 from omni_cli.model.vocoder import UnitRangeError, UnitVocoder, VocoderInputError, VocoderStream
-from omni_cli.model.vocoder_loading import convert_vocoder_checkpoint, fold_weight_norm, load_vocoder, locate_vocoder_files
+from omni_cli.model.vocoder_loading import convert_vocoder_checkpoint, fold_weight_norm, load_vocoder
+from omni_cli.weights.layout import locate_vocoder_files
 from omni_cli.tiny.vocoder import TINY_CHECKPOINT_NAME, make_tiny_vocoder
 from vocoder_seams import receptive_radius_frames, seam_error
 

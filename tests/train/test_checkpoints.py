@@ -98,5 +98,5 @@ def test_unknown_precision_is_refused_in_one_line(tmp_path: Path) -> None:
                                       str(tmp_path / "o"), "--precision", "8bit", "--device", "cpu"])
     assert result.exit_code == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line or "Traceback" in line]
-    assert len(errors) == 1 and errors[0].startswith("omni: error: --precision '8bit'"), result.stderr
+    assert len(errors) == 1 and errors[0].startswith("omni: error: Invalid value for '--precision': '8bit' is not one of"), result.stderr
     assert not (tmp_path / "o").exists()
