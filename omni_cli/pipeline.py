@@ -279,6 +279,9 @@ class SpeechToSpeech:
         else:
             if should_stop is not None and should_stop():
                 stopped = "interrupted"
+        tail = state.detok.finish()  # text the clean-up held back until the reply ended
+        if tail:
+            yield TextDelta(tail, time.monotonic())
         if state.vocoder_stream is not None and stopped != "interrupted":
             # The vocoder stream holds back the tail of each chunk to re-render it against the
             # next units; at the end of the reply that tail comes out with the last units.

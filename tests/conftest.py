@@ -39,6 +39,28 @@ def tiny_loaded(tiny_model):
     return load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
 
 
+@pytest.fixture
+def tokenizer_with_clean_up(tiny_model, tmp_path: Path):
+    """Make the tiny checkpoint's tokenizer, as load_tokenizer reads it, with tokenizer_config.json's
+    clean_up_tokenization_spaces set (Llama-3.1's is true; the tiny model's false)."""
+    import json
+    import shutil
+
+    from omni_cli.model.loading import load_tokenizer
+
+    def make(clean_up: bool):
+        copy = tmp_path / f"tokenizer-clean-up-{clean_up}"
+        copy.mkdir()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_model.model_dir / name, copy / name)
+        config = json.loads((copy / "tokenizer_config.json").read_text())
+        config["clean_up_tokenization_spaces"] = clean_up
+        (copy / "tokenizer_config.json").write_text(json.dumps(config))
+        return load_tokenizer(copy)
+
+    return make
+
+
 # -- sound: a private PulseAudio server and test speech (shared by tests/audio and tests/test_chat_sound.py) --
 
 import shutil  # noqa: E402

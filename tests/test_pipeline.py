@@ -121,3 +121,30 @@ def test_speech_over_30_s_is_encoded_window_by_window(tiny_loaded, question_wavs
     # The second window is the rest of the audio, padded: not a copy of the first.
     torch.testing.assert_close(embeddings[:300], pipe.encode_speech(long[: 30 * 16000]))
     assert not torch.allclose(embeddings[300:], embeddings[:300])
+
+
+def test_streamed_text_adds_up_to_the_reply_with_the_reference_clean_up(
+    tokenizer_with_clean_up, tiny_loaded, question_wavs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With Llama-3.1's clean_up_tokenization_spaces the detokenizer holds back a reply's last
+    # characters while the next token could still change them ("you '" may become "you'm"); the
+    # pipeline must hand them out before Done, so the screen and the transcript say the same.
+    from dataclasses import replace
+
+    import omni_cli.pipeline as pipeline_module
+    from omni_cli.model.llm import GeneratedToken
+
+    tok = tokenizer_with_clean_up(True)
+    model = replace(tiny_loaded, tokenizer=tok)
+    scripted = tok("How are you ? '", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    hidden = torch.zeros(model.config.hidden_size)
+
+    def scripted_generate(llm, embeds, stop_ids, sampling, should_stop=None, steps=None):
+        for token in scripted:
+            yield GeneratedToken(token, hidden, token in stop_ids)
+
+    monkeypatch.setattr(pipeline_module, "generate", scripted_generate)
+    events = list(_pipeline(model, None, max_new_tokens=40).respond("Hi"))
+    done = events[-1]
+    assert isinstance(done, Done) and done.text == "How are you? '"
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text

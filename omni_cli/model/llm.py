@@ -270,25 +270,75 @@ def generate(
             return
 
 
+# transformers 4.x's `clean_up_tokenization` (which the reference's transformers 4.43 applies when
+# the tokenizer config sets `clean_up_tokenization_spaces`, as Llama-3.1's does): applied in this
+# order over the whole text. transformers 5 skips it for BPE tokenizers, so we apply it ourselves.
+_CLEAN_UPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_LONGEST_CLEAN_UP = max(len(before) for before, _ in _CLEAN_UPS)
+
+
+def clean_up_tokenization(text: str) -> str:
+    """The reference's space clean-up: "Hello . How are you ?" → "Hello. How are you?"."""
+    for before, after in _CLEAN_UPS:
+        text = text.replace(before, after)
+    return text
+
+
+def _unsettled_tail(text: str) -> int:
+    """Where the end of `text` could still change under the clean-up once more text follows: the
+    earliest space that starts a pattern which is unfinished or reaches past that point."""
+    settled = len(text)
+    moved = True
+    while moved:
+        moved = False
+        for start in range(max(0, settled - _LONGEST_CLEAN_UP + 1), settled):
+            rest = text[start:]
+            if text[start] == " " and any(
+                before.startswith(rest) or (rest.startswith(before) and start + len(before) > settled)
+                for before, _ in _CLEAN_UPS
+            ):
+                settled, moved = start, True
+                break
+    return settled
+
+
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without splitting multi-byte characters."""
+    """Turns a growing list of token ids into text deltas that add up to exactly the reply's text.
+
+    Multi-byte characters are not split, and when the checkpoint's tokenizer config asks for
+    `clean_up_tokenization_spaces` (Llama-3.1's does) the text is cleaned as the reference's
+    transformers cleans it; the few characters that the next token could still change are held
+    back until it arrives (or until `finish()`).
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
+        self.clean_up = bool(getattr(tokenizer, "clean_up_tokenization_spaces", False))
         self.ids: list[int] = []
         self.emitted = ""
+        self._raw = ""
 
     def push(self, token_id: int) -> str:
-        """Add one id; return the text it completes (possibly empty while a character is unfinished)."""
+        """Add one id; return the text it settles (possibly empty while a character or a clean-up is unfinished)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        raw = self.tokenizer.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if raw.endswith("\ufffd"):
             return ""
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else text
-        self.emitted = text
+        self._raw = raw
+        return self._emit(clean_up_tokenization(raw[: _unsettled_tail(raw)]) if self.clean_up else raw)
+
+    def finish(self) -> str:
+        """The held-back end of the text, once the reply has no more tokens."""
+        return self._emit(self.text)
+
+    def _emit(self, settled: str) -> str:
+        # The clean-up only ever touches the unsettled tail, so the settled text only grows.
+        delta = settled[len(self.emitted) :] if settled.startswith(self.emitted) else ""
+        self.emitted += delta
         return delta
 
     @property
     def text(self) -> str:
-        """Everything decoded so far."""
-        return self.emitted
+        """The whole reply's text so far, cleaned as the reference cleans it."""
+        return clean_up_tokenization(self._raw) if self.clean_up else self._raw

@@ -199,6 +199,38 @@ def test_incremental_detokenizer_concatenates_to_the_full_decode(tiny_loaded) ->
     assert all("\ufffd" not in d for d in deltas)
 
 
+@pytest.mark.parametrize(("clean_up", "expected"), [(True, "Hello. How are you? I'm fine, it's 42!"), (False, None)])
+def test_detokenizer_cleans_spaces_as_the_checkpoint_asks(tokenizer_with_clean_up, clean_up: bool, expected: str | None) -> None:
+    # The reference (transformers 4.43) applies clean_up_tokenization_spaces from tokenizer_config.json;
+    # transformers 5 ignores it for BPE tokenizers, so the detokenizer applies it itself.
+    tok = tokenizer_with_clean_up(clean_up)
+    spaced = "Hello . How are you ? I 'm fine , it 's 42 !"
+    ids = tok(spaced, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tok)
+    streamed = "".join(detok.push(i) for i in ids) + detok.finish()
+    assert streamed == detok.text == (expected or spaced)
+
+
+def test_cleaned_deltas_add_up_to_the_cleaned_text_for_any_token_sequence(tokenizer_with_clean_up) -> None:
+    import random
+
+    from omni_cli.model.llm import clean_up_tokenization
+
+    tok = tokenizer_with_clean_up(True)
+    pieces = [tok(p, add_special_tokens=False)["input_ids"] for p in (" .", " '", "s", " n't", " 're", " ?", " ", "m", "ve", "é", "a")]
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [i for _ in range(rng.randint(1, 12)) for i in rng.choice(pieces)]
+        detok = IncrementalDetokenizer(tok)
+        shown = ""
+        for i in ids:
+            shown += detok.push(i)
+            # What is on screen is always the start of what the reference prints at the end.
+            assert clean_up_tokenization(tok.decode(ids, clean_up_tokenization_spaces=False)).startswith(shown)
+        shown += detok.finish()
+        assert shown == clean_up_tokenization(tok.decode(ids, clean_up_tokenization_spaces=False))
+
+
 def test_adaptor_matches_a_hand_computation() -> None:
     torch.manual_seed(0)
     adaptor = SpeechAdaptor(encoder_hidden=3, llm_hidden=4, downsample=5, inner=6)
