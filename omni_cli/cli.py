@@ -150,7 +150,7 @@ def transcribe_and_reply_cmd(
     files: Annotated[
         list[Path],
         # readable=False: an unreadable file is reported by omni's own checks, and the others still answered.
-        typer.Argument(help="Audio files with a spoken question each (any rate/format soundfile reads).", readable=False),
+        typer.Argument(help="Audio files with a spoken question each (any rate/format soundfile reads).", readable=False, metavar="FILE"),
     ],
     model: ModelOpt,
     speech_encoder: EncoderOpt = None,

@@ -228,11 +228,11 @@ def transcribe_and_reply(
     err = err or sys.stderr
     failed = answered = 0
     cut: FileReply | None = None  # the reply Ctrl-C stopped
-    remaining: list[Path] = []  # files to run again after Ctrl-C
+    stopped_at: int | None = None  # the first input Ctrl-C left unanswered
     with CtrlC() as ctrl_c:
         for i, item in enumerate(inputs):
             if ctrl_c.pressed:
-                remaining = [later.path for later in inputs[i:] if later.error is None]
+                stopped_at = i
                 break
             reply = FileReply(file=str(item.path))
             if item.error is not None:
@@ -245,6 +245,7 @@ def transcribe_and_reply(
             if not as_json:
                 out.write(f"{item.path.name}: ")
                 out.flush()
+            error: OmniError | None = None
             try:
                 answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c.is_pressed)
             except KeyboardInterrupt:
@@ -252,24 +253,20 @@ def transcribe_and_reply(
             except (OmniError, RuntimeError) as exc:
                 # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
                 # one file failing must not lose the answers to the others, nor its own partial reply.
-                if not isinstance(exc, OmniError):
-                    exc = OmniError(f"{item.path}: the model failed on this file ({one_line(exc)})")
-                failed += 1
-                if as_json:
-                    reply.error = str(exc)
-                    out.write(reply.to_json() + "\n")
-                else:
-                    out.write("\n")
-                err.write(f"omni: error: {exc}\n")
-                if reply.wav:
-                    err.write(f"  the reply so far: {reply.wav} ({reply.audio_seconds:.2f} s)\n")
-                continue
+                error = exc if isinstance(exc, OmniError) else OmniError(f"{item.path}: the model failed on this file ({one_line(exc)})")
+                reply.error = str(error)
             out.write(reply.to_json() + "\n" if as_json else "\n")
             out.flush()
+            if error is not None:
+                failed += 1
+                err.write(f"omni: error: {error}\n")
+                if reply.wav:
+                    err.write(f"  the reply so far: {reply.wav} ({reply.audio_seconds:.2f} s)\n")
             if reply.stopped == "interrupted":
-                cut = reply
-                remaining = [later.path for later in inputs[i:] if later.error is None]
+                cut, stopped_at = reply, i
                 break
+            if error is not None:
+                continue
             answered += 1
             if not as_json:
                 details = [f"{reply.tokens} tokens", f"{reply.total_ms / 1000:.2f} s"]
@@ -280,6 +277,7 @@ def transcribe_and_reply(
                 err.write(f"  [{', '.join(details)}]\n")
                 if reply.note:
                     err.write(f"  note: {reply.note}\n")
+    remaining = [] if stopped_at is None else [item.path for item in inputs[stopped_at:] if item.error is None]
     if not remaining:
         return 1 if failed else 0
     err.write(interrupted_line(cut, answered, len(inputs), out_dir, remaining) + "\n")

@@ -308,3 +308,72 @@ def test_ctrl_c_keeps_the_partial_reply_apart_and_says_how_to_continue(tiny_mode
     audio, rate = sf.read(out / "q1.partial-2.wav")
     assert rate == 16000 and len(audio) > 0
     assert first.read_bytes() == question_wavs[0].read_bytes()
+
+
+class _PressesCtrlC:
+    """A stand-in pipeline (no model) whose reply to the first file presses Ctrl-C `presses` times."""
+
+    vocoder = object()
+
+    def __init__(self, presses: int) -> None:
+        self.presses = presses
+        self.replies = 0
+
+    def respond(self, audio, should_stop=None):
+        from omni_cli.pipeline import AudioChunk, Done, TextDelta
+
+        self.replies += 1
+        yield TextDelta("Hello", time.monotonic())
+        yield AudioChunk(np.full(1600, 0.1, dtype=np.float32), time.monotonic(), 0, 16000)
+        if self.replies == 1:
+            for _ in range(self.presses):
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs before os.kill returns
+        interrupted = should_stop is not None and should_stop()
+        yield Done("Hello", [1, 2], time.monotonic(), 1, "interrupted" if interrupted else "eos")
+
+
+# One press: the reply stops at its next token (here, its end). Two: the second stops it at once,
+# inside the pipeline. Either way it is kept apart as partial and no later file is started.
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_in_process(presses: int, question_wavs, tmp_path: Path) -> None:
+    import io
+
+    from omni_cli.transcribe import check_inputs, transcribe_and_reply
+
+    files = [_copy(question_wavs[0], tmp_path / "in" / f"q{n}.wav") for n in (1, 2, 3)]
+    out_dir = tmp_path / "out"
+    out, err = io.StringIO(), io.StringIO()
+    previous = signal.getsignal(signal.SIGINT)
+    code = transcribe_and_reply(_PressesCtrlC(presses), check_inputs(files, err), out_dir, False, out, err)
+    assert signal.getsignal(signal.SIGINT) is previous, "the Ctrl-C handler is put back"
+    assert code == 130
+    assert out.getvalue() == "q1.wav: Hello\n"
+    assert err.getvalue() == (
+        f"omni: interrupted: q1.wav was cut short; its partial reply is {out_dir / 'q1.partial.wav'} (0.10 s); "
+        f"0 of 3 files answered in full. To continue, run the same command on: {files[0]} {files[1]} {files[2]}\n"
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == ["q1.partial.wav"]
+
+
+def test_ctrl_c_between_files_names_the_rest(question_wavs, tmp_path: Path) -> None:
+    import io
+
+    from omni_cli.transcribe import check_inputs, transcribe_and_reply
+
+    class PressesAfterItsReply(_PressesCtrlC):
+        def respond(self, audio, should_stop=None):
+            yield from super().respond(audio)  # no should_stop: the reply ends normally
+            if self.replies == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    files = [_copy(question_wavs[0], tmp_path / "in" / f"q{n}.wav") for n in (1, 2)]
+    out_dir = tmp_path / "out"
+    out, err = io.StringIO(), io.StringIO()
+    code = transcribe_and_reply(PressesAfterItsReply(0), check_inputs(files, err), out_dir, True, out, err)
+    assert code == 130
+    assert [json.loads(line)["stopped"] for line in out.getvalue().splitlines()] == ["eos"]
+    assert err.getvalue() == (
+        f"omni: interrupted: stopped before q2.wav; 1 of 2 files answered in full (in {out_dir}). "
+        f"To continue, run the same command on: {files[1]}\n"
+    )
+    assert sorted(p.name for p in out_dir.iterdir()) == ["q1.wav"]
