@@ -147,11 +147,23 @@ def streaming_config(
 
 @app.command("transcribe-and-reply")
 def transcribe_and_reply_cmd(
-    files: Annotated[list[Path], typer.Argument(help="Audio files with a spoken question each (any rate/format soundfile reads).")],
+    files: Annotated[
+        list[Path],
+        # readable=False: an unreadable file is reported by omni's own checks, and the others still answered.
+        typer.Argument(help="Audio files with a spoken question each (any rate/format soundfile reads).", readable=False, metavar="FILE"),
+    ],
     model: ModelOpt,
     speech_encoder: EncoderOpt = None,
     vocoder: VocoderOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write the spoken reply to OUT/<name>.wav (needs --vocoder).")] = None,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--out", "-o",
+            help="Write each spoken reply to OUT/<name>.wav (needs --vocoder; created if missing). An existing file is "
+            "never replaced: a taken name (an input, an earlier reply, two inputs named alike) gets -2, -3, ... A reply "
+            "cut short by Ctrl-C or an error is saved only as <name>.partial.wav.",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per file: text, units, wav, timings.")] = False,
     precision: PrecisionOpt = Precision.auto,
     device: DeviceOpt = None,
@@ -164,22 +176,32 @@ def transcribe_and_reply_cmd(
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
 
+    Every file and --out are checked before the model loads; a bad file gets one error line and
+    the others are still answered (exit status 1). Ctrl-C stops the reply in progress, keeps it
+    as <name>.partial.wav, names the files still to answer and exits with 130.
+
     Example:\n
       omni transcribe-and-reply question.wav --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --vocoder ./vocoder --out replies/
     """
+    from omni_cli.transcribe import EXIT_INTERRUPTED, check_inputs, check_out_dir, transcribe_and_reply
     from omni_cli.weights.presets import looks_like_preset
-    from omni_cli.transcribe import transcribe_and_reply
 
     if out is not None and vocoder is None and not looks_like_preset(model):
         fail("--out writes the spoken reply and needs --vocoder DIR (the unit HiFi-GAN).")
     try:
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value)
-        pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
+        if out is not None:
+            check_out_dir(out)
+        inputs = check_inputs(files, sys.stderr)
+        pipeline = None
+        if any(item.error is None for item in inputs):
+            streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value)
+            pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
     except OmniError as exc:
         fail(str(exc))
-    failed = transcribe_and_reply(pipeline, files, out, as_json)
-    if failed:
-        raise typer.Exit(1)
+    except KeyboardInterrupt:
+        _echo_err("omni: interrupted before any file was answered; no reply was written. Run the command again to answer them.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    raise typer.Exit(transcribe_and_reply(pipeline, inputs, out, as_json))
 
 
 @app.command("make-tiny", hidden=True)

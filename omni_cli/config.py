@@ -21,6 +21,10 @@ OMNI_MODEL_TYPE = "omni_speech2s_llama"
 # Accepted too: the speech-to-text-only variant has no speech generator.
 OMNI_MODEL_TYPES = (OMNI_MODEL_TYPE, "omni_speech_llama")
 
+# Whisper hears 30 s of 16 kHz audio per encoder pass: longer speech is encoded window by
+# window. Defined here, torch-free, for the model's features and for counting windows in the CLI.
+WHISPER_WINDOW_SAMPLES = 30 * 16000
+
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object from `path`, turning every failure into one readable line."""

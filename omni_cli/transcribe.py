@@ -1,25 +1,48 @@
 """`omni transcribe-and-reply`: answer each audio file in turn, text streamed to stdout, speech to --out.
 
-One bad file never stops the others: its error is printed as one line (and as a JSON object
-with --json) and the next file is answered.
+Nothing here may cost a user a file. Every input and the --out directory are checked before
+the model loads (this module imports no torch), one bad file never stops the others (its error
+is one line, and a JSON object with --json), a reply never replaces an existing file (a taken
+name gets -2, -3, ...), and a reply cut short (Ctrl-C, a fault in the model) is saved only as
+NAME.partial.wav. Ctrl-C stops the reply in progress at its next token, says what was kept and
+how to continue, and exits with 130; a second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import secrets
+import shlex
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from types import FrameType
+from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, save_wav
+from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, read_audio_file, save_wav
+from omni_cli.config import WHISPER_WINDOW_SAMPLES
 from omni_cli.errors import AudioInputError, OmniError, one_line
-from omni_cli.model.features import CHUNK_SAMPLES, split_into_windows
-from omni_cli.pipeline import AudioChunk, Done, SpeechToSpeech, TextDelta
+
+if TYPE_CHECKING:
+    from omni_cli.pipeline import SpeechToSpeech
+
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+
+
+@dataclass(frozen=True)
+class CheckedInput:
+    """One input file after the checks made before the model loads."""
+
+    path: Path
+    error: str | None = None  # why it cannot be answered; None when it can
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -45,25 +68,102 @@ class FileReply:
         return json.dumps(data, ensure_ascii=False)
 
 
-def answer_file(pipeline: SpeechToSpeech, path: Path, out_dir: Path | None, stream_to: TextIO | None, reply: FileReply) -> None:
+def check_out_dir(out_dir: Path) -> None:
+    """Make sure replies can be written to `out_dir` (created if missing), before any is generated."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OmniError(f"--out {out_dir} is a file, not a directory; give a directory for the replies (it is created if missing).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OmniError(f"--out {out_dir}: cannot create the directory ({exc.strerror or one_line(exc)}); choose a writable place.") from exc
+    probe = out_dir / f".omni-write-test-{secrets.token_hex(4)}"
+    try:
+        with open(probe, "xb"):
+            pass
+        probe.unlink()
+    except OSError as exc:
+        raise OmniError(f"--out {out_dir} is not writable ({exc.strerror or one_line(exc)}); choose a directory you can write to.") from exc
+
+
+def check_inputs(files: Sequence[Path], err: TextIO) -> list[CheckedInput]:
+    """Read every input once before the model loads; one `omni: error:`/`omni: warning:` line per problem to `err`."""
+    checked = []
+    for path in files:
+        try:
+            audio = read_audio_file(path)
+            if is_silent(audio.samples, rate=audio.rate):
+                raise AudioInputError(f"{path}: only silence (no sound above -50 dBFS); nothing to answer.")
+        except AudioInputError as exc:
+            err.write(f"omni: error: {exc}\n")
+            checked.append(CheckedInput(path, error=str(exc)))
+            continue
+        for warning in audio.warnings:
+            err.write(f"omni: warning: {warning}\n")
+        checked.append(CheckedInput(path, warnings=audio.warnings))
+    err.flush()
+    return checked
+
+
+class CtrlC:
+    """While entered: the first Ctrl-C only sets `pressed` (the reply in progress stops at its next
+    token and is kept as a partial reply); a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Callable[[int, FrameType | None], object] | int | None = None
+        self._installed = False
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def is_pressed(self) -> bool:
+        """For `SpeechToSpeech.respond(should_stop=...)`."""
+        return self.pressed
+
+
+def answer_file(
+    pipeline: SpeechToSpeech,
+    item: CheckedInput,
+    out_dir: Path | None,
+    stream_to: TextIO | None,
+    reply: FileReply,
+    should_stop: Callable[[], bool] | None = None,
+) -> None:
     """Answer one file into `reply`, filled as the reply streams.
 
-    Bad input raises OmniError before anything is produced. A failure halfway through a
-    reply also raises, but `reply` keeps the text so far and the audio so far is written.
+    Bad input raises OmniError before anything is produced. A reply cut short (a fault in the
+    model, or a second Ctrl-C) re-raises after its text and audio so far are kept; one stopped
+    by `should_stop` returns with `reply.stopped == "interrupted"`. Either way the audio goes to
+    OUT/NAME.partial.wav, never under the name of a complete reply. A reply that cannot be
+    saved raises OmniError after its text is complete.
     """
+    from omni_cli.pipeline import AudioChunk, Done, TextDelta  # torch: only once there is a file to answer
+
+    path = item.path
     audio = load_audio(path)
-    if is_silent(audio):
-        raise AudioInputError(f"{path}: only silence (no sound above -50 dBFS); nothing to answer.")
-    notes: list[str] = []
-    windows = len(split_into_windows(audio, CHUNK_SAMPLES))
+    notes = list(item.warnings)
+    windows = math.ceil(len(audio) / WHISPER_WINDOW_SAMPLES)
     if windows > 1:
-        notes.append(f"{len(audio) / SAMPLE_RATE:.1f} s of speech is longer than 30 s: encoded in {windows} windows of 30 s")
+        window_s = WHISPER_WINDOW_SAMPLES / SAMPLE_RATE
+        notes.append(f"{len(audio) / SAMPLE_RATE:.1f} s of speech is longer than {window_s:g} s: encoded in {windows} windows of {window_s:g} s")
     chunks: list[np.ndarray] = []
     rate = SAMPLE_RATE
-    finished = False
+    failure: BaseException | None = None
     start = time.monotonic()
     try:
-        for event in pipeline.respond(audio):
+        for event in pipeline.respond(audio, should_stop=should_stop):
             if isinstance(event, TextDelta):
                 if reply.first_text_ms is None:
                     reply.first_text_ms = round((event.t - start) * 1000, 1)
@@ -81,65 +181,121 @@ def answer_file(pipeline: SpeechToSpeech, path: Path, out_dir: Path | None, stre
                 reply.total_ms = round((event.t - start) * 1000, 1)
                 if pipeline.vocoder is not None:
                     reply.units = event.units
-        finished = True
-    finally:
-        if pipeline.vocoder is not None and finished and not reply.units:
-            notes.append("the speech decoder produced no units for this reply; no WAV written")
-        if chunks:
-            audio_out = np.concatenate(chunks)
-            reply.audio_seconds = round(len(audio_out) / rate, 3)
-            if out_dir is not None:
-                reply.wav = str(save_wav(out_dir / f"{path.stem}.wav", audio_out, rate))
-            if not finished:
-                notes.append("the reply was cut short by an error; the text and audio so far are kept")
-        reply.note = "; ".join(notes) or None
+    except BaseException as exc:  # a fault inside the model, or a second Ctrl-C: keep what was produced first
+        failure = exc
+    interrupted = isinstance(failure, KeyboardInterrupt) or reply.stopped == "interrupted"
+    complete = failure is None and not interrupted
+    if complete and pipeline.vocoder is not None and not reply.units:
+        notes.append("the speech decoder produced no units for this reply; no WAV written")
+    if interrupted:
+        notes.append("interrupted by Ctrl-C; the text and audio so far are kept")
+    elif not complete:
+        notes.append("the reply was cut short by an error; the text and audio so far are kept")
+    save_error: OmniError | None = None
+    if chunks:
+        audio_out = np.concatenate(chunks)
+        reply.audio_seconds = round(len(audio_out) / rate, 3)
+        if out_dir is not None:
+            name = f"{path.stem}.wav" if complete else f"{path.stem}.partial.wav"
+            try:
+                reply.wav = str(save_wav(out_dir / name, audio_out, rate, overwrite=False))
+            except OSError as exc:
+                save_error = OmniError(
+                    f"{path}: could not save the spoken reply in {out_dir} ({exc.strerror or one_line(exc)}); "
+                    "its text is kept. Free some space or choose another --out."
+                )
+    reply.note = "; ".join(notes) or None
+    if failure is not None:
+        raise failure
+    if save_error is not None:
+        raise save_error
 
 
 def transcribe_and_reply(
-    pipeline: SpeechToSpeech,
-    files: Sequence[Path],
+    pipeline: SpeechToSpeech | None,
+    inputs: Sequence[CheckedInput],
     out_dir: Path | None,
     as_json: bool,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Answer every file; return the number of files that failed."""
+    """Answer every input that passed `check_inputs` (whose errors were printed already).
+
+    Returns the exit status: 0, 1 if any file failed, 130 after Ctrl-C. `pipeline` may be None
+    when no input can be answered.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
-    failed = 0
-    for path in files:
-        if not as_json:
-            out.write(f"{path.name}: ")
+    failed = answered = 0
+    cut: FileReply | None = None  # the reply Ctrl-C stopped
+    stopped_at: int | None = None  # the first input Ctrl-C left unanswered
+    with CtrlC() as ctrl_c:
+        for i, item in enumerate(inputs):
+            if ctrl_c.pressed:
+                stopped_at = i
+                break
+            reply = FileReply(file=str(item.path))
+            if item.error is not None:
+                failed += 1
+                if as_json:
+                    reply.error = item.error
+                    out.write(reply.to_json() + "\n")
+                continue
+            assert pipeline is not None, "a file to answer needs the pipeline"
+            if not as_json:
+                out.write(f"{item.path.name}: ")
+                out.flush()
+            error: OmniError | None = None
+            try:
+                answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c.is_pressed)
+            except KeyboardInterrupt:
+                reply.stopped = "interrupted"
+            except (OmniError, RuntimeError) as exc:
+                # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
+                # one file failing must not lose the answers to the others, nor its own partial reply.
+                error = exc if isinstance(exc, OmniError) else OmniError(f"{item.path}: the model failed on this file ({one_line(exc)})")
+                reply.error = str(error)
+            out.write(reply.to_json() + "\n" if as_json else "\n")
             out.flush()
-        reply = FileReply(file=str(path))
-        try:
-            answer_file(pipeline, path, out_dir, None if as_json else out, reply)
-        except (OmniError, RuntimeError) as exc:
-            # RuntimeError covers CUDA out-of-memory and similar faults inside the model:
-            # one file failing must not lose the answers to the others, nor its own partial reply.
-            if not isinstance(exc, OmniError):
-                exc = OmniError(f"{path}: the model failed on this file ({one_line(exc)})")
-            failed += 1
-            if as_json:
-                reply.error = str(exc)
-                out.write(reply.to_json() + "\n")
-            else:
-                out.write("\n")
-            err.write(f"omni: error: {exc}\n")
-            if reply.wav:
-                err.write(f"  the reply so far: {reply.wav} ({reply.audio_seconds:.2f} s)\n")
-            continue
-        if as_json:
-            out.write(reply.to_json() + "\n")
-        else:
-            out.write("\n")
-            details = [f"{reply.tokens} tokens", f"{reply.total_ms / 1000:.2f} s"]
-            if reply.first_audio_ms is not None:
-                details.append(f"first audio after {reply.first_audio_ms:.0f} ms")
-            if reply.wav:
-                details.append(f"speech: {reply.wav} ({reply.audio_seconds:.2f} s)")
-            err.write(f"  [{', '.join(details)}]\n")
-            if reply.note:
-                err.write(f"  note: {reply.note}\n")
-        out.flush()
-    return failed
+            if error is not None:
+                failed += 1
+                err.write(f"omni: error: {error}\n")
+                if reply.wav:
+                    err.write(f"  the reply so far: {reply.wav} ({reply.audio_seconds:.2f} s)\n")
+            if reply.stopped == "interrupted":
+                cut, stopped_at = reply, i
+                break
+            if error is not None:
+                continue
+            answered += 1
+            if not as_json:
+                details = [f"{reply.tokens} tokens", f"{reply.total_ms / 1000:.2f} s"]
+                if reply.first_audio_ms is not None:
+                    details.append(f"first audio after {reply.first_audio_ms:.0f} ms")
+                if reply.wav:
+                    details.append(f"speech: {reply.wav} ({reply.audio_seconds:.2f} s)")
+                err.write(f"  [{', '.join(details)}]\n")
+                if reply.note:
+                    err.write(f"  note: {reply.note}\n")
+    remaining = [] if stopped_at is None else [item.path for item in inputs[stopped_at:] if item.error is None]
+    if not remaining:
+        return 1 if failed else 0
+    err.write(interrupted_line(cut, answered, len(inputs), out_dir, remaining) + "\n")
+    return EXIT_INTERRUPTED
+
+
+def interrupted_line(cut: FileReply | None, answered: int, total: int, out_dir: Path | None, remaining: Sequence[Path]) -> str:
+    """The one line after Ctrl-C: what was kept, and the files to run the command on again."""
+    if cut is None:
+        what = f"stopped before {remaining[0].name}"
+    elif out_dir is None:
+        what = f"{Path(cut.file).name} was cut short (its text so far is printed)"
+    elif cut.wav:
+        what = f"{Path(cut.file).name} was cut short; its partial reply is {cut.wav} ({cut.audio_seconds:.2f} s)"
+    else:
+        what = f"{Path(cut.file).name} was cut short; no audio of it was saved"
+    kept = f" (in {out_dir})" if out_dir is not None and answered else ""
+    return (
+        f"omni: interrupted: {what}; {answered} of {total} files answered in full{kept}. "
+        f"To continue, run the same command on: {shlex.join(map(str, remaining))}"
+    )

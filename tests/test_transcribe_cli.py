@@ -153,7 +153,7 @@ def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, 
     from omni_cli.model.loading import load_omni
     from omni_cli.model.vocoder_loading import load_vocoder
     from omni_cli.pipeline import AudioChunk, SpeechToSpeech
-    from omni_cli.transcribe import transcribe_and_reply
+    from omni_cli.transcribe import check_inputs, transcribe_and_reply
 
     model = load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
     real = SpeechToSpeech(model, load_vocoder(tiny_model.vocoder_dir),
@@ -162,17 +162,17 @@ def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, 
     class DiesAfterTwoChunks:
         vocoder = real.vocoder
 
-        def respond(self, audio):
+        def respond(self, audio, should_stop=None):
             chunks = 0
-            for event in real.respond(audio):
+            for event in real.respond(audio, should_stop=should_stop):
                 yield event
                 chunks += isinstance(event, AudioChunk)
                 if chunks == 2:
                     raise RuntimeError("CUDA out of memory (simulated)")
 
     out, err = io.StringIO(), io.StringIO()
-    failed = transcribe_and_reply(DiesAfterTwoChunks(), [question_wavs[0], question_wavs[1]], tmp_path, True, out, err)
-    assert failed == 2
+    inputs = check_inputs([question_wavs[0], question_wavs[1]], err)
+    assert transcribe_and_reply(DiesAfterTwoChunks(), inputs, tmp_path, True, out, err) == 1
     rows = [json.loads(line) for line in out.getvalue().splitlines()]
     for row, q in zip(rows, question_wavs):
         assert "the model failed on this file (CUDA out of memory (simulated))" in row["error"]
@@ -180,7 +180,9 @@ def test_a_failure_mid_reply_keeps_what_was_produced(tiny_model, question_wavs, 
         assert "cut short" in row["note"]
         audio, rate = sf.read(row["wav"])
         assert rate == 16000 and len(audio) > 0
-        assert Path(row["wav"]).name == f"{q.stem}.wav"
+        # Cut short, so never saved under the name of a complete reply.
+        assert Path(row["wav"]).name == f"{q.stem}.partial.wav"
+    assert not list(tmp_path.glob("*.part")) and not list(tmp_path.glob(".*"))
 
 
 def test_decode_step_modes_give_the_same_reply(runner: CliRunner, tiny_model, question_wavs, monkeypatch) -> None:

@@ -13,12 +13,12 @@ import numpy as np
 import torch
 from transformers.audio_utils import mel_filter_bank
 
+from omni_cli.config import WHISPER_WINDOW_SAMPLES as CHUNK_SAMPLES  # 30 s: what one encoder pass covers
 from omni_cli.errors import AudioInputError
 
 WHISPER_SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
-CHUNK_SAMPLES = 480000  # 30 s at 16 kHz: the window every Whisper encoder position covers
 
 # Whisper's filters span 0 Hz to Nyquist of 16 kHz audio.
 _MEL_MAX_HZ = WHISPER_SAMPLE_RATE / 2
