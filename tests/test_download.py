@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import pytest
 from fake_hub_cache import install_tiny_preset
 from rich.console import Console
@@ -408,3 +409,37 @@ def test_download_preset_fetches_only_the_missing_vocoder(
     assert sorted(name for name, _ in server.requests) == ["config.json", "g_00500000"]
     assert not any("NOT verified" in line for line in said), "pinned files were verified"
     assert not any(line.startswith("Licence") for line in said), "the licence is shown when the model is downloaded"
+
+
+def test_download_units_fetches_and_converts_mhubert_and_its_kmeans(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model
+) -> None:
+    from release_files import fairseq_weights, write_checkpoint, write_kmeans
+    from typer.testing import CliRunner
+
+    from omni_cli.cli import app
+    from omni_cli.train.units import load_hubert, load_kmeans_centres
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "omni"))
+    shipped = get_preset("llama-omni-8b")
+    install_tiny_preset(tiny_model, shipped, tmp_path / "hub")  # the model is there; only the units part is fetched
+    centres = np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32)
+    names = {f.name: f.url for f in shipped.units.files}
+    server.files[shipped.units.hubert_checkpoint] = write_checkpoint(tmp_path / "m.pt", "dictconfig", fairseq_weights()).read_bytes()
+    server.files[shipped.units.kmeans] = write_kmeans(tmp_path / "km.bin", centres, "pickle-4").read_bytes()
+    text = (ROOT / "models" / "llama-omni-8b.toml").read_text()
+    for name, url in names.items():
+        text = text.replace(url, server.url_of(name))
+    (tmp_path / "custom.toml").write_text(text)
+    result = CliRunner().invoke(app, ["download", str(tmp_path / "custom.toml"), "--units"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "omni" / "units" / shipped.units.name
+    assert f"--hubert {folder / 'hubert'} --kmeans {folder / 'kmeans.safetensors'} --layer 11" in result.stdout
+    assert sum("NOT verified" in line for line in result.stderr.splitlines()) == 2  # neither file is pinned
+    assert load_hubert(folder / "hubert").config.num_hidden_layers == 11
+    np.testing.assert_array_equal(load_kmeans_centres(folder / "kmeans.safetensors").numpy(), centres)
+    # Present now: a second run fetches nothing.
+    requests = len(server.requests)
+    assert CliRunner().invoke(app, ["download", str(tmp_path / "custom.toml"), "--units"]).exit_code == 0
+    assert len(server.requests) == requests

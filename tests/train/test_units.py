@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import pickle
 import shutil
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import HubertConfig, HubertModel
 from typer.testing import CliRunner
+
+from release_files import write_kmeans
 
 from omni_cli.cli import app
 from omni_cli.errors import CheckpointError
@@ -104,49 +104,6 @@ def test_manifest_records_get_tgt_units_from_their_response_speech(hubert_dir: P
     assert label_units(manifest, tmp_path / "out.json", extractor) == 1
     rows = json.loads((tmp_path / "out.json").read_text())
     assert rows[0]["id"] == "x" and rows[0]["tgt_units"] == extractor.units(sf.read(tmp_path / "ans.wav", dtype="float32")[0])
-
-
-@contextlib.contextmanager
-def sklearn_stand_in() -> Iterator[type]:
-    """scikit-learn's MiniBatchKMeans class path with a minimal class, importable only while the test pickles."""
-
-    class MiniBatchKMeans:
-        def __getstate__(self) -> dict:  # as scikit-learn's BaseEstimator: attributes plus the version
-            return {**self.__dict__, "_sklearn_version": "0.24.2"}
-
-    names = ("sklearn", "sklearn.cluster", "sklearn.cluster._kmeans")
-    saved = {name: sys.modules.get(name) for name in names}
-    for name in names:
-        sys.modules[name] = types.ModuleType(name)
-    MiniBatchKMeans.__module__, MiniBatchKMeans.__qualname__ = "sklearn.cluster._kmeans", "MiniBatchKMeans"
-    sys.modules["sklearn.cluster._kmeans"].MiniBatchKMeans = MiniBatchKMeans  # type: ignore[attr-defined]
-    try:
-        yield MiniBatchKMeans
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = old
-
-
-def write_kmeans(path: Path, centres: np.ndarray, how: str, **extra: object) -> Path:
-    """A fitted MiniBatchKMeans as fairseq's learn_kmeans.py leaves it, saved by joblib.dump or pickle.dump."""
-    with sklearn_stand_in() as cls:
-        km = cls()
-        km.__dict__.update(
-            n_clusters=len(centres), init="k-means++", max_iter=100, batch_size=10000, verbose=1, compute_labels=False,
-            random_state=None, tol=0.0, max_no_improvement=100, init_size=None, n_init=20, reassignment_ratio=0.0,
-            cluster_centers_=centres, n_features_in_=centres.shape[1], _n_threads=2, n_iter_=7, n_steps_=70,
-            _counts=np.arange(len(centres), dtype=np.float32), _ewa_inertia=np.float64(3.5), _ewa_inertia_min=np.float64(3.25),
-            _no_improvement=0, inertia_=np.float64(1234.5), _init_size=3000, **extra,
-        )
-        if how == "joblib":
-            joblib = pytest.importorskip("joblib", reason="joblib (a test extra) writes the release's format")
-            joblib.dump(km, path)
-        else:
-            path.write_bytes(pickle.dumps(km, protocol=int(how.removeprefix("pickle-"))))
-    return path
 
 
 @pytest.mark.parametrize("how", ["joblib", "pickle-2", "pickle-5"])
