@@ -289,7 +289,7 @@ def devices_cmd() -> None:
 def download_cmd(
     preset: Annotated[str, typer.Argument(help="Preset name (see --list) or a preset .toml file.")] = "llama-omni-8b",
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Put the weights here instead of the Hugging Face / omni caches.")] = None,
-    units: Annotated[bool, typer.Option("--units", help="Also fetch mHuBERT and its k-means (the preset's [units] part) and convert them for `omni units`.")] = False,
+    units: Annotated[bool, typer.Option("--units", help="Also fetch mHuBERT and its k-means (the preset's units part) and convert them for `omni units`.")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets with their download sizes.")] = False,
 ) -> None:
     """Download a preset's weights (hub parts into the Hugging Face cache, the vocoder converted to safetensors).
