@@ -327,7 +327,7 @@ def download_cmd(
         typer.echo(f"unit targets: omni units ... --hubert {folder / HUBERT_DIRNAME} --kmeans {folder / KMEANS_CENTRES_NAME} --layer {chosen.units.layer}")
 
 
-def _note_without_cuda(name: str, echo: Any) -> None:
+def _note_without_cuda(name: str, echo: Callable[[str], None]) -> None:
     """`omni download` on a machine without a CUDA GPU: say so first (the weights may be meant for another machine)."""
     from omni_cli.weights.fit import cuda_memory
 

@@ -89,6 +89,8 @@ CASES = {
                         "'http://example.com/g' is not an https:// URL", _nothing_downloaded),
     "offline vocoder host": Case(lambda tmp: ["download", _custom(tmp, f'url = "{VOCODER_URL}/g_00500000"', 'url = "https://127.0.0.1:9/g_00500000"')], 1,
                                  "cannot reach 127.0.0.1", _no_part_files),
+    "malformed preset as --model": Case(lambda tmp: ["transcribe-and-reply", str(tmp / "q.wav"), "-m", _custom(tmp, 'name = "config.json"', 'name = "../c"'), "--out", str(tmp / "r")], 2,
+                                        "'../c' is not a plain file name", lambda tmp: _nothing_downloaded(tmp) or _no_escape(tmp)),
     "hostile k-means": Case(_evil_kmeans, 2, "names posix.system, which a k-means file does not hold", _untouched_by_kmeans),
 }
 

@@ -39,7 +39,6 @@ RESPONSE_SPEECH_FIELDS = ("tgt_speech", "response_speech", "answer_speech", "tgt
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
-
 def convert_kmeans(src: str | Path, dst: str | Path) -> Path:
     """Turn the released k-means file into `dst`: safetensors holding only the centres, (K, D) float32.
 

@@ -475,8 +475,13 @@ def resolve_preset(
 
 
 def looks_like_preset(name_or_path: str | Path) -> bool:
-    """True when `--model` names a preset rather than a directory (used before anything loads)."""
+    """True when `--model` names a preset rather than a directory (used before anything loads).
+
+    A .toml file counts without being read: a malformed one is reported, in one line, where it is loaded.
+    """
     text = str(name_or_path)
+    if text.endswith(PRESET_SUFFIX) and Path(text).is_file():
+        return True
     return not Path(text).expanduser().is_dir() and find_preset(text) is not None
 
 
