@@ -7,6 +7,7 @@ what it needs when it runs.
 
 from __future__ import annotations
 
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -82,7 +83,19 @@ VocoderOpt = Annotated[
     typer.Option("--vocoder", help="Unit HiFi-GAN directory (config.json + g_00500000 or vocoder.safetensors). Without it, replies are text only."),
 ]
 PrecisionOpt = Annotated[Precision, typer.Option("--precision", help="auto = fp16 on CUDA, fp32 on CPU; 8bit/4bit need a CUDA GPU (bitsandbytes).")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="cuda, cuda:1 or cpu. Default: cuda when available.")]
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def _device_name(value: Optional[str]) -> Optional[str]:
+    """--device checked while parsing, without importing torch: cpu, cuda or cuda:N."""
+    if value is not None and not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a device omni runs on; use cpu, cuda or cuda:N (e.g. cuda:1)")
+    return value
+
+
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", callback=_device_name, help="cuda, cuda:N (e.g. cuda:1) or cpu. Default: cuda when available.")
+]
 DecodeStepsOpt = Annotated[
     DecodeSteps,
     typer.Option(
@@ -298,19 +311,22 @@ def devices_cmd() -> None:
 def download_cmd(
     preset: Annotated[str, typer.Argument(help="Preset name (see --list) or a preset .toml file.")] = "llama-omni-8b",
     local_dir: Annotated[Optional[Path], typer.Option("--local-dir", help="Put the weights here instead of the Hugging Face / omni caches.")] = None,
+    units: Annotated[bool, typer.Option("--units", help="Also fetch mHuBERT and its k-means (the preset's units part) and convert them for `omni units`.")] = False,
     list_presets: Annotated[bool, typer.Option("--list", help="List the presets with their download sizes.")] = False,
 ) -> None:
-    """Download a preset's weights (hub parts into the Hugging Face cache, the vocoder checked and converted to safetensors).
+    """Download a preset's weights (hub parts into the Hugging Face cache, the vocoder converted to safetensors).
 
-    Resumable: run it again after an interruption. Afterwards everything runs offline (HF_HUB_OFFLINE=1).
+    Resumable: run it again after an interruption. Files the preset pins (size, SHA-256) are verified; for the others omni says they were NOT verified and prints what to pin. Afterwards everything runs offline (HF_HUB_OFFLINE=1).
 
     Examples:\n
       omni download llama-omni-8b\n
-      omni download llama-omni-8b --local-dir ./weights
+      omni download llama-omni-8b --local-dir ./weights\n
+      omni download llama-omni-8b --units      # + mHuBERT and k-means for `omni units`
     """
     from omni_cli.weights.download import download_preset, format_gb
-    from omni_cli.weights.presets import get_preset, preset_names
+    from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME, get_preset, preset_names, resolve_preset, units_dir
 
+    echo = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:
         if list_presets:
             for name in preset_names():
@@ -318,7 +334,9 @@ def download_cmd(
                 typer.echo(f"{name}  {format_gb(sum(part.approx_size_bytes for part in p.parts))}  {p.description}")
             return
         chosen = get_preset(preset)
-        resolved = download_preset(chosen, local_dir, echo=lambda line: typer.echo(line, err=True))
+        if resolve_preset(chosen.source, local_dir).missing:
+            _note_without_cuda(chosen.name, echo)
+        resolved = download_preset(chosen, local_dir, units=units, echo=echo)
     except OmniError as exc:
         fail(str(exc), code=1)
     if local_dir is None:
@@ -326,6 +344,17 @@ def download_cmd(
     else:
         paths = f"--model {resolved.model_dir} --speech-encoder {resolved.speech_encoder} --vocoder {resolved.vocoder_dir}"
         typer.echo(f"{chosen.name} is ready: omni chat {paths}")
+    if units and chosen.units is not None:
+        folder = units_dir(chosen.units, local_dir)
+        typer.echo(f"unit targets: omni units ... --hubert {folder / HUBERT_DIRNAME} --kmeans {folder / KMEANS_CENTRES_NAME} --layer {chosen.units.layer}")
+
+
+def _note_without_cuda(name: str, echo: Callable[[str], None]) -> None:
+    """`omni download` on a machine without a CUDA GPU: say so first (the weights may be meant for another machine)."""
+    from omni_cli.weights.fit import cuda_memory
+
+    if cuda_memory() is None:
+        echo(f"omni: note: no CUDA GPU is visible here; {name} needs one to run at a usable speed (see `omni doctor`). Downloading anyway.")
 
 
 @app.command("doctor")
@@ -407,7 +436,7 @@ def finetune_cmd(
 def units_cmd(
     source: Annotated[Path, typer.Argument(help="A directory of response WAVs, or a manifest whose records name their response speech (tgt_speech).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the labelled JSONL (or JSON, for a JSON manifest).")],
-    hubert: Annotated[Path, typer.Option("--hubert", help="mHuBERT converted to a transformers directory (config.json + safetensors).")],
+    hubert: Annotated[Path, typer.Option("--hubert", help="mHuBERT as a transformers directory (config.json + safetensors): `omni convert-hubert` or `omni download --units` makes it.")],
     kmeans: Annotated[Path, typer.Option("--kmeans", help="k-means centres as safetensors or .npy (convert the released pickle once with `omni convert-kmeans`).")],
     layer: Annotated[int, typer.Option("--layer", min=1, help="HuBERT layer whose features are clustered (reference: 11).")] = 11,
     device: DeviceOpt = None,
@@ -425,20 +454,44 @@ def units_cmd(
 
 @app.command("convert-kmeans")
 def convert_kmeans_cmd(
-    src: Annotated[Path, typer.Argument(help="The released k-means file (a scikit-learn pickle, e.g. km.bin).")],
+    src: Annotated[Path, typer.Argument(help="The released k-means file (scikit-learn MiniBatchKMeans saved by joblib or pickle, e.g. mhubert_base_vp_en_es_fr_it3_L11_km1000.bin).")],
     dst: Annotated[Path, typer.Argument(help="Where to write the centres (safetensors).")],
 ) -> None:
-    """Convert the released k-means pickle ONCE into safetensors holding only its centres.
+    """Convert the released k-means file ONCE into safetensors holding only its centres.
 
-    The pickle is opened in a separate Python process (it can run code: only convert the official file).
+    The file is read by a restricted unpickler that builds nothing but numpy arrays and a stand-in for scikit-learn's MiniBatchKMeans (no scikit-learn needed); a file naming any other class or function is refused, so it cannot run code.
+
+    Example:\n
+      omni convert-kmeans mhubert_base_vp_en_es_fr_it3_L11_km1000.bin km1000.safetensors
     """
     from omni_cli.train.units import convert_kmeans
 
     try:
-        convert_kmeans(src, dst, warn=lambda m: typer.echo(m, err=True))
+        convert_kmeans(src, dst)
     except OmniError as exc:
         fail(str(exc))
     typer.echo(f"wrote {dst}; pass it as --kmeans")
+
+
+@app.command("convert-hubert")
+def convert_hubert_cmd(
+    src: Annotated[Path, typer.Argument(help="The fairseq HuBERT checkpoint, e.g. mhubert_base_vp_en_es_fr_it3.pt.")],
+    dst: Annotated[Path, typer.Argument(help="New directory for the transformers HubertModel (config.json + model.safetensors).")],
+) -> None:
+    """Convert a fairseq HuBERT checkpoint ONCE into a transformers HubertModel directory for `omni units --hubert`.
+
+    Read with torch.load(weights_only=True); the config objects such checkpoints hold (argparse.Namespace, omegaconf and fairseq config classes) are read as inert data, anything else is refused. No fairseq needed.
+
+    Example:\n
+      omni convert-hubert mhubert_base_vp_en_es_fr_it3.pt ./mhubert-hf
+    """
+    from omni_cli.train.hubert import convert_hubert
+
+    try:
+        convert_hubert(src, dst)
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {dst}; pass it as --hubert")
 
 
 def main() -> None:

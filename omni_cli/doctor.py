@@ -16,10 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omni_cli.errors import OmniError, one_line
-from omni_cli.weights.presets import Preset, ResolvedModel, get_preset, hub_offline, resolve_preset
+from omni_cli.weights.presets import (
+    Preset,
+    RemoteFile,
+    ResolvedModel,
+    get_preset,
+    hub_offline,
+    resolve_preset,
+    units_dir,
+    units_present,
+)
 
 OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
 MIN_PYTHON = (3, 10)
+# What installs the [quant] extra's packages: from PyPI by their own names (the name of omni's
+# distribution on PyPI belongs to someone else), or the extra itself from an omni checkout.
+QUANT_INSTALL = "pip install 'bitsandbytes>=0.43' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[quant]')"
 
 
 @dataclass(frozen=True)
@@ -66,16 +78,20 @@ def check_gpu(preset: Preset | None, resolved: ResolvedModel | None, precision: 
     from omni_cli.weights.download import format_gb
     from omni_cli.weights.fit import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
 
-    sizes = sizes_for_model(resolved) if resolved is not None else None
+    unsized: list[Check] = []
+    try:
+        sizes = sizes_for_model(resolved) if resolved is not None else None
+    except OmniError as exc:  # a preset whose config tables cannot size the model: say so, check the rest
+        sizes, unsized = None, [Check(WARN, "GPU memory", f"cannot estimate: {one_line(exc)}")]
     need = estimate_gpu_memory(sizes, precision) if sizes is not None else None
     shown = shown_precision(precision)
     needs = f"; {preset.name} needs ~{format_gb(need)} at {shown}" if preset and need else ""
     memory = cuda_memory()
     if memory is None:
         build = f"torch {torch.__version__} is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        return [Check(MISSING, "CUDA GPU", f"{build}: only the tiny model runs on CPU; install a CUDA build of torch on a machine with an NVIDIA GPU{needs}")]
+        return [Check(MISSING, "CUDA GPU", f"{build}: only the tiny model runs on CPU; install a CUDA build of torch on a machine with an NVIDIA GPU{needs}"), *unsized]
     name, free, total = memory
-    checks = [Check(OK, "CUDA GPU", f"{name}, CUDA {torch.version.cuda}, {format_gb(free)} free of {format_gb(total)}")]
+    checks = [Check(OK, "CUDA GPU", f"{name}, CUDA {torch.version.cuda}, {format_gb(free)} free of {format_gb(total)}"), *unsized]
     if sizes is not None and need is not None:
         if need <= free:
             checks.append(Check(OK, "GPU memory", f"{preset.name if preset else 'the model'} needs ~{format_gb(need)} at {shown}"))
@@ -92,7 +108,7 @@ def check_bitsandbytes() -> Check:
         import bitsandbytes
     except Exception as exc:  # noqa: BLE001 - missing, or its CUDA library fails to load
         reason = "not installed" if isinstance(exc, ImportError) else f"does not import ({type(exc).__name__})"
-        return Check(MISSING, "bitsandbytes", f"{reason}: needed only for --precision 8bit/4bit; pip install 'omni-cli[quant]'")
+        return Check(MISSING, "bitsandbytes", f"{reason}: needed only for --precision 8bit/4bit; {QUANT_INSTALL}")
     import torch
 
     if not torch.cuda.is_available():
@@ -146,28 +162,72 @@ def _validate_encoder(folder: Path) -> None:
     _safetensors_headers(sorted(folder.glob("*.safetensors")))
 
 
-def _validate_vocoder(folder: Path) -> None:
-    from omni_cli.config import VocoderConfig
-    from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME
+def _check_pinned(folder: Path, files: tuple[RemoteFile, ...]) -> None:
+    """Every file present in `folder` whose size or SHA-256 the preset pins has them (unpinned ones cannot be checked)."""
+    from omni_cli.errors import CheckpointError
+    from omni_cli.weights.download import sha256_of
 
-    VocoderConfig.load(folder / CONFIG_NAME)
-    if (folder / VOCODER_SAFETENSORS_NAME).is_file():
-        _safetensors_headers([folder / VOCODER_SAFETENSORS_NAME])
+    for remote in files:
+        path = folder / remote.name
+        if not path.is_file():
+            continue
+        if remote.size is not None and path.stat().st_size != remote.size:
+            raise CheckpointError(f"{remote.name} is {path.stat().st_size} bytes, the preset pins {remote.size}")
+        if remote.sha256 is not None and sha256_of(path) != remote.sha256:
+            raise CheckpointError(f"{remote.name} does not have the SHA-256 the preset pins")
+
+
+def _validate_vocoder(folder: Path, preset: Preset) -> None:
+    from omni_cli.model.vocoder_loading import load_vocoder
+
+    _check_pinned(folder, preset.vocoder.files)
+    load_vocoder(folder)  # every weight read and checked against config.json: a truncated file fails here
+
+
+def _validate_units(folder: Path, preset: Preset) -> None:
+    from omni_cli.config import read_json
+    from omni_cli.errors import ConfigError
+    from omni_cli.train.units import load_kmeans_centres
+    from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME
+
+    assert preset.units is not None
+    _check_pinned(folder, preset.units.files)
+    hubert = folder / HUBERT_DIRNAME
+    if read_json(hubert / "config.json", "HuBERT config").get("model_type") != "hubert":
+        raise ConfigError(f"{hubert / 'config.json'} is not a HuBERT config.")
+    _safetensors_headers(sorted(hubert.glob("*.safetensors")))
+    load_kmeans_centres(folder / KMEANS_CENTRES_NAME)
 
 
 def check_weights(preset: Preset, resolved: ResolvedModel) -> list[Check]:
-    """Each part present and readable (config parses, safetensors headers read); corrupt files are FIX."""
+    """Each part present and readable (configs parse, safetensors headers read, the vocoder loads); corrupt files are FIX.
+
+    The optional units part (mHuBERT + k-means for `omni units`) is reported too when the preset names one.
+    """
     local = f" --local-dir {resolved.local_dir}" if resolved.local_dir else ""
-    command = f"omni download {preset.name}{local}"
+    command = f"omni download {preset.command_name}{local}"
     found = {"model": resolved.model_dir, "speech_encoder": resolved.speech_encoder, "vocoder": resolved.vocoder_dir}
-    validators = {"model": _validate_model, "speech_encoder": _validate_encoder, "vocoder": _validate_vocoder}
+    validators = {
+        "model": _validate_model,
+        "speech_encoder": _validate_encoder,
+        "vocoder": lambda folder: _validate_vocoder(folder, preset),
+        "units": lambda folder: _validate_units(folder, preset),
+    }
+    parts: list = list(preset.parts)
+    if preset.units is not None:
+        folder = units_dir(preset.units, resolved.local_dir)
+        found["units"] = folder if units_present(folder) else None
+        parts.append(preset.units)
     checks = []
-    for part in preset.parts:
+    for part in parts:
         label = f"weights: {part.key.replace('_', ' ')}"
         folder = found[part.key]
         if folder is None:
             source = getattr(part, "repo_id", None) or part.name
-            checks.append(Check(MISSING, label, f"{source} not downloaded; run `{command}`"))
+            if part.key == "units":
+                checks.append(Check(MISSING, label, f"{source} not downloaded; only `omni units` needs it: run `{command} --units`"))
+            else:
+                checks.append(Check(MISSING, label, f"{source} not downloaded; run `{command}`"))
             continue
         try:
             validators[part.key](folder)

@@ -43,8 +43,9 @@ def install_tiny_preset(tiny_model, preset: Preset, hub_cache: Path, local_dir: 
     The caller points $OMNI_CACHE at a temporary folder first when local_dir is None.
     """
     if local_dir is None:
-        write_snapshot(hub_cache, preset.model.repo_id, tiny_model.model_dir)
-        write_snapshot(hub_cache, preset.speech_encoder.repo_id, tiny_model.speech_encoder)
+        for part, source in ((preset.model, tiny_model.model_dir), (preset.speech_encoder, tiny_model.speech_encoder)):
+            # A part pinned to a commit is cached under that commit, as huggingface_hub would.
+            write_snapshot(hub_cache, part.repo_id, source, commit=part.revision if part.pinned else FAKE_COMMIT)
     else:
         shutil.copytree(tiny_model.model_dir, Path(local_dir) / preset.model.dirname)
         shutil.copytree(tiny_model.speech_encoder, Path(local_dir) / preset.speech_encoder.dirname)

@@ -17,6 +17,7 @@ from omni_cli.doctor import FIX, MISSING, OK, WARN, check_audio, check_offline, 
 from omni_cli.errors import AudioInputError
 from omni_cli.weights.presets import get_preset, resolve_preset
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESET = "llama-omni-8b"
 STATUS_LINE = re.compile(rf"^({OK}|{WARN}|{MISSING}|{FIX}) +\S.* — \S")
 
@@ -50,6 +51,9 @@ def test_doctor_on_this_machine_says_what_is_missing_and_exits_0(caches) -> None
     for part in ("model", "speech encoder", "vocoder"):
         line = by_name[f"weights: {part}"]
         assert line.startswith(MISSING) and "run `omni download llama-omni-8b`" in line
+    assert by_name["weights: units"].startswith(MISSING) and "only `omni units` needs it" in by_name["weights: units"]
+    if "bitsandbytes" in by_name and by_name["bitsandbytes"].startswith(MISSING):
+        assert "omni-cli[quant]" not in by_name["bitsandbytes"]  # that PyPI name belongs to someone else
 
 
 def test_precision_changes_the_memory_shown(caches) -> None:
@@ -77,7 +81,7 @@ def test_present_weights_are_ok_and_a_corrupt_shard_fails(caches, tiny_model, mo
     install_tiny_preset(tiny_model, get_preset(PRESET), caches)
     checks = list(run_checks(PRESET, list_devices=_no_audio))
     weights = {c.name: c for c in checks if c.name.startswith("weights")}
-    assert [c.status for c in weights.values()] == [OK, OK, OK]
+    assert [c.status for c in weights.values()] == [OK, OK, OK, MISSING]  # the optional units part is not there
     assert exit_code(checks) == 0
     # Damage one shard's header (the cache holds it as a blob behind a symlink).
     shard = next(resolve_preset(PRESET).model_dir.glob("model-00001-*.safetensors")).resolve()
@@ -103,7 +107,7 @@ def test_a_damage_error_without_a_message_still_gives_a_fix_line(caches, tiny_mo
 
     install_tiny_preset(tiny_model, get_preset(PRESET), caches)
 
-    def empty_error(folder: Path) -> None:
+    def empty_error(folder: Path, preset: object) -> None:
         raise ValueError()
 
     monkeypatch.setattr(doctor, "_validate_vocoder", empty_error)
@@ -134,3 +138,32 @@ def test_unknown_preset_is_a_fix_line(caches) -> None:
     result = CliRunner().invoke(app, ["doctor", "--preset", "nope"])
     assert result.exit_code == 1
     assert any(line.startswith(FIX) and "no preset named 'nope'" in line for line in result.stdout.splitlines())
+
+
+def test_a_truncated_vocoder_pickle_is_not_ok(caches, tiny_model) -> None:
+    preset = get_preset(PRESET)
+    install_tiny_preset(tiny_model, preset, caches)
+    folder = resolve_preset(PRESET).vocoder_dir
+    (folder / "vocoder.safetensors").unlink(missing_ok=True)  # only the released pickle, as a by-hand download leaves it
+    pickle_file = next(p for p in folder.iterdir() if p.name != "config.json")
+    assert next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: vocoder").status == OK
+    pickle_file.write_bytes(pickle_file.read_bytes()[: pickle_file.stat().st_size // 2])
+    vocoder = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: vocoder")
+    assert vocoder.status == FIX and "is damaged" in vocoder.detail
+
+
+def test_a_custom_preset_that_cannot_be_sized_gives_lines_not_tracebacks(caches, tmp_path: Path) -> None:
+    text = (ROOT / "models" / f"{PRESET}.toml").read_text()
+    no_width = tmp_path / "no-width.toml"
+    no_width.write_text(text.replace("speech_adaptor_hidden = 2048", ""))
+    result = CliRunner().invoke(app, ["doctor", "--preset", str(no_width)])
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit))
+    assert "Traceback" not in result.output and all(STATUS_LINE.match(line) for line in result.stdout.splitlines())
+    fixes = [line for line in result.stdout.splitlines() if line.startswith(FIX)]
+    assert len(fixes) == 1 and "lacks speech_adaptor_hidden" in fixes[0]
+    no_hidden = tmp_path / "no-hidden.toml"
+    no_hidden.write_text(text.replace("hidden_size = 4096\n", "", 1))
+    result = CliRunner().invoke(app, ["doctor", "--preset", str(no_hidden)])
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    gpu = next(line for line in result.stdout.splitlines() if "GPU memory" in line)
+    assert gpu.startswith(WARN) and "cannot estimate" in gpu and "hidden_size" in gpu

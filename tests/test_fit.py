@@ -23,7 +23,7 @@ from omni_cli.weights.fit import (
     sizes_for_preset,
 )
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.weights.presets import GB, get_preset, resolve_preset
+from omni_cli.weights.presets import GB, get_preset, load_preset, resolve_preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,3 +99,19 @@ def test_models_readme_table_matches_the_estimates() -> None:
     shown = [float(x) for x in re.findall(r"\| (\d+\.\d) GB", row)]
     expected = [round(estimate_gpu_memory(sizes, p) / GB, 1) for p in ("fp16", "8bit", "4bit")]
     assert shown == expected, f"models/README.md says {shown}, the estimate is {expected}"
+
+
+def test_a_preset_that_cannot_size_the_model_is_a_one_line_error(tmp_path: Path) -> None:
+    path = tmp_path / "custom.toml"
+    path.write_text((ROOT / "models" / "llama-omni-8b.toml").read_text().replace("hidden_size = 4096\n", "", 1))
+    with pytest.raises(ConfigError, match="preset custom.toml: its config tables cannot size the model") as info:
+        sizes_for_preset(load_preset(path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_gpu_this_machine_lacks_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"--device cuda:2: this machine has 2 CUDA GPU\(s\), cuda:0 to cuda:1\."):
+        fit.cuda_memory("cuda:2")
+    assert fit.cuda_memory("cpu") is None

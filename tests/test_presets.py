@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -15,8 +16,11 @@ from omni_cli.weights.download import DownloadError, prepare_model
 from omni_cli.errors import ConfigError
 from omni_cli.model.loading import load_omni
 from omni_cli.model.vocoder_loading import load_vocoder
+import omni_cli.weights.fit as fit
 from omni_cli.weights.presets import (
+    GB,
     PRESET_FOLDER,
+    load_preset,
     find_preset,
     get_preset,
     looks_like_preset,
@@ -54,8 +58,19 @@ def test_llama_omni_preset_names_the_released_parts() -> None:
     names = {f.name for f in preset.vocoder.files}
     assert names == {"g_00500000", "config.json"}
     assert all(f.url.endswith("/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj/" + f.name) for f in preset.vocoder.files)
-    # Not known offline: left unpinned rather than invented.
+    # Not known offline: left unpinned rather than invented (and said so when downloaded).
     assert all(f.sha256 is None and f.size is None for f in preset.vocoder.files)
+    # Whisper is pinned to a commit; the LLaMA-Omni repository's commit could not be confirmed: "main".
+    assert preset.speech_encoder.pinned and preset.speech_encoder.revision == "06f233fe06e710322aca913c1bc4249a0d71fce1"
+    assert not preset.model.pinned and preset.model.revision == "main"
+    # mHuBERT and its k-means for `omni units`, fetched only with --units.
+    units = preset.units
+    assert units is not None and units.layer == 11
+    assert {f.url for f in units.files} == {
+        "https://dl.fbaipublicfiles.com/hubert/mhubert_base_vp_en_es_fr_it3.pt",
+        "https://dl.fbaipublicfiles.com/hubert/mhubert_base_vp_en_es_fr_it3_L11_km1000.bin",
+    }
+    assert all(f.sha256 is None for f in units.files) and "units" not in [p.key for p in preset.parts]
     assert preset.chunk_units > 0 and "non-commercial" in preset.licence
     # The README lists every preset.
     readme = (ROOT / "models" / "README.md").read_text()
@@ -70,7 +85,7 @@ def test_resolve_finds_every_part_in_a_fake_hub_cache(caches, tiny_model) -> Non
     assert resolved.complete and resolved.missing == ()
     snapshot = f"snapshots/{FAKE_COMMIT}"
     assert resolved.model_dir == hub / "models--ICTNLP--Llama-3.1-8B-Omni" / snapshot
-    assert resolved.speech_encoder == hub / "models--openai--whisper-large-v3" / snapshot
+    assert resolved.speech_encoder == hub / "models--openai--whisper-large-v3" / "snapshots" / preset.speech_encoder.revision
     assert resolved.vocoder_dir == omni / "vocoders" / preset.vocoder.name
     assert resolved.chunk_units == preset.chunk_units
     # The resolved paths load through the users' code path (symlinked blobs included).
@@ -127,7 +142,8 @@ def test_a_directory_is_used_as_it_is_and_unknown_names_are_one_line_errors(tiny
         get_preset(str(tmp_path / "missing"))
 
 
-def test_missing_parts_need_a_yes(caches) -> None:
+def test_missing_parts_need_a_yes(caches, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: ("Fake GPU", int(40 * GB), int(48 * GB)))
     # Not a terminal and no --yes: one line naming the command to run.
     with pytest.raises(DownloadError, match=r"run `omni download llama-omni-8b` or add --yes"):
         prepare_model(PRESET, confirm=None)
@@ -138,6 +154,30 @@ def test_missing_parts_need_a_yes(caches) -> None:
     # With --yes it tries to download; HF_HUB_OFFLINE=1 (tests) makes that a clear error, not a network call.
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE is set: unset it to download"):
         prepare_model(PRESET, assume_yes=True, echo=lambda _: None)
+
+
+def test_a_download_that_could_not_run_here_is_refused_before_it_is_offered(caches, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    confirm = lambda q: asked.append(q) or True  # noqa: E731 - would say yes
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: None)  # no CUDA here
+    for kwargs, message in (
+        ({}, "no CUDA GPU is visible, so llama-omni-8b would run on the CPU in fp32 .*; nothing was downloaded .*--device cpu"),
+        ({"device": "cuda"}, "--device cuda was asked for but no CUDA GPU is visible; nothing was downloaded"),
+        ({"device": "cpu", "precision": "4bit"}, "--precision 4bit needs a CUDA GPU .*nothing was downloaded"),
+    ):
+        with pytest.raises(ConfigError, match=message) as info:
+            prepare_model(PRESET, confirm=confirm, assume_yes=True, **kwargs)
+        assert "\n" not in str(info.value)
+    # --device cpu on purpose: offered, with a note on the memory it takes.
+    said: list[str] = []
+    with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
+        prepare_model(PRESET, device="cpu", confirm=confirm, echo=said.append)
+    assert said[0].startswith("omni: note: llama-omni-8b will run on the CPU in fp32 (~") and len(asked) == 1
+    # A GPU too small at this precision: the error names one that fits, before anything is offered.
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: ("Fake GPU", int(12 * GB), int(16 * GB)))
+    with pytest.raises(ConfigError, match="12.0 GB free; try --precision 4bit .*; nothing was downloaded"):
+        prepare_model(PRESET, precision="fp16", confirm=confirm)
+    assert len(asked) == 1
 
 
 def test_transcribe_and_reply_accepts_a_preset_name(caches, tiny_model, question_wavs, tmp_path: Path) -> None:
@@ -152,8 +192,9 @@ def test_transcribe_and_reply_accepts_a_preset_name(caches, tiny_model, question
     assert row["tokens"] == 4 and Path(row["wav"]).is_file(), "the preset's vocoder should have been used"
 
 
-def test_cli_without_weights_says_what_to_run(caches, question_wavs) -> None:
-    result = CliRunner().invoke(app, ["transcribe-and-reply", str(question_wavs[0]), "--model", PRESET])
+def test_cli_without_weights_says_what_to_run(caches, question_wavs, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: None)
+    result = CliRunner().invoke(app, ["transcribe-and-reply", str(question_wavs[0]), "--model", PRESET, "--device", "cpu"])
     assert result.exit_code == 2
     assert "run `omni download llama-omni-8b` or add --yes" in result.stderr
 
@@ -169,3 +210,32 @@ def test_download_command_lists_presets_and_fails_cleanly_offline(caches) -> Non
     assert len(errors) == 1 and "HF_HUB_OFFLINE is set" in errors[0]
     unknown = CliRunner().invoke(app, ["download", "nope"])
     assert unknown.exit_code == 1 and "no preset named 'nope'" in unknown.stderr
+
+
+def _edited_preset(tmp_path: Path, old: str, new: str) -> Path:
+    text = (ROOT / "models" / f"{PRESET}.toml").read_text()
+    assert old in text, old
+    path = tmp_path / "custom.toml"
+    path.write_text(text.replace(old, new, 1))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ('name = "g_00500000"', 'name = "../../x"', "'../../x' is not a plain file name"),
+        ('name = "config.json"', 'name = "/etc/x"', "is not a plain file name"),
+        ('name = "mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj"', 'name = ".."', "'..' is not a plain file name"),
+        ('url = "https://dl.fbaipublicfiles.com/fairseq/speech_to_speech/vocoder/code_hifigan/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj/config.json"',
+         'url = "file:///etc/passwd"', "'file:///etc/passwd' is not an https:// URL"),
+        ('url = "https://dl.fbaipublicfiles.com/hubert/mhubert_base_vp_en_es_fr_it3.pt"', 'url = "http://example.com/m.pt"', "is not an https:// URL"),
+        ('repo_id = "openai/whisper-large-v3"', 'repo_id = "openai/.."', "is not a hub repository id"),
+        ('repo_id = "ICTNLP/Llama-3.1-8B-Omni"', 'repo_id = "../Llama"', "is not a hub repository id"),
+        ("speech_adaptor_hidden = 2048", "", "lacks speech_adaptor_hidden"),
+        ('sha256 = ""', 'sha256 = "abc"', "is not 64 hex digits"),
+    ],
+)
+def test_a_preset_is_checked_before_anything_uses_it(tmp_path: Path, old: str, new: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_preset(_edited_preset(tmp_path, old, new))
+    assert "\n" not in str(info.value)

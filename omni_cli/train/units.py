@@ -2,19 +2,18 @@
 
 The reference's units come from mHuBERT base (vp_en_es_fr_it3, 400k) layer 11 at 50 Hz and a
 1000-centre k-means; consecutive duplicates are merged for the CTC targets. HuBERT loads as
-transformers' `HubertModel` from a converted checkpoint (config.json + safetensors).
+transformers' `HubertModel` from a converted checkpoint (config.json + safetensors; see
+`hubert.py`), strictly: a directory whose weights do not all match (e.g. a Whisper model) is
+refused rather than run half random.
 
-The released k-means file is a scikit-learn/joblib pickle. Unpickling runs arbitrary code, so
-this process never does it: `convert_kmeans` runs the unpickling once, in a separate Python
-process the user starts on purpose, and keeps only `cluster_centers_` as safetensors.
+The released k-means file is a scikit-learn/joblib pickle; `convert_kmeans` reads only its
+centres with a restricted unpickler (`kmeans_pickle.py`) and writes them as safetensors.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,10 @@ from safetensors.torch import save_file
 from transformers import HubertModel
 
 from omni_cli.audio.io import SAMPLE_RATE, load_audio
-from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.config import read_json
+from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.train.data import DatasetError, read_manifest
+from omni_cli.train.kmeans_pickle import read_kmeans_centres
 
 CENTRES_KEY = "cluster_centers"
 # The reference's layer: the output of HuBERT's 11th transformer layer (hidden_states[11]).
@@ -37,51 +38,20 @@ DEFAULT_LAYER = 11
 RESPONSE_SPEECH_FIELDS = ("tgt_speech", "response_speech", "answer_speech", "tgt_audio")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
-KMEANS_WARNING = (
-    "omni: converting {src}: this unpickles the file in a separate Python process, which runs any code "
-    "the file contains. Only do this for the k-means file you downloaded from the official release."
-)
-# Runs in the child process: load the pickle (joblib if present), keep the centres only.
-_CONVERT_SCRIPT = """
-import sys, numpy as np
-src, dst = sys.argv[1], sys.argv[2]
-try:
-    import joblib
-    km = joblib.load(src)
-except ImportError:
-    import pickle
-    with open(src, "rb") as f:
-        km = pickle.load(f)
-centres = getattr(km, "cluster_centers_", None)
-if centres is None:
-    sys.exit("no cluster_centers_ in " + src)
-np.save(dst, np.asarray(centres, dtype=np.float32), allow_pickle=False)
-"""
 
+def convert_kmeans(src: str | Path, dst: str | Path) -> Path:
+    """Turn the released k-means file into `dst`: safetensors holding only the centres, (K, D) float32.
 
-def convert_kmeans(src: str | Path, dst: str | Path, warn: Callable[[str], None] | None = None) -> Path:
-    """Turn the released k-means pickle into `dst` (safetensors holding only the centres, (K, D) float32).
-
-    The unpickling happens in a child process (scikit-learn or joblib must be installed there for
-    the real file); this process only reads the plain array it writes back.
+    The file is read with a restricted unpickler (numpy arrays and a stand-in for scikit-learn's
+    MiniBatchKMeans only); a file naming anything else is refused without running it.
     """
     src, dst = Path(src), Path(dst)
     if not src.is_file():
-        raise CheckpointError(f"k-means file {src} not found; download km.bin of the mHuBERT release.")
-    (warn or (lambda m: print(m, file=sys.stderr)))(KMEANS_WARNING.format(src=src))
-    dst.parent.mkdir(parents=True, exist_ok=True)  # the child writes its array next to dst
-    tmp_npy = dst.with_name(f".{dst.name}.{os.getpid()}.npy")
-    done = subprocess.run([sys.executable, "-c", _CONVERT_SCRIPT, str(src), str(tmp_npy)], capture_output=True, text=True)
-    if done.returncode != 0:
-        tmp_npy.unlink(missing_ok=True)
-        reason = (done.stderr.strip().splitlines() or ["unknown error"])[-1]
-        raise CheckpointError(f"could not read k-means centres from {src} ({reason}); pip install scikit-learn joblib and retry.")
-    try:
-        centres = np.load(tmp_npy, allow_pickle=False)
-    finally:
-        tmp_npy.unlink(missing_ok=True)
+        raise CheckpointError(f"k-means file {src} not found; download it (`omni download llama-omni-8b --units`).")
+    centres = read_kmeans_centres(src)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(f".{dst.name}.part")
-    save_file({CENTRES_KEY: torch.from_numpy(np.ascontiguousarray(centres))}, str(part))
+    save_file({CENTRES_KEY: torch.from_numpy(centres)}, str(part))
     os.replace(part, dst)
     return dst
 
@@ -94,8 +64,8 @@ def load_kmeans_centres(path: str | Path) -> torch.Tensor:
     if path.suffix == ".npy":
         try:
             centres = torch.from_numpy(np.load(path, allow_pickle=False))
-        except ValueError as exc:
-            raise CheckpointError(f"{path} is not a plain array ({exc}); convert it with `omni convert-kmeans`.") from exc
+        except (ValueError, EOFError, OSError) as exc:  # a pickled, empty or damaged .npy
+            raise CheckpointError(f"{path} is not a plain array ({one_line(exc)}); convert it with `omni convert-kmeans`.") from exc
     else:
         try:
             with safe_open(str(path), framework="pt") as handle:
@@ -124,6 +94,36 @@ def pick_device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_hubert(hubert_dir: str | Path) -> HubertModel:
+    """transformers' HubertModel from a converted directory, every weight present and used.
+
+    A missing, unexpected or wrongly shaped weight is an error naming it: a model that loads
+    half random (a Whisper directory, a partial conversion) would label every frame alike.
+    """
+    hubert_dir = Path(hubert_dir)
+    convert = "convert mHuBERT with `omni convert-hubert` (or `omni download llama-omni-8b --units`)"
+    if not (hubert_dir / "config.json").is_file():
+        raise CheckpointError(f"{hubert_dir} is not a transformers HuBERT directory (config.json + safetensors); {convert}.")
+    model_type = read_json(hubert_dir / "config.json", "HuBERT config").get("model_type")
+    if model_type != "hubert":
+        raise CheckpointError(f"{hubert_dir} holds a {model_type!r} model, not HuBERT; {convert}.")
+    try:
+        model, info = HubertModel.from_pretrained(str(hubert_dir), use_safetensors=True, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{hubert_dir} does not load as HuBERT ({one_line(exc)}); {convert}.") from exc
+    problems = [
+        (kind, key if isinstance(key, str) else key[0])
+        for kind, keys in (("missing", info["missing_keys"]), ("unexpected", info["unexpected_keys"]),
+                           ("of the wrong shape", info.get("mismatched_keys", [])))
+        for key in sorted(keys)
+    ]
+    if problems:
+        kind, key = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(f"{hubert_dir}: weight {key!r} is {kind}{more}; it is not a complete HuBERT checkpoint: {convert}.")
+    return model
+
+
 class UnitExtractor:
     """HuBERT (transformers) + k-means centres: 16 kHz speech → discrete units at the model's frame rate."""
 
@@ -131,10 +131,7 @@ class UnitExtractor:
         self, hubert_dir: str | Path, centres: torch.Tensor, layer: int = DEFAULT_LAYER, device: str | None = None
     ) -> None:
         device = pick_device(device)
-        hubert_dir = Path(hubert_dir)
-        if not (hubert_dir / "config.json").is_file():
-            raise CheckpointError(f"{hubert_dir} is not a transformers HuBERT directory (config.json + safetensors); convert mHuBERT first.")
-        self.model = HubertModel.from_pretrained(str(hubert_dir), use_safetensors=True).to(device).eval()
+        self.model = load_hubert(hubert_dir).to(device).eval()
         layers = self.model.config.num_hidden_layers
         if not 1 <= layer <= layers:
             raise ConfigError(f"--layer {layer} does not exist; this HuBERT has layers 1..{layers}.")

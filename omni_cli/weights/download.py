@@ -1,48 +1,65 @@
-"""Fetch a preset's weights: hub parts through huggingface_hub, the vocoder by plain HTTP.
+"""Fetch a preset's weights: hub parts through huggingface_hub, the vocoder (and mHuBERT) by HTTPS.
 
 Hub parts use huggingface_hub's cache (resumable, its own progress bars, offline once
-cached). Vocoder files are fetched with `urllib` into `NAME.part`, resumed with a Range
-request after an interruption, hashed with SHA-256 while streaming, and renamed into place
-only when complete and verified; a wrong checksum deletes the file. The released vocoder
-pickle is then converted once (weights-only) to safetensors so later loads never unpickle.
+cached). Files by URL are fetched with `urllib` into `NAME.part`, hashed with SHA-256 while
+streaming, and renamed into place only when complete (and verified, where the preset pins a
+size or SHA-256). A download resumes an interrupted `.part` only when the server named a
+validator for it (ETag or Last-Modified, kept beside it in `NAME.part.json`) and confirms with
+`If-Range` that the file did not change; anything else starts over from zero, and a resumed
+file whose pinned checksum fails is fetched once more from zero. Only HTTPS is used, redirects
+included. The released vocoder pickle is then converted once (weights-only) to safetensors so
+later loads never unpickle; mHuBERT and its k-means are converted the same way for `omni units`.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
+import json
 import os
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from omni_cli.errors import CheckpointError, OmniError, one_line
+from omni_cli.errors import CheckpointError, ConfigError, OmniError, one_line
 from omni_cli.weights.layout import VOCODER_SAFETENSORS_NAME
 from omni_cli.weights.presets import (
     GB,
+    HUBERT_DIRNAME,
+    KMEANS_CENTRES_NAME,
     HubPart,
     Preset,
     RemoteFile,
     ResolvedModel,
+    UnitsPart,
     VocoderPart,
+    check_url,
     hub_cache_dir,
     hub_offline,
     missing_hub_files,
+    plain_name,
     resolve_preset,
+    units_dir,
+    units_present,
     vocoder_dir,
 )
 
 PART_SUFFIX = ".part"
+VALIDATOR_SUFFIX = ".json"  # NAME.part.json: the URL and the server's validator of the bytes in NAME.part
 CHUNK_BYTES = 1 << 16
 USER_AGENT = "omni-cli"
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _CONTENT_RANGE_UNSATISFIED = re.compile(r"bytes\s+\*/(\d+)")
+_OFFLINE_ERRNOS = {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED, errno.ENETDOWN}
 
 Echo = Callable[[str], None]
 
@@ -55,6 +72,10 @@ class ChecksumError(DownloadError):
     """A downloaded file's size or SHA-256 differs from the preset's; the file was removed."""
 
 
+class InsecureRedirectError(DownloadError):
+    """The server redirected to a URL that is not HTTPS; not followed, not retried."""
+
+
 class _RangeNotSatisfiable(Exception):
     """The server answered 416 to a resume: the `.part` is at or past the end of its file (`size`, when it says)."""
 
@@ -63,10 +84,46 @@ class _RangeNotSatisfiable(Exception):
         self.size = size
 
 
+class _HttpsOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to URLs a preset could name itself (HTTPS)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        try:
+            check_url(newurl, f"{req.full_url} redirected")
+        except ConfigError as exc:
+            raise InsecureRedirectError(str(exc)) from None
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpsOnlyRedirects)
+
+
 def _worth_retrying(exc: DownloadError) -> bool:
-    """Network failures and 5xx answers may pass; a 4xx (not found, forbidden) will not."""
+    """Network failures and 5xx answers may pass; a 4xx (not found, forbidden) or a refused redirect will not."""
+    if isinstance(exc, InsecureRedirectError):
+        return False
     cause = exc.__cause__
     return not (isinstance(cause, urllib.error.HTTPError) and cause.code < 500)
+
+
+def looks_offline(exc: BaseException) -> bool:
+    """True when an exception (or one it was raised from) is a failed connection: no DNS, no route, refused, timed out."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, (socket.gaierror, socket.timeout, TimeoutError, ConnectionError)):
+            return True
+        if isinstance(current, OSError) and current.errno in _OFFLINE_ERRNOS:
+            return True
+        # httpx / requests / huggingface_hub name theirs so (not imported here: optional for us).
+        if type(current).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionError", "LocalEntryNotFoundError"):
+            return True
+        if isinstance(current, urllib.error.URLError) and isinstance(current.reason, BaseException):
+            current = current.reason
+            continue
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _stderr_console() -> Console:
@@ -96,23 +153,68 @@ def _verify(path: Path, digest: str, size: int, expected: RemoteFile | None, lab
         raise ChecksumError(f"{label} {problem}; the file was removed — run the download again (or check the URL).")
 
 
-def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
-    """GET `url` from byte `offset`; raises _RangeNotSatisfiable when the range starts at or past the end (416)."""
+def _open(url: str, offset: int, validator: dict[str, str] | None, timeout: float, folder: Path) -> http.client.HTTPResponse:
+    """GET `url` from byte `offset` (If-Range: `validator`); raises _RangeNotSatisfiable when the range starts at or past the end."""
     headers = {"User-Agent": USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        if validator:
+            headers["If-Range"] = validator.get("etag") or validator["last_modified"]
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)  # noqa: S310
+        return _OPENER.open(urllib.request.Request(url, headers=headers), timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code == 416 and offset:
             match = _CONTENT_RANGE_UNSATISFIED.match(exc.headers.get("Content-Range", "") if exc.headers else "")
             raise _RangeNotSatisfiable(int(match.group(1)) if match else None) from exc
         raise DownloadError(f"{url} answered HTTP {exc.code} {exc.reason}; check the URL in the preset.") from exc
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        reason = one_line(getattr(exc, "reason", exc)) if isinstance(exc, urllib.error.URLError) else one_line(exc)
+        host = urlsplit(url).hostname
+        offline = "this machine looks offline (or the host is down)" if looks_offline(exc) else "the connection failed"
         raise DownloadError(
-            f"cannot reach {url} ({reason}); check the network, or copy the file there by hand."
+            f"cannot reach {host} ({reason}): {offline}. Fetch {url} by hand on a connected machine and put it in "
+            f"{folder}, then run the command again."
         ) from exc
+
+
+def _validator_of(response: http.client.HTTPResponse, url: str) -> dict[str, str] | None:
+    """What identifies these bytes on the server (a strong ETag, else Last-Modified), or None when it names nothing."""
+    etag = response.headers.get("ETag")
+    last_modified = response.headers.get("Last-Modified")
+    if etag and not etag.startswith("W/"):  # If-Range needs a strong validator
+        return {"url": url, "etag": etag}
+    if last_modified:
+        return {"url": url, "last_modified": last_modified}
+    return None
+
+
+def _kept_validator(part: Path, url: str) -> dict[str, str] | None:
+    """The validator saved beside a `.part` from `url`; a `.part` without one cannot be trusted and is deleted."""
+    sidecar = part.with_name(part.name + VALIDATOR_SUFFIX)
+    validator = None
+    try:
+        saved = json.loads(sidecar.read_text(encoding="utf-8"))
+        if isinstance(saved, dict) and saved.get("url") == url and (saved.get("etag") or saved.get("last_modified")):
+            validator = {k: str(v) for k, v in saved.items() if k in ("url", "etag", "last_modified")}
+    except (OSError, ValueError):
+        pass
+    if validator is None:
+        _discard(part)
+    return validator
+
+
+def _discard(part: Path) -> None:
+    """Delete a `.part` and its validator."""
+    part.unlink(missing_ok=True)
+    part.with_name(part.name + VALIDATOR_SUFFIX).unlink(missing_ok=True)
+
+
+def _keep_validator(part: Path, validator: dict[str, str] | None) -> None:
+    sidecar = part.with_name(part.name + VALIDATOR_SUFFIX)
+    if validator is None:
+        sidecar.unlink(missing_ok=True)
+    else:
+        sidecar.write_text(json.dumps(validator), encoding="utf-8")
 
 
 def download_url(
@@ -125,15 +227,16 @@ def download_url(
     backoff_s: float = 0.5,
     console: Console | None = None,
 ) -> str:
-    """Download `url` to `dest`, resuming `dest.part` if present; returns the file's SHA-256.
+    """Download `url` (HTTPS) to `dest`, resuming a trusted `dest.part`; returns the file's SHA-256.
 
     Size and SHA-256 are checked when `expected` pins them (a mismatch deletes the file and
-    raises ChecksumError); otherwise the computed SHA-256 is returned for pinning. A dropped
-    connection, or a failed (re)connection, is retried with a Range request up to `retries`
-    times, `backoff_s` × attempt apart; after that the `.part` file stays, and running again
-    resumes it. A `.part` longer than the server's file is discarded and fetched again from zero.
-    An existing `dest` is verified, not re-fetched.
+    raises ChecksumError); otherwise nothing can be verified and the computed SHA-256 is
+    returned for pinning. A dropped connection, or a failed (re)connection, is retried up to
+    `retries` times, `backoff_s` × attempt apart; after that the `.part` file stays, and running
+    again resumes it if the server gave a validator. A resumed file whose pinned checksum
+    fails is fetched once more from zero. An existing `dest` is checked against the pins, not re-fetched.
     """
+    check_url(url, "download")
     dest = Path(dest)
     label = dest.name
     if dest.is_file():
@@ -143,6 +246,27 @@ def download_url(
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + PART_SUFFIX)
     console = console or _stderr_console()
+    resumed = part.is_file() and _kept_validator(part, url) is not None
+    hexdigest = _fetch(url, part, expected, retries, timeout, backoff_s, console)
+    try:
+        _verify(part, hexdigest, part.stat().st_size, expected, label)
+    except ChecksumError:
+        _discard(part)
+        if not resumed:
+            raise
+        # The bytes kept from an earlier run were not a prefix of this file: fetch it whole, once.
+        hexdigest = _fetch(url, part, expected, retries, timeout, backoff_s, console)
+        _verify(part, hexdigest, part.stat().st_size, expected, label)
+    os.replace(part, dest)
+    _keep_validator(part, None)
+    return hexdigest
+
+
+def _fetch(
+    url: str, part: Path, expected: RemoteFile | None, retries: int, timeout: float, backoff_s: float, console: Console
+) -> str:
+    """Bring `part` to the whole file (resuming what a validator vouches for); returns its SHA-256."""
+    label = part.name[: -len(PART_SUFFIX)]
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -157,15 +281,16 @@ def download_url(
     with progress:
         task = progress.add_task(f"{label}", total=None)
         while True:
+            validator = _kept_validator(part, url) if part.is_file() else None
             offset = part.stat().st_size if part.is_file() else 0
             try:
-                response = _open(url, offset, timeout)
+                response = _open(url, offset, validator, timeout, part.parent)
             except _RangeNotSatisfiable as exc:
                 size = exc.size if exc.size is not None else (expected.size if expected is not None else None)
                 if size is not None and offset > size:
-                    part.unlink()  # longer than the file: not a prefix of it, start over
+                    _discard(part)  # longer than the file: not a prefix of it, start over
                     continue
-                digest = None  # the .part already holds the whole file (verified below)
+                digest = None  # the .part already holds the whole file (verified by the caller)
                 break
             except DownloadError as exc:
                 attempt += 1
@@ -174,8 +299,10 @@ def download_url(
                 time.sleep(backoff_s * attempt)
                 continue
             with response:
-                if offset and response.status != 206:
-                    offset = 0  # the server ignored Range: start over
+                if offset and (response.status != 206 or _range_start(response) != offset):
+                    offset = 0  # the file changed (If-Range) or the server ignored Range: start over
+                if offset == 0:
+                    _keep_validator(part, _validator_of(response, url))
                 digest = _hash_prefix(part, offset)
                 total = _total_size(response, offset)
                 progress.update(task, total=total, completed=offset)
@@ -200,15 +327,21 @@ def download_url(
                 break
             attempt += 1
             if attempt > retries:
-                raise DownloadError(
-                    f"download of {label} was interrupted ({interrupted}); run the same command again to resume "
-                    f"from {part.stat().st_size if part.is_file() else 0} bytes."
-                ) from interrupted
+                kept = part.stat().st_size if part.is_file() else 0
+                resumable = part.with_name(part.name + VALIDATOR_SUFFIX).is_file()
+                again = (
+                    f"run the same command again to resume from {kept} bytes"
+                    if resumable
+                    else "run the same command again to start it over (the server names no validator to resume safely)"
+                )
+                raise DownloadError(f"download of {label} was interrupted ({interrupted}); {again}.") from interrupted
             time.sleep(backoff_s * attempt)
-    hexdigest = digest.hexdigest() if digest is not None else sha256_of(part)
-    _verify(part, hexdigest, part.stat().st_size, expected, label)
-    os.replace(part, dest)
-    return hexdigest
+    return digest.hexdigest() if digest is not None else sha256_of(part)
+
+
+def _range_start(response: http.client.HTTPResponse) -> int | None:
+    match = _CONTENT_RANGE.match(response.headers.get("Content-Range", ""))
+    return int(match.group(1)) if match else None
 
 
 def _hash_prefix(path: Path, length: int) -> hashlib._Hash:
@@ -252,12 +385,34 @@ def fetch_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path
             )
         )
     except Exception as exc:  # huggingface_hub raises many types: network, offline, gated, not found
-        offline = " (HF_HUB_OFFLINE is set: unset it to download)" if hub_offline() else ""
-        raise DownloadError(f"cannot download {part.repo_id}{offline}: {one_line(exc)}") from exc
+        if hub_offline():
+            raise DownloadError(f"cannot download {part.repo_id} (HF_HUB_OFFLINE is set: unset it to download).") from exc
+        if looks_offline(exc):
+            where = f"{target}" if target is not None else f"DIR/{part.dirname}"
+            raise DownloadError(
+                f"cannot reach the Hugging Face hub for {part.repo_id} ({one_line(exc)}): this machine looks offline. "
+                f"On a connected machine run `huggingface-cli download {part.repo_id} --revision {part.revision} "
+                f"--local-dir {part.dirname}`, copy the folder to {where} and use --local-dir {Path(where).parent}."
+            ) from exc
+        raise DownloadError(f"cannot download {part.repo_id}: {one_line(exc)}") from exc
     missing = missing_hub_files(folder, part)
     if missing:
         raise DownloadError(f"{part.repo_id} was fetched but lacks {', '.join(missing)}; check the preset's allow_patterns.")
     return folder
+
+
+def fetch_files(files: tuple[RemoteFile, ...], dest_dir: Path, *, console: Console | None = None, echo: Echo = print) -> None:
+    """Download each file into `dest_dir` (names checked to stay inside it) and say which ones could not be verified."""
+    dest_dir = Path(dest_dir)
+    for remote in files:
+        dest = dest_dir / plain_name(remote.name, "download")
+        digest = download_url(remote.url, dest, remote, console=console)
+        if remote.sha256 is None:
+            checked = " (its size matched the pinned one)" if remote.size is not None else ""
+            echo(
+                f"{remote.name}: NOT verified — the preset pins no SHA-256 for it{checked}; computed sha256 {digest}, "
+                f"size {dest.stat().st_size} bytes: add them to the preset to verify later downloads."
+            )
 
 
 def fetch_vocoder(part: VocoderPart, dest_dir: Path, *, console: Console | None = None, echo: Echo = print) -> Path:
@@ -265,15 +420,29 @@ def fetch_vocoder(part: VocoderPart, dest_dir: Path, *, console: Console | None 
     from omni_cli.model.vocoder_loading import convert_vocoder_checkpoint
 
     dest_dir = Path(dest_dir)
-    for remote in part.files:
-        digest = download_url(remote.url, dest_dir / remote.name, remote, console=console)
-        if remote.sha256 is None:
-            echo(f"{remote.name}: sha256 {digest} (not pinned in the preset; pin it to verify later downloads)")
+    fetch_files(part.files, dest_dir, console=console, echo=echo)
     if not (dest_dir / VOCODER_SAFETENSORS_NAME).is_file():
         try:
             convert_vocoder_checkpoint(dest_dir / part.checkpoint, dest_dir)
         except OmniError as exc:
             raise CheckpointError(f"the downloaded vocoder does not load ({exc}); delete {dest_dir} and download again.") from exc
+    return dest_dir
+
+
+def fetch_units(part: UnitsPart, dest_dir: Path, *, console: Console | None = None, echo: Echo = print) -> Path:
+    """Download mHuBERT and its k-means into `dest_dir`, then convert both once for `omni units` (no code from the files runs)."""
+    from omni_cli.train.hubert import convert_hubert
+    from omni_cli.train.units import convert_kmeans
+
+    dest_dir = Path(dest_dir)
+    fetch_files(part.files, dest_dir, console=console, echo=echo)
+    try:
+        if not (dest_dir / HUBERT_DIRNAME).is_dir():
+            convert_hubert(dest_dir / part.hubert_checkpoint, dest_dir / HUBERT_DIRNAME)
+        if not (dest_dir / KMEANS_CENTRES_NAME).is_file():
+            convert_kmeans(dest_dir / part.kmeans, dest_dir / KMEANS_CENTRES_NAME)
+    except OmniError as exc:
+        raise CheckpointError(f"the downloaded unit files do not convert ({exc}); delete {dest_dir} and download again.") from exc
     return dest_dir
 
 
@@ -287,11 +456,15 @@ def download_preset(
     local_dir: Path | None = None,
     cache_dir: Path | None = None,
     *,
+    units: bool = False,
     echo: Echo = print,
     console: Console | None = None,
     show_licence: bool = True,
 ) -> ResolvedModel:
-    """Fetch every part of `preset` not on disk yet (showing the licence before the model's first download)."""
+    """Fetch every part of `preset` not on disk yet (showing the licence before the model's first download).
+
+    `units`: also the optional mHuBERT + k-means part (for `omni units`), converted after download.
+    """
     resolved = resolve_preset(preset.source, local_dir, cache_dir)
     for key in resolved.missing:
         part = preset.part(key)
@@ -302,6 +475,13 @@ def download_preset(
             fetch_hub_part(part, local_dir, cache_dir)
         else:
             fetch_vocoder(part, vocoder_dir(preset, local_dir), console=console, echo=echo)
+    if units:
+        if preset.units is None:
+            raise ConfigError(f"preset {preset.name} names no [units] part (mHuBERT + k-means); see models/README.md.")
+        folder = units_dir(preset.units, local_dir)
+        if not units_present(folder):
+            echo(f"Downloading units (mHuBERT + k-means, {format_gb(preset.units.approx_size_bytes)}) ...")
+            fetch_units(preset.units, folder, console=console, echo=echo)
     final = resolve_preset(preset.source, local_dir, cache_dir)
     if final.missing:
         raise DownloadError(f"after downloading, {', '.join(final.missing)} is still incomplete; run `omni doctor`.")
@@ -311,6 +491,8 @@ def download_preset(
 def prepare_model(
     name_or_path: str | Path,
     *,
+    precision: str = "auto",
+    device: str | None = None,
     assume_yes: bool = False,
     confirm: Callable[[str], bool] | None = None,
     local_dir: Path | None = None,
@@ -318,17 +500,24 @@ def prepare_model(
 ) -> ResolvedModel:
     """Resolve `--model`; download a preset's missing parts after asking (`confirm`) or with `assume_yes`.
 
-    `confirm` is None when nobody can answer (not a terminal): then a missing part is a
-    one-line error naming the command to run.
+    Before anything is offered, the machine is checked for what the model would need at
+    `precision` on `device` (see `fit.check_before_download`): a download that could not run
+    here is refused. `confirm` is None when nobody can answer (not a terminal): then a missing
+    part is a one-line error naming the command to run.
     """
+    from omni_cli.weights.fit import check_before_download
+
     resolved = resolve_preset(name_or_path, local_dir)
     if resolved.complete or resolved.preset is None:
         return resolved
     preset = resolved.preset
     what = ", ".join(k.replace("_", " ") for k in resolved.missing)
     size = format_gb(resolved.missing_bytes())
+    note = check_before_download(resolved, precision, device, size)
+    if note:
+        echo(note)
     if not assume_yes:
-        command = f"omni download {preset.name}" + (f" --local-dir {local_dir}" if local_dir else "")
+        command = f"omni download {preset.command_name}" + (f" --local-dir {local_dir}" if local_dir else "")
         if confirm is None:
             raise DownloadError(f"{preset.name} is not downloaded yet ({what}, about {size}); run `{command}` or add --yes.")
         if preset.licence and "model" in resolved.missing:
@@ -341,10 +530,13 @@ def prepare_model(
 __all__ = [
     "DownloadError",
     "ChecksumError",
+    "looks_offline",
     "sha256_of",
     "download_url",
     "fetch_hub_part",
+    "fetch_files",
     "fetch_vocoder",
+    "fetch_units",
     "download_preset",
     "prepare_model",
     "format_gb",

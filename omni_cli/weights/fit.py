@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from omni_cli.config import PRECISIONS, SamplingConfig, StreamingConfig
-from omni_cli.errors import ConfigError, OmniError
+from omni_cli.errors import ConfigError, OmniError, one_line
 from omni_cli.weights.presets import GB, Preset, ResolvedModel
 
 if TYPE_CHECKING:
@@ -91,10 +91,21 @@ def sizes_from_configs(
 
 
 def sizes_for_preset(preset: Preset) -> ModelSizes:
-    """Sizes from the preset's copies of the config keys (before anything is downloaded)."""
+    """Sizes from the preset's copies of the config keys (before anything is downloaded).
+
+    A config table lacking a size key is a one-line ConfigError naming the preset, not a traceback.
+    """
     omni = dict(preset.model.config)
-    adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
-    return sizes_from_configs(omni, preset.speech_encoder.config or None, adaptor_hidden, preset.vocoder.config or None)
+    try:
+        adaptor_hidden = int(omni.pop("speech_adaptor_hidden"))
+        return sizes_from_configs(omni, preset.speech_encoder.config or None, adaptor_hidden, preset.vocoder.config or None)
+    except OmniError as exc:
+        raise ConfigError(f"preset {preset.source.name}: its config tables cannot size the model ({str(exc).rstrip('.')}).") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(
+            f"preset {preset.source.name}: its config tables cannot size the model ({type(exc).__name__}: {one_line(exc)}); "
+            "compare them with models/llama-omni-8b.toml."
+        ) from exc
 
 
 def sizes_for_files(files: ModelFiles) -> ModelSizes:
@@ -180,7 +191,10 @@ def check_fits(free_bytes: int, sizes: ModelSizes, precision: str, name: str = "
 
 
 def cuda_memory(device: str | None = None) -> tuple[str, int, int] | None:
-    """(GPU name, free bytes, total bytes) of the CUDA device, or None without CUDA."""
+    """(GPU name, free bytes, total bytes) of the CUDA device, or None without CUDA (or for --device cpu).
+
+    A `cuda:N` this machine does not have is a one-line ConfigError naming the GPUs there are.
+    """
     import torch
 
     if not torch.cuda.is_available():
@@ -188,8 +202,44 @@ def cuda_memory(device: str | None = None) -> tuple[str, int, int] | None:
     dev = torch.device(device) if device else torch.device("cuda")
     if dev.type != "cuda":
         return None
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}.")
     free, total = torch.cuda.mem_get_info(dev)
     return torch.cuda.get_device_name(dev), int(free), int(total)
+
+
+def check_before_download(resolved: ResolvedModel, precision: str, device: str | None, download_size: str) -> str | None:
+    """Before a preset's download is offered: refuse one that could not run here; returns a note to show, or None.
+
+    On a CUDA GPU the estimate must fit at `precision` (the error names a precision that fits).
+    Without a CUDA GPU: `--device cuda` and 8bit/4bit are refused; with no `--device` the download
+    is refused too, since the model would run on the CPU (a ~20 GB download nobody meant);
+    `--device cpu` downloads anyway, with a note on the memory it will take.
+    """
+    name = resolved.preset.name if resolved.preset is not None else str(resolved.model_dir)
+    nothing = f"nothing was downloaded (about {download_size})"
+    memory = cuda_memory(device)
+    if memory is not None:
+        sizes = sizes_for_model(resolved)
+        if sizes is not None:
+            try:
+                check_fits(memory[1], sizes, precision, name)
+            except ConfigError as exc:
+                raise ConfigError(f"{str(exc).rstrip('.')}; {nothing}.") from exc
+        return None
+    if device is not None and device.startswith("cuda"):
+        raise ConfigError(f"--device {device} was asked for but no CUDA GPU is visible; {nothing}. Drop --device or install a CUDA build of torch.")
+    if precision in QUANTIZED_BYTES:
+        raise ConfigError(f"--precision {precision} needs a CUDA GPU (bitsandbytes), and this run would be on the CPU; {nothing}.")
+    sizes = sizes_for_model(resolved)
+    memory_need = f" in fp32 (~{estimate_gpu_memory(sizes, 'fp32') / GB:.0f} GB of memory)" if sizes is not None else ""
+    if device is None:
+        raise ConfigError(
+            f"no CUDA GPU is visible, so {name} would run on the CPU{memory_need}, far too slowly to talk to; {nothing}. "
+            "Pass --device cpu to download it and run it on the CPU anyway, or try the tiny model (`omni make-tiny`)."
+        )
+    return f"omni: note: {name} will run on the CPU{memory_need}: expect minutes per reply."
 
 
 def check_device_fits(model: ModelFiles | ResolvedModel, precision: str, device: str | None = None) -> None:
@@ -218,5 +268,6 @@ __all__ = [
     "best_fitting_precision",
     "check_fits",
     "cuda_memory",
+    "check_before_download",
     "check_device_fits",
 ]

@@ -93,12 +93,15 @@ def prepare_model_files(
     """From `--model` to files ready to load: resolve, download what a preset lacks, read, check the GPU fit.
 
     A preset's encoder and vocoder fill `speech_encoder`/`vocoder` when those are not given.
-    `confirm` asks before a download (None: nobody can answer, so a missing part is an error).
+    `confirm` asks before a download (None: nobody can answer, so a missing part is an error);
+    a download that could not run on this machine at `precision`/`device` is refused before it is offered.
     """
     from omni_cli.weights.download import prepare_model
     from omni_cli.weights.fit import check_device_fits
 
-    resolved: ResolvedModel = prepare_model(model, assume_yes=assume_yes, confirm=confirm, echo=echo)
+    resolved: ResolvedModel = prepare_model(
+        model, precision=precision, device=device, assume_yes=assume_yes, confirm=confirm, echo=echo
+    )
     assert resolved.model_dir is not None  # prepare_model returns complete models only
     files = read_model_files(
         resolved.model_dir, speech_encoder or resolved.speech_encoder, vocoder or resolved.vocoder_dir, resolved.preset

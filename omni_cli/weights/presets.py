@@ -2,14 +2,19 @@
 
 A preset (`omni_cli/preset_files/NAME.toml`, the same file as `models/NAME.toml`) names the
 LLaMA-Omni checkpoint and the Whisper encoder on the Hugging Face hub and the unit vocoder
-by URL. `resolve_preset` turns a preset name (or a checkpoint directory) into local paths
-without touching the network; parts not on disk yet are listed in `ResolvedModel.missing`.
+by URL, and optionally the mHuBERT + k-means files `omni units` needs for training data.
+`resolve_preset` turns a preset name (or a checkpoint directory) into local paths without
+touching the network; parts not on disk yet are listed in `ResolvedModel.missing`.
+
+A preset is data from a file the user may have edited or downloaded, so it is checked before
+anything uses it: file and folder names are plain names (never `../x`), URLs are HTTPS, and
+repository ids look like `org/name`.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,8 +33,16 @@ PRESET_SUFFIX = ".toml"
 # Package data folder holding the shipped presets (not "presets/": that name is this module).
 PRESET_FOLDER = "preset_files"
 GB = 1e9  # sizes shown to people are decimal gigabytes, as download tools show them
-# Where `--local-dir` puts the vocoder, and the hub parts' folder names there.
+# Where `--local-dir` puts the vocoder and the unit-extraction files; hub parts go to their repo's name.
 VOCODER_DIRNAME = "vocoder"
+UNITS_DIRNAME = "units"
+# What `omni download --units` converts the released mHuBERT and k-means files into (read by `omni units`).
+HUBERT_DIRNAME = "hubert"
+KMEANS_CENTRES_NAME = "kmeans.safetensors"
+# Hosts that may serve preset files over plain HTTP: none. Tests add their 127.0.0.1 server.
+PLAIN_HTTP_HOSTS: frozenset[str] = frozenset()
+_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,7 @@ class HubPart:
 
     key: str  # "model" or "speech_encoder"
     repo_id: str
-    revision: str
+    revision: str  # a commit hash (pinned) or a branch such as "main" (whatever it points to today)
     allow_patterns: tuple[str, ...]
     required_files: tuple[str, ...]
     approx_size_bytes: int
@@ -49,6 +62,11 @@ class HubPart:
     def dirname(self) -> str:
         """Folder name under --local-dir: the repository's name (e.g. whisper-large-v3)."""
         return self.repo_id.split("/")[-1]
+
+    @property
+    def pinned(self) -> bool:
+        """True when `revision` is a commit hash, so every download gets the same files."""
+        return _COMMIT.fullmatch(self.revision) is not None
 
 
 @dataclass(frozen=True)
@@ -75,8 +93,26 @@ class VocoderPart:
 
 
 @dataclass(frozen=True)
+class UnitsPart:
+    """What `omni units` needs (optional, for stage-2 training data): mHuBERT and its k-means, by URL.
+
+    After download the fairseq checkpoint is converted to a transformers HuBERT directory and the
+    k-means pickle to safetensors centres, both read without running code from the files.
+    """
+
+    name: str
+    hubert_checkpoint: str  # the fairseq checkpoint among `files`
+    kmeans: str  # the scikit-learn k-means pickle among `files`
+    layer: int  # the HuBERT layer the k-means was trained on
+    files: tuple[RemoteFile, ...]
+    approx_size_bytes: int
+    licence: str
+    key: str = "units"
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named model: its three parts, default chunk size and licence note."""
+    """A named model: its three parts, default chunk size and licence note (and the optional units part)."""
 
     name: str
     description: str
@@ -86,16 +122,23 @@ class Preset:
     speech_encoder: HubPart
     vocoder: VocoderPart
     source: Path
+    units: UnitsPart | None = None
 
     @property
     def parts(self) -> tuple[HubPart | VocoderPart, ...]:
-        """The parts in download order."""
+        """The parts a reply needs, in download order (the units part is not one of them)."""
         return (self.model, self.speech_encoder, self.vocoder)
 
-    def part(self, key: str) -> HubPart | VocoderPart:
-        """The part called `key` ("model", "speech_encoder" or "vocoder")."""
-        for p in self.parts:
-            if p.key == key:
+    @property
+    def command_name(self) -> str:
+        """How to name this preset on a command line: its name if shipped, else its file."""
+        shipped = find_preset(self.name)
+        return self.name if shipped is not None and shipped.source == self.source else str(self.source)
+
+    def part(self, key: str) -> HubPart | VocoderPart | UnitsPart:
+        """The part called `key` ("model", "speech_encoder", "vocoder" or "units")."""
+        for p in (*self.parts, self.units):
+            if p is not None and p.key == key:
                 return p
         raise KeyError(key)
 
@@ -148,12 +191,37 @@ def _get(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], source: s
     return value
 
 
+def plain_name(name: str, where: str) -> str:
+    """`name` if it is a plain file or folder name; a path (`../x`, `a/b`, `/x`) or a hidden name is refused.
+
+    Preset names become paths under the download folder, so none may lead out of it.
+    """
+    if not name or name in (".", "..") or name.startswith(".") or any(c in name for c in "/\\\0") or ":" in name:
+        raise ConfigError(f"preset {where}: {name!r} is not a plain file name (no folders, no leading dot); fix the preset.")
+    return name
+
+
+def check_url(url: str, where: str) -> str:
+    """`url` if it is HTTPS (plain HTTP only for PLAIN_HTTP_HOSTS, which tests set); anything else is refused."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return url
+    if parts.scheme == "http" and parts.hostname in PLAIN_HTTP_HOSTS:
+        return url
+    raise ConfigError(f"{where}: {url!r} is not an https:// URL; omni downloads weights over HTTPS only.")
+
+
 def _hub_part(raw: dict[str, Any], key: str, source: str) -> HubPart:
     t = _table(raw, key, source)
     where = f"{source} [{key}]"
+    repo_id = _get(t, "repo_id", str, where)
+    if not _REPO_ID.fullmatch(repo_id) or repo_id.split("/")[-1] in (".", ".."):
+        raise ConfigError(f"preset {where}: repo_id {repo_id!r} is not a hub repository id like 'org/name'.")
     return HubPart(
         key=key,
-        repo_id=_get(t, "repo_id", str, where),
+        repo_id=repo_id,
         revision=str(t.get("revision", "main")),
         allow_patterns=tuple(_get(t, "allow_patterns", list, where)),
         required_files=tuple(t.get("required_files", ["config.json"])),
@@ -163,31 +231,74 @@ def _hub_part(raw: dict[str, Any], key: str, source: str) -> HubPart:
     )
 
 
+def _remote_files(t: dict[str, Any], where: str) -> tuple[RemoteFile, ...]:
+    """The `[[files]]` entries of a part: plain names, HTTPS URLs, size and SHA-256 where pinned."""
+    files = []
+    for entry in _get(t, "files", list, where):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"preset {where}: each files entry must be a table with name and url.")
+        size = entry.get("size")
+        sha256 = str(entry.get("sha256") or "").lower() or None  # "": not pinned
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise ConfigError(f"preset {where}: sha256 {sha256!r} is not 64 hex digits.")
+        files.append(
+            RemoteFile(
+                name=plain_name(_get(entry, "name", str, where), where),
+                url=check_url(_get(entry, "url", str, where), f"preset {where}"),
+                size=int(size) if size else None,  # absent or 0: not pinned
+                sha256=sha256,
+            )
+        )
+    return tuple(files)
+
+
+def _one_of(t: dict[str, Any], key: str, files: tuple[RemoteFile, ...], where: str) -> str:
+    name = _get(t, key, str, where)
+    if name not in {f.name for f in files}:
+        raise ConfigError(f"preset {where}: {key} {name!r} is not one of its files.")
+    return name
+
+
 def _vocoder_part(raw: dict[str, Any], source: str) -> VocoderPart:
     t = _table(raw, "vocoder", source)
     where = f"{source} [vocoder]"
-    files = []
-    for entry in _get(t, "files", list, where):
-        size = entry.get("size")
-        files.append(
-            RemoteFile(
-                name=_get(entry, "name", str, where),
-                url=_get(entry, "url", str, where),
-                size=int(size) if size else None,  # absent or 0: not pinned
-                sha256=str(entry.get("sha256") or "").lower() or None,  # "": not pinned
-            )
-        )
-    checkpoint = _get(t, "checkpoint", str, where)
-    if checkpoint not in {f.name for f in files}:
-        raise ConfigError(f"preset {where}: checkpoint {checkpoint!r} is not one of its files.")
+    files = _remote_files(t, where)
     return VocoderPart(
-        name=_get(t, "name", str, where),
-        checkpoint=checkpoint,
-        files=tuple(files),
+        name=plain_name(_get(t, "name", str, where), where),
+        checkpoint=_one_of(t, "checkpoint", files, where),
+        files=files,
         approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
         licence=str(t.get("licence", "")),
         config=dict(t.get("config", {})),
     )
+
+
+def _units_part(raw: dict[str, Any], source: str) -> UnitsPart | None:
+    if "units" not in raw:
+        return None
+    t = _table(raw, "units", source)
+    where = f"{source} [units]"
+    files = _remote_files(t, where)
+    return UnitsPart(
+        name=plain_name(_get(t, "name", str, where), where),
+        hubert_checkpoint=_one_of(t, "hubert_checkpoint", files, where),
+        kmeans=_one_of(t, "kmeans", files, where),
+        layer=int(_get(t, "layer", int, where)),
+        files=files,
+        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        licence=str(t.get("licence", "")),
+    )
+
+
+def _model_config(part: HubPart, source: str) -> HubPart:
+    """The model's config table must carry the adaptor width, which config.json lacks (the GPU-fit estimate needs it)."""
+    width = part.config.get("speech_adaptor_hidden")
+    if not isinstance(width, int) or isinstance(width, bool) or width <= 0:
+        raise ConfigError(
+            f"preset {source} [model.config] lacks speech_adaptor_hidden (the adaptor's inner width, 2048 for "
+            "LLaMA-Omni; config.json does not store it); add it as in models/llama-omni-8b.toml."
+        )
+    return part
 
 
 def load_preset(path: str | Path) -> Preset:
@@ -205,10 +316,11 @@ def load_preset(path: str | Path) -> Preset:
         description=str(raw.get("description", "")),
         chunk_units=int(_get(raw, "chunk_units", int, source)),
         licence=str(raw.get("licence", "")),
-        model=_hub_part(raw, "model", source),
+        model=_model_config(_hub_part(raw, "model", source), source),
         speech_encoder=_hub_part(raw, "speech_encoder", source),
         vocoder=_vocoder_part(raw, source),
         source=path,
+        units=_units_part(raw, source),
     )
 
 
@@ -264,6 +376,20 @@ def vocoder_dir(preset: Preset, local_dir: Path | None = None) -> Path:
     if local_dir is not None:
         return Path(local_dir) / VOCODER_DIRNAME
     return omni_cache_dir() / "vocoders" / preset.vocoder.name
+
+
+def units_dir(part: UnitsPart, local_dir: Path | None = None) -> Path:
+    """Where the preset's mHuBERT and k-means files are (or will be) kept, with their conversions."""
+    if local_dir is not None:
+        return Path(local_dir) / UNITS_DIRNAME
+    return omni_cache_dir() / "units" / part.name
+
+
+def units_present(directory: Path) -> bool:
+    """True when the converted HuBERT directory and k-means centres `omni units` reads are in `directory`."""
+    from omni_cli.weights.layout import CONFIG_NAME
+
+    return (directory / HUBERT_DIRNAME / CONFIG_NAME).is_file() and (directory / KMEANS_CENTRES_NAME).is_file()
 
 
 def missing_hub_files(directory: Path, part: HubPart) -> list[str]:
@@ -349,8 +475,13 @@ def resolve_preset(
 
 
 def looks_like_preset(name_or_path: str | Path) -> bool:
-    """True when `--model` names a preset rather than a directory (used before anything loads)."""
+    """True when `--model` names a preset rather than a directory (used before anything loads).
+
+    A .toml file counts without being read: a malformed one is reported, in one line, where it is loaded.
+    """
     text = str(name_or_path)
+    if text.endswith(PRESET_SUFFIX) and Path(text).is_file():
+        return True
     return not Path(text).expanduser().is_dir() and find_preset(text) is not None
 
 
@@ -358,6 +489,7 @@ __all__ = [
     "HubPart",
     "RemoteFile",
     "VocoderPart",
+    "UnitsPart",
     "Preset",
     "ResolvedModel",
     "preset_names",
@@ -368,6 +500,10 @@ __all__ = [
     "hub_cache_dir",
     "hub_offline",
     "vocoder_dir",
+    "units_dir",
+    "units_present",
+    "plain_name",
+    "check_url",
     "missing_hub_files",
     "locate_hub_part",
     "vocoder_present",

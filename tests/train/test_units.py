@@ -1,9 +1,11 @@
-"""Unit targets: tiny random HuBERT + random centres, hand-checked nearest centre, safe k-means conversion."""
+"""Unit targets: tiny random HuBERT + random centres, hand-checked nearest centre, strict HuBERT loading, safe k-means conversion."""
 
 from __future__ import annotations
 
 import json
 import pickle
+import shutil
+import sys
 import types
 from pathlib import Path
 
@@ -11,9 +13,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import HubertConfig, HubertModel
 from typer.testing import CliRunner
+
+from release_files import write_kmeans
 
 from omni_cli.cli import app
 from omni_cli.errors import CheckpointError
@@ -102,31 +106,85 @@ def test_manifest_records_get_tgt_units_from_their_response_speech(hubert_dir: P
     assert rows[0]["id"] == "x" and rows[0]["tgt_units"] == extractor.units(sf.read(tmp_path / "ans.wav", dtype="float32")[0])
 
 
-def test_kmeans_pickle_is_converted_in_a_child_process_to_centres_only(tmp_path: Path) -> None:
-    centres = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
-    src = tmp_path / "km.bin"
-    # Stands in for the sklearn KMeans pickle: any object with cluster_centers_.
-    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=centres, n_clusters=5)))
-    warnings: list[str] = []
-    dst = convert_kmeans(src, tmp_path / "km.safetensors", warn=warnings.append)
-    assert warnings and "separate Python process" in warnings[0]
+@pytest.mark.parametrize("how", ["joblib", "pickle-2", "pickle-5"])
+def test_the_release_format_converts_to_its_centres(tmp_path: Path, how: str) -> None:
+    centres = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    src = write_kmeans(tmp_path / "km.bin", centres, how)
+    assert "sklearn" not in sys.modules  # read without scikit-learn
+    dst = convert_kmeans(src, tmp_path / "new" / "km.safetensors")
     np.testing.assert_array_equal(load_kmeans_centres(dst).numpy(), centres)
-    # The main process never unpickles: a pickle passed as centres is refused, not loaded.
+    # Only the centres are kept, and a pickle is never accepted as centres.
     with pytest.raises(CheckpointError, match="convert"):
         load_kmeans_centres(src)
-    (tmp_path / "junk.bin").write_bytes(b"junk")
-    with pytest.raises(CheckpointError, match="could not read k-means centres"):
-        convert_kmeans(tmp_path / "junk.bin", tmp_path / "x.safetensors", warn=lambda m: None)
 
 
-def test_convert_kmeans_cli_warns_and_writes_centres(tmp_path: Path) -> None:
-    centres = np.arange(6, dtype=np.float32).reshape(3, 2)
+class _RunsCode:
+    """Unpickling this calls os.system: a hostile k-means file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["top level", "inside the estimator"])
+def test_a_kmeans_file_that_would_run_code_is_refused(tmp_path: Path, where: str) -> None:
+    marker = tmp_path / "pwned"
     src = tmp_path / "km.bin"
-    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=centres)))
+    if where == "top level":
+        src.write_bytes(pickle.dumps(_RunsCode(marker), protocol=2))
+    else:
+        write_kmeans(src, np.ones((2, 3), dtype=np.float32), "pickle-2", _hook=_RunsCode(marker))
+    result = CliRunner().invoke(app, ["convert-kmeans", str(src), str(tmp_path / "km.safetensors")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("omni: error:") and "names posix.system" in lines[0]
+    assert not marker.exists() and not (tmp_path / "km.safetensors").exists()
+
+
+def test_other_objects_and_damaged_files_are_one_line_errors(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=np.ones((2, 2)))))  # not the release's class
+    with pytest.raises(CheckpointError, match="names types.SimpleNamespace"):
+        convert_kmeans(plain, tmp_path / "a.safetensors")
+    full = write_kmeans(tmp_path / "km.bin", np.ones((4, 3), dtype=np.float32), "pickle-5")
+    (tmp_path / "cut.bin").write_bytes(full.read_bytes()[:-40])
+    with pytest.raises(CheckpointError, match="not a readable k-means file"):
+        convert_kmeans(tmp_path / "cut.bin", tmp_path / "b.safetensors")
+    (tmp_path / "junk.bin").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="not an uncompressed pickle"):
+        convert_kmeans(tmp_path / "junk.bin", tmp_path / "c.safetensors")
+    assert not any(tmp_path.glob("*.safetensors"))
+
+
+def test_convert_kmeans_cli_writes_centres(tmp_path: Path) -> None:
+    centres = np.arange(6, dtype=np.float32).reshape(3, 2)
+    src = write_kmeans(tmp_path / "km.bin", centres, "pickle-2")
     result = CliRunner().invoke(app, ["convert-kmeans", str(src), str(tmp_path / "km.safetensors")])
     assert result.exit_code == 0, result.output
-    assert "unpickles" in result.stderr and "--kmeans" in result.stdout
+    assert "--kmeans" in result.stdout and result.stderr == ""
     np.testing.assert_array_equal(load_kmeans_centres(tmp_path / "km.safetensors").numpy(), centres)
+
+
+def test_a_directory_that_is_not_a_complete_hubert_is_refused(hubert_dir: Path, centres_file: Path, tmp_path: Path, tiny_model) -> None:
+    # A Whisper directory (what a user might pass by mistake): refused, nothing labelled with random weights.
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    _speech(wavs / "r.wav", 0.5, 0)
+    out = tmp_path / "units.jsonl"
+    result = CliRunner().invoke(app, ["units", str(wavs), "--out", str(out), "--hubert", str(tiny_model.speech_encoder), "--kmeans", str(centres_file)])
+    assert result.exit_code == 2 and "holds a 'whisper' model, not HuBERT" in result.stderr
+    assert not out.exists()
+    # A HuBERT config whose weights lack a layer: the missing key is named.
+    partial = tmp_path / "partial"
+    shutil.copytree(hubert_dir, partial)
+    weights = load_file(str(partial / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if "layers.2.attention.q_proj" not in k}, str(partial / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"weight 'encoder\.layers\.2\.attention\.q_proj\.bias' is missing \(and 1 more\)"):
+        UnitExtractor(partial, load_kmeans_centres(centres_file))
 
 
 class _CountingExtractor:
@@ -175,13 +233,6 @@ def test_labelled_rows_reach_the_part_file_as_they_are_done(tmp_path: Path, suff
     assert label_units(manifest, out, _CountingExtractor()) == 3  # a full run renames into place
     done = json.loads(out.read_text()) if suffix == ".json" else [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["tgt_units"] for r in done] == [[4], [8], [12]] and not part.exists()
-
-
-def test_convert_kmeans_creates_the_destination_folder(tmp_path: Path) -> None:
-    src = tmp_path / "km.bin"
-    src.write_bytes(pickle.dumps(types.SimpleNamespace(cluster_centers_=np.ones((2, 3), dtype=np.float32))))
-    dst = convert_kmeans(src, tmp_path / "new" / "dir" / "km.safetensors", warn=lambda m: None)
-    assert load_kmeans_centres(dst).shape == (2, 3)
 
 
 def test_units_cli_defaults_to_cuda_when_available(centres_file: Path, tmp_path: Path, monkeypatch) -> None:
