@@ -45,7 +45,7 @@ from safetensors.torch import save_file
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import ConfigError, OmniError, one_line
 from omni_cli.weights.fit import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
-from omni_cli.config import DECODE_MODES, SamplingConfig, StreamingConfig
+from omni_cli.config import DECODE_MODES, QUANT_INSTALL, SamplingConfig, StreamingConfig
 from omni_cli.model.llm import build_prompt_ids, speech_turn
 from omni_cli.model.loading import (
     PRECISIONS,
@@ -399,7 +399,7 @@ def check_can_run(precision: str, device: str | None) -> None:
     """Fail in a second, before writing gigabytes, on what load_omni would refuse after the writing."""
     placement = resolve_placement(precision, device)
     if placement.quantization and find_spec("bitsandbytes") is None:
-        raise ConfigError(f"--precision {placement.quantization} needs bitsandbytes: pip install 'omni-cli[quant]'.")
+        raise ConfigError(f"--precision {placement.quantization} needs bitsandbytes: {QUANT_INSTALL}.")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

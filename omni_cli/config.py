@@ -272,6 +272,10 @@ TRAIN_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # --decode-steps: "eager" (growing KV caches), "static" (preallocated caches) or "compiled"
 # (static + torch.compile; CUDA graphs on a GPU).
 DECODE_MODES = ("eager", "static", "compiled")
+# How to install the optional extras: the package is not on PyPI under our name, so name the
+# libraries themselves (or the extra, from a checkout).
+QUANT_INSTALL = "pip install 'bitsandbytes>=0.43' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[quant]')"
+TRAIN_INSTALL = "pip install 'peft>=0.12' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[train]')"
 # Paper values (section 4): 2e-5 for stage 1, 2e-4 for stage 2.
 DEFAULT_LR = {1: 2e-5, 2: 2e-4}
 

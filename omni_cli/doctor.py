@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from omni_cli.config import QUANT_INSTALL
 from omni_cli.errors import OmniError, one_line
 from omni_cli.weights.presets import (
     Preset,
@@ -31,7 +32,6 @@ OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
 MIN_PYTHON = (3, 10)
 # What installs the [quant] extra's packages: from PyPI by their own names (the name of omni's
 # distribution on PyPI belongs to someone else), or the extra itself from an omni checkout.
-QUANT_INSTALL = "pip install 'bitsandbytes>=0.43' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[quant]')"
 
 
 @dataclass(frozen=True)

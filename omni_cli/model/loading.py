@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from omni_cli.config import PRECISIONS, OmniConfig
+from omni_cli.config import PRECISIONS, QUANT_INSTALL, OmniConfig
 from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.encoder import SpeechEncoder, load_speech_encoder
@@ -192,7 +192,7 @@ def load_omni(
             from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
         except ImportError as exc:
-            raise ConfigError(f"--precision {placement.quantization} needs bitsandbytes: pip install 'omni-cli[quant]'.") from exc
+            raise ConfigError(f"--precision {placement.quantization} needs bitsandbytes: {QUANT_INSTALL}.") from exc
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_8bit=placement.quantization == "8bit",
             load_in_4bit=placement.quantization == "4bit",
