@@ -14,8 +14,8 @@ Turn-taking:
   (half-duplex, the default: a speaker without echo cancellation would otherwise interrupt
   itself), frames heard while replying are dropped and the endpointer is reset afterwards.
 - Multi-turn memory: finished turns (speech embeddings, on the CPU, or typed text, and the
-  reply text) are passed back as history; the pipeline keeps the newest ones within its
-  context budget, and turns older than a whole budget are dropped here.
+  reply text) are kept in a `History` bounded by the pipeline's context budget and passed
+  back with each question; the pipeline picks the newest ones that fit the prompt.
 - Stopping: `request_stop()` (Ctrl-C, see `sigint_ends_session`) cuts the reply in progress,
   records it, and ends the loop.
 """
@@ -28,7 +28,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -43,7 +43,7 @@ from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
 from omni_cli.config import ChatOptions
 from omni_cli.errors import AudioInputError, ConfigError, one_line
-from omni_cli.pipeline import AudioChunk, Done, Event, HistoryTurn, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
 
 TRANSCRIPT_NAME = "transcript.jsonl"
 
@@ -51,9 +51,15 @@ TRANSCRIPT_NAME = "transcript.jsonl"
 class ReplySource(Protocol):
     """What the session needs from the model: `SpeechToSpeech` or a test double."""
 
-    def respond(
-        self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None
-    ) -> Iterator[Event]: ...
+    @property
+    def sample_rate(self) -> int | None:
+        """The reply audio's rate (the player is opened at it); None when replies are text only."""
+
+    @property
+    def context_budget(self) -> int:
+        """Prompt positions for history, question and reply: turns beyond it are not kept."""
+
+    def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
 
 
 class FrameSource(Protocol):
@@ -195,7 +201,7 @@ class ChatSession:
         self.player = player
         self.settings = settings or ChatSettings()
         self.clock = clock
-        self.history: list[HistoryTurn] = []
+        self.history = History(budget=pipeline.context_budget)
         self.turns = 0
         self.stop_requested = False
         self.waiting_for_input = False  # True while blocked on typed input: Ctrl-C must interrupt the read
@@ -328,7 +334,7 @@ class ChatSession:
         return self.stop_requested or (reply is not None and reply.interrupted)
 
     def _generate(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
-        for event in self.pipeline.respond(question, list(self.history), self._should_stop):
+        for event in self.pipeline.respond(question, self.history, self._should_stop):
             if isinstance(event, TextDelta):
                 if reply.first_text_t is None:
                     reply.first_text_t = event.t
@@ -469,26 +475,8 @@ class ChatSession:
             summary.append(record["stopped"])
         self.view.reply_end(", ".join(summary))
         if reply.error is None and reply.text:
-            self._remember(HistoryTurn(user_speech=reply.user_speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
-
-    def _remember(self, turn: HistoryTurn) -> None:
-        """Keep a finished turn for memory, dropping the oldest turns the pipeline's context budget could never fit again.
-
-        The pipeline picks the newest turns that fit its budget for each prompt; turns beyond a
-        whole budget would never be picked, so keeping them (speech embeddings included) only
-        grows memory over a long session. A pipeline without a `streaming.context_budget` keeps all.
-        """
-        self.history.append(turn)
-        budget = getattr(getattr(self.pipeline, "streaming", None), "context_budget", None)
-        if budget is None:
-            return
-        kept = 0
-        for h in reversed(self.history):
-            budget -= h.positions()
-            if budget < 0:
-                break
-            kept += 1
-        del self.history[: len(self.history) - kept]
+            user_text = question if isinstance(question, str) else None
+            self.history.append(HistoryTurn(user_speech=reply.user_speech, user_text=user_text, reply=reply.text))
 
 
 @contextmanager
@@ -545,10 +533,9 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
     player: Player | None = None
     try:
         recorder = SessionRecorder(options.session_dir)
-        vocoder = getattr(pipeline, "vocoder", None)
-        if vocoder is not None:
+        if pipeline.sample_rate is not None:
             try:
-                player = Player(device=options.output_device, sample_rate=int(vocoder.config.sampling_rate)).start()
+                player = Player(device=options.output_device, sample_rate=pipeline.sample_rate).start()
             except AudioInputError as exc:
                 view.error(f"{exc} Replies will be text only.")
         else:

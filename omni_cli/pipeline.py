@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -82,6 +82,11 @@ Event = TextDelta | Units | AudioChunk | Done
 PROMPT_MARGIN = 256
 
 
+def text_positions(text: str) -> int:
+    """Rough prompt positions a typed text costs: characters / 3, plus its turn's template tokens."""
+    return len(text) // 3 + 16
+
+
 @dataclass
 class HistoryTurn:
     """One finished exchange kept for multi-turn memory: the user's speech embeddings or text, and the reply."""
@@ -93,7 +98,45 @@ class HistoryTurn:
     def positions(self) -> int:
         """Rough prompt positions this turn costs (speech frames + text characters / 3)."""
         speech = 0 if self.user_speech is None else int(self.user_speech.shape[0])
-        return speech + (len(self.user_text or "") + len(self.reply)) // 3 + 16
+        return speech + text_positions((self.user_text or "") + self.reply)
+
+
+class History:
+    """Finished turns, oldest first, for multi-turn memory.
+
+    `budget` (prompt positions) bounds what is kept: turns that could never fit a prompt again
+    are dropped as new ones arrive, so a long session does not keep growing (speech embeddings
+    are the bulk). None keeps every turn. The pipeline picks, for each prompt, the newest turns
+    that fit what is left of its budget once the new question and the reply have room.
+    """
+
+    def __init__(self, turns: Iterable[HistoryTurn] = (), budget: int | None = None) -> None:
+        self.budget = budget
+        self.turns: list[HistoryTurn] = []
+        for turn in turns:
+            self.append(turn)
+
+    def append(self, turn: HistoryTurn) -> None:
+        """Keep a finished turn, dropping the oldest ones beyond the budget."""
+        self.turns.append(turn)
+        if self.budget is not None:
+            self.turns = self.newest_within(self.budget)
+
+    def newest_within(self, positions: int) -> list[HistoryTurn]:
+        """The newest turns whose positions add up to at most `positions`, oldest first."""
+        kept: list[HistoryTurn] = []
+        for turn in reversed(self.turns):
+            positions -= turn.positions()
+            if positions < 0:
+                break
+            kept.append(turn)
+        return kept[::-1]
+
+    def __iter__(self) -> Iterator[HistoryTurn]:
+        return iter(self.turns)
+
+    def __len__(self) -> int:
+        return len(self.turns)
 
 
 @dataclass
@@ -125,6 +168,16 @@ class SpeechToSpeech:
                 f"{vocoder.config.num_embeddings}; pass the vocoder that belongs to this model."
             )
 
+    @property
+    def sample_rate(self) -> int | None:
+        """The rate of the reply audio (the vocoder's); None when replies are text only."""
+        return None if self.vocoder is None else int(self.vocoder.config.sampling_rate)
+
+    @property
+    def context_budget(self) -> int:
+        """Prompt positions earlier turns, the question and the reply may take together (StreamingConfig.context_budget)."""
+        return self.streaming.context_budget
+
     @classmethod
     def load(
         cls, files: ModelFiles, precision: str = "auto", device: str | None = None, streaming: StreamingConfig | None = None
@@ -142,7 +195,7 @@ class SpeechToSpeech:
     def _make_steps(self, mode: str) -> None:
         static, compiled = mode != "eager", mode == "compiled"
         # The context budget does not count the system prompt and the chat template's tokens.
-        capacity = self.streaming.context_budget + PROMPT_MARGIN
+        capacity = self.context_budget + PROMPT_MARGIN
         self.llm_steps = LlmSteps(self.model.llm, static_cache=static, compile=compiled, capacity=capacity)
         decoder = self.model.unit_decoder
         # The speech decoder only runs when there is a vocoder to speak with.
@@ -195,18 +248,12 @@ class SpeechToSpeech:
             outs.append(m.adaptor(frames)[0])
         return torch.cat(outs, dim=0)
 
-    def _turns(self, history: Sequence[HistoryTurn], user: Turn, user_cost: int) -> tuple[list[Turn], list[torch.Tensor]]:
-        kept: list[HistoryTurn] = []
-        # Room is kept for the reply itself.
-        budget = self.streaming.context_budget - user_cost - self.streaming.sampling.max_new_tokens
-        for h in reversed(history):
-            budget -= h.positions()
-            if budget < 0:
-                break
-            kept.append(h)
+    def _turns(self, history: History, user: Turn, user_cost: int) -> tuple[list[Turn], list[torch.Tensor]]:
+        # Room is kept for the question and the reply itself.
+        room = self.context_budget - user_cost - self.streaming.sampling.max_new_tokens
         turns: list[Turn] = []
         speech: list[torch.Tensor] = []
-        for h in reversed(kept):
+        for h in history.newest_within(room):
             if h.user_speech is not None:
                 turns.append(speech_turn())
                 speech.append(h.user_speech)
@@ -219,19 +266,22 @@ class SpeechToSpeech:
     def respond(
         self,
         audio: np.ndarray | str,
-        history: Sequence[HistoryTurn] = (),
+        history: History | Sequence[HistoryTurn] = (),
         should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[Event]:
         """Answer one user turn (16 kHz audio, or typed text) and stream the reply as events.
 
-        The final Done event carries this turn's speech embeddings (None for text) so the
-        caller can keep them in its history.
+        The prompt holds the newest earlier turns of `history` that fit the context budget. The
+        final Done event carries this turn's speech embeddings (None for text) so the caller can
+        keep them in its history.
         """
         m = self.model
+        if not isinstance(history, History):
+            history = History(history)
         with torch.inference_mode():
             if isinstance(audio, str):
                 speech_now = None
-                turns, speech = self._turns(history, Turn("user", audio), len(audio) // 3 + 16)
+                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio))
             else:
                 speech_now = self.encode_speech(audio)
                 turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)

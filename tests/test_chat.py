@@ -13,8 +13,8 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ from omni_cli.chat import (
 from omni_cli.chat_view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
-from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, TextDelta, Units
 
 RATE = 16000
 FRAME_MS = 30
@@ -45,12 +45,23 @@ FRAME = RATE * FRAME_MS // 1000
 # -- fakes ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FakeSpeech:
+    """Stands in for a turn's speech embeddings: a name, and the positions they would take in a prompt."""
+
+    name: str
+    shape: tuple[int, ...] = (300,)
+
+
 class FakePipeline:
     """Replies word by word: a TextDelta and Units per token, an AudioChunk every `chunk_every` tokens.
 
     `on_token(call, i)` runs after each token (tests inject mic frames or Ctrl-C there);
     `fail_on_call` makes that call raise after its first tokens, as a model fault would.
     """
+
+    sample_rate: int | None = None  # text only: run_chat opens no speaker
+    context_budget = 4096
 
     def __init__(self, tokens: int = 6, chunk_every: int = 2, on_token: Callable[[int, int], None] | None = None) -> None:
         self.tokens = tokens
@@ -61,10 +72,10 @@ class FakePipeline:
         self.played_tokens: list[int] = []
         self.chunks_yielded: list[np.ndarray] = []
 
-    def respond(self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
+    def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
         call = len(self.calls)
         self.calls.append((audio, list(history)))
-        speech = None if isinstance(audio, str) else f"embeddings-of-call-{call}"
+        speech = None if isinstance(audio, str) else FakeSpeech(f"embeddings-of-call-{call}")
         words: list[str] = []
         stopped, n = "eos", 0
         for i in range(self.tokens):
@@ -228,7 +239,7 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert speech.size <= first_audio.size < speech.size + RATE
     assert RATE <= second_audio.size < 2 * RATE
     # Turn 2 sees turn 1: its speech embeddings and the reply text.
-    assert second_history == [HistoryTurn(user_speech="embeddings-of-call-0", user_text=None, reply="".join(f"w0.{i} " for i in range(6)))]
+    assert second_history == [HistoryTurn(user_speech=FakeSpeech("embeddings-of-call-0"), user_text=None, reply="".join(f"w0.{i} " for i in range(6)))]
     assert [len(h) for h in (session.history,)] == [2]
 
     rows = transcript(tmp_path / "session")
@@ -283,7 +294,7 @@ def test_the_live_terminal_view_keeps_finished_turns_in_the_scrollback(tmp_path:
 
 
 def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> None:
-    """Without a context budget to go by, the session keeps every finished turn; the pipeline picks within its own."""
+    """Within a budget that holds them all, the session keeps every finished turn; the pipeline picks within its own."""
     pipeline = FakePipeline(tokens=1)
     session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
     lines = iter([f"q{i}" for i in range(5)] + [None])
@@ -294,7 +305,7 @@ def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> N
 def test_turns_older_than_a_whole_context_budget_are_not_kept(tmp_path: Path) -> None:
     """Each typed turn here costs (2 + 6) // 3 + 16 = 18 positions: a budget of 40 can only ever hold the newest 2."""
     pipeline = FakePipeline(tokens=1)
-    pipeline.streaming = SimpleNamespace(context_budget=40)
+    pipeline.context_budget = 40
     session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
     lines = iter([f"q{i}" for i in range(5)] + [None])
     session.run_text(lambda: next(lines))

@@ -10,7 +10,7 @@ from omni_cli.audio.io import load_audio
 from omni_cli.config import SamplingConfig, StreamingConfig
 from omni_cli.model.llm import build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, SpeechToSpeech, TextDelta, Units
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,20 @@ def test_history_is_part_of_the_next_prompt(tiny_loaded, vocoder, question_wavs)
     # A budget too small for the earlier turn drops it: the reply equals the memoryless one.
     tight = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=pipe.streaming.sampling, context_budget=40))
     assert list(tight.respond("What did you just say?", history=history))[-1].text == again_alone.text
+
+
+def test_history_keeps_the_newest_turns_that_fit_its_budget() -> None:
+    def typed(i: int) -> HistoryTurn:  # (3 + 3) // 3 + 16 = 18 positions each
+        return HistoryTurn(None, f"q{i}?", f"a{i}.")
+
+    unbounded = History([typed(i) for i in range(5)])
+    assert len(unbounded) == 5
+    assert [h.reply for h in unbounded.newest_within(40)] == ["a3.", "a4."]
+    assert unbounded.newest_within(17) == [] and len(unbounded.newest_within(90)) == 5
+    bounded = History(budget=54)
+    for i in range(5):
+        bounded.append(typed(i))
+    assert [h.reply for h in bounded] == ["a2.", "a3.", "a4."]
 
 
 def test_speech_over_30_s_is_encoded_window_by_window(tiny_loaded, question_wavs) -> None:
