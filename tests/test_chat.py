@@ -531,6 +531,16 @@ def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) 
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "libportaudio2" in result.output
 
 
+def test_the_view_does_not_import_the_audio_code() -> None:
+    """chat_view draws the `omni devices` table from rows typed structurally: importing it loads neither audio/ nor scipy."""
+    import subprocess
+    import sys
+
+    code = "import sys, omni_cli.chat_view; print(sorted(m for m in sys.modules if m.startswith(('omni_cli.audio', 'scipy'))))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "[]"
+
+
 def test_chat_text_mode_through_the_cli_with_the_tiny_model(tiny_model, tmp_path: Path) -> None:
     session_dir = tmp_path / "s"
     args = ["chat", "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder)]
