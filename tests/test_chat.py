@@ -25,17 +25,12 @@ from typer.testing import CliRunner
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.io import load_audio
 from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
-from omni_cli.chat import (
-    ChatSession,
-    ChatSettings,
-    MicrophoneLost,
-    SessionRecorder,
-    sigint_ends_session,
-)
+from omni_cli.chat import ChatSession, ChatSettings, MicrophoneLost, sigint_ends_session
 from omni_cli.chat_view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
 from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, TextDelta, Units
+from omni_cli.transcript import SessionRecorder
 
 RATE = 16000
 FRAME_MS = 30
@@ -449,7 +444,7 @@ def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, spe
     session.run_voice()
     assert pipeline.played_tokens == [40] and len(pipeline.calls) == 1
     assert player.stops == 0 and mic.cleared > speech.size // FRAME
-    assert not session.endpointer.in_speech
+    assert session.listener is not None and not session.listener.endpointer.in_speech
 
 
 def test_ctrl_c_during_a_reply_cuts_it_saves_it_and_ends(tmp_path: Path, speech: np.ndarray) -> None:
