@@ -326,6 +326,28 @@ class SpeechToSpeech:
         turns.append(user)
         return turns, speech
 
+    def prompt_embeds(
+        self, audio: np.ndarray | str, history: History | Sequence[HistoryTurn] = (), timings: StageTimings | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One user turn's prompt as LLM input embeddings, and the turn's own speech embeddings (None for text).
+
+        The prompt holds the newest earlier turns of `history` that fit the context budget; the
+        speech stages' times are added to `timings`.
+        """
+        m = self.model
+        if not isinstance(history, History):
+            history = History(history)
+        with torch.inference_mode():
+            if isinstance(audio, str):
+                speech_now = None
+                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio))
+            else:
+                speech_now = self.encode_speech(audio, timings)
+                turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
+                speech.append(speech_now)
+            prompt_ids = build_prompt_ids(m.tokenizer, turns)
+            return splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech), speech_now
+
     def respond(
         self,
         audio: np.ndarray | str,
@@ -336,22 +358,10 @@ class SpeechToSpeech:
 
         The prompt holds the newest earlier turns of `history` that fit the context budget. The
         final Done event carries this turn's speech embeddings (None for text) so the caller can
-        keep them in its history.
+        keep them in its history, and the reply's stage timings.
         """
-        m = self.model
-        if not isinstance(history, History):
-            history = History(history)
         timings = StageTimings()
-        with torch.inference_mode():
-            if isinstance(audio, str):
-                speech_now = None
-                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio))
-            else:
-                speech_now = self.encode_speech(audio, timings)
-                turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
-                speech.append(speech_now)
-            prompt_ids = build_prompt_ids(m.tokenizer, turns)
-            embeds = splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech)
+        embeds, speech_now = self.prompt_embeds(audio, history, timings)
         # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.
         user_speech = None if speech_now is None else speech_now.detach().cpu()
         yield from self._stream(embeds, should_stop, user_speech, timings)
