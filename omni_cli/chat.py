@@ -1,9 +1,9 @@
 """`omni chat`: the conversation loop — microphone → endpointer → pipeline → player and screen.
 
-`ChatSession` owns the turn-taking and nothing else: the model (anything with
-`respond(audio | text, history, should_stop)`), the microphone (frames from `read()`), the
-endpointer, the player and the view are passed in, so tests drive it with fakes and the CLI
-with real devices. Each turn is saved as it happens by `transcript.SessionRecorder`.
+`ChatSession` owns the turn-taking and nothing else: the model (a `ReplySource`:
+`respond(audio | text, history, should_stop)`, its `sample_rate` and `context_budget`), the
+microphone (frames from `read()`), the endpointer, the player and the view are passed in, so
+tests drive it with fakes and the CLI with real devices. Each turn is saved as it happens by `transcript.SessionRecorder`.
 
 Turn-taking:
 - Listening: mic frames go to the endpointer (`Listener`); a SpeechEnd is the user's turn.
