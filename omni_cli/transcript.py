@@ -76,7 +76,7 @@ class ReplyRecord(TurnRecord):
     wav: str | None = None
     audio_seconds: float | None = None
     first_text_ms: float | None = None  # from the end of the user's turn
-    first_audio_t: float | None = None  # when the player started sounding this reply
+    first_audio_t: float | None = None  # when the player handed this reply's first audio to the device
     latency_ms: float | None = None  # from the end of the user's turn to first_audio_t
     barge_in_t: float | None = None
     error: str | None = None
