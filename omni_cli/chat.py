@@ -1,12 +1,12 @@
 """`omni chat`: the conversation loop — microphone → endpointer → pipeline → player and screen.
 
-`ChatSession` owns the turn-taking and nothing else: the model (anything with
-`respond(audio | text, history, should_stop)`), the microphone (frames from `read()`), the
-endpointer, the player and the view are passed in, so tests drive it with fakes and the CLI
-with real devices. Each turn is saved as it happens by `SessionRecorder`.
+`ChatSession` owns the turn-taking and nothing else: the model (a `ReplySource`:
+`respond(audio | text, history, should_stop)`, its `sample_rate` and `context_budget`), the
+microphone (frames from `read()`), the endpointer, the player and the view are passed in, so
+tests drive it with fakes and the CLI with real devices. Each turn is saved as it happens by `transcript.SessionRecorder`.
 
 Turn-taking:
-- Listening: mic frames go to the endpointer; a SpeechEnd is the user's turn.
+- Listening: mic frames go to the endpointer (`Listener`); a SpeechEnd is the user's turn.
 - Replying: text goes to the view and audio chunks to the player as the pipeline yields them.
   Between events (the pipeline yields after every token) the microphone queue is drained:
   with barge-in, frames still go to the endpointer and a SpeechStart stops playback and
@@ -14,46 +14,51 @@ Turn-taking:
   (half-duplex, the default: a speaker without echo cancellation would otherwise interrupt
   itself), frames heard while replying are dropped and the endpointer is reset afterwards.
 - Multi-turn memory: finished turns (speech embeddings, on the CPU, or typed text, and the
-  reply text) are passed back as history; the pipeline keeps the newest ones within its
-  context budget, and turns older than a whole budget are dropped here.
+  reply text) are kept in a `History` bounded by the pipeline's context budget and passed
+  back with each question; the pipeline picks the newest ones that fit the prompt.
 - Stopping: `request_stop()` (Ctrl-C, see `sigint_ends_session`) cuts the reply in progress,
   records it, and ends the loop.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from omni_cli.audio.io import SAMPLE_RATE, save_wav
+from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
 from omni_cli.config import ChatOptions
-from omni_cli.errors import AudioInputError, ConfigError, one_line
-from omni_cli.pipeline import AudioChunk, Done, Event, HistoryTurn, TextDelta, Units
+from omni_cli.errors import AudioInputError, one_line
+from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
+from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since, refuse_used_session_dir
 
-TRANSCRIPT_NAME = "transcript.jsonl"
+if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
+    from omni_cli.audio.mic import Microphone
+    from omni_cli.audio.player import Player
 
 
 class ReplySource(Protocol):
     """What the session needs from the model: `SpeechToSpeech` or a test double."""
 
-    def respond(
-        self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None
-    ) -> Iterator[Event]: ...
+    @property
+    def sample_rate(self) -> int | None:
+        """The reply audio's rate (the player is opened at it); None when replies are text only."""
+
+    @property
+    def context_budget(self) -> int:
+        """Prompt positions for history, question and reply: turns beyond it are not kept."""
+
+    def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
 
 
 class FrameSource(Protocol):
@@ -67,7 +72,6 @@ class FrameSource(Protocol):
 class AudioSink(Protocol):
     """What the session needs from the speaker: `Player` or a test double."""
 
-    sample_rate: int
     first_audio_time: float | None
 
     def play(self, chunk: np.ndarray) -> None: ...
@@ -87,54 +91,80 @@ class MicrophoneLost(AudioInputError):
     """The microphone stopped delivering audio in the middle of a session."""
 
 
-def refuse_used_session_dir(directory: Path) -> None:
-    """Raise ConfigError if `directory` already holds a session: never append to or overwrite another transcript."""
-    if (directory / TRANSCRIPT_NAME).exists():
-        raise ConfigError(f"{directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+@dataclass(frozen=True)
+class ChatSettings:
+    """Turn-taking settings."""
+
+    barge_in: bool = False
+    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
+    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
+    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
 
 
-def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
-    """./omni-sessions/<UTC timestamp>: a fresh folder per session."""
-    return root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+class Listener:
+    """The microphone through the endpointer: what the user says, as endpointer events.
 
-
-class SessionRecorder:
-    """Writes a session folder as it goes: transcript.jsonl plus turn-NNN-user.wav / turn-NNN-reply.wav.
-
-    Every transcript line is flushed and fsynced when written, and WAVs are written atomically,
-    so a crash loses nothing already said. Times named `*_t` are time.monotonic() seconds (the
-    clock the audio and pipeline events use); `time` is the wall clock for people.
+    While listening, `next_events()` gives the events of the next frame, after those held back
+    during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
+    starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
     """
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
-        self.transcript_path = self.directory / TRANSCRIPT_NAME
-        refuse_used_session_dir(self.directory)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.transcript_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise ConfigError(f"cannot write the session to {self.directory}: {exc.strerror or exc}; pick another --session-dir.") from exc
+    def __init__(
+        self, mic: FrameSource, endpointer: Endpointer, settings: ChatSettings, clock: Callable[[], float], on_first_frame: Callable[[float], None]
+    ) -> None:
+        self.mic = mic
+        self.endpointer = endpointer
+        self.settings = settings
+        self.clock = clock
+        self.on_first_frame: Callable[[float], None] | None = on_first_frame
+        self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
+        self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
 
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one JSON line {"type": kind, "time": ..., **fields} and make it durable."""
-        record = {"type": kind, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
-        if self._file.closed:
-            return record
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        return record
+    def next_events(self) -> list[VadEvent]:
+        """One held-back event, else the next frame's events ([] if none came within poll_s); raises MicrophoneLost."""
+        if self.held:
+            return [self.held.popleft()]
+        frame = self.mic.read(timeout=self.settings.poll_s)
+        now = self.clock()
+        if frame is None:
+            if now - self.last_frame_t > self.settings.mic_timeout_s:
+                raise MicrophoneLost(
+                    f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
+                    "(unplugged, or taken by another program?); check it with `omni devices`."
+                )
+            return []
+        self.last_frame_t = now
+        if self.on_first_frame is not None:
+            self.on_first_frame(now)
+            self.on_first_frame = None
+        return self.endpointer.push(frame)
 
-    def save_audio(self, turn: int, role: str, audio: np.ndarray, rate: int) -> str:
-        """Write turn-NNN-<role>.wav; returns its name (relative to the session folder)."""
-        path = save_wav(self.directory / f"turn-{turn:03d}-{role}.wav", audio, rate)
-        return path.name
+    def restart_watch(self) -> None:
+        """Count the microphone's silence from now (frames are not watched during a reply)."""
+        self.last_frame_t = self.clock()
 
-    def close(self) -> None:
-        """Close the transcript; later events are ignored."""
-        if not self._file.closed:
-            self._file.close()
+    def speech_start(self, timeout: float) -> SpeechStart | None:
+        """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
+
+        Every event, that SpeechStart included, is held for the listening loop.
+        """
+        block = timeout
+        while True:
+            frame = self.mic.read(timeout=block)
+            block = 0.0
+            if frame is None:
+                return None
+            events = self.endpointer.push(frame)
+            self.held.extend(events)
+            start = next((e for e in events if isinstance(e, SpeechStart)), None)
+            if start is not None:
+                return start
+
+    def drop_heard(self, timeout: float) -> None:
+        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none."""
+        if self.mic.clear() == 0 and timeout > 0:
+            time.sleep(timeout)
+        self.endpointer.reset()
 
 
 @dataclass
@@ -149,7 +179,6 @@ class ReplyProgress:
     chunks: list[np.ndarray] = field(default_factory=list)
     audio_rate: int = SAMPLE_RATE
     first_text_t: float | None = None
-    generated_t: float | None = None
     stopped: str = ""
     interrupted: bool = False
     barge_in_t: float | None = None
@@ -160,15 +189,10 @@ class ReplyProgress:
     def audio_seconds(self) -> float:
         return sum(c.size for c in self.chunks) / self.audio_rate
 
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """Turn-taking settings."""
-
-    barge_in: bool = False
-    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
-    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
-    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
+    def take_done(self, done: Done) -> None:
+        """The pipeline's last word: the whole text and how generation ended."""
+        self.text, self.units, self.tokens, self.stopped = done.text, len(done.units), done.tokens, done.stopped
+        self.user_speech = done.user_speech
 
 
 class ChatSession:
@@ -190,16 +214,17 @@ class ChatSession:
         self.pipeline = pipeline
         self.view = view
         self.recorder = recorder
-        self.mic = mic
-        self.endpointer = endpointer
         self.player = player
         self.settings = settings or ChatSettings()
         self.clock = clock
-        self.history: list[HistoryTurn] = []
+        self.listener: Listener | None = None
+        if mic is not None and endpointer is not None:
+            # Frames flow from the first one on: from there, speech is heard.
+            self.listener = Listener(mic, endpointer, self.settings, clock, lambda t: recorder.event("listening", t=t))
+        self.history = History(budget=pipeline.context_budget)
         self.turns = 0
         self.stop_requested = False
         self.waiting_for_input = False  # True while blocked on typed input: Ctrl-C must interrupt the read
-        self._pending: deque[VadEvent] = deque()  # endpointer events seen while replying, for the listening loop
         self._reply: ReplyProgress | None = None
         self._closed = False
 
@@ -216,36 +241,18 @@ class ChatSession:
 
     def run_voice(self) -> None:
         """Listen and answer until request_stop(); raises MicrophoneLost if the mic stops delivering."""
-        assert self.mic is not None and self.endpointer is not None
+        listener = self.listener
+        assert listener is not None
         self.view.status("listening", "speak; Ctrl-C ends the session")
-        announced = False
-        last_frame_t = self.clock()
+        listener.restart_watch()
         try:
             while not self.stop_requested:
-                if self._pending:
-                    events: list[VadEvent] = [self._pending.popleft()]
-                else:
-                    frame = self.mic.read(timeout=self.settings.poll_s)
-                    now = self.clock()
-                    if frame is None:
-                        if now - last_frame_t > self.settings.mic_timeout_s:
-                            raise MicrophoneLost(
-                                f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
-                                "(unplugged, or taken by another program?); check it with `omni devices`."
-                            )
-                        continue
-                    last_frame_t = now
-                    if not announced:
-                        # Frames flow: from here on, speech is heard.
-                        self.recorder.event("listening", t=now)
-                        announced = True
-                    events = self.endpointer.push(frame)
-                for event in events:
+                for event in listener.next_events():
                     if isinstance(event, SpeechStart):
                         self.view.status("hearing")
                     elif isinstance(event, SpeechEnd):
                         self.answer(event.audio, self.clock())
-                        last_frame_t = self.clock()
+                        listener.restart_watch()
                         if not self.stop_requested:
                             self.view.status("listening")
         except KeyboardInterrupt:
@@ -273,8 +280,7 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
-        if self.player is not None:
-            self.player.stop()
+        self._stop_player()
         self.recorder.event("end", turns=self.turns, reason=reason, **stats)
         self.recorder.close()
 
@@ -287,71 +293,61 @@ class ChatSession:
         interrupted, or has failed (a failure is shown in one line and the session goes on).
         """
         self.turns += 1
-        turn = self.turns
-        reply = ReplyProgress(turn=turn, heard_t=heard_t)
-        self._reply = reply
-        user: dict[str, Any] = {"turn": turn, "end_t": heard_t}
+        reply = self._reply = ReplyProgress(turn=self.turns, heard_t=heard_t)
+        self.recorder.question(reply.turn, heard_t, question)
         if isinstance(question, str):
-            user["text"] = question
-            self.view.user_typed(turn, question)
+            self.view.user_typed(reply.turn, question)
         else:
-            user["wav"] = self.recorder.save_audio(turn, "user", question, SAMPLE_RATE)
-            user["seconds"] = round(question.size / SAMPLE_RATE, 3)
-            self.view.user_spoken(turn, question.size / SAMPLE_RATE)
-        self.recorder.event("user", **user)
+            self.view.user_spoken(reply.turn, question.size / SAMPLE_RATE)
         self.view.status("thinking")
         try:
             self._generate(question, reply)
             if not reply.interrupted and reply.error is None:
                 self._play_out(reply)
         except Exception as exc:  # noqa: BLE001 - any fault inside the model ends this turn only
-            reply.error = one_line(exc)
-            reply.stopped = "error"
-            if self.player is not None:
-                self.player.stop()
-            self.view.error(f"turn failed: {reply.error}")
-            self.recorder.event("error", turn=turn, message=reply.error)
+            self._fail(reply, exc)
         except KeyboardInterrupt:
             # A second Ctrl-C while the turn was being cut: save what there is, then end.
             self.stop_requested = True
             reply.interrupted = True
             reply.stopped = reply.stopped or "interrupted"
-            if self.player is not None:
-                self.player.stop()
+            self._stop_player()
         finally:
             self._finish(question, reply)
             self._reply = None
         return reply
 
-    def _should_stop(self) -> bool:
-        reply = self._reply
-        return self.stop_requested or (reply is not None and reply.interrupted)
-
     def _generate(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
-        for event in self.pipeline.respond(question, list(self.history), self._should_stop):
+        """Stream the reply to the screen and the speaker; between events, listen for barge-in and Ctrl-C."""
+        for event in self.pipeline.respond(question, self.history, self._should_stop):
             if isinstance(event, TextDelta):
-                if reply.first_text_t is None:
-                    reply.first_text_t = event.t
-                    if self.player is None:
-                        self.view.status("replying")
-                reply.text += event.text
-                self.view.reply_text(event.text)
+                self._show_text(reply, event)
             elif isinstance(event, Units):
                 reply.units += len(event.units)
             elif isinstance(event, AudioChunk):
                 if not reply.interrupted and event.audio.size:
-                    if not reply.chunks and self.player is not None:
-                        self.view.status("speaking", "speak to interrupt" if self.settings.barge_in and self.mic is not None else "")
                     self._queue_audio(reply, event)
             elif isinstance(event, Done):
-                reply.text, reply.units, reply.tokens, reply.stopped = event.text, len(event.units), event.tokens, event.stopped
-                reply.generated_t = event.t
-                reply.user_speech = event.user_speech
+                reply.take_done(event)
             self._listen_while_replying(reply, timeout=0.0)
             if self.stop_requested and not reply.interrupted:
                 self._interrupt(reply)
 
+    def _should_stop(self) -> bool:
+        reply = self._reply
+        return self.stop_requested or (reply is not None and reply.interrupted)
+
+    def _show_text(self, reply: ReplyProgress, delta: TextDelta) -> None:
+        if reply.first_text_t is None:
+            reply.first_text_t = delta.t
+            if self.player is None:
+                self.view.status("replying")
+        reply.text += delta.text
+        self.view.reply_text(delta.text)
+
     def _queue_audio(self, reply: ReplyProgress, chunk: AudioChunk) -> None:
+        if not reply.chunks and self.player is not None:
+            self.view.status("speaking", "speak to interrupt" if self.settings.barge_in and self.listener is not None else "")
         # The player is opened at the vocoder's rate and resamples to the device as one stream
         # (run_chat); resampling chunk by chunk here would click at every chunk boundary.
         reply.audio_rate = chunk.sample_rate
@@ -365,58 +361,48 @@ class ChatSession:
         if player is None:
             return
         player.finish()
-        start = self.clock()
-        deadline = start + reply.audio_seconds + self.settings.playback_margin_s
+        deadline = self.clock() + reply.audio_seconds + self.settings.playback_margin_s
         while player.playing:
             if self.stop_requested:
                 self._interrupt(reply)
                 return
-            if self.mic is not None:
+            if self.listener is not None:
                 self._listen_while_replying(reply, timeout=self.settings.poll_s)
             else:
                 time.sleep(self.settings.poll_s)
             if reply.interrupted:
                 return
             if self.clock() > deadline:
-                player.stop()
-                self.view.error("the speaker stopped taking audio (unplugged or busy?); replies continue as text only.")
-                self.recorder.event("error", turn=reply.turn, message="speaker stopped taking audio; continuing without sound")
-                self.player = None
+                self._drop_stuck_speaker(reply)
                 return
         # The last block is still in the device buffer for its latency.
         if reply.chunks and player.output_latency > 0:
             time.sleep(player.output_latency)
-        if not self.settings.barge_in and self.mic is not None:
+        if not self.settings.barge_in:
             self._listen_while_replying(reply, timeout=0.0)
+
+    def _drop_stuck_speaker(self, reply: ReplyProgress) -> None:
+        self._stop_player()
+        self.view.error("the speaker stopped taking audio (unplugged or busy?); replies continue as text only.")
+        self.recorder.event("error", turn=reply.turn, message="speaker stopped taking audio; continuing without sound")
+        self.player = None
 
     def _listen_while_replying(self, reply: ReplyProgress, timeout: float) -> None:
         """Drain the mic queue during a reply: detect barge-in, or (half-duplex) drop what was heard."""
-        if self.mic is None or self.endpointer is None:
+        if self.listener is None:
             return
         if not self.settings.barge_in:
-            # Half-duplex: what the mic hears now is (mostly) our own voice.
-            if self.mic.clear() == 0 and timeout > 0:
-                time.sleep(timeout)
-            self.endpointer.reset()
-            return
-        block = timeout
-        while not reply.interrupted:
-            frame = self.mic.read(timeout=block)
-            block = 0.0
-            if frame is None:
-                return
-            for event in self.endpointer.push(frame):
-                if isinstance(event, SpeechStart) and not reply.interrupted:
-                    self._barge_in(reply, event)
-                else:
-                    self._pending.append(event)
+            self.listener.drop_heard(timeout)
+        elif not reply.interrupted:
+            start = self.listener.speech_start(timeout)
+            if start is not None:
+                self._barge_in(reply, start)
 
     def _barge_in(self, reply: ReplyProgress, event: SpeechStart) -> None:
         detected = self.clock()
         self._interrupt(reply)
         stopped = self.clock()
         reply.barge_in_t = detected
-        self._pending.append(event)
         self.recorder.event(
             "barge_in",
             turn=reply.turn,
@@ -431,64 +417,54 @@ class ChatSession:
         """Cut playback now and make generation stop at its next token."""
         reply.interrupted = True
         reply.stopped = "interrupted"
+        self._stop_player()
+
+    def _fail(self, reply: ReplyProgress, exc: Exception) -> None:
+        """A fault inside the model or a device: one line on screen and in the transcript; the session goes on."""
+        reply.error = one_line(exc)
+        reply.stopped = "error"
+        self._stop_player()
+        self.view.error(f"turn failed: {reply.error}")
+        self.recorder.event("error", turn=reply.turn, message=reply.error)
+
+    def _stop_player(self) -> None:
         if self.player is not None:
             self.player.stop()
 
     def _finish(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
         """Save the reply (text, WAV, timings), show its summary, and keep it in the history."""
-        player = self.player
-        first_audio_t = player.first_audio_time if player is not None and reply.chunks else None
+        first_audio_t = self.player.first_audio_time if self.player is not None and reply.chunks else None
         if first_audio_t is not None and first_audio_t < reply.heard_t:
             first_audio_t = None  # left over from an earlier reply: this one was never heard
-        record: dict[str, Any] = {
-            "turn": reply.turn,
-            "text": reply.text,
-            "tokens": reply.tokens,
-            "units": reply.units,
-            "stopped": reply.stopped or "interrupted",
-        }
-        if reply.chunks:
-            record["wav"] = self.recorder.save_audio(reply.turn, "reply", np.concatenate(reply.chunks), reply.audio_rate)
-            record["audio_seconds"] = round(reply.audio_seconds, 3)
-        if reply.first_text_t is not None:
-            record["first_text_ms"] = round((reply.first_text_t - reply.heard_t) * 1000, 1)
-        if first_audio_t is not None:
-            record["first_audio_t"] = first_audio_t
-            record["latency_ms"] = round((first_audio_t - reply.heard_t) * 1000, 1)
-        if reply.barge_in_t is not None:
-            record["barge_in_t"] = reply.barge_in_t
-        if reply.error is not None:
-            record["error"] = reply.error
-        self.recorder.event("assistant", **record)
-        summary = [f"{reply.tokens} tokens"]
-        if "latency_ms" in record:
-            summary.insert(0, f"first audio {record['latency_ms']:.0f} ms after you stopped")
-        elif "first_text_ms" in record:
-            summary.insert(0, f"first text {record['first_text_ms']:.0f} ms")
-        if record["stopped"] != "eos":
-            summary.append(record["stopped"])
-        self.view.reply_end(", ".join(summary))
+        record = ReplyRecord(
+            turn=reply.turn,
+            text=reply.text,
+            tokens=reply.tokens,
+            units=reply.units,
+            stopped=reply.stopped or "interrupted",
+            first_text_ms=milliseconds_since(reply.heard_t, reply.first_text_t),
+            first_audio_t=first_audio_t,
+            latency_ms=milliseconds_since(reply.heard_t, first_audio_t),
+            barge_in_t=reply.barge_in_t,
+            error=reply.error,
+        )
+        audio = np.concatenate(reply.chunks) if reply.chunks else None
+        self.view.reply_end(reply_summary(self.recorder.reply(record, audio, reply.audio_rate)))
         if reply.error is None and reply.text:
-            self._remember(HistoryTurn(user_speech=reply.user_speech, user_text=question if isinstance(question, str) else None, reply=reply.text))
+            user_text = question if isinstance(question, str) else None
+            self.history.append(HistoryTurn(user_speech=reply.user_speech, user_text=user_text, reply=reply.text))
 
-    def _remember(self, turn: HistoryTurn) -> None:
-        """Keep a finished turn for memory, dropping the oldest turns the pipeline's context budget could never fit again.
 
-        The pipeline picks the newest turns that fit its budget for each prompt; turns beyond a
-        whole budget would never be picked, so keeping them (speech embeddings included) only
-        grows memory over a long session. A pipeline without a `streaming.context_budget` keeps all.
-        """
-        self.history.append(turn)
-        budget = getattr(getattr(self.pipeline, "streaming", None), "context_budget", None)
-        if budget is None:
-            return
-        kept = 0
-        for h in reversed(self.history):
-            budget -= h.positions()
-            if budget < 0:
-                break
-            kept += 1
-        del self.history[: len(self.history) - kept]
+def reply_summary(record: ReplyRecord) -> str:
+    """The line closing a turn on screen: when it was heard (or seen), its length, and why it stopped if not at its end."""
+    summary = [f"{record.tokens} tokens"]
+    if record.latency_ms is not None:
+        summary.insert(0, f"first audio {record.latency_ms:.0f} ms after you stopped")
+    elif record.first_text_ms is not None:
+        summary.insert(0, f"first text {record.first_text_ms:.0f} ms")
+    if record.stopped != "eos":
+        summary.append(record.stopped)
+    return ", ".join(summary)
 
 
 @contextmanager
@@ -533,7 +509,6 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
     session (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
     """
     from omni_cli.audio.mic import Microphone
-    from omni_cli.audio.player import Player
     from omni_cli.audio.vad import EndpointerConfig
 
     read_line = read_line or (lambda: view.prompt("you> "))
@@ -545,23 +520,10 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
     player: Player | None = None
     try:
         recorder = SessionRecorder(options.session_dir)
-        vocoder = getattr(pipeline, "vocoder", None)
-        if vocoder is not None:
-            try:
-                player = Player(device=options.output_device, sample_rate=int(vocoder.config.sampling_rate)).start()
-            except AudioInputError as exc:
-                view.error(f"{exc} Replies will be text only.")
-        else:
-            view.note("no --vocoder: replies are text only.")
-        session = ChatSession(
-            pipeline,
-            view,
-            recorder,
-            mic=mic,
-            endpointer=Endpointer(vad_config) if mic is not None else None,
-            player=player,
-            settings=ChatSettings(barge_in=options.barge_in),
-        )
+        player = _open_speaker(pipeline.sample_rate, options.output_device, view)
+        endpointer = Endpointer(vad_config) if mic is not None else None
+        settings = ChatSettings(barge_in=options.barge_in)
+        session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings)
         recorder.event(
             "session",
             mode="text" if mic is None else "voice",
@@ -573,44 +535,61 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
         )
         view.note(f"saving this session to {options.session_dir}/")
         view.start()
-        code, reason = 0, "end of input"
         with sigint_ends_session(session):
-            try:
-                if mic is not None:
-                    session.run_voice()
-                else:
-                    session.run_text(read_line)
-            except MicrophoneLost as exc:
-                view.error(str(exc))
-                recorder.event("error", message=str(exc))
-                if mic is not None:
-                    mic.close()
-                session.mic = session.endpointer = None
-                if _stdin_is_terminal() and not session.stop_requested:
-                    view.note("going on with typed questions.")
-                    session.run_text(read_line)
-                else:
-                    code, reason = 1, "microphone lost"
-            finally:
-                if session.stop_requested:
-                    reason = "ctrl-c"
-                stats: dict[str, int] = {}
-                if mic is not None:
-                    stats.update(mic_overflows=mic.overflows, mic_dropped_frames=mic.dropped_frames)
-                if player is not None:
-                    stats.update(speaker_underruns=player.underruns, speaker_xruns=player.xruns)
-                session.close(reason, **stats)
+            code = _converse(session, read_line, mic, player)
         view.stop()
         view.note(f"session saved: {recorder.transcript_path} ({session.turns} turns)")
         return code
     finally:
         view.stop()
-        if recorder is not None:
-            recorder.close()
-        if player is not None:
-            player.close()
+        for opened in (recorder, player, mic):
+            if opened is not None:
+                opened.close()
+
+
+def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView) -> Player | None:
+    """The player at the reply audio's rate; None (replies as text, said on screen) without a vocoder or a speaker."""
+    from omni_cli.audio.player import Player
+
+    if sample_rate is None:
+        view.note("no --vocoder: replies are text only.")
+        return None
+    try:
+        return Player(device=device, sample_rate=sample_rate).start()
+    except AudioInputError as exc:
+        view.error(f"{exc} Replies will be text only.")
+        return None
+
+
+def _converse(session: ChatSession, read_line: Callable[[], str | None], mic: Microphone | None, player: Player | None) -> int:
+    """Run the session until it ends, then record the end with the devices' counters; returns the exit code."""
+    code, reason = 0, "end of input"
+    try:
+        if mic is not None:
+            session.run_voice()
+        else:
+            session.run_text(read_line)
+    except MicrophoneLost as exc:
+        session.view.error(str(exc))
+        session.recorder.event("error", message=str(exc))
         if mic is not None:
             mic.close()
+        session.listener = None
+        if _stdin_is_terminal() and not session.stop_requested:
+            session.view.note("going on with typed questions.")
+            session.run_text(read_line)
+        else:
+            code, reason = 1, "microphone lost"
+    finally:
+        if session.stop_requested:
+            reason = "ctrl-c"
+        counters: dict[str, int] = {}
+        if mic is not None:
+            counters.update(mic_overflows=mic.overflows, mic_dropped_frames=mic.dropped_frames)
+        if player is not None:
+            counters.update(speaker_underruns=player.underruns, speaker_xruns=player.xruns)
+        session.close(reason, **counters)
+    return code
 
 
 def _stdin_is_terminal() -> bool:

@@ -9,18 +9,38 @@ inline, so logs read top-down.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from omni_cli.audio.devices import DeviceInfo
-
 STATUS_STYLES = {"listening": "green", "hearing": "bold green", "thinking": "yellow", "speaking": "cyan", "replying": "cyan", "typing": "green"}
 
 
-def devices_table(devices: Sequence[DeviceInfo]) -> Table:
+class DeviceRow(Protocol):
+    """One row of `omni devices` (audio.devices.DeviceInfo has these), typed here so the view does not import the audio code."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def hostapi(self) -> str: ...
+    @property
+    def max_input_channels(self) -> int: ...
+    @property
+    def max_output_channels(self) -> int: ...
+    @property
+    def default_samplerate(self) -> float: ...
+    @property
+    def is_default_input(self) -> bool: ...
+    @property
+    def is_default_output(self) -> bool: ...
+
+
+def devices_table(devices: Sequence[DeviceRow]) -> Table:
     """`omni devices` as a table: index, name, host API, channels in/out, default rate, default marks."""
     table = Table(title="Audio devices")
     for column in ("#", "name", "host API", "in ch", "out ch", "default rate", "default"):

@@ -267,8 +267,9 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
-    from omni_cli.chat import default_session_dir, preflight, run_chat
+    from omni_cli.chat import preflight, run_chat
     from omni_cli.chat_view import ChatView
+    from omni_cli.transcript import default_session_dir
 
     options = ChatOptions(
         session_dir=session_dir or default_session_dir(),

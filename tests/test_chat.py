@@ -13,8 +13,8 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,17 +25,12 @@ from typer.testing import CliRunner
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.io import load_audio
 from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
-from omni_cli.chat import (
-    ChatSession,
-    ChatSettings,
-    MicrophoneLost,
-    SessionRecorder,
-    sigint_ends_session,
-)
+from omni_cli.chat import ChatSession, ChatSettings, MicrophoneLost, sigint_ends_session
 from omni_cli.chat_view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
-from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, TextDelta, Units
+from omni_cli.transcript import SessionRecorder
 
 RATE = 16000
 FRAME_MS = 30
@@ -45,12 +40,23 @@ FRAME = RATE * FRAME_MS // 1000
 # -- fakes ------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FakeSpeech:
+    """Stands in for a turn's speech embeddings: a name, and the positions they would take in a prompt."""
+
+    name: str
+    shape: tuple[int, ...] = (300,)
+
+
 class FakePipeline:
     """Replies word by word: a TextDelta and Units per token, an AudioChunk every `chunk_every` tokens.
 
     `on_token(call, i)` runs after each token (tests inject mic frames or Ctrl-C there);
     `fail_on_call` makes that call raise after its first tokens, as a model fault would.
     """
+
+    sample_rate: int | None = None  # text only: run_chat opens no speaker
+    context_budget = 4096
 
     def __init__(self, tokens: int = 6, chunk_every: int = 2, on_token: Callable[[int, int], None] | None = None) -> None:
         self.tokens = tokens
@@ -61,10 +67,10 @@ class FakePipeline:
         self.played_tokens: list[int] = []
         self.chunks_yielded: list[np.ndarray] = []
 
-    def respond(self, audio: np.ndarray | str, history: Sequence[HistoryTurn] = (), should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
+    def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
         call = len(self.calls)
         self.calls.append((audio, list(history)))
-        speech = None if isinstance(audio, str) else f"embeddings-of-call-{call}"
+        speech = None if isinstance(audio, str) else FakeSpeech(f"embeddings-of-call-{call}")
         words: list[str] = []
         stopped, n = "eos", 0
         for i in range(self.tokens):
@@ -228,12 +234,16 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert speech.size <= first_audio.size < speech.size + RATE
     assert RATE <= second_audio.size < 2 * RATE
     # Turn 2 sees turn 1: its speech embeddings and the reply text.
-    assert second_history == [HistoryTurn(user_speech="embeddings-of-call-0", user_text=None, reply="".join(f"w0.{i} " for i in range(6)))]
+    assert second_history == [HistoryTurn(user_speech=FakeSpeech("embeddings-of-call-0"), user_text=None, reply="".join(f"w0.{i} " for i in range(6)))]
     assert [len(h) for h in (session.history,)] == [2]
 
     rows = transcript(tmp_path / "session")
     assert [r["type"] for r in rows] == ["listening", "user", "assistant", "user", "assistant", "end"]
     user, reply = rows[1], rows[2]
+    # The lines' keys, in order: what tools reading transcripts rely on.
+    assert list(user) == ["type", "time", "turn", "end_t", "wav", "seconds"]
+    assert list(reply) == ["type", "time", "turn", "text", "tokens", "units", "stopped", "wav", "audio_seconds",
+                           "first_text_ms", "first_audio_t", "latency_ms"]
     saved, rate = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
     assert rate == RATE and saved.size == first_audio.size
     np.testing.assert_allclose(saved, first_audio, atol=1 / 32768 + 1e-6)  # 16-bit WAV
@@ -283,7 +293,7 @@ def test_the_live_terminal_view_keeps_finished_turns_in_the_scrollback(tmp_path:
 
 
 def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> None:
-    """Without a context budget to go by, the session keeps every finished turn; the pipeline picks within its own."""
+    """Within a budget that holds them all, the session keeps every finished turn; the pipeline picks within its own."""
     pipeline = FakePipeline(tokens=1)
     session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
     lines = iter([f"q{i}" for i in range(5)] + [None])
@@ -294,7 +304,7 @@ def test_history_is_trimmed_by_the_pipeline_budget_not_here(tmp_path: Path) -> N
 def test_turns_older_than_a_whole_context_budget_are_not_kept(tmp_path: Path) -> None:
     """Each typed turn here costs (2 + 6) // 3 + 16 = 18 positions: a budget of 40 can only ever hold the newest 2."""
     pipeline = FakePipeline(tokens=1)
-    pipeline.streaming = SimpleNamespace(context_budget=40)
+    pipeline.context_budget = 40
     session, _ = make_session(tmp_path, pipeline, mic=None, player=None)
     lines = iter([f"q{i}" for i in range(5)] + [None])
     session.run_text(lambda: next(lines))
@@ -438,7 +448,7 @@ def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, spe
     session.run_voice()
     assert pipeline.played_tokens == [40] and len(pipeline.calls) == 1
     assert player.stops == 0 and mic.cleared > speech.size // FRAME
-    assert not session.endpointer.in_speech
+    assert session.listener is not None and not session.listener.endpointer.in_speech
 
 
 def test_ctrl_c_during_a_reply_cuts_it_saves_it_and_ends(tmp_path: Path, speech: np.ndarray) -> None:
@@ -518,6 +528,16 @@ def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(devices, "list_devices", no_portaudio)
     result = CliRunner().invoke(app, ["devices"])
     assert result.exit_code == 1 and result.output.count("\n") == 1 and "libportaudio2" in result.output
+
+
+def test_the_view_does_not_import_the_audio_code() -> None:
+    """chat_view draws the `omni devices` table from rows typed structurally: importing it loads neither audio/ nor scipy."""
+    import subprocess
+    import sys
+
+    code = "import sys, omni_cli.chat_view; print(sorted(m for m in sys.modules if m.startswith(('omni_cli.audio', 'scipy'))))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 def test_chat_text_mode_through_the_cli_with_the_tiny_model(tiny_model, tmp_path: Path) -> None:

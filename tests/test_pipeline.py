@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from omni_cli.audio.io import load_audio
 from omni_cli.config import SamplingConfig, StreamingConfig
 from omni_cli.model.llm import build_prompt_ids, generate, speech_turn, splice_speech
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.pipeline import AudioChunk, Done, HistoryTurn, SpeechToSpeech, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, SpeechToSpeech, StageClock, TextDelta, Units
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +81,44 @@ def test_streamed_audio_matches_whole_reply_synthesis_away_from_seams(tiny_loade
     np.testing.assert_allclose(first[:head], whole[:head], atol=1e-4)
 
 
+def test_events_carry_the_stage_timings_of_the_work_that_produced_them(tiny_loaded, vocoder, question_wavs) -> None:
+    pipe = _pipeline(tiny_loaded, vocoder, chunk_units=10, max_new_tokens=20)
+    start = time.monotonic()
+    events = list(pipe.respond(load_audio(question_wavs[0])))
+    wall_ms = (time.monotonic() - start) * 1000
+    done = events[-1]
+    t = done.timings
+    assert min(t.features_ms, t.encoder_ms, t.adaptor_ms, t.prefill_ms) > 0
+    # One prefill, then one LLM step per later token; the speech decoder runs on every token's hidden state.
+    assert len(t.llm_steps_ms) == done.tokens - 1 == 19 and len(t.decoder_steps_ms) == done.tokens
+    chunks = [e for e in events if isinstance(e, AudioChunk)]
+    assert len(chunks) >= 2 and [c.vocoder_ms for c in chunks] == t.vocoder_ms and min(t.vocoder_ms) > 0
+    assert [c.tokens for c in chunks] == sorted(c.tokens for c in chunks) and chunks[-1].tokens == done.tokens
+    # The first chunk waited for its 10 units: the decoder steps up to it emitted them.
+    units_before_first = sum(len(e.units) for e in events[: events.index(chunks[0])] if isinstance(e, Units))
+    assert units_before_first >= 10 and 1 <= chunks[0].tokens < done.tokens
+    assert {d.llm_ms for d in events if isinstance(d, TextDelta)} <= {t.prefill_ms, *t.llm_steps_ms}
+    assert {u.decoder_ms for u in events if isinstance(u, Units)} <= set(t.decoder_steps_ms)
+    stages = t.features_ms + t.encoder_ms + t.adaptor_ms + t.prefill_ms + sum(t.llm_steps_ms + t.decoder_steps_ms + t.vocoder_ms)
+    assert stages <= wall_ms
+    typed = list(pipe.respond("Hello there."))[-1].timings
+    assert typed.features_ms == typed.encoder_ms == typed.adaptor_ms == 0 and typed.prefill_ms > 0
+
+
+@pytest.mark.parametrize("synchronize", [False, True])
+def test_stage_timings_wait_for_the_gpu_only_when_asked(tiny_loaded, monkeypatch: pytest.MonkeyPatch, synchronize: bool) -> None:
+    """Replies do not pay for synchronization: a clock that believes it runs on CUDA waits only with synchronize=True."""
+    waits: list[object] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waits.append(device))
+    pipe = _pipeline(tiny_loaded, None, max_new_tokens=3)
+    assert not pipe.clock.synchronize  # the default, and what a CPU gets even when asked
+    pipe.clock = StageClock(torch.device("cuda"), synchronize=synchronize)
+    done = list(pipe.respond(np.zeros(16000, np.float32)))[-1]
+    assert done.tokens == 3
+    # Two readings for each of features, encoder, adaptor, prefill and the two later steps, and the end of generation.
+    assert len(waits) == (2 * 7 if synchronize else 0)
+
+
 def test_text_only_without_vocoder_and_interruption(tiny_loaded, question_wavs) -> None:
     pipe = _pipeline(tiny_loaded, None, max_new_tokens=40)
     seen = {"n": 0}
@@ -109,6 +149,20 @@ def test_history_is_part_of_the_next_prompt(tiny_loaded, vocoder, question_wavs)
     # A budget too small for the earlier turn drops it: the reply equals the memoryless one.
     tight = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=pipe.streaming.sampling, context_budget=40))
     assert list(tight.respond("What did you just say?", history=history))[-1].text == again_alone.text
+
+
+def test_history_keeps_the_newest_turns_that_fit_its_budget() -> None:
+    def typed(i: int) -> HistoryTurn:  # (3 + 3) // 3 + 16 = 18 positions each
+        return HistoryTurn(None, f"q{i}?", f"a{i}.")
+
+    unbounded = History([typed(i) for i in range(5)])
+    assert len(unbounded) == 5
+    assert [h.reply for h in unbounded.newest_within(40)] == ["a3.", "a4."]
+    assert unbounded.newest_within(17) == [] and len(unbounded.newest_within(90)) == 5
+    bounded = History(budget=54)
+    for i in range(5):
+        bounded.append(typed(i))
+    assert [h.reply for h in bounded] == ["a2.", "a3.", "a4."]
 
 
 def test_speech_over_30_s_is_encoded_window_by_window(tiny_loaded, question_wavs) -> None:

@@ -1,0 +1,137 @@
+"""A chat session on disk: transcript.jsonl and the turns' WAVs, written as they happen.
+
+One folder per session. Each line of transcript.jsonl is one JSON object {"type": ..., "time":
+..., ...}: "session" (devices), "listening", "user" and "assistant" (one per turn, see
+`UserRecord` and `ReplyRecord`), "barge_in", "error" and "end". Times named `*_t` are
+time.monotonic() seconds (the clock the audio and pipeline events use); `time` is the wall
+clock for people.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from omni_cli.audio.io import SAMPLE_RATE, save_wav
+from omni_cli.errors import ConfigError
+
+TRANSCRIPT_NAME = "transcript.jsonl"
+
+
+def refuse_used_session_dir(directory: Path) -> None:
+    """Raise ConfigError if `directory` already holds a session: never append to or overwrite another transcript."""
+    if (directory / TRANSCRIPT_NAME).exists():
+        raise ConfigError(f"{directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+
+
+def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
+    """./omni-sessions/<UTC timestamp>: a fresh folder per session."""
+    return root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def milliseconds_since(start: float, end: float | None) -> float | None:
+    """`end - start` in milliseconds, rounded for the transcript; None when `end` never happened."""
+    return None if end is None else round((end - start) * 1000, 1)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """A transcript line about one turn; fields that are None are left out of the line."""
+
+    kind: ClassVar[str]
+
+    def fields(self) -> dict[str, Any]:
+        """The line's fields in declaration order (the JSON keys' order), without the None ones."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class UserRecord(TurnRecord):
+    """What the user said: typed `text`, or the speech saved as `wav` and its length."""
+
+    kind: ClassVar[str] = "user"
+    turn: int
+    end_t: float  # when the user's turn ended: the endpoint decision, or Enter for typed text
+    text: str | None = None
+    wav: str | None = None
+    seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class ReplyRecord(TurnRecord):
+    """What omni answered, how it ended ("eos", "budget", "interrupted", "error") and when it was seen and heard."""
+
+    kind: ClassVar[str] = "assistant"
+    turn: int
+    text: str
+    tokens: int
+    units: int
+    stopped: str
+    wav: str | None = None
+    audio_seconds: float | None = None
+    first_text_ms: float | None = None  # from the end of the user's turn
+    first_audio_t: float | None = None  # when the player handed this reply's first audio to the device
+    latency_ms: float | None = None  # from the end of the user's turn to first_audio_t
+    barge_in_t: float | None = None
+    error: str | None = None
+
+
+class SessionRecorder:
+    """Writes a session folder as it goes: transcript.jsonl plus turn-NNN-user.wav / turn-NNN-reply.wav.
+
+    Every transcript line is flushed and fsynced when written, and WAVs are written atomically,
+    so a crash loses nothing already said.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.transcript_path = self.directory / TRANSCRIPT_NAME
+        refuse_used_session_dir(self.directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.transcript_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise ConfigError(f"cannot write the session to {self.directory}: {exc.strerror or exc}; pick another --session-dir.") from exc
+
+    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Append one JSON line {"type": kind, "time": ..., **fields} and make it durable."""
+        record = {"type": kind, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
+        if self._file.closed:
+            return record
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        return record
+
+    def question(self, turn: int, end_t: float, question: np.ndarray | str) -> None:
+        """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length."""
+        if isinstance(question, str):
+            record = UserRecord(turn, end_t, text=question)
+        else:
+            wav = self.save_audio(turn, "user", question, SAMPLE_RATE)
+            record = UserRecord(turn, end_t, wav=wav, seconds=round(question.size / SAMPLE_RATE, 3))
+        self.event(record.kind, **record.fields())
+
+    def reply(self, record: ReplyRecord, audio: np.ndarray | None, rate: int) -> ReplyRecord:
+        """The "assistant" line, after saving the reply's audio (if any) as turn-NNN-reply.wav; returns the line as written."""
+        if audio is not None and audio.size:
+            wav = self.save_audio(record.turn, "reply", audio, rate)
+            record = replace(record, wav=wav, audio_seconds=round(audio.size / rate, 3))
+        self.event(record.kind, **record.fields())
+        return record
+
+    def save_audio(self, turn: int, role: str, audio: np.ndarray, rate: int) -> str:
+        """Write turn-NNN-<role>.wav; returns its name (relative to the session folder)."""
+        path = save_wav(self.directory / f"turn-{turn:03d}-{role}.wav", audio, rate)
+        return path.name
+
+    def close(self) -> None:
+        """Close the transcript; later events are ignored."""
+        if not self._file.closed:
+            self._file.close()
