@@ -8,6 +8,7 @@ streaming resampling to 16 kHz, so the rest of the program (VAD, the model) only
 from __future__ import annotations
 
 import queue
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 from omni_cli.audio.devices import StreamResampler, choose_stream_settings, close_stream, find_device, load_sounddevice, open_stream
 from omni_cli.audio.vad import FrameSplitter
 
+FrameFilter = Callable[[np.ndarray], np.ndarray]
+"""Cleans one 16 kHz float32 frame in the audio callback, e.g. `EchoCanceller.process`."""
 
 
 class Microphone:
@@ -25,6 +28,9 @@ class Microphone:
     `device` is an index, a (partial) device name, or None for the system default.
     `device_rate` forces the rate the device is opened at (normally chosen automatically).
     Overflows (the device or our queue could not keep up) are counted, never raised.
+    `clean`, when given, runs on every frame in the audio callback before it is queued (echo
+    cancellation must see the microphone in real time, next to the speaker's reference), so
+    every reader (VAD, barge-in, saved WAVs) gets the cleaned signal.
     """
 
     def __init__(
@@ -34,6 +40,7 @@ class Microphone:
         sample_rate: int = 16000,
         device_rate: int | None = None,
         max_queue_s: float = 10.0,
+        clean: FrameFilter | None = None,
     ) -> None:
         self.device = device
         self.frame_ms = frame_ms
@@ -45,6 +52,7 @@ class Microphone:
         self.overflows = 0  # PortAudio reported lost input (the callback ran late)
         self.dropped_frames = 0  # frames discarded because nobody read the queue in time
         self.frames: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.clean = clean
         self._stream: Any = None
         self._channels = 1
         self._resampler = StreamResampler(sample_rate, sample_rate)
@@ -105,6 +113,8 @@ class Microphone:
         else:
             ready = self._splitter.push(self._resampler.process(block))
         for frame in ready:
+            if self.clean is not None:
+                frame = self.clean(frame)
             try:
                 self.frames.put_nowait(frame)
             except queue.Full:
@@ -126,6 +136,11 @@ class Microphone:
             except queue.Empty:
                 return dropped
             dropped += 1
+
+    @property
+    def input_latency(self) -> float:
+        """Seconds from sound at the device to its frame in our callback (PortAudio's estimate; 0 before start())."""
+        return float(self._stream.latency) if self._stream is not None else 0.0
 
     @property
     def active(self) -> bool:
