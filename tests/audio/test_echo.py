@@ -82,12 +82,20 @@ def test_double_talk_keeps_the_near_speaker_and_removes_the_echo(question_16k: l
     assert erle >= 30.0  # measured 43-48 dB
     assert kept >= -6.0  # measured -3 to -4 dB
     assert user_louder and np.median(user_louder) >= -3.0  # measured -0.6 to -2 dB
-    # What the user sees: the VAD on the cleaned mic hears only the user once converged; on the raw mic, the reply.
-    events = [e for e in Endpointer().feed(out) if isinstance(e, SpeechStart)]
-    after_convergence = [e.t for e in events if e.t >= 2.5]
-    assert after_convergence and abs(after_convergence[0] - onset / RATE) <= 0.15, [e.t for e in events]
-    raw = [e.t for e in Endpointer().feed(mic) if isinstance(e, SpeechStart)]
-    assert raw and raw[0] < 0.5
+    # What the user sees: the VAD on the cleaned mic hears only the user once converged, soon
+    # enough to barge in (the issue asks for 400 ms); on the raw mic it hears the reply at once.
+    user_onset = (onset + np.flatnonzero(np.abs(user) > 0.02 * np.abs(user).max())[0]) / RATE
+    heard_at = speech_starts(out)
+    after_convergence = [t for t in heard_at if t >= 2.5]
+    print(f"user onset {user_onset:.2f} s, speech confirmed at {after_convergence} s")
+    assert len(after_convergence) == 1 and 0.0 < after_convergence[0] - user_onset <= 0.4  # measured 0.32 s
+    assert speech_starts(mic)[0] < 0.5
+
+
+def speech_starts(audio: np.ndarray) -> list[float]:
+    """Stream times (s) at which the default endpointer confirms speech (SpeechStart is emitted)."""
+    endpointer = Endpointer()
+    return [(i + 1) * STEP / RATE for i in range(audio.size // STEP) for e in endpointer.push(audio[i * STEP : (i + 1) * STEP]) if isinstance(e, SpeechStart)]
 
 
 def test_frames_must_be_whole_10ms_pieces() -> None:
