@@ -10,8 +10,9 @@ in, each from its own audio callback, as WebRTC expects:
   come back cleaned.
 
 AEC3 finds the echo delay itself (a few hundred ms of range); `delay_ms` (output + input
-latency) is only its starting hint. It adapts within seconds of the first reply and stays
-converged while the room does not change, so keep one canceller for a whole session.
+latency) is only its starting hint. It adapts during the first 2-5 s of reply speech and stays
+converged while the room does not change, so keep one canceller for a whole session, and
+until `converged`, treat what the mic hears during a reply as echo (half-duplex).
 Where the module cannot load, `EchoCanceller()` raises `EchoUnavailable` with one line, and
 the caller falls back to half-duplex (not listening while it speaks).
 """
@@ -34,9 +35,10 @@ APM_FRAME = APM_RATE // 100  # WebRTC processes exactly 10 ms at a time
 FAR_AUDIBLE_ENERGY = APM_FRAME * 10 ** (-60 / 10)
 ECHO_HOLD_FRAMES = 30  # its echo can arrive up to 300 ms later (output + input latency + room)
 ERLE_DECAY = 0.99  # per 10 ms frame: a ~1 s window
-# Seconds of audible far end after which AEC3 has converged: measured 2-4 s of reply speech
-# (through PulseAudio in real time and offline); before that up to half the echo comes through.
-CONVERGED_S = 4
+# Seconds of audible far end after which AEC3 has converged: measured 2-5 s of reply speech
+# (benchmarks/echo_cancellation.py; 2-4 s through PulseAudio in real time). Before, it removes
+# only 19-36 dB of a speech echo, and the VAD can hear the rest; after, 44-50 dB.
+CONVERGED_S = 5
 
 
 class EchoUnavailable(AudioInputError):
@@ -70,7 +72,7 @@ class EchoCanceller:
     Thread-safe: the speaker's and the microphone's callbacks may call in at the same time
     (one lock; each call into the module takes ~0.1 ms). Counters for the transcript:
     `reference_frames` and `processed_frames` (10 ms each). Live measures: `far_active_s`
-    (seconds of audible far end seen so far; AEC3 needs ~2 s of reply speech to converge) and
+    (seconds of audible far end seen so far; AEC3 needs 2-5 s of reply speech to converge) and
     `erle_db` (echo return loss enhancement over the last ~1 s while the far end was audible).
     """
 

@@ -1,6 +1,6 @@
-"""Test signals for turn-taking: steady noises and music-like tones at a level, speech at a level, pauses.
+"""Test signals: steady noises and music-like tones at a level, speech at a level, pauses, room echo.
 
-Shared by tests/audio/test_vad.py and benchmarks/turn_taking.py (which puts this folder on sys.path).
+Shared by tests/audio and benchmarks/turn_taking.py, benchmarks/echo_cancellation.py (which put this folder on sys.path).
 """
 
 from __future__ import annotations
@@ -53,6 +53,15 @@ def music(seconds: float, seed: int = 0) -> np.ndarray:
     s = np.arange(melody.size) / RATE
     pad = 0.3 * sum(np.sin(2 * np.pi * f * s) for f in (110.0, 138.6, 164.8))
     return (melody + pad).astype(np.float32)
+
+
+def room_echo(far: np.ndarray, delay_ms: int, gain_db: float) -> np.ndarray:
+    """What a microphone hears of `far` played in a room: `delay_ms` later, with two reflections, at `gain_db`."""
+    response = np.zeros(400)
+    response[[0, 40, 120]] = 1.0, 0.3, -0.15  # direct path, then reflections 2.5 and 7.5 ms later
+    echo = np.convolve(far, response)[: far.size]
+    delay = delay_ms * RATE // 1000
+    return (np.concatenate([np.zeros(delay), echo[: far.size - delay]]) * 10 ** (gain_db / 20)).astype(np.float32)
 
 
 NOISES = {"white": white_noise, "pink": pink_noise, "tone": tone, "music": music}
