@@ -149,7 +149,8 @@ def _default_index(sd: ModuleType, kind: DeviceKind) -> int | None:
 
 def list_devices(pulse: bool = True) -> list[DeviceInfo]:
     """All devices PortAudio sees, with the default input/output marked, then (with `pulse`)
-    the PulseAudio/PipeWire sources and sinks when a server answers and PortAudio can reach it.
+    the PulseAudio/PipeWire sources and sinks when a server answers and PortAudio has ALSA's
+    `pulse` device to reach them through.
 
     Raises AudioInputError (within SOUND_TIMEOUT_S) when PortAudio is missing or hangs.
     """
@@ -172,7 +173,8 @@ def list_devices(pulse: bool = True) -> list[DeviceInfo]:
         )
         for d in raw
     ]
-    gateway = next((d for name in ("pulse", "default") for d in devices if d.name == name), None)
+    # The ALSA `pulse` device (libasound2-plugins) is the one whose streams follow PULSE_SOURCE/PULSE_SINK.
+    gateway = next((d for d in devices if d.name == "pulse"), None)
     if not pulse or gateway is None:
         return devices
     first = max((d.index for d in devices), default=-1) + 1

@@ -7,8 +7,8 @@ hangover (and, on request, `SpeechPause` at a short pause, for replies started s
 A frame is voiced when two stages agree. webrtcvad, fast and sensitive, is the first; it also
 calls steady noise, tones and music speech. Silero VAD (a small recurrent network, run through
 onnxruntime from the ONNX file the `silero-vad` wheel ships: no torch, no download) confirms;
-it runs only while webrtcvad has heard something recently. Both are injected as plain
-functions, so the state machine can be tested with fakes.
+it runs only while webrtcvad has heard something recently. Both can be injected (a function
+and an object with push/reset), so the state machine can be tested with fakes.
 """
 
 from __future__ import annotations
@@ -57,8 +57,8 @@ class EndpointerConfig:
     frame_ms: int = 30
     aggressiveness: int = 2
     pre_roll_ms: int = 300
-    # 500: the shortest that cut none of 10 questions with a 400 ms mid-sentence pause
-    # (400 cut 3); see benchmarks/turn_taking.py.
+    # 500: the shortest that cut no question at a 400 ms mid-sentence pause (90 cases, 450
+    # and 400 cut one each; benchmarks/turn_taking.py). Silence alone cannot go lower safely.
     hangover_ms: int = 500
     min_speech_ms: int = 200
     start_gap_ms: int = 150
