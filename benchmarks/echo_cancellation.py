@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--questions", type=Path, default=ROOT / "tests" / "data", help="folder of spoken question WAVs")
     parser.add_argument("--delays", type=int, nargs="+", default=[30, 80, 150])
     parser.add_argument("--seconds", type=float, default=15.0)
+    parser.add_argument("--echo-db", type=float, nargs="+", default=[0.0, -6.0], help="echo levels relative to the played signal")
     args = parser.parse_args()
     speech = [load_audio(p) for p in sorted(args.questions.glob("*.wav"))]
     n = int(args.seconds * RATE)
@@ -60,7 +61,7 @@ def main() -> None:
     signals = {"white_noise": np.random.default_rng(0).normal(0, 0.1, n).astype(np.float32), "speech": reply}
     for name, far in signals.items():
         for delay in args.delays:
-            for echo_db in (0.0, -6.0):
+            for echo_db in args.echo_db:
                 echo = room_echo(far, delay, echo_db)
                 noise = np.random.default_rng(delay).normal(0, 3e-4, n).astype(np.float32)
                 out, cpu = run(far, echo + noise, delay)

@@ -18,21 +18,21 @@ def _run(script: str, *args: str) -> list[dict]:
     return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.slow  # ~5 s: 12 s of audio through the canceller
+@pytest.mark.slow  # ~5 s: 18 s of audio through the canceller
 def test_echo_cancellation_benchmark() -> None:
-    rows = _run("echo_cancellation.py", "--delays", "80", "--seconds", "6")
-    assert [(r["signal"], r["echo_db"]) for r in rows] == [("white_noise", 0.0), ("white_noise", -6.0), ("speech", 0.0), ("speech", -6.0)]
+    rows = _run("echo_cancellation.py", "--delays", "80", "--seconds", "6", "--echo-db", "-6")
+    assert [(r["signal"], r["echo_db"]) for r in rows] == [("white_noise", -6.0), ("speech", -6.0)]
     for row in rows:
         assert row["erle_db_by_time"]["5s-"] >= 30.0 and 0 < row["cpu_ms_per_10ms"] < 10
     assert all(r["double_talk_user_level_db"] > -6.0 for r in rows if r["signal"] == "speech")
 
 
-@pytest.mark.slow  # ~15 s: noise, quiet speech and paused questions through two endpointers
+@pytest.mark.slow  # ~8 s: noise, quiet speech and paused questions through two endpointers
 def test_turn_taking_benchmark_shows_noise_rejected_and_no_cut_offs() -> None:
-    before, after = _run("turn_taking.py", "--hangover-ms", "500")
+    before, after = _run("turn_taking.py", "--hangover-ms", "500", "--quick")
     assert not before["speech_model"] and before["hangover_ms"] == 600 and before["false_starts_total"] > 0
     assert after["speech_model"] and after["hangover_ms"] == 500
     assert after["false_starts_total"] == 0 and after["noise_sent_s"] == 0 and after["quiet_missed"] == 0
-    assert after["pause_cutoffs"] == 0 and after["paused_cases"] == 9 * after["questions"]  # 3 levels x 3 leads each
+    assert after["pause_cutoffs"] == 0 and after["paused_cases"] == after["questions"]  # --quick: one variant each
     assert after["end_delay_ms_median"] < before["end_delay_ms_median"]
     assert abs(after["voiced_end_error_ms_median"]) <= 60
