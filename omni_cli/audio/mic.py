@@ -8,14 +8,27 @@ streaming resampling to 16 kHz, so the rest of the program (VAD, the model) only
 from __future__ import annotations
 
 import queue
+import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, choose_stream_settings, close_stream, find_device, load_sounddevice, open_stream
+from omni_cli.audio.devices import (
+    StreamResampler,
+    choose_device,
+    choose_stream_settings,
+    close_stream,
+    load_sounddevice,
+    open_stream,
+    sound_server_problem,
+    within_deadline,
+)
 from omni_cli.audio.vad import FrameSplitter
 
+FrameFilter = Callable[[np.ndarray], np.ndarray]
+"""Cleans one 16 kHz float32 frame in the audio callback, e.g. `EchoCanceller.process`."""
 
 
 class Microphone:
@@ -25,6 +38,9 @@ class Microphone:
     `device` is an index, a (partial) device name, or None for the system default.
     `device_rate` forces the rate the device is opened at (normally chosen automatically).
     Overflows (the device or our queue could not keep up) are counted, never raised.
+    `clean`, when given, runs on every frame in the audio callback before it is queued (echo
+    cancellation must see the microphone in real time, next to the speaker's reference), so
+    every reader (VAD, barge-in, saved WAVs) gets the cleaned signal.
     """
 
     def __init__(
@@ -34,6 +50,7 @@ class Microphone:
         sample_rate: int = 16000,
         device_rate: int | None = None,
         max_queue_s: float = 10.0,
+        clean: FrameFilter | None = None,
     ) -> None:
         self.device = device
         self.frame_ms = frame_ms
@@ -45,6 +62,8 @@ class Microphone:
         self.overflows = 0  # PortAudio reported lost input (the callback ran late)
         self.dropped_frames = 0  # frames discarded because nobody read the queue in time
         self.frames: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.clean = clean
+        self.last_callback: float | None = None  # time.monotonic() of the latest audio callback (start() counts)
         self._stream: Any = None
         self._channels = 1
         self._resampler = StreamResampler(sample_rate, sample_rate)
@@ -56,9 +75,12 @@ class Microphone:
         """Open and start the input stream; raises AudioInputError with one line on failure."""
         if self._stream is not None:
             return self
-        sd = load_sounddevice()
-        index = find_device(self.device, "input")
+        sd = within_deadline(load_sounddevice, "loading PortAudio")
+        chosen = choose_device(self.device, "input")
+        index = None if chosen is None else chosen.portaudio_index
         self.device_name, rate, channels = choose_stream_settings(sd, index, "input", self.sample_rate, self.requested_device_rate)
+        if chosen is not None and chosen.pulse_name is not None:
+            self.device_name = chosen.name  # the PulseAudio source's description, not "pulse"
         self._channels = channels
         self._resampler = StreamResampler(rate, self.sample_rate)
         self._splitter.reset()
@@ -75,11 +97,13 @@ class Microphone:
             latency="low",
             callback=self._callback,
         )
+        self.last_callback = time.monotonic()
         self._stream = stream
         return self
 
     def close(self) -> None:
-        """Stop and close the stream; frames already queued stay readable."""
+        """Stop and close the stream; frames already queued stay readable. Returns within ~2 s
+        even when the sound server hangs (the stream is then abandoned)."""
         stream, self._stream = self._stream, None
         if stream is not None:
             close_stream(stream)
@@ -93,6 +117,7 @@ class Microphone:
     # -- data path --------------------------------------------------------------------
 
     def _callback(self, indata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:
+        self.last_callback = time.monotonic()
         if status.input_overflow:
             self.overflows += 1
         block = indata[:, 0] if self._channels == 1 else indata.mean(axis=1)
@@ -105,6 +130,8 @@ class Microphone:
         else:
             ready = self._splitter.push(self._resampler.process(block))
         for frame in ready:
+            if self.clean is not None:
+                frame = self.clean(frame)
             try:
                 self.frames.put_nowait(frame)
             except queue.Full:
@@ -126,6 +153,22 @@ class Microphone:
             except queue.Empty:
                 return dropped
             dropped += 1
+
+    def problem(self, stall_s: float = 0.5) -> str | None:
+        """None while audio flows; else one line saying why it stopped (the sound server went
+        away or hangs, or the device stopped), within stall_s + 1 s. Call it when read() times out."""
+        if self._stream is None:
+            return "the microphone is closed."
+        if self.last_callback is not None and time.monotonic() - self.last_callback < stall_s and self.active:
+            return None
+        return sound_server_problem(timeout=1.0) or (
+            f"the microphone '{self.device_name}' stopped delivering audio (unplugged or taken by another program?)."
+        )
+
+    @property
+    def input_latency(self) -> float:
+        """Seconds from sound at the device to its frame in our callback (PortAudio's estimate; 0 before start())."""
+        return float(self._stream.latency) if self._stream is not None else 0.0
 
     @property
     def active(self) -> bool:

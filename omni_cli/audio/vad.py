@@ -1,9 +1,14 @@
-"""Voice activity endpointing: a pure state machine turning fixed audio frames into utterances.
+"""Voice activity endpointing: a state machine turning fixed audio frames into utterances.
 
 Frames go in one at a time (`Endpointer.push`), events come out: `SpeechStart` once speech is
 confirmed, `SpeechEnd` with the whole utterance once the speaker has been quiet for the
-hangover. The speech/non-speech decision per frame is webrtcvad's, injected as a plain
-function so the state machine can be tested with a fake classifier.
+hangover (and, on request, `SpeechPause` at a short pause, for replies started speculatively).
+
+A frame is voiced when two stages agree. webrtcvad, fast and sensitive, is the first; it also
+calls steady noise, tones and music speech. Silero VAD (a small recurrent network, run through
+onnxruntime from the ONNX file the `silero-vad` wheel ships: no torch, no download) confirms;
+it runs only while webrtcvad has heard something recently. Both can be injected (a function
+and an object with push/reset), so the state machine can be tested with fakes.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ from enum import Enum
 
 import numpy as np
 
+from omni_cli.audio.speech_model import SpeechModel, SpeechModelUnavailable
 from omni_cli.errors import ConfigError
 
 # What webrtcvad accepts; anything else it rejects with an opaque error.
 VAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
 VAD_FRAME_MS = (10, 20, 30)
+
+# How long the end of a turn waits for the model to confirm what webrtcvad hears as speech.
+UNDECIDED_WAIT_MS = 200
 
 SpeechClassifier = Callable[[bytes, int], bool]
 """(16-bit little-endian PCM frame, sample rate) -> is the frame speech."""
@@ -37,17 +46,28 @@ class EndpointerConfig:
     tail_floor_db: inside an utterance, a frame quieter than its loudest frame by more than this
         counts as silence. Why: webrtcvad keeps saying "speech" for 60-90 ms after speech stops
         (its built-in overhang), which would add to hangover_ms. 0 disables the check.
+    speech_model: confirm webrtcvad's frames with Silero VAD (see the module docstring).
+    start_threshold / keep_threshold: Silero's speech probability needed to start speech, and
+        to stay in it (lower: a hysteresis, as Silero's own iterator uses).
+    pause_ms: when > 0, a `SpeechPause` is emitted after this much unvoiced time in speech
+        (the user may be done; a speculative reply can start). 0: no such events.
     """
 
     sample_rate: int = 16000
     frame_ms: int = 30
     aggressiveness: int = 2
     pre_roll_ms: int = 300
-    hangover_ms: int = 600
+    # 500: the shortest that cut no question at a 400 ms mid-sentence pause (90 cases, 450
+    # and 400 cut one each; benchmarks/turn_taking.py). Silence alone cannot go lower safely.
+    hangover_ms: int = 500
     min_speech_ms: int = 200
     start_gap_ms: int = 150
     max_utterance_s: float = 30.0
     tail_floor_db: float = 40.0
+    speech_model: bool = True
+    start_threshold: float = 0.5
+    keep_threshold: float = 0.35
+    pause_ms: int = 0
 
     def __post_init__(self) -> None:
         if self.sample_rate not in VAD_SAMPLE_RATES:
@@ -56,7 +76,9 @@ class EndpointerConfig:
             raise ConfigError(f"VAD frame length {self.frame_ms} ms is not one of {VAD_FRAME_MS}; pick one of those.")
         if not 0 <= self.aggressiveness <= 3:
             raise ConfigError(f"VAD aggressiveness {self.aggressiveness} is outside 0..3; 0 keeps most audio, 3 drops most.")
-        for name in ("pre_roll_ms", "hangover_ms", "min_speech_ms", "start_gap_ms", "tail_floor_db"):
+        if not 0.0 <= self.keep_threshold <= self.start_threshold <= 1.0:
+            raise ConfigError(f"VAD thresholds must satisfy 0 <= keep ({self.keep_threshold}) <= start ({self.start_threshold}) <= 1.")
+        for name in ("pre_roll_ms", "hangover_ms", "min_speech_ms", "start_gap_ms", "tail_floor_db", "pause_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"VAD {name} is {getattr(self, name)}; it must be 0 or more.")
         if self.hangover_ms < self.frame_ms or self.max_utterance_s * 1000 < self.frame_ms:
@@ -83,21 +105,39 @@ class SpeechStart:
 
 
 @dataclass(frozen=True)
+class SpeechPause:
+    """pause_ms of silence after speech (only with pause_ms > 0): the user may be done.
+
+    `audio` is the utterance so far (as SpeechEnd's would be now), `voiced_end_t` the stream
+    time (s) where the last voiced frame ended. A SpeechEnd follows if the silence lasts
+    the hangover; if the user speaks on, the same utterance goes on and may pause again.
+    """
+
+    t: float
+    audio: np.ndarray
+    voiced_end_t: float
+    audio_start_t: float = 0.0
+
+
+@dataclass(frozen=True)
 class SpeechEnd:
     """The utterance is over; `t` is the stream time (s) of the decision (the endpoint).
 
     `audio` is the whole utterance as float32: pre-roll, speech, and the trailing hangover.
     `forced` is True when max_utterance_s cut it while speech went on.
     `audio_start_t` is the stream time (s) of audio[0].
+    `voiced_end_t` is the stream time (s) where the last voiced frame ended: the true end of
+    the user's speech (within a frame), from which the latency a user feels is measured.
     """
 
     t: float
     audio: np.ndarray
     forced: bool = False
     audio_start_t: float = 0.0
+    voiced_end_t: float = 0.0
 
 
-Event = SpeechStart | SpeechEnd
+Event = SpeechStart | SpeechPause | SpeechEnd
 
 
 def webrtc_classifier(aggressiveness: int) -> SpeechClassifier:
@@ -173,9 +213,23 @@ class Endpointer:
     max_utterance_s, ends the utterance (SpeechEnd) and returns to silence.
     """
 
-    def __init__(self, config: EndpointerConfig | None = None, is_speech: SpeechClassifier | None = None) -> None:
+    def __init__(
+        self,
+        config: EndpointerConfig | None = None,
+        is_speech: SpeechClassifier | None = None,
+        speech_model: SpeechModel | None = None,
+    ) -> None:
         self.config = config or EndpointerConfig()
         self.is_speech: SpeechClassifier = is_speech or webrtc_classifier(self.config.aggressiveness)
+        # The confirming model: given, loaded (config.speech_model), or None. A model that cannot
+        # load leaves webrtcvad alone and says why in `model_problem` (one line, for the screen).
+        self.model_problem: str | None = None
+        if speech_model is None and self.config.speech_model:
+            try:
+                speech_model = SpeechModel(self.config.sample_rate)
+            except SpeechModelUnavailable as exc:
+                self.model_problem = str(exc)
+        self.speech_model = speech_model
         c = self.config
         self._frame_samples = c.frame_samples
         self._pre_roll_frames = c.frames_for(c.pre_roll_ms)
@@ -183,6 +237,8 @@ class Endpointer:
         self._min_speech_frames = max(1, c.frames_for(c.min_speech_ms))
         self._start_gap_frames = max(1, c.frames_for(c.start_gap_ms))
         self._max_frames = max(1, int(c.max_utterance_s * 1000 // c.frame_ms))
+        self._pause_frames = c.frames_for(c.pause_ms) if c.pause_ms else 0
+        self._undecided_max = c.frames_for(UNDECIDED_WAIT_MS)
         self._tail_floor = 10.0 ** (-c.tail_floor_db / 10.0) if c.tail_floor_db > 0 else 0.0
         self._splitter = FrameSplitter(self._frame_samples)
         self._frames_seen = 0
@@ -198,7 +254,14 @@ class Endpointer:
         self._peak_energy = 0.0
         self._voiced = 0
         self._unvoiced_run = 0
+        self._undecided_run = 0  # trailing frames webrtcvad calls speech and the model not (yet)
+        self._last_voiced = 0  # index of the last voiced frame in the utterance
+        self._quiet_run = 0  # frames since webrtcvad last said speech
+        self._model_warm = False
+        self.last_probability = 0.0  # the model's latest speech probability (for meters and tests)
         self._splitter.reset()
+        if self.speech_model is not None:
+            self.speech_model.reset()
 
     @property
     def in_speech(self) -> bool:
@@ -219,10 +282,30 @@ class Endpointer:
                 f"({self.config.frame_ms} ms at {self.config.sample_rate} Hz)"
             )
         pcm = frame if isinstance(frame, (bytes, bytearray)) else to_pcm16(audio)
-        voiced = bool(self.is_speech(bytes(pcm), self.config.sample_rate))
+        heard = bool(self.is_speech(bytes(pcm), self.config.sample_rate))
+        voiced = self._confirm(audio, heard) if self.speech_model is not None else heard
         index = self._frames_seen
         self._frames_seen += 1
-        return self._step(audio.copy(), voiced, index)
+        return self._step(audio.copy(), voiced, index, undecided=heard and not voiced)
+
+    def _confirm(self, audio: np.ndarray, first_stage: bool) -> bool:
+        """Second stage: Silero's probability, run while webrtcvad heard speech within the pre-roll.
+
+        Starting cold, the model first hears the pre-roll, so its recurrent state has context.
+        """
+        self._quiet_run = 0 if first_stage else self._quiet_run + 1
+        if self._state is _State.SILENCE and self._quiet_run > self._pre_roll_frames:
+            self._model_warm = False
+            self.last_probability = 0.0
+            return False
+        if not self._model_warm:
+            self.speech_model.reset()
+            for earlier in self._pre_roll:
+                self.speech_model.push(earlier)
+            self._model_warm = True
+        self.last_probability = self.speech_model.push(audio)
+        threshold = self.config.keep_threshold if self._state is _State.SPEECH else self.config.start_threshold
+        return first_stage and self.last_probability >= threshold
 
     def feed(self, audio: np.ndarray) -> list[Event]:
         """Feed audio of any length at the configured rate; a partial frame waits for the next call."""
@@ -244,7 +327,8 @@ class Endpointer:
     def _frame_time(self, index: int) -> float:
         return index * self.config.frame_ms / 1000.0
 
-    def _step(self, audio: np.ndarray, voiced: bool, index: int) -> list[Event]:
+    def _step(self, audio: np.ndarray, voiced: bool, index: int, undecided: bool = False) -> list[Event]:
+        """Advance by one frame. `undecided`: webrtcvad heard speech that the model has not (yet) confirmed."""
         energy = float(np.dot(audio, audio)) / max(1, audio.size)
         if self._state is _State.SILENCE:
             if not voiced:
@@ -255,21 +339,25 @@ class Endpointer:
             self._utterance_start = index - len(self._pre_roll)
             self._pre_roll.clear()
             self._utterance.append(audio)
-            self._onset_frame = index
+            self._onset_frame = self._last_voiced = index
             self._peak_energy = energy
-            self._voiced, self._unvoiced_run = 1, 0
+            self._voiced, self._unvoiced_run, self._undecided_run = 1, 0, 0
             self._state = _State.ONSET
             return self._confirm_if_enough()
 
         self._utterance.append(audio)
-        if voiced and self._tail_floor:
-            voiced = energy >= self._peak_energy * self._tail_floor
-            self._peak_energy = max(self._peak_energy, energy)
+        if self._tail_floor:
+            loud_enough = energy >= self._peak_energy * self._tail_floor
+            voiced, undecided = voiced and loud_enough, undecided and loud_enough
+            if voiced:
+                self._peak_energy = max(self._peak_energy, energy)
         if voiced:
             self._voiced += 1
-            self._unvoiced_run = 0
+            self._unvoiced_run = self._undecided_run = 0
+            self._last_voiced = index
         else:
             self._unvoiced_run += 1
+            self._undecided_run = self._undecided_run + 1 if undecided else 0
 
         if self._state is _State.ONSET:
             if voiced:
@@ -278,11 +366,22 @@ class Endpointer:
                 self._drop_onset()
             return []
 
-        # In speech.
-        if self._unvoiced_run >= self._hangover_frames:
+        # In speech. Why wait on undecided frames: after a pause the model needs ~100 ms to
+        # confirm a soft onset that webrtcvad hears at once; ending meanwhile cuts the speaker off.
+        waiting = 0 < self._undecided_run < self._undecided_max
+        if self._unvoiced_run >= self._hangover_frames and not waiting:
             return [self._close(forced=False)]
         if len(self._utterance) >= self._max_frames:
             return [self._close(forced=True)]
+        if self._pause_frames and self._unvoiced_run == self._pause_frames:
+            return [
+                SpeechPause(
+                    t=self.time,
+                    audio=np.concatenate(self._utterance),
+                    voiced_end_t=self._frame_time(self._last_voiced + 1),
+                    audio_start_t=self._frame_time(self._utterance_start),
+                )
+            ]
         return []
 
     def _confirm_if_enough(self) -> list[Event]:
@@ -302,8 +401,14 @@ class Endpointer:
 
     def _close(self, forced: bool) -> SpeechEnd:
         audio = np.concatenate(self._utterance) if self._utterance else np.zeros(0, dtype=np.float32)
-        event = SpeechEnd(t=self.time, audio=audio, forced=forced, audio_start_t=self._frame_time(self._utterance_start))
+        event = SpeechEnd(
+            t=self.time,
+            audio=audio,
+            forced=forced,
+            audio_start_t=self._frame_time(self._utterance_start),
+            voiced_end_t=self._frame_time(self._last_voiced + 1),
+        )
         self._utterance = []
         self._state = _State.SILENCE
-        self._voiced = self._unvoiced_run = 0
+        self._voiced = self._unvoiced_run = self._undecided_run = 0
         return event

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from signals import NOISES, at_dbfs, split_at_inner_gap, true_bounds, with_pause
+
 from omni_cli.audio.io import load_audio
+from omni_cli.audio.speech_model import SpeechModel
 from omni_cli.audio.vad import (
     Endpointer,
     EndpointerConfig,
     Event,
     FrameSplitter,
     SpeechEnd,
+    SpeechPause,
     SpeechStart,
     frames,
     to_float32,
@@ -31,7 +36,7 @@ RATE = 16000
 # 10 ms frames: 3 frames pre-roll, 5 frames to confirm, 3 unvoiced frames drop an onset,
 # 10 unvoiced frames end speech, 100 frames at most.
 SMALL = EndpointerConfig(
-    frame_ms=10, pre_roll_ms=30, min_speech_ms=50, start_gap_ms=30, hangover_ms=100, max_utterance_s=1.0
+    frame_ms=10, pre_roll_ms=30, min_speech_ms=50, start_gap_ms=30, hangover_ms=100, max_utterance_s=1.0, speech_model=False
 )
 
 
@@ -88,7 +93,7 @@ def test_short_gaps_inside_an_onset_do_not_drop_it() -> None:
 
 def test_dropped_onset_returns_to_pre_roll() -> None:
     config = EndpointerConfig(
-        frame_ms=10, pre_roll_ms=60, min_speech_ms=50, start_gap_ms=30, hangover_ms=100, max_utterance_s=1.0
+        frame_ms=10, pre_roll_ms=60, min_speech_ms=50, start_gap_ms=30, hangover_ms=100, max_utterance_s=1.0, speech_model=False
     )
     # Onset at frame 3 dropped at frame 8; speech from frame 9: the pre-roll holds frames 3..8.
     events, source = run("..." + "vvv" + "..." + "v" * 6 + "." * 10, config)
@@ -181,12 +186,6 @@ def test_wrong_frame_length_and_bad_settings_are_rejected() -> None:
 LEAD_S, TAIL_S = 1.0, 1.5  # silence padded before and after each clip
 
 
-def true_bounds(audio: np.ndarray, threshold: float = 0.02) -> tuple[float, float]:
-    """Onset/offset (s): first and last sample above `threshold` × the clip's peak."""
-    loud = np.flatnonzero(np.abs(audio) > threshold * np.abs(audio).max())
-    return loud[0] / RATE, (loud[-1] + 1) / RATE
-
-
 def assert_one_utterance(padded: np.ndarray, onset: float, offset: float, config: EndpointerConfig) -> None:
     endpointer = Endpointer(config)
     events = endpointer.feed(padded) + endpointer.flush()
@@ -195,6 +194,9 @@ def assert_one_utterance(padded: np.ndarray, onset: float, offset: float, config
     hangover = config.hangover_ms / 1000
     assert abs(start.t - onset) <= 0.1, (start.t, onset)
     assert hangover - 0.1 <= end.t - offset <= hangover + 0.1, (end.t, offset)
+    # voiced_end_t is the true end of speech (measured +13 ms median, 25 ms at most), the decision a hangover later.
+    assert abs(end.voiced_end_t - offset) <= 0.06, (end.voiced_end_t, offset)
+    assert end.t - end.voiced_end_t == pytest.approx(config.frames_for(config.hangover_ms) * config.frame_ms / 1000)
     assert not end.forced
     # The utterance holds all the speech and is the stream's own samples.
     first = round(end.audio_start_t * RATE)
@@ -252,3 +254,134 @@ def test_long_speech_is_cut_at_max_utterance(question_16k: list[np.ndarray]) -> 
     assert ends[0].t == pytest.approx(ends[0].audio_start_t + 1.5)
     assert all(e.audio.size <= ends[0].audio.size for e in ends)
     assert len(ends) >= speech.size / RATE / 1.5 - 1  # it keeps cutting, it does not stop listening
+
+
+# -- the second stage: Silero ignores noise and music, hears quiet speech -----------------------
+
+
+@pytest.mark.parametrize("level", [-30.0, -20.0])
+@pytest.mark.parametrize("noise", sorted(NOISES))
+def test_steady_noise_and_music_start_no_turn(noise: str, level: float) -> None:
+    audio = at_dbfs(NOISES[noise](10.0), level)
+    confirmed = Endpointer()
+    assert confirmed.model_problem is None
+    assert [e for e in confirmed.feed(audio) + confirmed.flush() if isinstance(e, SpeechStart)] == []
+    if level == -20.0:  # webrtcvad alone takes every one of them for speech (as before this change)
+        alone = Endpointer(EndpointerConfig(speech_model=False))
+        assert any(isinstance(e, SpeechStart) for e in alone.feed(audio) + alone.flush())
+
+
+def test_quiet_speech_still_starts_a_turn(question_16k: list[np.ndarray], espeak_wav: Path) -> None:
+    for speech in [*question_16k, load_audio(espeak_wav)]:
+        audio = np.concatenate([np.zeros(RATE, np.float32), at_dbfs(speech, -30.0), np.zeros(RATE, np.float32)])
+        endpointer = Endpointer()
+        events = endpointer.feed(audio) + endpointer.flush()
+        assert [type(e) for e in events] == [SpeechStart, SpeechEnd], events
+
+
+def test_speech_over_steady_noise_starts_and_ends_a_turn(question_16k: list[np.ndarray]) -> None:
+    """In a noisy room the turn must still end: webrtcvad alone would hear the noise as speech forever."""
+    speech = at_dbfs(question_16k[0], -20.0)
+    _, offset = true_bounds(speech)
+    audio = np.concatenate([np.zeros(RATE, np.float32), speech, np.zeros(3 * RATE, np.float32)])
+    audio += at_dbfs(NOISES["pink"](audio.size / RATE), -28.0)
+    events = Endpointer().feed(audio)
+    assert [type(e) for e in events] == [SpeechStart, SpeechEnd], events
+    # The hangover, plus up to UNDECIDED_WAIT_MS while webrtcvad still calls the noise speech.
+    assert events[1].t - (1.0 + offset) <= 0.5 + 0.2 + 0.06
+    alone = Endpointer(EndpointerConfig(speech_model=False)).feed(audio)
+    assert not any(isinstance(e, SpeechEnd) for e in alone)
+
+
+def test_a_400ms_mid_sentence_pause_does_not_end_the_turn(question_16k: list[np.ndarray]) -> None:
+    for speech in question_16k:
+        audio, _, resume = with_pause(*split_at_inner_gap(speech), pause_s=0.4)
+        padded = np.concatenate([audio, np.zeros(RATE, np.float32)])  # no lead: the model starts cold, the hardest case
+        ends = [e for e in Endpointer().feed(padded) if isinstance(e, SpeechEnd)]
+        assert len(ends) == 1 and ends[0].voiced_end_t > resume, [(e.t, e.voiced_end_t) for e in ends]
+
+
+def test_speech_pause_comes_before_the_end_and_again_after_more_speech() -> None:
+    config = EndpointerConfig(**{**SMALL.__dict__, "pause_ms": 40})
+    events, source = run("." * 5 + "v" * 10 + "." * 5 + "v" * 5 + "." * 12, config)
+    kinds = [(i, type(e)) for i, e in events]
+    # Pauses 4 frames after each last voiced frame (14, 24); the end 10 frames after the last.
+    assert kinds == [(9, SpeechStart), (18, SpeechPause), (28, SpeechPause), (34, SpeechEnd)]
+    first_pause, end = events[1][1], events[3][1]
+    assert first_pause.voiced_end_t == pytest.approx(0.15) and first_pause.t == pytest.approx(0.19)
+    np.testing.assert_array_equal(first_pause.audio, np.concatenate(source[2:19]))
+    assert end.voiced_end_t == pytest.approx(0.25) and end.audio_start_t == first_pause.audio_start_t
+
+
+def test_without_the_model_webrtcvad_decides_and_the_reason_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "silero_vad" else find_spec(name, *a))
+    endpointer = Endpointer()
+    assert endpointer.speech_model is None
+    assert endpointer.model_problem == "speech confirmation unavailable: the silero-vad package is not installed (pip install silero-vad)."
+    noise = at_dbfs(NOISES["white"](3.0), -20.0)
+    assert any(isinstance(e, SpeechStart) for e in endpointer.feed(noise))
+
+
+def test_speech_model_gives_the_same_probabilities_however_the_audio_is_cut(question_16k: list[np.ndarray]) -> None:
+    audio = question_16k[0][: 2 * RATE]
+    whole, pieces = SpeechModel(), SpeechModel()
+    by_chunk = [whole.push(audio[i : i + 512]) for i in range(0, audio.size - 511, 512)]
+    cuts = np.cumsum(np.random.default_rng(0).integers(1, 900, size=100))
+    seen = []
+    for piece in np.split(audio, cuts[cuts < audio.size]):
+        before = pieces._pending.size + piece.size
+        p = pieces.push(piece)
+        if before >= 512:
+            seen.append(p)
+    assert max(by_chunk) > 0.9 and min(by_chunk) < 0.1  # speech and the pauses around it
+    assert seen[-1] == pytest.approx(by_chunk[-1], abs=1e-6)
+    assert set(np.round(seen, 5)) <= set(np.round(by_chunk, 5))
+
+
+def test_the_audio_package_never_imports_torch() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "from omni_cli.audio import devices, echo, io, mic, speech_model, vad\n"
+        "e = vad.Endpointer(); e.feed(np.zeros(16000, np.float32))\n"
+        "echo.EchoCanceller().process(np.zeros(480, np.float32))\n"
+        "assert e.speech_model is not None\n"
+        "print('torch' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+class ScriptedModel:
+    """Stands in for SpeechModel: returns the next scripted probability per pushed frame."""
+
+    def __init__(self, probabilities: list[float]) -> None:
+        self.probabilities = list(probabilities)
+        self.pushed = 0
+
+    def reset(self) -> None:
+        pass
+
+    def push(self, audio: np.ndarray) -> float:
+        self.pushed += 1
+        return self.probabilities.pop(0) if self.probabilities else 0.0
+
+
+def test_the_end_waits_for_the_model_on_what_webrtcvad_hears() -> None:
+    """10 ms frames, hangover 10: speech, 9 silent frames, then webrtcvad hears speech the model confirms late."""
+    config = EndpointerConfig(**{**SMALL.__dict__, "speech_model": True})
+    labels = "v" * 10 + "." * 9 + "v" * 8 + "." * 40
+    late = [1.0] * 10 + [0.0] * 9 + [0.1] * 5 + [0.9] * 3 + [0.0] * 40  # confirmed 5 frames after it resumed
+    endpointer = Endpointer(config, is_speech=loud_is_speech, speech_model=ScriptedModel(late))
+    events = [(i, e) for i, f in enumerate(labelled_frames(labels, config.frame_samples)) for e in endpointer.push(f)]
+    assert [(i, type(e)) for i, e in events] == [(4, SpeechStart), (36, SpeechEnd)]  # one turn: not cut at frame 19
+    assert events[1][1].voiced_end_t == pytest.approx(0.27)
+    # Never confirmed (noise): the end comes UNDECIDED_WAIT_MS (20 frames) after the hangover was due.
+    never = [1.0] * 10 + [0.0] * 60
+    endpointer = Endpointer(config, is_speech=loud_is_speech, speech_model=ScriptedModel(never))
+    events = [(i, e) for i, f in enumerate(labelled_frames("v" * 10 + "." * 9 + "v" * 50, config.frame_samples)) for e in endpointer.push(f)]
+    assert [(i, type(e)) for i, e in events] == [(4, SpeechStart), (38, SpeechEnd)]
+    assert events[1][1].voiced_end_t == pytest.approx(0.10)

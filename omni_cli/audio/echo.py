@@ -1,0 +1,182 @@
+"""Echo cancellation: remove what the speaker plays from the microphone, so omni can listen while it talks.
+
+WebRTC's audio processing module (AEC3 echo canceller, high-pass filter, optional noise
+suppression), as shipped in the `livekit` wheel, works on 10 ms int16 frames. Two streams go
+in, each from its own audio callback, as WebRTC expects:
+
+- the far end (`play_reference`): every block handed to the speaker, silence included, at the
+  speaker's rate; it is resampled to 16 kHz here;
+- the near end (`process`): the microphone's 16 kHz frames (any whole number of 10 ms), which
+  come back cleaned.
+
+AEC3 finds the echo delay itself (a few hundred ms of range); `delay_ms` (output + input
+latency) is only its starting hint. It adapts during the first 2-5 s of reply speech and stays
+converged while the room does not change, so keep one canceller for a whole session, and
+until `converged`, treat what the mic hears during a reply as echo (half-duplex).
+Where the module cannot load, `EchoCanceller()` raises `EchoUnavailable` with one line, and
+the caller falls back to half-duplex (not listening while it speaks).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from omni_cli.audio.devices import StreamResampler
+from omni_cli.audio.vad import FrameSplitter, to_float32
+from omni_cli.errors import AudioInputError, one_line
+
+APM_RATE = 16000
+APM_FRAME = APM_RATE // 100  # WebRTC processes exactly 10 ms at a time
+# A 10 ms reference frame louder than -60 dBFS is audible far end (its echo may follow).
+FAR_AUDIBLE_ENERGY = APM_FRAME * 10 ** (-60 / 10)
+ECHO_HOLD_FRAMES = 30  # its echo can arrive up to 300 ms later (output + input latency + room)
+ERLE_DECAY = 0.99  # per 10 ms frame: a ~1 s window
+# Seconds of audible far end after which AEC3 has converged: measured 2-5 s of reply speech
+# (benchmarks/echo_cancellation.py; 2-4 s through PulseAudio in real time). Before, it removes
+# only 19-36 dB of a speech echo, and the VAD can hear the rest; after, 44-50 dB.
+CONVERGED_S = 5
+
+
+class EchoUnavailable(AudioInputError):
+    """The echo canceller cannot run here; the message is one line saying why."""
+
+
+@dataclass(frozen=True)
+class EchoSettings:
+    """What the audio processing module does to the microphone.
+
+    delay_ms: the speaker's output latency plus the microphone's input latency (a hint; AEC3
+        estimates the true delay itself).
+    high_pass: remove rumble below ~80 Hz (WebRTC's recommended companion to AEC3).
+    noise_suppression: WebRTC's stationary-noise suppressor; off by default because the VAD
+        confirmation already ignores steady noise and suppression colours quiet speech.
+    """
+
+    delay_ms: int = 50
+    high_pass: bool = True
+    noise_suppression: bool = False
+
+
+def _to_pcm16(samples: np.ndarray) -> bytearray:
+    """float32 [-1, 1] → a writable int16 buffer (the module processes it in place)."""
+    return bytearray(np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2").tobytes())
+
+
+class EchoCanceller:
+    """WebRTC AEC3 on 16 kHz mono: `play_reference()` what is played, `process()` what is heard.
+
+    Thread-safe: the speaker's and the microphone's callbacks may call in at the same time
+    (one lock; each call into the module takes ~0.1 ms). Counters for the transcript:
+    `reference_frames` and `processed_frames` (10 ms each). Live measures: `far_active_s`
+    (seconds of audible far end seen so far; AEC3 needs 2-5 s of reply speech to converge) and
+    `erle_db` (echo return loss enhancement over the last ~1 s while the far end was audible).
+    """
+
+    def __init__(self, settings: EchoSettings | None = None) -> None:
+        self.settings = settings or EchoSettings()
+        self._apm, self._frame_type = _load_module(self.settings)
+        self._lock = threading.Lock()
+        self._delay_ms = int(self.settings.delay_ms)
+        self._reference_rate = APM_RATE
+        self._resampler = StreamResampler(APM_RATE, APM_RATE)
+        self._splitter = FrameSplitter(APM_FRAME)
+        self.reference_frames = 0
+        self.processed_frames = 0
+        self.far_active_s = 0.0
+        self._far_hold = 0  # 10 ms frames the echo of the last audible reference may still arrive
+        self._energy_in = self._energy_out = 0.0  # ~1 s exponential windows while the far end is audible
+
+    def set_delay_ms(self, delay_ms: float) -> None:
+        """Update the output + input latency hint (ms), e.g. once both streams are open."""
+        self._delay_ms = max(0, int(round(delay_ms)))
+
+    @property
+    def delay_ms(self) -> int:
+        """The current latency hint in ms."""
+        return self._delay_ms
+
+    def play_reference(self, block: np.ndarray, rate: int = APM_RATE) -> None:
+        """Tell the canceller what the speaker is playing now: call once per output block, silence included.
+
+        `block` is mono (or frames × channels, averaged) at `rate`. Why every block: the module
+        pairs the far-end timeline with the microphone's, so gaps would shift it.
+        """
+        samples = np.asarray(block, dtype=np.float32)
+        if samples.ndim == 2:
+            samples = samples[:, 0] if samples.shape[1] == 1 else samples.mean(axis=1)
+        with self._lock:
+            if rate != self._reference_rate:
+                self._reference_rate = int(rate)
+                self._resampler = StreamResampler(int(rate), APM_RATE)
+                self._splitter.reset()
+            for frame in self._splitter.push(self._resampler.process(samples)):
+                self._apm.process_reverse_stream(self._frame_type(_to_pcm16(frame), APM_RATE, 1, APM_FRAME))
+                self.reference_frames += 1
+                if float(np.dot(frame, frame)) > FAR_AUDIBLE_ENERGY:
+                    self.far_active_s += APM_FRAME / APM_RATE
+                    self._far_hold = ECHO_HOLD_FRAMES
+
+    def process(self, frame: np.ndarray) -> np.ndarray:
+        """Clean microphone audio: 16 kHz mono, a whole number of 10 ms frames (float32 or int16) → float32."""
+        samples = to_float32(frame)
+        if samples.size % APM_FRAME:
+            raise ValueError(f"echo cancellation needs whole 10 ms frames ({APM_FRAME} samples at 16 kHz); got {samples.size}")
+        out = np.empty(samples.size, dtype=np.float32)
+        with self._lock:
+            for start in range(0, samples.size, APM_FRAME):
+                pcm = _to_pcm16(samples[start : start + APM_FRAME])
+                self._apm.set_stream_delay_ms(self._delay_ms)
+                self._apm.process_stream(self._frame_type(pcm, APM_RATE, 1, APM_FRAME))
+                cleaned = np.frombuffer(pcm, dtype="<i2") / np.float32(32768.0)
+                out[start : start + APM_FRAME] = cleaned
+                self.processed_frames += 1
+                if self._far_hold > 0:
+                    self._far_hold -= 1
+                    heard = samples[start : start + APM_FRAME]
+                    self._energy_in = ERLE_DECAY * self._energy_in + float(np.dot(heard, heard))
+                    self._energy_out = ERLE_DECAY * self._energy_out + float(np.dot(cleaned, cleaned))
+        return out
+
+    @property
+    def converged(self) -> bool:
+        """True once enough reply audio was played for the echo to be removed (see CONVERGED_S).
+
+        Before that, treat speech heard while the reply plays as echo (half-duplex)."""
+        return self.far_active_s >= CONVERGED_S
+
+    @property
+    def erle_db(self) -> float | None:
+        """How much quieter the cleaned microphone is than the raw one (dB) over the last ~1 s of
+        audible far end; None before any. Near-end speech and room noise pull it down."""
+        with self._lock:
+            if self._energy_in <= 0.0:
+                return None
+            return float(10.0 * np.log10(self._energy_in / max(self._energy_out, 1e-12)))
+
+
+def _load_module(settings: EchoSettings) -> tuple[Any, Any]:
+    """(AudioProcessingModule instance, AudioFrame class), or EchoUnavailable saying why not."""
+    try:
+        from livekit.rtc import AudioFrame, AudioProcessingModule
+    except ImportError as exc:
+        if getattr(exc, "name", None) in ("livekit", "livekit.rtc"):
+            reason = "the livekit package is not installed (pip install livekit)"
+        else:  # livekit's native library failed to load (e.g. an unsupported platform)
+            reason = one_line(exc)
+        raise EchoUnavailable(f"echo cancellation unavailable: {reason}.") from exc
+    except Exception as exc:  # noqa: BLE001 - a broken native module must not stop a conversation
+        raise EchoUnavailable(f"echo cancellation unavailable: {one_line(exc)}.") from exc
+    try:
+        apm = AudioProcessingModule(
+            echo_cancellation=True,
+            high_pass_filter=settings.high_pass,
+            noise_suppression=settings.noise_suppression,
+            auto_gain_control=False,  # AGC would pump the level the VAD thresholds rely on
+        )
+    except Exception as exc:  # noqa: BLE001 - the native runtime's errors are not typed
+        raise EchoUnavailable(f"echo cancellation unavailable: cannot start WebRTC's audio processing ({one_line(exc)}).") from exc
+    return apm, AudioFrame
