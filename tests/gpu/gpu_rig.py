@@ -1,10 +1,9 @@
 """What the GPU suite (tests/gpu) is made of: the device, the models it answers with, the `omni` runs.
 
 By default the suite runs on CUDA and is skipped, with the reason, where no CUDA GPU is
-visible. `OMNI_TEST_DEVICE=cpu` rehearses it on the CPU: the same
-commands and checks, with what a CPU cannot do left out (bf16 training becomes fp32; NCCL
-becomes gloo; memory ordering is only checked on CUDA) and quantization let through by
-omni_probe.py. Each case writes its figures as one JSON line to $OUT/gpu_suite.jsonl when
+visible. `OMNI_TEST_DEVICE=cpu` rehearses it on the CPU: the same commands and checks, with
+what a CPU cannot do left out (bf16 training becomes fp32, NCCL becomes gloo, memory ordering
+is only checked on CUDA) and quantization let through by omni_probe.py. Each case writes its figures as one JSON line to $OUT/gpu_suite.jsonl when
 OUT is set, so a device run brings them back.
 
 Commands run as real subprocesses (tests/gpu/omni_probe.py = `omni` plus its peak memory), so
@@ -21,7 +20,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,6 @@ class Rig:
     device: str
     workdir: Path
     out: Path | None
-    records: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def device_name(self) -> str:
@@ -108,9 +106,8 @@ class Rig:
         return self.run([sys.executable, str(HERE / "omni_probe.py"), *map(str, args)], timeout)
 
     def record(self, case: str, **figures: Any) -> None:
-        """Keep one case's figures; appended to $OUT/gpu_suite.jsonl when OUT is set."""
+        """Append one case's figures to $OUT/gpu_suite.jsonl when OUT is set."""
         row = {"case": case, "device": self.device_name, **figures}
-        self.records.append(row)
         if self.out is not None:
             with (self.out / "gpu_suite.jsonl").open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -120,7 +117,6 @@ class Rig:
 class RandomModel:
     """A random model in the released layout: pass as --model, --speech-encoder, --vocoder."""
 
-    name: str
     model_dir: Path
     speech_encoder: Path
     vocoder_dir: Path
@@ -151,7 +147,7 @@ def write_mid_model(root: Path, sizes: dict[str, Any]) -> RandomModel:
     vocoder = dict(get_preset(memory.FULL_PRESET).vocoder.config) if s["released_vocoder"] else {}
     paths = memory.write_full_model(memory.FullSpec(omni, s["adaptor"], whisper, vocoder), root, seed=0)
     # memory.py's N(0, 0.02) weights make greedy decoding repeat one token, whose frames collapse into one unit.
-    return RandomModel("mid", paths.model_dir, paths.speech_encoder, paths.vocoder_dir, temperature=1.0)
+    return RandomModel(paths.model_dir, paths.speech_encoder, paths.vocoder_dir, temperature=1.0)
 
 
 class RandomModels:

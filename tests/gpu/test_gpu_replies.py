@@ -41,7 +41,7 @@ def test_question_answered_at_precision(replies: Replies, rig: Rig, model: str, 
 
 
 @slow
-def test_quantized_replies_take_less_memory(replies: Replies, rig: Rig) -> None:
+def test_quantized_replies_take_less_memory_at_mid_size(replies: Replies, rig: Rig) -> None:
     if rig.device != "cuda":
         pytest.skip("on a CPU bitsandbytes dequantizes into the process's memory: peak RSS does not show the packing")
     peak = {p: replies.get("mid", p).ran.figures["cuda_peak_allocated_bytes"] for p in ("fp16", "8bit", "4bit")}
