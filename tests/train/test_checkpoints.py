@@ -14,15 +14,9 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.errors import ConfigError
-from omni_cli.train import trainer
-from omni_cli.train.trainer import (
-    TRAINER_STATE_FILE,
-    FinetuneConfig,
-    finetune,
-    latest_checkpoint,
-    load_trainer_state,
-    save_checkpoint,
-)
+from omni_cli.train import checkpoints, trainer
+from omni_cli.train.checkpoints import TRAINER_STATE_FILE, latest_checkpoint, load_trainer_state, save_checkpoint
+from omni_cli.train.trainer import FinetuneConfig, finetune
 
 
 def _manifest(tmp_path: Path) -> Path:
@@ -81,7 +75,7 @@ def test_every_checkpoint_file_is_fsynced_before_the_rename(tiny_model, tmp_path
         synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
         real_fsync(fd)
 
-    monkeypatch.setattr(trainer.os, "fsync", recording_fsync)
+    monkeypatch.setattr(checkpoints.os, "fsync", recording_fsync)
     out = save_checkpoint({"w": torch.ones(3)}, tiny_model.model_dir, tmp_path / "ck", {"step": 1}, None)
     written = {p.name for p in out.iterdir()}
     assert {"model-00001-of-00001.safetensors", "model.safetensors.index.json", TRAINER_STATE_FILE, "config.json"} <= written

@@ -14,7 +14,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from omni_cli.train.trainer import TRAINER_STATE_FILE
+from omni_cli.train.checkpoints import TRAINER_STATE_FILE
 
 
 def _free_port() -> int:

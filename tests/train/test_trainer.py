@@ -17,7 +17,8 @@ from omni_cli.cli import app
 from omni_cli.model.loading import load_omni
 from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import Done, SpeechToSpeech
-from omni_cli.train.trainer import TRAINER_STATE_FILE, FinetuneConfig, finetune, load_trainer_state
+from omni_cli.train.checkpoints import TRAINER_STATE_FILE, load_trainer_state
+from omni_cli.train.trainer import FinetuneConfig, finetune
 
 # Short questions and replies made of words the tiny tokenizer knows; unit targets are
 # arbitrary (no HuBERT here), repeats merged like real targets, and no longer than the
