@@ -1,9 +1,15 @@
-"""Fine-tuning checkpoints on disk: atomic directory saves, the trainer state, RNG state, resume and pruning.
+"""Fine-tuning on disk: resume points (`checkpoint-N/`), the exported model (`final/`), and their upkeep.
 
-A checkpoint is a directory in the released layout (config.json, tokenizer, safetensors
-shards) plus `trainer_state.pt` (optimizer, scheduler, step, RNG), which loads with
-`torch.load(weights_only=True)`. Every directory is written under a temporary name and
-renamed into place, so an interrupted save never leaves half a checkpoint.
+- `checkpoint-N/` holds only what resuming needs: the trained parameters in float32 (the
+  speech decoder in stage 2; adaptor + LLM, or adaptor + LoRA adapters, in stage 1) as
+  safetensors, and `trainer_state.pt` (optimizer, schedule, step, RNG, the absolute paths of
+  the base model and speech encoder), which loads with `torch.load(weights_only=True)`.
+- `final/` is the fine-tuned model in the released layout and dtypes (config.json, tokenizer,
+  every tensor), which `omni chat --model` loads; it holds no optimizer state.
+
+Every directory is written under a temporary name (`.NAME.tmp-PID`) and renamed into place,
+so an interrupted save never leaves half a checkpoint; an interrupted save removes its
+temporary folder, and one left by a killed process is removed when the next run starts.
 """
 
 from __future__ import annotations
@@ -11,20 +17,32 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from omni_cli.errors import CheckpointError
-from omni_cli.weights.layout import SAFETENSORS_INDEX_NAME, fsync_file, write_shards
+from omni_cli.weights.layout import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_NAME,
+    fsync_file,
+    load_weights_pickle,
+    weight_files,
+    write_shards,
+)
 
 TRAINER_STATE_FILE = "trainer_state.pt"
-# Files of the source checkpoint copied verbatim next to the new weights.
+# Version of what a checkpoint-N holds; 1 (no "format" key) held a complete model instead.
+STATE_FORMAT = 2
+# Files of the base model copied verbatim next to the exported weights.
 COPIED_FILES = (
-    "config.json",
+    CONFIG_NAME,
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -33,9 +51,15 @@ COPIED_FILES = (
 )
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+_TEMP_NAME = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")
+# safetensors' dtype names → torch's.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 
 
-def replace_directory(tmp: Path, final: Path) -> None:
+def _replace_directory(tmp: Path, final: Path) -> None:
     """Move a fully written `tmp` onto `final`; an old `final` is removed only after the new one is in place."""
     old = final.with_name(f".{final.name}.old-{os.getpid()}")
     if final.exists():
@@ -45,43 +69,88 @@ def replace_directory(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def save_checkpoint(
-    tensors: dict[str, torch.Tensor],
-    source_dir: Path,
-    out_dir: Path,
-    trainer_state: dict[str, Any] | None,
-    speech_encoder: Path | None = None,
-) -> Path:
-    """Write `tensors` as a checkpoint directory in the released layout (+ trainer state), atomically.
+def write_directory(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `out_dir` atomically: `fill` writes into a temporary folder, fsynced, then renamed into place.
 
-    config.json is copied unchanged except `speech_encoder`, which is set to the encoder the
-    run used (absolute path) when one was given, so `--model DIR` alone finds it.
+    Anything that stops the write (an error, a second Ctrl-C) removes the temporary folder;
+    an existing `out_dir` stays as it was until the new one is complete.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name in COPIED_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, tmp / name)
-    if speech_encoder is not None and (tmp / "config.json").is_file():
-        raw = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        raw["speech_encoder"] = str(Path(speech_encoder).resolve())
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_shards(tensors, tmp, durable=True)
-    if trainer_state is not None:
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        # Everything in the folder is on disk before the folder gets its name (the shards
+        # and the state are fsynced as they are written).
+        for written in tmp.iterdir():
+            if written.suffix != ".safetensors" and written.name not in (SAFETENSORS_INDEX_NAME, TRAINER_STATE_FILE):
+                fsync_file(written)
+        _replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_model(tensors: dict[str, torch.Tensor], base_dir: Path, out_dir: Path, speech_encoder: Path) -> Path:
+    """Write the fine-tuned model in the released layout: the base's config and tokenizer files, `tensors` as shards.
+
+    config.json is copied unchanged except `speech_encoder`, set to the absolute path of the
+    encoder the run used, so `--model DIR` alone finds it.
+    """
+
+    def fill(tmp: Path) -> None:
+        for name in COPIED_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        if (tmp / CONFIG_NAME).is_file():
+            raw = json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+            raw["speech_encoder"] = str(Path(speech_encoder).resolve())
+            (tmp / CONFIG_NAME).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_shards(tensors, tmp, durable=True)
+
+    return write_directory(out_dir, fill)
+
+
+def save_resume_point(trained: dict[str, torch.Tensor], trainer_state: dict[str, Any], out_dir: Path) -> Path:
+    """Write a `checkpoint-N`: the trained parameters (float32, their training names) and the trainer state."""
+
+    def fill(tmp: Path) -> None:
+        write_shards(trained, tmp, durable=True)
         with (tmp / TRAINER_STATE_FILE).open("wb") as f:
-            torch.save(trainer_state, f)
+            torch.save({"format": STATE_FORMAT, **trainer_state}, f)
             f.flush()
             os.fsync(f.fileno())
-    # Copied files too: everything in the folder is on disk before the folder gets its name.
-    for written in tmp.iterdir():
-        if written.suffix != ".safetensors" and written.name not in (SAFETENSORS_INDEX_NAME, TRAINER_STATE_FILE):
-            fsync_file(written)
-    replace_directory(tmp, out_dir)
-    return out_dir
+
+    return write_directory(out_dir, fill)
+
+
+def read_trained(checkpoint: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The trained parameters a `checkpoint-N` holds, by their training names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(checkpoint):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{path} is not readable ({exc}); resume from another checkpoint-N.") from None
+    return tensors
+
+
+def tensor_dtypes(files: Iterable[Path]) -> dict[str, torch.dtype]:
+    """Each tensor's dtype in safetensors files, from the headers only (what the exported model is written in)."""
+    dtypes: dict[str, torch.dtype] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = f.get_slice(key).get_dtype()
+                if name in _DTYPES:
+                    dtypes[key] = _DTYPES[name]
+    return dtypes
 
 
 def rng_state() -> dict[str, Any]:
@@ -116,57 +185,113 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, loaded safely (tensors and plain types only)."""
+def _read_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state, loaded safely (tensors and plain types only); one line for anything else."""
     path = checkpoint / TRAINER_STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{checkpoint} has no {TRAINER_STATE_FILE}; --resume needs a checkpoint written by omni finetune.")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{checkpoint} has no {TRAINER_STATE_FILE}; --resume needs a checkpoint-N folder written by omni finetune.")
+    damaged = CheckpointError(
+        f"{path} is not a trainer state written by omni finetune (truncated or damaged?); "
+        f"resume from another {CHECKPOINT_PREFIX}N folder, or start again with --model."
+    )
+    state = load_weights_pickle(path, f"a {CHECKPOINT_PREFIX}N folder written by omni finetune", damaged, mmap=mmap)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise damaged
+    return state
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs."""
+    state = _read_state(checkpoint)
+    if "format" not in state:
+        raise CheckpointError(
+            f"{checkpoint} was written by an earlier omni and cannot be resumed, but it is a complete model: "
+            f"start a new run from it with --model {checkpoint}."
+        )
+    wanted = {"stage": int, "optimizer": dict, "scheduler": dict, "rng": dict, "base_model": str, "speech_encoder": str}
+    if state["format"] != STATE_FORMAT or any(not isinstance(state.get(k), t) for k, t in wanted.items()):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE} does not hold a trainer state this omni can resume; start again with --model.")
+    return state
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint was saved at, read from its trainer state (memory-mapped: no full read)."""
-    state = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    return int(state["step"])
+    return int(_read_state(checkpoint, mmap=True)["step"])
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    """Where the resume point of `step` goes."""
+    return Path(output) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _named_step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
 
 
 def latest_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint, else the checkpoint under it (`final/` or `checkpoint-N`) with the most steps.
-
-    The step comes from each trainer state, not the folder name: after resuming a finished run
-    with more steps, a newer `checkpoint-N` is ahead of the old `final/`.
-    """
+    """`path` itself if it is a checkpoint, else the `checkpoint-N` under it with the most steps (from its state)."""
     path = Path(path)
     if (path / TRAINER_STATE_FILE).is_file():
         return path
-    found = [p for p in [path / FINAL_DIR, *path.glob(f"{CHECKPOINT_PREFIX}*")] if (p / TRAINER_STATE_FILE).is_file()]
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path} does not exist; pass a {CHECKPOINT_PREFIX}N folder or the --output of an earlier run.")
+    if (path / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{path} is a fine-tuned model, not a resume point; resume from a {CHECKPOINT_PREFIX}N folder, "
+            f"or start a new run from it with --model {path}."
+        )
+    found = [p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
     if not found:
         raise CheckpointError(f"no checkpoint to resume under {path}; pass --resume a {CHECKPOINT_PREFIX}N directory.")
-    # On equal steps `final/` wins (it is the finished model).
-    return max(found, key=lambda p: (checkpoint_step(p), p.name == FINAL_DIR))
+    return max(found, key=checkpoint_step)
 
 
-class CheckpointList:
-    """The `checkpoint-N` folders this run wrote, newest last; keeps at most `keep` of them (0: all)."""
+def prune_checkpoints(output: Path, newest: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest `checkpoint-N` folders up to `newest`, earlier runs' included (0: keep all).
 
-    def __init__(self, output: Path, keep: int) -> None:
-        self.output = Path(output)
-        self.keep = keep
-        self.saved: list[Path] = []
+    Folders of a higher step than `newest` (the future of a run resumed from an earlier
+    checkpoint) are left alone: they are replaced when the run reaches their step.
+    """
+    newest_step = _named_step(newest)
+    if keep <= 0 or newest_step is None:
+        return []
+    ours = [p for p in Path(output).glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
+    steps = {p: _named_step(p) for p in ours}
+    candidates = sorted((p for p, n in steps.items() if n is not None and n <= newest_step), key=lambda p: steps[p] or 0)
+    doomed = [p for p in candidates[:-keep] if p != newest]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
 
-    def path(self, step: int) -> Path:
-        """Where the checkpoint of `step` goes."""
-        return self.output / f"{CHECKPOINT_PREFIX}{step}"
 
-    def is_latest(self, path: Path) -> bool:
-        """Whether `path` is the checkpoint written last (Ctrl-C right after a periodic save)."""
-        return bool(self.saved) and self.saved[-1] == path
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
-    def add(self, path: Path, delete: bool) -> None:
-        """Record a new checkpoint and forget the oldest beyond `keep` (deleting them when `delete`: rank 0)."""
-        self.saved.append(path)
-        if self.keep > 0:
-            for old in self.saved[: -self.keep]:  # never the newest: keep >= 1
-                if delete:
-                    shutil.rmtree(old, ignore_errors=True)
-                self.saved.remove(old)
+
+def clean_stale_saves(output: Path) -> list[Path]:
+    """Tidy what killed saves left in `output`: remove `.NAME.tmp-PID` folders; put back a `.NAME.old-PID`
+    whose replacement never got its name (else remove it). Folders of processes still running are left."""
+    cleaned: list[Path] = []
+    if not Path(output).is_dir():
+        return cleaned
+    for path in Path(output).iterdir():
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        name, kind, pid = match.group(1), match.group(2), int(match.group(3))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        target = path.with_name(name)
+        if kind == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned

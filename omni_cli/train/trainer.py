@@ -5,20 +5,25 @@ encoder and the speech decoder stay frozen. Stage 2 (text hidden states → unit
 speech decoder learns, with CTC loss on the LLM's last-layer hidden states.
 
 A run is a `Run` in named phases: `prepare` (check the options, read the model's files once,
-validate every record, load the weights), `build` (what trains, DDP/FSDP, optimizer and
-schedule, resumed state), `train` (the optimizer steps, periodic checkpoints, Ctrl-C) and
-`finish` (the final checkpoint). What a checkpoint is on disk: `checkpoints.py`; LoRA: `lora.py`.
+validate every record, load the weights), `build` (what trains, the batch plan, DDP/FSDP,
+optimizer and schedule, a resumed state), `train` (the optimizer steps and resume points)
+and `finish` (the exported model). `--batch-size` is the global batch: every process and
+accumulation step together. Ctrl-C is a request to stop at the next step boundary, agreed
+by all processes, so a checkpoint always holds the weights of the step it is named after.
+What is on disk: `checkpoints.py`; LoRA: `lora.py`.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -28,19 +33,24 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
 from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig
-from omni_cli.errors import ConfigError
+from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
-from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer
+from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer, resolve_placement
 from omni_cli.train.checkpoints import (
     FINAL_DIR,
-    CheckpointList,
+    checkpoint_dir,
+    clean_stale_saves,
     latest_checkpoint,
     load_trainer_state,
+    prune_checkpoints,
+    read_trained,
     rng_state,
-    save_checkpoint,
+    save_model,
+    save_resume_point,
     seed_everything,
     set_rng_state,
+    tensor_dtypes,
 )
 from omni_cli.train.data import (
     Batch,
@@ -51,7 +61,7 @@ from omni_cli.train.data import (
     load_manifest,
     reply_hidden_states,
 )
-from omni_cli.train.lora import adapter_state, apply_lora, is_peft, llm_state_dict, restore_lora
+from omni_cli.train.lora import apply_lora, is_peft, merged_llm_state
 from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX
 from omni_cli.weights.model_files import read_model_files
 
@@ -69,15 +79,45 @@ class TrainLog:
     elapsed: float
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the data becomes optimizer steps: the global batch, split over processes and accumulation."""
+
+    records: int
+    world_size: int
+    micro_batch: int  # samples per process per forward/backward
+    accumulation: int  # micro-batches per process per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int  # > 0 when resuming
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all processes together."""
+        return self.world_size * self.micro_batch * self.accumulation
+
+    def describe(self) -> str:
+        """One line for the start of a run."""
+        processes = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        steps = f"{self.accumulation} accumulation step{'s' if self.accumulation > 1 else ''}"
+        resumed = f", resuming after step {self.start_step}" if self.start_step else ""
+        return (f"{self.records} records, global batch {self.global_batch} = {processes} × {self.micro_batch} "
+                f"samples × {steps}; {self.total_steps} steps ({self.steps_per_epoch} per epoch){resumed}")
+
+
 @dataclass
 class FinetuneResult:
-    """What a run produced: the final checkpoint directory (None when interrupted) and the losses."""
+    """What a run produced: the exported model (None when interrupted), the last resume point and the losses.
+
+    `interrupted`: stopped by Ctrl-C; `unsaved` says what a second Ctrl-C left unwritten (None: nothing).
+    """
 
     output_dir: Path | None
     last_checkpoint: Path | None
     steps: int
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
+    unsaved: str | None = None
     model: OmniForTraining | None = None  # the trained model, in memory
 
 
@@ -105,6 +145,46 @@ def init_distributed(device_type: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return Distributed(rank, local_rank, world)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM as a request to stop at the next step boundary; a second one stops at once.
+
+    A signal can land anywhere, e.g. between `optimizer.step()` and the step counter; as a
+    flag it is only acted on where the weights and the counter agree. The second signal
+    raises KeyboardInterrupt (quit without saving); any later one, while that unwinds and
+    removes a half-written folder, is ignored. Handlers exist only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self._quitting = False
+        self._announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._quitting:
+            return
+        if self.requested:
+            self._quitting = True
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._announce:  # os.write: safe inside a signal handler, unlike print
+            os.write(2, b"\nomni: stopping after this step to save a checkpoint; Ctrl-C again quits without saving.\n")
 
 
 class OmniForTraining(nn.Module):
@@ -154,8 +234,8 @@ class OmniForTraining(nn.Module):
         return self.unit_decoder.ctc_loss(reply_hidden.to(weight.dtype), lengths, batch.units)
 
 
-def freeze_for_stage(model: OmniForTraining) -> list[nn.Parameter]:
-    """Set requires_grad for the stage and return the parameters the optimizer updates, in a fixed order."""
+def freeze_for_stage(model: OmniForTraining) -> list[str]:
+    """Set requires_grad for the stage; returns the names of the parameters that train, in a fixed order."""
     model.requires_grad_(False)
     if model.stage == 1:
         model.adaptor.requires_grad_(True)
@@ -167,14 +247,31 @@ def freeze_for_stage(model: OmniForTraining) -> list[nn.Parameter]:
     else:
         assert model.unit_decoder is not None
         model.unit_decoder.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the released layout, on CPU and contiguous (`base_dir`: the base weights, for QLoRA).
+def trainable_state(model: OmniForTraining, names: list[str], sharded: bool) -> dict[str, torch.Tensor]:
+    """The trained parameters (`names`, float32 masters) on the CPU: what a resume point holds.
 
-    With `sharded` (FSDP) every process must call this: the full weights are gathered onto
+    With `sharded` (FSDP) every process must call this: the full tensors are gathered onto
     rank 0's CPU, and the other ranks get an empty dict.
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: full[k].contiguous() for k in names if k in full}
+    params = dict(model.named_parameters())
+    return {k: params[k].detach().cpu().contiguous() for k in names}
+
+
+def released_tensors(
+    model: OmniForTraining, dtypes: dict[str, torch.dtype], sharded: bool = False, base_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the released layout on the CPU, each in its base checkpoint's dtype (`dtypes`).
+
+    `base_dir`: the base weights, for QLoRA. With `sharded` (FSDP) every process must call
+    this: the full weights are gathered onto rank 0's CPU, and the other ranks get an empty dict.
     """
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -186,7 +283,7 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: 
         adaptor = {k[len("adaptor.") :]: v for k, v in full.items() if k.startswith("adaptor.")}
         decoder = {k[len("unit_decoder.") :]: v for k, v in full.items() if k.startswith("unit_decoder.")}
     else:
-        tensors = llm_state_dict(model.llm, base_dir)
+        tensors = merged_llm_state(model.llm, base_dir)
         adaptor = model.adaptor.state_dict()
         decoder = model.unit_decoder.state_dict() if model.unit_decoder is not None else {}
         if any(k.startswith(DECODER_PREFIX) for k in tensors):
@@ -195,7 +292,7 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: 
         tensors.pop("lm_head.weight", None)  # safetensors refuses shared storage; the loader re-ties
     tensors.update({ADAPTOR_PREFIX + k: v for k, v in adaptor.items()})
     tensors.update({DECODER_PREFIX + k: v for k, v in decoder.items()})
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return {k: v.detach().to("cpu", dtypes.get(k, v.dtype)).contiguous() for k, v in tensors.items()}
 
 
 def shard_for_fsdp(model: OmniForTraining, compute_dtype: torch.dtype | None) -> None:
@@ -253,6 +350,18 @@ def check_options(cfg: FinetuneConfig) -> None:
         raise ConfigError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N (N >= 2).")
 
 
+def _check_qlora_device(device: torch.device) -> None:
+    try:
+        resolve_placement("4bit", str(device))
+    except ConfigError:
+        if device.type == "cuda":
+            raise  # what is wrong with the GPU the user asked for
+        raise ConfigError(
+            f"--qlora keeps the LLM in 4 bit (bitsandbytes), which needs a CUDA GPU, but this run is on {device}; "
+            "use --lora on CPU."
+        ) from None
+
+
 def _check_resumable(cfg: FinetuneConfig, state: dict[str, Any], resume_dir: Path) -> None:
     if state["stage"] != cfg.stage:
         raise ConfigError(f"{resume_dir} was written by stage {state['stage']}; resume it with --stage {state['stage']}.")
@@ -268,8 +377,11 @@ class Run:
     def __init__(self, cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = None) -> None:
         self.cfg = cfg
         self.on_log = on_log
+        self.output = Path(cfg.output)
         self.step = 0
-        self.checkpoints = CheckpointList(Path(cfg.output), cfg.keep_checkpoints)
+        self.dist = Distributed(0, 0, 1)
+        self.saved_step: int | None = None  # the step whose resume point is on disk, from this run
+        self.exporting = False
 
     # -- prepare: options, devices, resume state, files, data, weights -------------------------
 
@@ -284,25 +396,27 @@ class Run:
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
         self.device = device
+        if cfg.qlora:
+            _check_qlora_device(device)
 
         self.resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
         self.state = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        model, encoder = cfg.model, cfg.speech_encoder
         if self.state is not None:
             assert self.resume_dir is not None
             _check_resumable(cfg, self.state, self.resume_dir)
-        if self.resume_dir is not None:
-            self.source = self.resume_dir
-        elif cfg.model is None:
+            # A resume point holds only the trained parts: the rest comes from the base model,
+            # which --model/--speech-encoder may name anew (moved, or another machine).
+            model = model or Path(self.state["base_model"])
+            encoder = encoder or Path(self.state["speech_encoder"])
+        if model is None:
             raise ConfigError("pass --model a LLaMA-Omni checkpoint directory (or --resume a checkpoint).")
-        else:
-            self.source = Path(cfg.model)
-        # A LoRA checkpoint holds merged weights; resuming restarts from the base LLM plus the saved adapters.
-        lora_resume = self.state is not None and self.state.get("lora")
-        self.weights_source = Path(self.state["base_model"]) if lora_resume else self.source
+        if self.dist.is_main:
+            clean_stale_saves(self.output)
 
         # Every config is read once; every record is checked before the weights are loaded
         # (minutes for 8B) and before the first step; one error lists all bad records.
-        files = read_model_files(self.weights_source, cfg.speech_encoder)
+        self.files = files = read_model_files(Path(model).expanduser().resolve(), encoder)
         config = files.config
         if cfg.stage == 2 and config.speech_decoder is None:
             raise ConfigError("stage 2 trains the speech decoder, but this checkpoint has none; use a speech-to-speech model.")
@@ -311,8 +425,9 @@ class Run:
             # Training pads each question to one 30 s window, as SpeechToSpeech.encode_speech does.
             speech_positions=SpeechAdaptor.output_length(CHUNK_SAMPLES // HOP_LENGTH, config.speech_encoder_ds_rate),
             max_length=cfg.max_length,
+            unit_frames_per_token=config.speech_decoder.upsample_factor if config.speech_decoder is not None else None,
         )
-        self.records = load_manifest(cfg.data, cfg.stage, load_tokenizer(self.source), limits)
+        self.records = load_manifest(cfg.data, cfg.stage, load_tokenizer(files.model_dir), limits)
 
         seed_everything(cfg.seed)
         # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA).
@@ -323,26 +438,29 @@ class Run:
             self.omni.adaptor.float()
         if cfg.lora:
             apply_lora(self.omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
-            if self.state is not None:
-                assert self.resume_dir is not None
-                restore_lora(self.omni, self.state, self.resume_dir)
 
-    # -- build: what trains, parallelism, optimizer, schedule, resumed state ---------------------
+    # -- build: what trains, the batch plan, parallelism, optimizer, schedule, resumed state -------
 
     def build(self) -> None:
-        """Freeze for the stage, wrap for DDP/FSDP, create optimizer/schedule/loader, restore a resumed state."""
+        """Freeze for the stage, plan the batches, wrap for DDP/FSDP, create optimizer and schedule, restore a resume point."""
         cfg, device = self.cfg, self.device
         self.model = model = OmniForTraining(self.omni, cfg.stage)
-        params = freeze_for_stage(model)
+        self.trained_names = freeze_for_stage(model)
+        if self.state is not None:
+            assert self.resume_dir is not None
+            self._load_trained(self.resume_dir)
         model.train()
 
         dataset = SpeechReplyDataset(self.records, self.omni.tokenizer, self.omni.encoder.n_mels)
         self.sampler = ResumableSampler(dataset, self.dist, cfg.seed)
-        self.micro_per_epoch = math.ceil(len(self.sampler) / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * self.steps_per_epoch))
+        micro, accumulation = cfg.batch_split(self.dist.world_size)
+        self.micro_per_epoch = math.ceil(len(self.sampler) / micro)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / accumulation)
+        total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        start = int(self.state["step"]) if self.state is not None else 0
+        self.plan = BatchPlan(len(self.records), self.dist.world_size, micro, accumulation, steps_per_epoch, total, start)
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=collate, num_workers=cfg.num_workers
+            dataset, batch_size=micro, sampler=self.sampler, collate_fn=collate, num_workers=cfg.num_workers
         )
 
         self.amp_dtype = _autocast_dtype(cfg.precision, device)
@@ -351,17 +469,34 @@ class Run:
             if self.amp_dtype == torch.float16:
                 raise ConfigError("--fsdp trains in bf16 or fp32; pass --precision bf16 (or fp32).")
             shard_for_fsdp(model, self.amp_dtype)
-            params = [p for p in model.parameters() if p.requires_grad]  # now sharded DTensors
             self.amp_dtype = None  # FSDP's policy casts; no autocast on top
         elif self.dist.world_size > 1:
             self.ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.params = params
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # sharded DTensors under FSDP
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
         # Rounded down: with a warm-up step the very first update has lr 0, a wasted step on short runs.
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total), total)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         if self.state is not None:
             self._restore(self.state)
+        self.result = FinetuneResult(output_dir=None, last_checkpoint=self.resume_dir, steps=self.step, model=model)
+
+    def _load_trained(self, resume_dir: Path) -> None:
+        """Put a resume point's trained parameters onto the freshly loaded base (before any wrapping)."""
+        trained = read_trained(resume_dir, self.device)
+        expected = set(self.trained_names)
+        strays = sorted(expected ^ trained.keys())
+        if strays:
+            raise CheckpointError(
+                f"{resume_dir} does not hold the weights this run trains ({strays[0]!r}); resume with the --stage, "
+                "--lora/--qlora and --lora-rank it was written with."
+            )
+        try:
+            self.model.load_state_dict(trained, strict=False)
+        except RuntimeError as exc:  # shapes that do not fit: another base model or LoRA rank
+            raise CheckpointError(
+                f"{resume_dir} does not fit this model ({one_line(exc)}); resume with the --model and --lora-rank it was trained with."
+            ) from None
 
     def _restore(self, state: dict[str, Any]) -> None:
         if self.cfg.fsdp:
@@ -378,34 +513,33 @@ class Run:
 
     # -- train: the optimizer steps -------------------------------------------------------------
 
-    def train(self) -> FinetuneResult:
-        """Run the steps up to the total; Ctrl-C saves a checkpoint at the current step and returns interrupted."""
-        cfg = self.cfg
-        result = FinetuneResult(output_dir=None, last_checkpoint=self.resume_dir, steps=self.step, model=self.model)
-        self.result = result
+    def train(self, stop: StopRequest) -> bool:
+        """Run the steps up to the total, with periodic resume points; True when a stop request ended it early.
+
+        A stop request is acted on only between steps, once every process has agreed on it, so
+        the resume point saved then holds exactly the weights of the step it is named after.
+        """
+        cfg, plan = self.cfg, self.plan
         self.started = time.monotonic()
         self.samples_seen = 0
-        try:
-            while self.step < self.total_steps:
-                epoch = self.step // self.steps_per_epoch
-                self.sampler.set_epoch(epoch)
-                self.sampler.start = (self.step % self.steps_per_epoch) * cfg.grad_accum * cfg.batch_size
-                batches = iter(self.loader)
-                for step_in_epoch in range(self.step % self.steps_per_epoch, self.steps_per_epoch):
-                    if self.step >= self.total_steps:
-                        break
-                    n_micro = min(cfg.grad_accum, self.micro_per_epoch - step_in_epoch * cfg.grad_accum)
-                    loss = self._optimizer_step(batches, n_micro)
-                    self.step += 1
-                    self._report(loss)
-                    if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < self.total_steps:
-                        result.last_checkpoint = self.save_step()
-        except KeyboardInterrupt:
-            # Nothing learnt is lost: the current step is saved, --resume continues from it.
-            result.interrupted = True
-            if self.step > 0:
-                result.last_checkpoint = self.save_step()
-        return result
+        while self.step < plan.total_steps:
+            self.sampler.set_epoch(self.step // plan.steps_per_epoch)
+            self.sampler.start = (self.step % plan.steps_per_epoch) * plan.accumulation * plan.micro_batch
+            batches = iter(self.loader)
+            for step_in_epoch in range(self.step % plan.steps_per_epoch, plan.steps_per_epoch):
+                if self.step >= plan.total_steps:
+                    break
+                n_micro = min(plan.accumulation, self.micro_per_epoch - step_in_epoch * plan.accumulation)
+                loss = self._optimizer_step(batches, n_micro)
+                self.step += 1
+                self._report(loss)
+                if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < plan.total_steps:
+                    self.save_resume_point()
+                if self._agreed_to_stop(stop):
+                    self.save_resume_point()
+                    self.result.interrupted = True
+                    return True
+        return False
 
     def _optimizer_step(self, batches: Iterator[Batch], n_micro: int) -> torch.Tensor:
         """Accumulate `n_micro` micro-batches and update the weights once; returns the step's loss (summed on this rank)."""
@@ -435,15 +569,23 @@ class Run:
             loss_sum /= self.dist.world_size
         self.result.losses.append(float(loss_sum))
         self.result.steps = self.step
-        if self.on_log is not None and self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+        if self.on_log is not None and self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.plan.total_steps):
             elapsed = time.monotonic() - self.started
-            self.on_log(TrainLog(self.step, self.total_steps, self.step / self.steps_per_epoch, float(loss_sum),
+            self.on_log(TrainLog(self.step, self.plan.total_steps, self.step / self.plan.steps_per_epoch, float(loss_sum),
                                  self.scheduler.get_last_lr()[0], self.samples_seen / max(elapsed, 1e-9), elapsed))
+
+    def _agreed_to_stop(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop (torchrun forwards Ctrl-C to each at its own moment)."""
+        if self.dist.world_size == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
 
     # -- save -------------------------------------------------------------------------------------
 
     def trainer_state(self) -> dict[str, Any]:
-        """What --resume needs besides the weights: optimizer, schedule, step, RNG, and how the run was set up."""
+        """What --resume needs besides the trained weights: optimizer, schedule, step, RNG, and how the run was set up."""
         cfg = self.cfg
         return {
             "step": self.step,
@@ -454,8 +596,9 @@ class Run:
             "rng": rng_state(),
             "lora": cfg.lora,
             "fsdp": cfg.fsdp,
-            "base_model": str(self.weights_source),
-            "adapter": adapter_state(self.model.llm) if cfg.lora else None,
+            # Absolute: a resume from another working directory finds the same files.
+            "base_model": str(self.files.model_dir.resolve()),
+            "speech_encoder": str(self.files.speech_encoder.resolve()),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         }
 
@@ -466,50 +609,71 @@ class Run:
 
         return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def _contents(self) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    def save_resume_point(self) -> None:
+        """Write `checkpoint-<step>` (every process calls this; rank 0 writes) and prune the oldest."""
+        if self.saved_step == self.step:  # Ctrl-C right after a periodic save: it is on disk already
+            return
+        path = checkpoint_dir(self.output, self.step)
         # Under FSDP gathering weights and optimizer state is collective: every rank takes part.
         # Under DDP only rank 0 writes, so only it builds the CPU copy.
         if self.cfg.fsdp or self.dist.is_main:
-            return checkpoint_tensors(self.model, self.cfg.fsdp, self.weights_source), self.trainer_state()
-        return {}, None
-
-    def _write(self, path: Path) -> None:
-        tensors, state = self._contents()
-        if self.dist.is_main:
-            save_checkpoint(tensors, self.source, path, state, self.cfg.speech_encoder)
-
-    def save_step(self) -> Path:
-        """Write `checkpoint-<step>` (every rank calls this; rank 0 writes) and prune the oldest."""
-        path = self.checkpoints.path(self.step)
-        if self.checkpoints.is_latest(path):  # Ctrl-C right after a periodic save: it is on disk already
-            return path
-        self._write(path)
-        self.checkpoints.add(path, delete=self.dist.is_main)
+            trained, state = trainable_state(self.model, self.trained_names, self.cfg.fsdp), self.trainer_state()
+            if self.dist.is_main:
+                save_resume_point(trained, state, path)
+                prune_checkpoints(self.output, path, self.cfg.keep_checkpoints)
         if self.dist.world_size > 1:
             dist.barrier()
-        return path
+        self.saved_step = self.step
+        self.result.last_checkpoint = path
 
     # -- finish ------------------------------------------------------------------------------------
 
-    def finish(self) -> FinetuneResult:
-        """Write `final/`: both the fine-tuned model and a resumable checkpoint."""
-        final = Path(self.cfg.output) / FINAL_DIR
-        self._write(final)
+    def finish(self) -> None:
+        """Export `final/`: the fine-tuned model in the released layout, each tensor in the base model's dtype."""
+        self.exporting = True
+        files = self.files
+        final = self.output / FINAL_DIR
+        dtypes = tensor_dtypes({path for _, path in files.shapes.values()})
+        tensors = released_tensors(self.model, dtypes, self.cfg.fsdp, files.model_dir)
+        if self.dist.is_main:
+            save_model(tensors, files.model_dir, final, files.speech_encoder)
         if self.dist.world_size > 1:
             dist.barrier()
+        self.result.output_dir = final
+
+    def close(self) -> None:
+        """Leave the torchrun job (every process, however the run ended)."""
+        if self.dist.world_size > 1 and dist.is_initialized():
             dist.destroy_process_group()
-        self.result.output_dir = self.result.last_checkpoint = final
-        return self.result
 
 
-def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = None) -> FinetuneResult:
-    """Run one stage of fine-tuning; returns where the final checkpoint went.
+def finetune(
+    cfg: FinetuneConfig,
+    on_log: Callable[[TrainLog], None] | None = None,
+    on_start: Callable[[BatchPlan], None] | None = None,
+) -> FinetuneResult:
+    """Run one stage of fine-tuning; returns where the exported model and the last resume point went.
 
-    Ctrl-C saves a checkpoint at the current step (resume with --resume) and returns with
-    `interrupted` set. Under torchrun every process runs this; rank 0 writes the files.
+    Ctrl-C stops at the next step boundary with a resume point (`interrupted`); a second
+    Ctrl-C quits at once without saving (`unsaved` says what was lost), never leaving a
+    half-written folder. Under torchrun every process runs this; rank 0 writes the files.
     """
     run = Run(cfg, on_log)
-    run.prepare()
-    run.build()
-    result = run.train()
-    return result if result.interrupted else run.finish()
+    try:
+        run.prepare()
+        run.build()
+        if on_start is not None and run.dist.is_main:
+            on_start(run.plan)
+        with StopRequest(announce=run.dist.is_main) as stop:
+            try:
+                if not run.train(stop):
+                    run.finish()
+            except KeyboardInterrupt:
+                run.result.interrupted = True
+                if run.exporting:
+                    run.result.unsaved = f"{FINAL_DIR}/, the fine-tuned model of step {run.step},"
+                elif run.saved_step != run.step:
+                    run.result.unsaved = f"step {run.step}"
+    finally:
+        run.close()
+    return run.result
