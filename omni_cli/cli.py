@@ -377,24 +377,31 @@ def doctor_cmd(
     raise typer.Exit(exit_code(checks))
 
 
+def _positive_epochs(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter("must be more than 0 (a fraction such as 0.5 trains on part of the data)")
+    return value
+
+
 @app.command("finetune")
 def finetune_cmd(
     stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: speech → text (adaptor + LLM). 2: text hidden states → speech units (speech decoder only).")],
-    data: Annotated[Path, typer.Option("--data", help="Training manifest: the reference JSON list or JSONL (id, speech, conversations, tgt_units).")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for checkpoint-N/ and the final model in OUTPUT/final.")],
-    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory to start from (not needed with --resume).")] = None,
+    data: Annotated[Path, typer.Option("--data", help="Training manifest: the reference JSON list or JSONL (id, speech, conversations or messages, tgt_units).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the resume points checkpoint-N/ and the fine-tuned model OUTPUT/final.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory to start from (with --resume: only to name a base model that moved).")] = None,
     speech_encoder: EncoderOpt = None,
-    epochs: Annotated[float, typer.Option(min=0.0, help="Passes over the data (paper: 3).")] = FinetuneConfig.epochs,
+    epochs: Annotated[float, typer.Option(callback=_positive_epochs, help="Passes over the data (paper: 3); more than 0.")] = FinetuneConfig.epochs,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Samples per process per micro-step.")] = FinetuneConfig.batch_size,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-steps per optimizer step (8 × 4 = the paper's 32).")] = FinetuneConfig.grad_accum,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="The global batch: samples per optimizer step over all processes together (paper: 32).")] = FinetuneConfig.batch_size,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", min=1, help="At most this many samples per process in one forward pass; the rest of the batch is gradient accumulation (lower it if memory runs out).")] = FinetuneConfig.micro_batch_size,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: paper's 2e-5 stage 1, 2e-4 stage 2).")] = None,
     warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Linear warm-up share of the steps, then cosine decay.")] = FinetuneConfig.warmup_ratio,
-    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a checkpoint every N steps (0: only at the end and at Ctrl-C).")] = FinetuneConfig.save_every,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a resume point every N steps (0: only at Ctrl-C).")] = FinetuneConfig.save_every,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", min=0, help="Resume points kept in OUTPUT, the newest (0: all).")] = FinetuneConfig.keep_checkpoints,
     seed: Annotated[int, typer.Option(help="Random seed (data order).")] = FinetuneConfig.seed,
     precision: Annotated[TrainPrecision, typer.Option("--precision", help="auto = bf16 (fp16 without bf16 support) mixed precision on CUDA, fp32 on CPU.")] = TrainPrecision(FinetuneConfig.precision),
     device: DeviceOpt = None,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run: its newest).")] = None,
     lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
     qlora: Annotated[bool, typer.Option("--qlora", help="Stage 1: LoRA (implies --lora) with the LLM kept in 4 bit (bitsandbytes, CUDA).")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="Rank of each LoRA adapter (alpha = 2 × rank).")] = FinetuneConfig.lora_rank,
@@ -403,7 +410,8 @@ def finetune_cmd(
 ) -> None:
     """Fine-tune on your own data: stage 1 (speech → text) or stage 2 (speech decoder).
 
-    Every record is validated before the first step. Several GPUs: torchrun --nproc_per_node N -m omni_cli.cli finetune ...\n
+    Every record is validated before the first step. Ctrl-C stops after the current step with a
+    resume point (twice: at once, unsaved). Several GPUs: torchrun --nproc_per_node N -m omni_cli.cli finetune ...\n
     Example:\n
       omni finetune --stage 1 --data train.jsonl --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --output runs/s1
     """
@@ -412,23 +420,29 @@ def finetune_cmd(
     from omni_cli.train.progress import TrainProgress
     from omni_cli.train.trainer import finetune
 
-    cfg = FinetuneConfig(
-        stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
-        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup_ratio=warmup_ratio,
-        save_every=save_every, seed=seed, precision=precision.value, device=device, resume=resume, lora=lora,
-        qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, fsdp=fsdp, num_workers=num_workers,
-    )
     quiet = int(os.environ.get("RANK", "0")) != 0
     try:
+        cfg = FinetuneConfig(
+            stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
+            max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+            warmup_ratio=warmup_ratio, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, precision=precision.value, device=device,
+            resume=resume, lora=lora, qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, fsdp=fsdp,
+            num_workers=num_workers,
+        )
         with TrainProgress(stage, quiet) as progress:
-            result = finetune(cfg, on_log=progress.show)
+            result = finetune(cfg, on_log=progress.show, on_start=lambda plan: progress.note(f"omni: {plan.describe()}"))
     except OmniError as exc:
         fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was written.", code=130)
     if quiet:
-        return
+        raise typer.Exit(130 if result.interrupted else 0)
+    resume_hint = f"resume with --resume {result.last_checkpoint}" if result.last_checkpoint else "nothing to resume from: start again"
+    if result.unsaved:
+        last = f"the last checkpoint is {result.last_checkpoint}: {resume_hint}" if result.last_checkpoint else resume_hint
+        fail(f"stopped at once by a second Ctrl-C: {result.unsaved} was not saved; {last}.", code=130)
     if result.interrupted:
-        where = f"; resume with --resume {result.last_checkpoint}" if result.last_checkpoint else ""
-        typer.echo(f"interrupted at step {result.steps}{where}", err=True)
+        typer.echo(f"interrupted at step {result.steps}; {resume_hint}", err=True)
         raise typer.Exit(130)
     typer.echo(f"fine-tuned model: {result.output_dir} (load it with --model {result.output_dir})")
 

@@ -338,12 +338,12 @@ class FinetuneConfig:
     stage: int
     data: Path
     output: Path
-    model: Path | None = None  # not needed with `resume`
+    model: Path | None = None  # with `resume`: the base model when it moved (default: the one the run started from)
     speech_encoder: Path | None = None
     epochs: float = 3.0
     max_steps: int | None = None  # overrides epochs
-    batch_size: int = 8  # per process and micro-step
-    grad_accum: int = 4  # 8 × 4 = the paper's 32 on one GPU
+    batch_size: int = 32  # the global batch: samples per optimizer step over all processes (the paper's 32)
+    micro_batch_size: int = 8  # at most this many samples per process per forward pass (memory)
     lr: float | None = None  # None: the paper's value for the stage
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
@@ -367,7 +367,27 @@ class FinetuneConfig:
         # QLoRA is LoRA on a 4-bit LLM: asking for it asks for LoRA.
         if self.qlora:
             self.lora = True
+        if not self.epochs > 0:
+            raise ConfigError(f"--epochs must be more than 0 (a fraction such as 0.5 is fine), got {self.epochs}.")
+        if self.batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("--batch-size and --micro-batch-size must be at least 1.")
 
     def learning_rate(self) -> float:
         """The peak learning rate: given, or the paper's for this stage."""
         return self.lr if self.lr is not None else DEFAULT_LR[self.stage]
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(samples per process per micro-step, micro-steps per optimizer step) making up the global batch.
+
+        Each process takes batch_size / world_size samples per step, in the largest micro-batches
+        of at most micro_batch_size that divide it, so the global batch is exactly batch_size.
+        """
+        if self.batch_size % world_size:
+            lower = max(world_size, self.batch_size - self.batch_size % world_size)
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is the global batch and does not split evenly over {world_size} "
+                f"processes; pass a multiple of {world_size} (e.g. {lower})."
+            )
+        per_process = self.batch_size // world_size
+        micro = max(d for d in range(1, min(self.micro_batch_size, per_process) + 1) if per_process % d == 0)
+        return micro, per_process // micro

@@ -2,18 +2,23 @@
 
 Manifests are the reference's JSON list (LLaVA style) or JSONL with one such record a line:
 `{"id", "speech": path, "conversations": [{"from": "human", "value": "<speech>\\n..."},
-{"from": "gpt", "value": reply}], "tgt_units": [...]}`. A flat `"response"` field is accepted
-instead of `conversations`; units may be a list of ints or a space-separated string.
+{"from": "gpt", "value": reply}], "tgt_units": [...]}`. Turns may also be written in the chat
+format most datasets use (`"messages"` or `"conversations"` of `{"role", "content"}`), and a flat
+`"response"` field is accepted instead of turns. Units may be a list of ints or a string of
+integers separated by spaces or commas.
 
-The prompt is always the one inference builds (`build_prompt_ids(tokenizer, [speech_turn()])`),
-whatever the human turn's text says, so the model is trained on exactly what it will see.
+The prompt is built as the reference builds it: the record's own user turn (`<speech>\\n` +
+its instruction) in the Llama-3 chat format with the reference system prompt; a record with
+only a `response` gets the instruction inference uses. A record is one spoken question and
+its reply: multi-turn records are refused (the reference trains and answers single turns).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,21 @@ from transformers import PreTrainedTokenizerBase
 from omni_cli.audio.io import SAMPLE_RATE, load_audio
 from omni_cli.errors import OmniError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
-from omni_cli.model.llm import SPEECH_TOKEN_INDEX, build_prompt_ids, speech_turn, splice_speech
+from omni_cli.model.llm import (
+    SPEECH_INSTRUCTION,
+    SPEECH_PLACEHOLDER,
+    SPEECH_TOKEN_INDEX,
+    Turn,
+    build_prompt_ids,
+    splice_speech,
+)
 from omni_cli.model.unit_decoder import IGNORE_INDEX
 
 # Field names the unit targets go by in different releases of the reference data.
 UNIT_FIELDS = ("tgt_units", "units", "unit", "speech_units")
+TURN_FIELDS = ("conversations", "messages")
+# Who speaks a turn, in the reference's ("from") and the chat ("role") spelling.
+USER_SPEAKERS = ("human", "user")
 RESPONSE_SPEAKERS = ("gpt", "assistant")
 REPLY_END_TOKEN = "<|eot_id|>"
 # Shown in full up to this many problems; the rest are counted.
@@ -56,37 +71,62 @@ class RecordProblem:
 
 @dataclass(frozen=True)
 class TrainingRecord:
-    """One usable example: question speech, reply text and (for stage 2) the reply's unit targets."""
+    """One usable example: question speech, the user turn's text, reply text and (for stage 2) unit targets."""
 
     record_id: str
     speech: Path
     response: str
     units: tuple[int, ...] | None
+    instruction: str = f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}"  # the user turn, with one <speech>
+
+    def prompt_turn(self) -> Turn:
+        """The user turn as the chat template renders it, the speech spliced in where `<speech>` stands."""
+        return Turn("user", self.instruction, speech=True)
 
 
 @dataclass(frozen=True)
 class DataLimits:
-    """What a record must fit: the model's unit vocabulary, audio and sequence lengths."""
+    """What a record must fit: the model's unit vocabulary and frames, audio and sequence lengths."""
 
     unit_vocab_size: int
     speech_positions: int  # LLM positions one utterance takes after the adaptor (300 for 30 s)
     max_speech_seconds: float = CHUNK_SAMPLES / SAMPLE_RATE
     max_length: int = 2048  # prompt + speech + reply positions (the reference's model_max_length)
+    unit_frames_per_token: int | None = None  # the speech decoder's upsampling; None: not checked
 
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """The raw records of a JSON list or JSONL manifest (a record that is not an object stays, to be reported)."""
     path = Path(path)
+    if path.is_dir():
+        raise DatasetError(f"manifest {path} is a directory; pass --data a JSON or JSONL manifest file.")
     if not path.is_file():
         raise DatasetError(f"manifest {path} not found; pass --data a JSON or JSONL manifest.")
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(
+            f"manifest {path} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8 JSON or JSONL."
+        ) from None
+    stripped = text.strip()
     if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"manifest {path} is not valid JSON ({exc}); fix the file.") from exc
+            raise DatasetError(f"manifest {path} is not valid JSON ({exc}); fix the file.") from None
         return list(data)
+    if stripped.startswith("{") and "\n" in stripped:
+        # One object over several lines is a pretty-printed JSON document, not JSONL.
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            whole = None
+        if isinstance(whole, dict):
+            raise DatasetError(
+                f"manifest {path} holds one JSON object, not a list of records; write a JSON list "
+                "([{...}, {...}]) or JSONL (one record per line)."
+            )
     records: list[dict[str, Any]] = []
     bad_lines: list[RecordProblem] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -102,27 +142,75 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
 
 
 def parse_units(value: Any) -> list[int]:
-    """A unit sequence from a list of ints or a space-separated string; ValueError if neither."""
+    """A unit sequence from a list of ints or a string of integers separated by spaces or commas.
+
+    ValueError (one message saying what is wrong) for anything else.
+    """
     if isinstance(value, str):
-        return [int(v) for v in value.split()]
-    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        units = []
+        for position, item in enumerate((v for v in re.split(r"[\s,]+", value.strip()) if v), start=1):
+            if not re.fullmatch(r"[+-]?\d+", item):
+                raise ValueError(f"unit targets must be integers, but item {position} is {item[:20]!r}")
+            units.append(int(item))
+        return units
+    if isinstance(value, (list, tuple)):
+        for position, item in enumerate(value, start=1):
+            if not isinstance(item, int) or isinstance(item, bool):
+                raise ValueError(f"unit targets must be integers, but item {position} is {json.dumps(item)[:20]}")
         return list(value)
-    raise ValueError("units must be a list of integers or a space-separated string of integers")
+    raise ValueError("unit targets must be a list of integers or a string of integers separated by spaces or commas")
 
 
-def _response_text(raw: dict[str, Any]) -> str | None:
-    if isinstance(raw.get("response"), str):
-        return raw["response"]
-    turns = raw.get("conversations")
-    if isinstance(turns, list):
-        replies = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") in RESPONSE_SPEAKERS]
-        if replies and isinstance(replies[-1], str):
-            return replies[-1]
-    return None
+def merge_repeats(units: Sequence[int]) -> list[int]:
+    """Consecutive duplicates merged into one, as `omni units` writes targets (CTC emits each unit once)."""
+    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
+
+
+@dataclass(frozen=True)
+class _Dialogue:
+    """What a record says: the user turn's text (None: no turns) and the reply, or why it cannot be used."""
+
+    instruction: str | None
+    response: str | None
+    problem: str | None = None
+
+
+def _dialogue(raw: dict[str, Any]) -> _Dialogue:
+    turns = next((raw[f] for f in TURN_FIELDS if f in raw), None)
+    if turns is None:
+        response = raw.get("response")
+        return _Dialogue(None, response if isinstance(response, str) else None)
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return _Dialogue(None, None, "'conversations' must be a list of {\"from\", \"value\"} or {\"role\", \"content\"} turns")
+    speakers, texts = [], []
+    for turn in turns:
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if speaker == "system":
+            return _Dialogue(None, None, "has a system turn; training uses the reference's system prompt, remove the turn")
+        if speaker not in USER_SPEAKERS + RESPONSE_SPEAKERS:
+            return _Dialogue(None, None, f"turn speaker {speaker!r} is neither the user (human/user) nor the reply (gpt/assistant)")
+        if not isinstance(text, str):
+            return _Dialogue(None, None, f"a {speaker} turn has no text ('value' or 'content')")
+        speakers.append(speaker in USER_SPEAKERS)
+        texts.append(text)
+    if len(turns) > 2:
+        return _Dialogue(None, None, f"has {len(turns)} turns; only single-turn records (one spoken question, one reply) are supported: split it")
+    if speakers != [True, False]:
+        return _Dialogue(None, None, "turns must be one user turn (the spoken question) followed by one reply")
+    instruction = texts[0]
+    count = instruction.count(SPEECH_PLACEHOLDER)
+    if count > 1:
+        return _Dialogue(None, None, f"the user turn holds {count} {SPEECH_PLACEHOLDER} markers; a record has one spoken question")
+    if count == 0:  # the reference puts the speech first, then the instruction
+        instruction = f"{SPEECH_PLACEHOLDER}\n{instruction}" if instruction.strip() else f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}"
+    return _Dialogue(instruction, texts[1])
 
 
 def _audio_problem(path: Path, limits: DataLimits) -> str | None:
     """Why this audio file cannot be used, from its header (fast; the samples are read at training time)."""
+    if path.is_dir():
+        return f"audio path {path} is a directory, not an audio file"
     if not path.is_file():
         return f"audio file {path} is missing"
     try:
@@ -146,6 +234,31 @@ def reply_ids(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
     return list(ids) + [int(tokenizer.convert_tokens_to_ids(REPLY_END_TOKEN))]
 
 
+def _unit_problems(raw: dict[str, Any], n_reply: int, limits: DataLimits) -> tuple[list[int] | None, list[str]]:
+    """Stage 2's targets, repeats merged, and what is wrong with them."""
+    value = next((raw[f] for f in UNIT_FIELDS if f in raw), None)
+    if value is None:
+        return None, [f"no unit targets (one of {', '.join(UNIT_FIELDS)}) for stage 2; make them with `omni units`"]
+    try:
+        units = merge_repeats(parse_units(value))
+    except ValueError as exc:
+        return None, [str(exc)]
+    if not units:
+        return None, ["unit targets are empty"]
+    found = []
+    bad = [u for u in units if not 0 <= u < limits.unit_vocab_size]
+    if bad:
+        found.append(f"unit id {bad[0]} out of range 0..{limits.unit_vocab_size - 1} ({len(bad)} such)")
+    frames = (limits.unit_frames_per_token or 0) * n_reply
+    if limits.unit_frames_per_token and n_reply and len(units) > frames:
+        # CTC cannot emit more labels than it has frames: such a record trains on a zero loss.
+        found.append(
+            f"{len(units)} unit targets (repeats merged) do not fit the {frames} decoder frames of its "
+            f"{n_reply}-token reply ({limits.unit_frames_per_token} per token); are these the units of this reply?"
+        )
+    return units, found
+
+
 def validate_records(
     raw_records: Sequence[Any],
     base_dir: Path,
@@ -154,7 +267,7 @@ def validate_records(
     limits: DataLimits,
 ) -> tuple[list[TrainingRecord], list[RecordProblem]]:
     """Check every record; return the usable ones and every problem found (all of them, not the first)."""
-    prompt_positions = len(build_prompt_ids(tokenizer, [speech_turn()])) - 1 + limits.speech_positions
+    prompt_lengths: dict[str, int] = {}  # per instruction: most records share one
     records: list[TrainingRecord] = []
     problems: list[RecordProblem] = []
     seen: set[str] = set()
@@ -180,36 +293,32 @@ def validate_records(
             if problem:
                 found.append(problem)
 
-        response = _response_text(raw)
+        dialogue = _dialogue(raw)
+        response = dialogue.response
+        record = TrainingRecord(record_id, speech or Path(), response or "", None)
+        if dialogue.instruction is not None:
+            record = replace(record, instruction=dialogue.instruction)
         n_reply = 0
-        if response is None or not response.strip():
+        if dialogue.problem is not None:
+            found.append(dialogue.problem)
+        elif response is None or not response.strip():
             found.append("empty response text")
         else:
             n_reply = len(reply_ids(tokenizer, response))
-            if prompt_positions + n_reply > limits.max_length:
-                found.append(
-                    f"too long: {prompt_positions + n_reply} positions (prompt + speech + reply) > max length {limits.max_length}"
-                )
+            if record.instruction not in prompt_lengths:
+                prompt_ids = build_prompt_ids(tokenizer, [record.prompt_turn()])
+                prompt_lengths[record.instruction] = len(prompt_ids) - 1 + limits.speech_positions
+            positions = prompt_lengths[record.instruction] + n_reply
+            if positions > limits.max_length:
+                found.append(f"too long: {positions} positions (prompt + speech + reply) > max length {limits.max_length}")
 
         units: list[int] | None = None
-        unit_value = next((raw[f] for f in UNIT_FIELDS if f in raw), None)
-        if unit_value is not None:
-            try:
-                units = parse_units(unit_value)
-            except ValueError as exc:
-                found.append(str(exc))
         if stage == 2:
-            if units is None and not any("units must" in f for f in found):
-                found.append(f"no unit targets (one of {', '.join(UNIT_FIELDS)}) for stage 2; make them with `omni units`")
-            elif units is not None:
-                if not units:
-                    found.append("unit targets are empty")
-                bad = [u for u in units if not 0 <= u < limits.unit_vocab_size]
-                if bad:
-                    found.append(f"unit id {bad[0]} out of range 0..{limits.unit_vocab_size - 1} ({len(bad)} such)")
+            units, unit_problems = _unit_problems(raw, n_reply, limits)
+            found += unit_problems
         problems.extend(RecordProblem(record_id, f) for f in found)
-        if not found and speech is not None and response is not None:
-            records.append(TrainingRecord(record_id, speech, response, tuple(units) if units is not None else None))
+        if not found:
+            records.append(replace(record, units=tuple(units) if units is not None else None))
     return records, problems
 
 
@@ -254,7 +363,13 @@ class SpeechReplyDataset(torch.utils.data.Dataset):
         self.records = list(records)
         self.tokenizer = tokenizer
         self.n_mels = n_mels
-        self.prompt_ids = build_prompt_ids(tokenizer, [speech_turn()])
+        self._prompts: dict[str, list[int]] = {}  # per instruction: most records share one
+
+    def prompt_ids(self, record: TrainingRecord) -> list[int]:
+        """The record's prompt ids (system + its user turn), with one SPEECH_TOKEN_INDEX slot."""
+        if record.instruction not in self._prompts:
+            self._prompts[record.instruction] = build_prompt_ids(self.tokenizer, [record.prompt_turn()])
+        return list(self._prompts[record.instruction])
 
     def __len__(self) -> int:
         return len(self.records)
@@ -265,7 +380,7 @@ class SpeechReplyDataset(torch.utils.data.Dataset):
         # Same front end as SpeechToSpeech.encode_speech: one 30 s window, padded.
         mel = log_mel_spectrogram(audio, n_mels=self.n_mels, pad_to=CHUNK_SAMPLES)
         units = list(record.units) if record.units is not None else None
-        return Sample(record.record_id, mel, list(self.prompt_ids), reply_ids(self.tokenizer, record.response), units)
+        return Sample(record.record_id, mel, self.prompt_ids(record), reply_ids(self.tokenizer, record.response), units)
 
 
 @dataclass

@@ -20,6 +20,10 @@ class TrainProgress:
         )
         self._task = self._progress.add_task("train", total=None, info="validating data and loading the model")
 
+    def note(self, line: str) -> None:
+        """Print a line above the bar (the run's plan at the start)."""
+        self._progress.console.print(line, highlight=False, markup=False, soft_wrap=True)  # one line, however narrow
+
     def show(self, log: TrainLog) -> None:
         """Update the bar after an optimizer step."""
         info = f"loss {log.loss:.4f}  lr {log.lr:.2e}  {log.samples_per_second:.1f} samples/s  epoch {log.epoch:.2f}"

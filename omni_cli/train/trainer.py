@@ -4,50 +4,53 @@ Stage 1 (speech → text): the adaptor and the LLM learn (fully or with LoRA); t
 encoder and the speech decoder stay frozen. Stage 2 (text hidden states → units): only the
 speech decoder learns, with CTC loss on the LLM's last-layer hidden states.
 
-Checkpoints are directories in the released layout (config.json, tokenizer, safetensors
-shards with `model.*`, `lm_head.*`, `model.speech_projector.*`, `speech_generator.*`), so
-`omni chat --model` loads them, plus `trainer_state.pt` (optimizer, scheduler, step, RNG)
-that loads with `torch.load(weights_only=True)` for --resume. Every directory is written
-under a temporary name and renamed into place, so an interrupted save never leaves half a
-checkpoint.
+A run is a `Run` in named phases: `prepare` (check the options, read the model's files once,
+validate every record, load the weights), `build` (what trains, the batch plan, DDP/FSDP,
+optimizer and schedule, a resumed state), `train` (the optimizer steps and resume points)
+and `finish` (the exported model). `--batch-size` is the global batch: every process and
+accumulation step together. Ctrl-C is a request to stop at the next step boundary, agreed
+by all processes, so a checkpoint always holds the weights of the step it is named after.
+What is on disk: `checkpoints.py`; LoRA: `lora.py`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import shutil
+import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from transformers import get_cosine_schedule_with_warmup
 
-from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig
+from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
-from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig, OmniConfig
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
-from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer
-from omni_cli.weights.layout import (
-    ADAPTOR_PREFIX,
-    DECODER_PREFIX,
-    IGNORED_PREFIXES,
-    SAFETENSORS_INDEX_NAME,
-    fsync_file,
-    read_shapes,
-    weight_files,
-    write_shards,
+from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer, resolve_placement
+from omni_cli.train.checkpoints import (
+    FINAL_DIR,
+    checkpoint_dir,
+    clean_stale_saves,
+    latest_checkpoint,
+    load_trainer_state,
+    prune_checkpoints,
+    read_trained,
+    rng_state,
+    save_model,
+    save_resume_point,
+    seed_everything,
+    set_rng_state,
+    tensor_dtypes,
 )
 from omni_cli.train.data import (
     Batch,
@@ -58,19 +61,11 @@ from omni_cli.train.data import (
     load_manifest,
     reply_hidden_states,
 )
+from omni_cli.train.lora import apply_lora, is_peft, merged_llm_state
+from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX
+from omni_cli.weights.model_files import read_model_files
 
-TRAINER_STATE_FILE = "trainer_state.pt"
-# Files of the source checkpoint copied verbatim next to the new weights.
-COPIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-CHECKPOINT_PREFIX = "checkpoint-"
-FINAL_DIR = "final"
+
 @dataclass(frozen=True)
 class TrainLog:
     """One progress report: after optimizer step `step` of `total_steps`."""
@@ -84,15 +79,45 @@ class TrainLog:
     elapsed: float
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the data becomes optimizer steps: the global batch, split over processes and accumulation."""
+
+    records: int
+    world_size: int
+    micro_batch: int  # samples per process per forward/backward
+    accumulation: int  # micro-batches per process per optimizer step
+    steps_per_epoch: int
+    total_steps: int
+    start_step: int  # > 0 when resuming
+
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step, all processes together."""
+        return self.world_size * self.micro_batch * self.accumulation
+
+    def describe(self) -> str:
+        """One line for the start of a run."""
+        processes = f"{self.world_size} process{'es' if self.world_size > 1 else ''}"
+        steps = f"{self.accumulation} accumulation step{'s' if self.accumulation > 1 else ''}"
+        resumed = f", resuming after step {self.start_step}" if self.start_step else ""
+        return (f"{self.records} records, global batch {self.global_batch} = {processes} × {self.micro_batch} "
+                f"samples × {steps}; {self.total_steps} steps ({self.steps_per_epoch} per epoch){resumed}")
+
+
 @dataclass
 class FinetuneResult:
-    """What a run produced: the final checkpoint directory (None when interrupted) and the losses."""
+    """What a run produced: the exported model (None when interrupted), the last resume point and the losses.
+
+    `interrupted`: stopped by Ctrl-C; `unsaved` says what a second Ctrl-C left unwritten (None: nothing).
+    """
 
     output_dir: Path | None
     last_checkpoint: Path | None
     steps: int
     losses: list[float] = field(default_factory=list)
     interrupted: bool = False
+    unsaved: str | None = None
     model: OmniForTraining | None = None  # the trained model, in memory
 
 
@@ -120,6 +145,46 @@ def init_distributed(device_type: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return Distributed(rank, local_rank, world)
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM as a request to stop at the next step boundary; a second one stops at once.
+
+    A signal can land anywhere, e.g. between `optimizer.step()` and the step counter; as a
+    flag it is only acted on where the weights and the counter agree. The second signal
+    raises KeyboardInterrupt (quit without saving); any later one, while that unwinds and
+    removes a half-written folder, is ignored. Handlers exist only in the main thread.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self._quitting = False
+        self._announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        try:
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
+            pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self._quitting:
+            return
+        if self.requested:
+            self._quitting = True
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._announce:  # os.write: safe inside a signal handler, unlike print
+            os.write(2, b"\nomni: stopping after this step to save a checkpoint; Ctrl-C again quits without saving.\n")
 
 
 class OmniForTraining(nn.Module):
@@ -169,12 +234,12 @@ class OmniForTraining(nn.Module):
         return self.unit_decoder.ctc_loss(reply_hidden.to(weight.dtype), lengths, batch.units)
 
 
-def freeze_for_stage(model: OmniForTraining) -> list[nn.Parameter]:
-    """Set requires_grad for the stage and return the parameters the optimizer updates, in a fixed order."""
+def freeze_for_stage(model: OmniForTraining) -> list[str]:
+    """Set requires_grad for the stage; returns the names of the parameters that train, in a fixed order."""
     model.requires_grad_(False)
     if model.stage == 1:
         model.adaptor.requires_grad_(True)
-        if not _is_peft(model.llm):
+        if not is_peft(model.llm):
             model.llm.requires_grad_(True)
         else:  # LoRA: peft has already marked only the adapter weights trainable
             for name, p in model.llm.named_parameters():
@@ -182,98 +247,31 @@ def freeze_for_stage(model: OmniForTraining) -> list[nn.Parameter]:
     else:
         assert model.unit_decoder is not None
         model.unit_decoder.requires_grad_(True)
-    return [p for p in model.parameters() if p.requires_grad]
+    return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def _is_peft(llm: nn.Module) -> bool:
-    return hasattr(llm, "peft_config")
+def trainable_state(model: OmniForTraining, names: list[str], sharded: bool) -> dict[str, torch.Tensor]:
+    """The trained parameters (`names`, float32 masters) on the CPU: what a resume point holds.
 
-
-def apply_lora(omni: OmniModel, rank: int, alpha: int, quantized: bool) -> None:
-    """Wrap the LLM with LoRA adapters on every attention and MLP projection (peft)."""
-    try:
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    except ImportError as exc:
-        raise ConfigError("--lora needs peft: pip install 'omni-cli[train]'.") from exc
-    if quantized:
-        omni.llm = prepare_model_for_kbit_training(omni.llm, use_gradient_checkpointing=False)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        task_type="CAUSAL_LM",
-    )
-    omni.llm = get_peft_model(omni.llm, config)
-
-
-def llm_state_dict(llm: nn.Module, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """The LLM weights under their released names; LoRA adapters are merged in (without changing `llm`).
-
-    QLoRA (a 4/8-bit base): merging into the quantized weights would write packed bytes and
-    quantization state, which is not the released layout, and would bake the rounding into
-    every weight. Instead each adapter's delta is added, in float32, to the original weight
-    read from `base_dir`; every other tensor (and the frozen speech decoder) is the base's own.
-    """
-    if not _is_peft(llm):
-        return {k: v.detach() for k, v in llm.state_dict().items()}
-    if _has_quantized_base(llm):
-        if base_dir is None:
-            raise ValueError("merging QLoRA adapters needs the base checkpoint directory")
-        return _merge_into_base(llm, base_dir)
-    llm.merge_adapter()
-    try:
-        state = {}
-        for key, value in llm.state_dict().items():
-            if "lora_" in key:
-                continue
-            key = key.removeprefix("base_model.model.").replace(".base_layer.", ".")
-            state[key] = value.detach().clone()
-    finally:
-        llm.unmerge_adapter()
-    return state
-
-
-def _has_quantized_base(llm: nn.Module) -> bool:
-    return any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in llm.modules())
-
-
-def _merge_into_base(llm: nn.Module, base_dir: Path) -> dict[str, torch.Tensor]:
-    from peft.tuners.lora import LoraLayer
-
-    # Module references only: each delta is computed when its weight is read, so the host
-    # holds the merged tensors and one delta at a time, not every delta at once.
-    adapted = {
-        name.removeprefix("base_model.model.") + ".weight": module
-        for name, module in llm.named_modules()
-        if isinstance(module, LoraLayer)
-    }
-    # The adaptor trains in stage 1 (it comes from the model); the speech decoder is frozen,
-    # so its original tensors are kept as they are.
-    skipped = (ADAPTOR_PREFIX, *IGNORED_PREFIXES)
-    state: dict[str, torch.Tensor] = {}
-    for shard in weight_files(base_dir):
-        with safe_open(str(shard), framework="pt") as f:
-            for key in f.keys():
-                if key.startswith(skipped):
-                    continue
-                tensor = f.get_tensor(key)
-                module = adapted.pop(key, None)
-                if module is not None:
-                    with torch.no_grad():
-                        delta = sum(module.get_delta_weight(a).float() for a in module.active_adapters)
-                    tensor = tensor.float() + delta.cpu()  # float32: bf16 would round small deltas away
-                state[key] = tensor
-    if adapted:
-        raise CheckpointError(f"{base_dir} has no weight {next(iter(adapted))!r} for a trained adapter; pass the base model it was trained from.")
-    return state
-
-
-def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: Path | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the released layout, on CPU and contiguous (`base_dir`: the base weights, for QLoRA).
-
-    With `sharded` (FSDP) every process must call this: the full weights are gathered onto
+    With `sharded` (FSDP) every process must call this: the full tensors are gathered onto
     rank 0's CPU, and the other ranks get an empty dict.
+    """
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: full[k].contiguous() for k in names if k in full}
+    params = dict(model.named_parameters())
+    return {k: params[k].detach().cpu().contiguous() for k in names}
+
+
+def released_tensors(
+    model: OmniForTraining, dtypes: dict[str, torch.dtype], sharded: bool = False, base_dir: Path | None = None
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the released layout on the CPU, each in its base checkpoint's dtype (`dtypes`).
+
+    `base_dir`: the base weights, for QLoRA. With `sharded` (FSDP) every process must call
+    this: the full weights are gathered onto rank 0's CPU, and the other ranks get an empty dict.
     """
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -285,7 +283,7 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: 
         adaptor = {k[len("adaptor.") :]: v for k, v in full.items() if k.startswith("adaptor.")}
         decoder = {k[len("unit_decoder.") :]: v for k, v in full.items() if k.startswith("unit_decoder.")}
     else:
-        tensors = llm_state_dict(model.llm, base_dir)
+        tensors = merged_llm_state(model.llm, base_dir)
         adaptor = model.adaptor.state_dict()
         decoder = model.unit_decoder.state_dict() if model.unit_decoder is not None else {}
         if any(k.startswith(DECODER_PREFIX) for k in tensors):
@@ -294,7 +292,7 @@ def checkpoint_tensors(model: OmniForTraining, sharded: bool = False, base_dir: 
         tensors.pop("lm_head.weight", None)  # safetensors refuses shared storage; the loader re-ties
     tensors.update({ADAPTOR_PREFIX + k: v for k, v in adaptor.items()})
     tensors.update({DECODER_PREFIX + k: v for k, v in decoder.items()})
-    return {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    return {k: v.detach().to("cpu", dtypes.get(k, v.dtype)).contiguous() for k, v in tensors.items()}
 
 
 def shard_for_fsdp(model: OmniForTraining, compute_dtype: torch.dtype | None) -> None:
@@ -309,110 +307,6 @@ def shard_for_fsdp(model: OmniForTraining, compute_dtype: torch.dtype | None) ->
     for layer in model.llm.model.layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Move a fully written `tmp` onto `final`; an old `final` is removed only after the new one is in place."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def save_checkpoint(
-    tensors: dict[str, torch.Tensor],
-    source_dir: Path,
-    out_dir: Path,
-    trainer_state: dict[str, Any] | None,
-    speech_encoder: Path | None = None,
-) -> Path:
-    """Write `tensors` (see `checkpoint_tensors`) as a checkpoint directory in the released layout (+ trainer state), atomically.
-
-    config.json is copied unchanged except `speech_encoder`, which is set to the encoder the
-    run used (absolute path) when one was given, so `--model DIR` alone finds it.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    for name in COPIED_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy2(source_dir / name, tmp / name)
-    if speech_encoder is not None and (tmp / "config.json").is_file():
-        raw = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
-        raw["speech_encoder"] = str(Path(speech_encoder).resolve())
-        (tmp / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    write_shards(tensors, tmp, durable=True)
-    if trainer_state is not None:
-        with (tmp / TRAINER_STATE_FILE).open("wb") as f:
-            torch.save(trainer_state, f)
-            f.flush()
-            os.fsync(f.fileno())
-    # Copied files too: everything in the folder is on disk before the folder gets its name.
-    for written in tmp.iterdir():
-        if written.suffix != ".safetensors" and written.name not in (SAFETENSORS_INDEX_NAME, TRAINER_STATE_FILE):
-            fsync_file(written)
-    replace_directory(tmp, out_dir)
-    return out_dir
-
-
-def rng_state() -> dict[str, Any]:
-    """Python, numpy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` saved."""
-    python = state["python"]
-    random.setstate((python[0], tuple(python[1]), python[2]))
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's trainer state, loaded safely (tensors and plain types only)."""
-    path = checkpoint / TRAINER_STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{checkpoint} has no {TRAINER_STATE_FILE}; --resume needs a checkpoint written by omni finetune.")
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was saved at, read from its trainer state (memory-mapped: no full read)."""
-    state = torch.load(checkpoint / TRAINER_STATE_FILE, map_location="cpu", weights_only=True, mmap=True)
-    return int(state["step"])
-
-
-def latest_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint, else the checkpoint under it (`final/` or `checkpoint-N`) with the most steps.
-
-    The step comes from each trainer state, not the folder name: after resuming a finished run
-    with more steps, a newer `checkpoint-N` is ahead of the old `final/`.
-    """
-    path = Path(path)
-    if (path / TRAINER_STATE_FILE).is_file():
-        return path
-    found = [p for p in [path / FINAL_DIR, *path.glob(f"{CHECKPOINT_PREFIX}*")] if (p / TRAINER_STATE_FILE).is_file()]
-    if not found:
-        raise CheckpointError(f"no checkpoint to resume under {path}; pass --resume a {CHECKPOINT_PREFIX}N directory.")
-    # On equal steps `final/` wins (it is the finished model).
-    return max(found, key=lambda p: (checkpoint_step(p), p.name == FINAL_DIR))
 
 
 class ResumableSampler(torch.utils.data.DistributedSampler):
@@ -442,35 +336,8 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _restore_lora(omni: OmniModel, state: dict[str, Any], resume_dir: Path | None) -> None:
-    """Put a LoRA checkpoint's adapters back on the base LLM and its trained adaptor in place."""
-    assert resume_dir is not None
-    result = omni.llm.load_state_dict(state["adapter"], strict=False)
-    if result.unexpected_keys:
-        raise CheckpointError(f"{resume_dir}: adapter weight '{result.unexpected_keys[0]}' does not fit; resume with the same --lora-rank.")
-    shapes = read_shapes(weight_files(resume_dir))
-    adaptor = {k[len(ADAPTOR_PREFIX) :]: k for k in shapes if k.startswith(ADAPTOR_PREFIX)}
-    tensors: dict[str, torch.Tensor] = {}
-    for name, key in adaptor.items():
-        with safe_open(str(shapes[key][1]), framework="pt") as handle:
-            tensors[name] = handle.get_tensor(key)
-    omni.adaptor.load_state_dict(tensors, strict=True)
-
-
-def _source_dir(cfg: FinetuneConfig, resume_dir: Path | None) -> Path:
-    if resume_dir is not None:
-        return resume_dir
-    if cfg.model is None:
-        raise ConfigError("pass --model a LLaMA-Omni checkpoint directory (or --resume a checkpoint).")
-    return Path(cfg.model)
-
-
-def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = None) -> FinetuneResult:
-    """Run one stage of fine-tuning; returns where the final checkpoint went.
-
-    Ctrl-C saves a checkpoint at the current step (resume with --resume) and returns with
-    `interrupted` set. Under torchrun every process runs this; rank 0 writes the files.
-    """
+def check_options(cfg: FinetuneConfig) -> None:
+    """Refuse option combinations that cannot train, before anything is read or loaded."""
     if cfg.stage not in (1, 2):
         raise ConfigError(f"--stage must be 1 or 2, got {cfg.stage}.")
     if cfg.precision not in TRAIN_PRECISIONS:
@@ -481,198 +348,332 @@ def finetune(cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = No
         raise ConfigError("--fsdp is for full stage-1 fine-tuning; stage 2 and --lora fit one GPU each (plain DDP).")
     if cfg.fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ConfigError("--fsdp shards the model over several processes: launch with torchrun --nproc_per_node N (N >= 2).")
-    want_cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
-    dist_info = init_distributed("cuda" if want_cuda else "cpu")
-    device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if want_cuda else "cpu")
-    if device.type == "cuda" and dist_info.world_size > 1:
-        device = torch.device("cuda", dist_info.local_rank)
-        torch.cuda.set_device(device)
 
-    resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
-    state = load_trainer_state(resume_dir) if resume_dir else None
-    if state is not None and state["stage"] != cfg.stage:
+
+def _check_qlora_device(device: torch.device) -> None:
+    try:
+        resolve_placement("4bit", str(device))
+    except ConfigError:
+        if device.type == "cuda":
+            raise  # what is wrong with the GPU the user asked for
+        raise ConfigError(
+            f"--qlora keeps the LLM in 4 bit (bitsandbytes), which needs a CUDA GPU, but this run is on {device}; "
+            "use --lora on CPU."
+        ) from None
+
+
+def _check_resumable(cfg: FinetuneConfig, state: dict[str, Any], resume_dir: Path) -> None:
+    if state["stage"] != cfg.stage:
         raise ConfigError(f"{resume_dir} was written by stage {state['stage']}; resume it with --stage {state['stage']}.")
-    if state is not None and bool(state.get("fsdp")) != cfg.fsdp:
+    if bool(state.get("fsdp")) != cfg.fsdp:
         raise ConfigError(f"{resume_dir} was written {'with' if state.get('fsdp') else 'without'} --fsdp; resume it the same way.")
-    if state is not None and bool(state.get("lora")) != cfg.lora:
+    if bool(state.get("lora")) != cfg.lora:
         raise ConfigError(f"{resume_dir} was {'' if state.get('lora') else 'not '}a LoRA run; resume it with the same --lora setting.")
-    source = _source_dir(cfg, resume_dir)
-    # A LoRA checkpoint holds merged weights; resuming restarts from the base LLM plus the saved adapters.
-    weights_source = Path(state["base_model"]) if state is not None and state.get("lora") else source
 
-    # Every record is checked before the weights are loaded (minutes for 8B) and before the
-    # first step; one error lists all bad records.
-    config = OmniConfig.load(weights_source)
-    if cfg.stage == 2 and config.speech_decoder is None:
-        raise ConfigError("stage 2 trains the speech decoder, but this checkpoint has none; use a speech-to-speech model.")
-    limits = DataLimits(
-        unit_vocab_size=config.speech_decoder.unit_vocab_size if config.speech_decoder is not None else 0,
-        # Training pads each question to one 30 s window, as SpeechToSpeech.encode_speech does.
-        speech_positions=SpeechAdaptor.output_length(CHUNK_SAMPLES // HOP_LENGTH, config.speech_encoder_ds_rate),
-        max_length=cfg.max_length,
-    )
-    records = load_manifest(cfg.data, cfg.stage, load_tokenizer(source), limits)
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA).
-    omni = load_omni(weights_source, cfg.speech_encoder, precision="4bit" if cfg.qlora else "fp32", device=str(device))
-    if cfg.qlora:
-        # A 4-bit load puts the speech modules in fp16; the trained adaptor needs fp32 master
-        # weights (fp16 updates round away, and the fp16 grad scaler refuses fp16 gradients).
-        omni.adaptor.float()
-    if cfg.lora:
-        apply_lora(omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
-        if state is not None:
-            _restore_lora(omni, state, resume_dir)
-    model = OmniForTraining(omni, cfg.stage)
-    params = freeze_for_stage(model)
-    model.train()
+class Run:
+    """One fine-tuning run, phase by phase: `prepare` → `build` → `train` → `finish` (see `finetune`)."""
 
-    dataset = SpeechReplyDataset(records, omni.tokenizer, omni.encoder.n_mels)
-    sampler = ResumableSampler(dataset, dist_info, cfg.seed)
-    micro_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    def __init__(self, cfg: FinetuneConfig, on_log: Callable[[TrainLog], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_log = on_log
+        self.output = Path(cfg.output)
+        self.step = 0
+        self.dist = Distributed(0, 0, 1)
+        self.saved_step: int | None = None  # the step whose resume point is on disk, from this run
+        self.exporting = False
 
-    amp_dtype = _autocast_dtype(cfg.precision, device)
-    ddp_model: nn.Module = model
-    if cfg.fsdp:
-        if amp_dtype == torch.float16:
-            raise ConfigError("--fsdp trains in bf16 or fp32; pass --precision bf16 (or fp32).")
-        shard_for_fsdp(model, amp_dtype)
-        params = [p for p in model.parameters() if p.requires_grad]  # now sharded DTensors
-        amp_dtype = None  # FSDP's policy casts; no autocast on top
-    elif dist_info.world_size > 1:
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
-    # Rounded down: with a warm-up step the very first update has lr 0, a wasted step on short runs.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    # -- prepare: options, devices, resume state, files, data, weights -------------------------
 
-    def optimizer_state() -> dict[str, Any]:
-        if not cfg.fsdp:
-            return optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    def prepare(self) -> None:
+        """Check everything that can be checked before the weights load, then load them."""
+        cfg = self.cfg
+        check_options(cfg)
+        want_cuda = cfg.device.startswith("cuda") if cfg.device else torch.cuda.is_available()
+        self.dist = init_distributed("cuda" if want_cuda else "cpu")
+        device = torch.device(cfg.device) if cfg.device else torch.device("cuda" if want_cuda else "cpu")
+        if device.type == "cuda" and self.dist.world_size > 1:
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if cfg.qlora:
+            _check_qlora_device(device)
 
-        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.resume_dir = latest_checkpoint(cfg.resume) if cfg.resume else None
+        self.state = load_trainer_state(self.resume_dir) if self.resume_dir else None
+        model, encoder = cfg.model, cfg.speech_encoder
+        if self.state is not None:
+            assert self.resume_dir is not None
+            _check_resumable(cfg, self.state, self.resume_dir)
+            # A resume point holds only the trained parts: the rest comes from the base model,
+            # which --model/--speech-encoder may name anew (moved, or another machine).
+            model = model or Path(self.state["base_model"])
+            encoder = encoder or Path(self.state["speech_encoder"])
+        if model is None:
+            raise ConfigError("pass --model a LLaMA-Omni checkpoint directory (or --resume a checkpoint).")
+        if self.dist.is_main:
+            clean_stale_saves(self.output)
 
-    step = 0
-    if state is not None:
+        # Every config is read once; every record is checked before the weights are loaded
+        # (minutes for 8B) and before the first step; one error lists all bad records.
+        self.files = files = read_model_files(Path(model).expanduser().resolve(), encoder)
+        config = files.config
+        if cfg.stage == 2 and config.speech_decoder is None:
+            raise ConfigError("stage 2 trains the speech decoder, but this checkpoint has none; use a speech-to-speech model.")
+        limits = DataLimits(
+            unit_vocab_size=config.speech_decoder.unit_vocab_size if config.speech_decoder is not None else 0,
+            # Training pads each question to one 30 s window, as SpeechToSpeech.encode_speech does.
+            speech_positions=SpeechAdaptor.output_length(CHUNK_SAMPLES // HOP_LENGTH, config.speech_encoder_ds_rate),
+            max_length=cfg.max_length,
+            unit_frames_per_token=config.speech_decoder.upsample_factor if config.speech_decoder is not None else None,
+        )
+        self.records = load_manifest(cfg.data, cfg.stage, load_tokenizer(files.model_dir), limits)
+
+        seed_everything(cfg.seed)
+        # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA).
+        self.omni = load_omni(files, precision="4bit" if cfg.qlora else "fp32", device=str(device))
+        if cfg.qlora:
+            # A 4-bit load puts the speech modules in fp16; the trained adaptor needs fp32 master
+            # weights (fp16 updates round away, and the fp16 grad scaler refuses fp16 gradients).
+            self.omni.adaptor.float()
+        if cfg.lora:
+            apply_lora(self.omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
+
+    # -- build: what trains, the batch plan, parallelism, optimizer, schedule, resumed state -------
+
+    def build(self) -> None:
+        """Freeze for the stage, plan the batches, wrap for DDP/FSDP, create optimizer and schedule, restore a resume point."""
+        cfg, device = self.cfg, self.device
+        self.model = model = OmniForTraining(self.omni, cfg.stage)
+        self.trained_names = freeze_for_stage(model)
+        if self.state is not None:
+            assert self.resume_dir is not None
+            self._load_trained(self.resume_dir)
+        model.train()
+
+        dataset = SpeechReplyDataset(self.records, self.omni.tokenizer, self.omni.encoder.n_mels)
+        self.sampler = ResumableSampler(dataset, self.dist, cfg.seed)
+        micro, accumulation = cfg.batch_split(self.dist.world_size)
+        self.micro_per_epoch = math.ceil(len(self.sampler) / micro)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / accumulation)
+        total = cfg.max_steps if cfg.max_steps is not None else max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        start = int(self.state["step"]) if self.state is not None else 0
+        self.plan = BatchPlan(len(self.records), self.dist.world_size, micro, accumulation, steps_per_epoch, total, start)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=micro, sampler=self.sampler, collate_fn=collate, num_workers=cfg.num_workers
+        )
+
+        self.amp_dtype = _autocast_dtype(cfg.precision, device)
+        self.ddp_model: nn.Module = model
         if cfg.fsdp:
+            if self.amp_dtype == torch.float16:
+                raise ConfigError("--fsdp trains in bf16 or fp32; pass --precision bf16 (or fp32).")
+            shard_for_fsdp(model, self.amp_dtype)
+            self.amp_dtype = None  # FSDP's policy casts; no autocast on top
+        elif self.dist.world_size > 1:
+            self.ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.params = [p for p in model.parameters() if p.requires_grad]  # sharded DTensors under FSDP
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate(), weight_decay=cfg.weight_decay)
+        # Rounded down: with a warm-up step the very first update has lr 0, a wasted step on short runs.
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, int(cfg.warmup_ratio * total), total)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        if self.state is not None:
+            self._restore(self.state)
+        self.result = FinetuneResult(output_dir=None, last_checkpoint=self.resume_dir, steps=self.step, model=model)
+
+    def _load_trained(self, resume_dir: Path) -> None:
+        """Put a resume point's trained parameters onto the freshly loaded base (before any wrapping)."""
+        trained = read_trained(resume_dir, self.device)
+        expected = set(self.trained_names)
+        strays = sorted(expected ^ trained.keys())
+        if strays:
+            raise CheckpointError(
+                f"{resume_dir} does not hold the weights this run trains ({strays[0]!r}); resume with the --stage, "
+                "--lora/--qlora and --lora-rank it was written with."
+            )
+        try:
+            self.model.load_state_dict(trained, strict=False)
+        except RuntimeError as exc:  # shapes that do not fit: another base model or LoRA rank
+            raise CheckpointError(
+                f"{resume_dir} does not fit this model ({one_line(exc)}); resume with the --model and --lora-rank it was trained with."
+            ) from None
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
         else:
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+            self.scaler.load_state_dict(state["scaler"])
         set_rng_state(state["rng"])
-        step = int(state["step"])
+        self.step = int(state["step"])
 
-    def trainer_state() -> dict[str, Any]:
+    # -- train: the optimizer steps -------------------------------------------------------------
+
+    def train(self, stop: StopRequest) -> bool:
+        """Run the steps up to the total, with periodic resume points; True when a stop request ended it early.
+
+        A stop request is acted on only between steps, once every process has agreed on it, so
+        the resume point saved then holds exactly the weights of the step it is named after.
+        """
+        cfg, plan = self.cfg, self.plan
+        self.started = time.monotonic()
+        self.samples_seen = 0
+        while self.step < plan.total_steps:
+            self.sampler.set_epoch(self.step // plan.steps_per_epoch)
+            self.sampler.start = (self.step % plan.steps_per_epoch) * plan.accumulation * plan.micro_batch
+            batches = iter(self.loader)
+            for step_in_epoch in range(self.step % plan.steps_per_epoch, plan.steps_per_epoch):
+                if self.step >= plan.total_steps:
+                    break
+                n_micro = min(plan.accumulation, self.micro_per_epoch - step_in_epoch * plan.accumulation)
+                loss = self._optimizer_step(batches, n_micro)
+                self.step += 1
+                self._report(loss)
+                if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < plan.total_steps:
+                    self.save_resume_point()
+                if self._agreed_to_stop(stop):
+                    self.save_resume_point()
+                    self.result.interrupted = True
+                    return True
+        return False
+
+    def _optimizer_step(self, batches: Iterator[Batch], n_micro: int) -> torch.Tensor:
+        """Accumulate `n_micro` micro-batches and update the weights once; returns the step's loss (summed on this rank)."""
+        loss_sum = torch.zeros((), device=self.device)
+        for i in range(n_micro):
+            batch = next(batches).to(self.device)
+            # FSDP reduces gradients every micro-step (correct, a little slower than no_sync).
+            sync = i == n_micro - 1 or self.dist.world_size == 1 or self.cfg.fsdp
+            ctx = nullcontext() if sync else self.ddp_model.no_sync()  # type: ignore[operator]
+            amp = nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, dtype=self.amp_dtype)
+            with ctx, amp:
+                loss = self.ddp_model(batch) / n_micro
+            self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            self.samples_seen += len(batch.record_ids) * self.dist.world_size
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def _report(self, loss_sum: torch.Tensor) -> None:
+        if self.dist.world_size > 1:
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.dist.world_size
+        self.result.losses.append(float(loss_sum))
+        self.result.steps = self.step
+        if self.on_log is not None and self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.plan.total_steps):
+            elapsed = time.monotonic() - self.started
+            self.on_log(TrainLog(self.step, self.plan.total_steps, self.step / self.plan.steps_per_epoch, float(loss_sum),
+                                 self.scheduler.get_last_lr()[0], self.samples_seen / max(elapsed, 1e-9), elapsed))
+
+    def _agreed_to_stop(self, stop: StopRequest) -> bool:
+        """Whether any process was asked to stop (torchrun forwards Ctrl-C to each at its own moment)."""
+        if self.dist.world_size == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        dist.all_reduce(flag)
+        return bool(flag.item() > 0)
+
+    # -- save -------------------------------------------------------------------------------------
+
+    def trainer_state(self) -> dict[str, Any]:
+        """What --resume needs besides the trained weights: optimizer, schedule, step, RNG, and how the run was set up."""
+        cfg = self.cfg
         return {
-            "step": step,
+            "step": self.step,
             "stage": cfg.stage,
-            "optimizer": optimizer_state(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "optimizer": self._optimizer_state(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "rng": rng_state(),
             "lora": cfg.lora,
             "fsdp": cfg.fsdp,
-            "base_model": str(weights_source),
-            "adapter": {k: v.detach().cpu().clone() for k, v in model.llm.state_dict().items() if "lora_" in k} if cfg.lora else None,
+            # Absolute: a resume from another working directory finds the same files.
+            "base_model": str(self.files.model_dir.resolve()),
+            "speech_encoder": str(self.files.speech_encoder.resolve()),
             "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         }
 
-    saved: list[Path] = []  # the same on every rank, so all ranks skip or save together
+    def _optimizer_state(self) -> dict[str, Any]:
+        if not self.cfg.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    def checkpoint_contents() -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_resume_point(self) -> None:
+        """Write `checkpoint-<step>` (every process calls this; rank 0 writes) and prune the oldest."""
+        if self.saved_step == self.step:  # Ctrl-C right after a periodic save: it is on disk already
+            return
+        path = checkpoint_dir(self.output, self.step)
         # Under FSDP gathering weights and optimizer state is collective: every rank takes part.
         # Under DDP only rank 0 writes, so only it builds the CPU copy.
-        if cfg.fsdp or dist_info.is_main:
-            return checkpoint_tensors(model, cfg.fsdp, weights_source), trainer_state()
-        return {}, None
-
-    def save_step() -> Path:
-        path = Path(cfg.output) / f"{CHECKPOINT_PREFIX}{step}"
-        if saved and saved[-1] == path:  # Ctrl-C right after a periodic save: it is on disk already
-            return path
-        tensors, train_state = checkpoint_contents()
-        if dist_info.is_main:
-            save_checkpoint(tensors, source, path, train_state, cfg.speech_encoder)
-        saved.append(path)
-        if cfg.keep_checkpoints > 0:
-            for old in saved[: -cfg.keep_checkpoints]:  # never the newest: keep_checkpoints >= 1
-                if dist_info.is_main:
-                    shutil.rmtree(old, ignore_errors=True)
-                saved.remove(old)
-        if dist_info.world_size > 1:
+        if self.cfg.fsdp or self.dist.is_main:
+            trained, state = trainable_state(self.model, self.trained_names, self.cfg.fsdp), self.trainer_state()
+            if self.dist.is_main:
+                save_resume_point(trained, state, path)
+                prune_checkpoints(self.output, path, self.cfg.keep_checkpoints)
+        if self.dist.world_size > 1:
             dist.barrier()
-        return path
+        self.saved_step = self.step
+        self.result.last_checkpoint = path
 
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers
-    )
-    result = FinetuneResult(output_dir=None, last_checkpoint=resume_dir, steps=step, model=model)
-    started = time.monotonic()
-    samples_seen = 0
+    # -- finish ------------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Export `final/`: the fine-tuned model in the released layout, each tensor in the base model's dtype."""
+        self.exporting = True
+        files = self.files
+        final = self.output / FINAL_DIR
+        dtypes = tensor_dtypes({path for _, path in files.shapes.values()})
+        tensors = released_tensors(self.model, dtypes, self.cfg.fsdp, files.model_dir)
+        if self.dist.is_main:
+            save_model(tensors, files.model_dir, final, files.speech_encoder)
+        if self.dist.world_size > 1:
+            dist.barrier()
+        self.result.output_dir = final
+
+    def close(self) -> None:
+        """Leave the torchrun job (every process, however the run ended)."""
+        if self.dist.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def finetune(
+    cfg: FinetuneConfig,
+    on_log: Callable[[TrainLog], None] | None = None,
+    on_start: Callable[[BatchPlan], None] | None = None,
+) -> FinetuneResult:
+    """Run one stage of fine-tuning; returns where the exported model and the last resume point went.
+
+    Ctrl-C stops at the next step boundary with a resume point (`interrupted`); a second
+    Ctrl-C quits at once without saving (`unsaved` says what was lost), never leaving a
+    half-written folder. Under torchrun every process runs this; rank 0 writes the files.
+    """
+    run = Run(cfg, on_log)
     try:
-        while step < total_steps:
-            epoch = step // steps_per_epoch
-            first_micro = (step % steps_per_epoch) * cfg.grad_accum
-            sampler.set_epoch(epoch)
-            sampler.start = first_micro * cfg.batch_size
-            batches = iter(loader)
-            for step_in_epoch in range(step % steps_per_epoch, steps_per_epoch):
-                if step >= total_steps:
-                    break
-                n_micro = min(cfg.grad_accum, micro_per_epoch - step_in_epoch * cfg.grad_accum)
-                loss_sum = torch.zeros((), device=device)
-                for i in range(n_micro):
-                    batch = next(batches).to(device)
-                    # FSDP reduces gradients every micro-step (correct, a little slower than no_sync).
-                    sync = i == n_micro - 1 or dist_info.world_size == 1 or cfg.fsdp
-                    ctx = nullcontext() if sync else ddp_model.no_sync()  # type: ignore[operator]
-                    amp = nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
-                    with ctx, amp:
-                        loss = ddp_model(batch) / n_micro
-                    scaler.scale(loss).backward()
-                    loss_sum += loss.detach()
-                    samples_seen += len(batch.record_ids) * dist_info.world_size
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if dist_info.world_size > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= dist_info.world_size
-                result.losses.append(float(loss_sum))
-                result.steps = step
-                if on_log is not None and dist_info.is_main and (step % cfg.log_every == 0 or step == total_steps):
-                    elapsed = time.monotonic() - started
-                    on_log(TrainLog(step, total_steps, step / steps_per_epoch, float(loss_sum),
-                                    scheduler.get_last_lr()[0], samples_seen / max(elapsed, 1e-9), elapsed))
-                if cfg.save_every > 0 and step % cfg.save_every == 0 and step < total_steps:
-                    result.last_checkpoint = save_step()
-    except KeyboardInterrupt:
-        # Nothing learnt is lost: the current step is saved, --resume continues from it.
-        result.interrupted = True
-        if step > 0:
-            result.last_checkpoint = save_step()
-        return result
-    # The final directory is both the fine-tuned model and a resumable checkpoint.
-    final = Path(cfg.output) / FINAL_DIR
-    tensors, train_state = checkpoint_contents()
-    if dist_info.is_main:
-        save_checkpoint(tensors, source, final, train_state, cfg.speech_encoder)
-    if dist_info.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    result.output_dir = result.last_checkpoint = final
-    return result
+        run.prepare()
+        run.build()
+        if on_start is not None and run.dist.is_main:
+            on_start(run.plan)
+        with StopRequest(announce=run.dist.is_main) as stop:
+            try:
+                if not run.train(stop):
+                    run.finish()
+            except KeyboardInterrupt:
+                run.result.interrupted = True
+                if run.exporting:
+                    run.result.unsaved = f"{FINAL_DIR}/, the fine-tuned model of step {run.step},"
+                elif run.saved_step != run.step:
+                    run.result.unsaved = f"step {run.step}"
+    finally:
+        run.close()
+    return run.result

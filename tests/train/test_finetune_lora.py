@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def test_lora_stage1_saves_merged_weights_that_reproduce_the_trained_model(tiny_
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris."}) + "\n")
     cfg = FinetuneConfig(stage=1, data=manifest, output=tmp_path / "out", model=tiny_model.model_dir,
-                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1, grad_accum=1,
+                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1,
                          lr=1e-2, lora=True, lora_rank=4, lora_alpha=8, save_every=0)
     result = finetune(cfg)
     before, after = _weights(tiny_model.model_dir), _weights(result.output_dir)
@@ -69,14 +70,14 @@ def test_lora_resume_matches_training_straight(tiny_model, tmp_path: Path) -> No
 
     def cfg(out: str, **kw) -> FinetuneConfig:
         return FinetuneConfig(stage=1, data=manifest, output=tmp_path / out, model=tiny_model.model_dir,
-                              speech_encoder=tiny_model.speech_encoder, max_steps=4, batch_size=1, grad_accum=1,
+                              speech_encoder=tiny_model.speech_encoder, max_steps=4, batch_size=1,
                               lr=1e-2, lora=True, lora_rank=4, lora_alpha=8, save_every=2, **kw)
 
     straight = finetune(cfg("straight"))
 
     def stop_at_2(log) -> None:
         if log.step == 2:
-            raise KeyboardInterrupt
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C
 
     cut = finetune(cfg("cut"), on_log=stop_at_2)
     assert cut.interrupted and cut.steps == 2
@@ -96,16 +97,22 @@ def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, 
 
     from omni_cli.model import loading
 
+    from omni_cli.train import trainer
+
     real = loading.resolve_placement
-    monkeypatch.setattr(loading, "resolve_placement", lambda precision, device=None: (
-        loading.Placement(torch.device("cpu"), torch.float32, "4bit") if precision == "4bit" else real(precision, device)))
+
+    def cpu_4bit(precision: str, device: str | None = None) -> loading.Placement:
+        return loading.Placement(torch.device("cpu"), torch.float32, "4bit") if precision == "4bit" else real(precision, device)
+
+    monkeypatch.setattr(loading, "resolve_placement", cpu_4bit)
+    monkeypatch.setattr(trainer, "resolve_placement", cpu_4bit)  # the --qlora device check
     t = np.arange(8000) / 16000
     sf.write(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris."}) + "\n")
     rank, alpha = 4, 8
     cfg = FinetuneConfig(stage=1, data=manifest, output=tmp_path / "out", model=tiny_model.model_dir,
-                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1, grad_accum=1,
+                         speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1,
                          lr=1e-2, qlora=True, lora_rank=rank, lora_alpha=alpha, save_every=0)
     result = finetune(cfg)
     trained = result.model.llm.state_dict()
@@ -127,3 +134,31 @@ def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, 
         assert not torch.equal(value, before[key].float()), f"{key}: the adapter did not learn"
     # And it loads (strictly) for inference like any checkpoint.
     load_omni(result.output_dir, tiny_model.speech_encoder, precision="fp32", device="cpu")
+
+
+def test_saving_never_nudges_the_trained_weights(tiny_model, tmp_path: Path) -> None:
+    """Merging is out of place: periodic saves change nothing, and an export leaves the LoRA model as it was."""
+    from omni_cli.train.lora import merged_llm_state
+
+    t = np.arange(8000) / 16000
+    sf.write(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris."}) + "\n")
+
+    def run(out: str, save_every: int):
+        return finetune(FinetuneConfig(stage=1, data=manifest, output=tmp_path / out, model=tiny_model.model_dir,
+                                       speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1, lr=1e-2,
+                                       lora=True, lora_rank=4, lora_alpha=8, save_every=save_every))
+
+    every, never = run("every", 1), run("never", 0)
+    a, b = _weights(every.output_dir), _weights(never.output_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    llm = every.model.llm
+    before = {k: v.clone() for k, v in llm.state_dict().items()}
+    merged = merged_llm_state(llm)
+    assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
+    assert not any("lora_" in k for k in merged)
+    assert all(torch.equal(merged[k], a[k]) for k in merged)  # what the export wrote
+    base = _weights(tiny_model.model_dir)
+    changed = {k for k in merged if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.split(".")[-2] in LORA_TARGETS for k in changed)  # the adapters, added to new tensors

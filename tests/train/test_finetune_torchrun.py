@@ -1,20 +1,24 @@
-"""`omni finetune` under torchrun: two CPU processes (gloo, DDP) run a stage-2 step and save one checkpoint."""
+"""`omni finetune` under torchrun on two CPU processes (gloo): the global batch, Ctrl-C, and FSDP."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from omni_cli.train.trainer import TRAINER_STATE_FILE
+from omni_cli.train.checkpoints import TRAINER_STATE_FILE
+from omni_cli.train.trainer import FinetuneConfig, finetune
 
 
 def _free_port() -> int:
@@ -23,44 +27,92 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_stage2_step_saves_one_checkpoint(tiny_model, tmp_path: Path) -> None:
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for shard in directory.glob("*.safetensors"):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _stage2_manifest(tmp_path: Path) -> Path:
     t = np.arange(8000) / 16000
     records = []
     for i, freq in enumerate((220, 330, 440, 550)):
         sf.write(tmp_path / f"q{i}.wav", (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+        # Same reply and target lengths everywhere: any split of a batch averages the CTC loss alike.
         records.append({"id": f"q{i}", "speech": f"q{i}.wav", "response": "Hello!", "tgt_units": [i + 1, 7, 9]})
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
-    out = tmp_path / "out"
+    return manifest
+
+
+def _torchrun(tiny_model, *args: str) -> list[str]:
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [
-        str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        "-m", "omni_cli.cli", "finetune", "--stage", "2", "--data", str(manifest), "--output", str(out),
-        "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder),
-        "--max-steps", "1", "--batch-size", "1", "--grad-accum", "2", "--lr", "1e-3",
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=Path(__file__).resolve().parents[2])
+    return [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            "-m", "omni_cli.cli", "finetune", "--model", str(tiny_model.model_dir),
+            "--speech-encoder", str(tiny_model.speech_encoder), *args]
+
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow  # two torchrun processes start torch and load the model: ~15-30 s on 2 cores
+def test_batch_size_is_the_global_batch_over_processes_and_accumulation(tiny_model, tmp_path: Path) -> None:
+    manifest = _stage2_manifest(tmp_path)
+    out = tmp_path / "out"
+    cmd = _torchrun(tiny_model, "--stage", "2", "--data", str(manifest), "--output", str(out), "--max-steps", "2",
+                    "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "5")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fine-tuned model:" in done.stdout
-    # One checkpoint (the final one), written once by rank 0; no temporary leftovers.
-    assert sorted(p.name for p in out.iterdir()) == ["final"]
-    state = torch.load(out / "final" / TRAINER_STATE_FILE, weights_only=True)
-    assert state["step"] == 1
-    before = {}
-    for shard in tiny_model.model_dir.glob("*.safetensors"):
-        before.update(load_file(str(shard)))
-    after = {}
-    for shard in (out / "final").glob("*.safetensors"):
-        after.update(load_file(str(shard)))
-    assert before.keys() == after.keys()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # Printed once, by rank 0: 4 = 2 processes × 1 sample × 2 accumulation steps.
+    assert done.stderr.count("global batch 4 = 2 processes × 1 samples × 2 accumulation steps; 2 steps (1 per epoch)") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["final"]  # written once by rank 0; no temporary leftovers
+
+    # The same global batch in one process, in one micro-batch, trains to the same weights.
+    single = finetune(FinetuneConfig(stage=2, data=manifest, output=tmp_path / "single", model=tiny_model.model_dir,
+                                     speech_encoder=tiny_model.speech_encoder, max_steps=2, batch_size=4,
+                                     micro_batch_size=4, lr=1e-3, seed=5))
+    base, a, b = _tensors(tiny_model.model_dir), _tensors(out / "final"), _tensors(single.output_dir)
+    assert base.keys() == a.keys() == b.keys()
+    changed = {k for k in base if not torch.equal(base[k], a[k])}
     assert changed and all(k.startswith("speech_generator.") for k in changed)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow  # a torchrun job started, interrupted and its checkpoint resumed: ~20-40 s on 2 cores
+def test_ctrl_c_under_torchrun_saves_one_agreed_step_and_exits_cleanly(tiny_model, tmp_path: Path) -> None:
+    manifest = _stage2_manifest(tmp_path)
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    cmd = _torchrun(tiny_model, "--stage", "2", "--data", str(manifest), "--output", str(out), "--max-steps", "100000",
+                    "--save-every", "0", "--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-3")
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=ROOT)
+        deadline = time.monotonic() + 180
+        while "global batch" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few steps in
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends torchrun, which forwards it to each worker
+        stdout, _ = proc.communicate(timeout=180)
+    stderr = log.read_text()
+    points = [p for p in out.iterdir()]
+    assert [p.name for p in points if p.name.startswith(".")] == []
+    assert len(points) == 1 and points[0].name.startswith("checkpoint-"), stderr[-3000:]
+    step = int(points[0].name.split("-")[1])
+    assert torch.load(points[0] / TRAINER_STATE_FILE, weights_only=True)["step"] == step
+    assert f"interrupted at step {step}; resume with --resume {points[0]}" in stderr
+    # The workers end without a traceback; torchrun itself still reports the signal it got (SignalException).
+    assert "/omni_cli/" not in stderr and stderr.count("Traceback") <= 1, stderr[-3000:]
+
+    resumed = finetune(FinetuneConfig(stage=2, data=manifest, output=out, max_steps=step + 1, batch_size=2,
+                                      micro_batch_size=1, lr=1e-3, resume=out))
+    assert resumed.steps == step + 1 and resumed.output_dir == out / "final"
 
 
 def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, tmp_path: Path) -> None:
-    from omni_cli.train.trainer import FinetuneConfig, finetune
-
     t = np.arange(8000) / 16000
     records = []
     for i, freq in enumerate((220, 330, 440, 550)):
@@ -70,8 +122,8 @@ def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, t
     manifest = tmp_path / "train.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in records))
     common = ["--stage", "1", "--data", str(manifest), "--model", str(tiny_model.model_dir),
-              "--speech-encoder", str(tiny_model.speech_encoder), "--max-steps", "2", "--grad-accum", "1",
-              "--lr", "1e-3", "--seed", "3", "--save-every", "1", "--batch-size", "1", "--fsdp"]
+              "--speech-encoder", str(tiny_model.speech_encoder), "--max-steps", "2",
+              "--lr", "1e-3", "--seed", "3", "--save-every", "1", "--batch-size", "2", "--fsdp"]
     torchrun = Path(sys.executable).with_name("torchrun")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 
@@ -86,7 +138,7 @@ def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, t
     launch("--output", str(tmp_path / "resumed"), "--resume", str(tmp_path / "fsdp" / "checkpoint-1"))
 
     single = finetune(FinetuneConfig(stage=1, data=manifest, output=tmp_path / "single", model=tiny_model.model_dir,
-                                     speech_encoder=tiny_model.speech_encoder, max_steps=2, batch_size=2, grad_accum=1,
+                                     speech_encoder=tiny_model.speech_encoder, max_steps=2, batch_size=2,
                                      lr=1e-3, seed=3, save_every=0))
     a, b, c = {}, {}, {}
     for shard in (tmp_path / "fsdp" / "final").glob("*.safetensors"):
@@ -107,4 +159,4 @@ def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, t
     moved = {k for k in a if not torch.equal(a[k], base[k])}
     assert "model.speech_projector.linear1.weight" in moved and "model.layers.0.mlp.up_proj.weight" in moved
     assert not any(k.startswith("speech_generator.") for k in moved)
-    assert torch.load(tmp_path / "fsdp" / "final" / TRAINER_STATE_FILE, weights_only=True)["fsdp"] is True
+    assert torch.load(tmp_path / "fsdp" / "checkpoint-1" / TRAINER_STATE_FILE, weights_only=True)["fsdp"] is True

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from omni_cli.model.llm import SPEECH_TOKEN_INDEX, build_prompt_ids, speech_turn
+from omni_cli.model.llm import SPEECH_INSTRUCTION, SPEECH_TOKEN_INDEX, Turn, build_prompt_ids
 from omni_cli.model.unit_decoder import IGNORE_INDEX
 from omni_cli.train.data import (
     DataLimits,
@@ -111,7 +111,7 @@ def test_collate_builds_the_inference_prompt_and_masks_prompt_and_speech(tmp_pat
     dataset = SpeechReplyDataset(load_manifest(tmp_path / "m.json", 2, tok, LIMITS), tok, n_mels=128)
     batch = collate([dataset[0], dataset[1]])
     assert batch.mels.shape == (2, 128, 3000)
-    assert batch.prompt_ids[0] == build_prompt_ids(tok, [speech_turn()])
+    assert batch.prompt_ids[0] == build_prompt_ids(tok, [Turn("user", "<speech>\nQ", speech=True)])  # the record's own turn
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     assert batch.reply_ids[0][-1] == eot and tok.decode(batch.reply_ids[0][:-1]) == "Paris."
     assert batch.units.tolist() == [[1, 2, 3], [9, IGNORE_INDEX, IGNORE_INDEX]]
@@ -162,3 +162,99 @@ def test_finetune_cli_prints_the_whole_summary_and_exits_2(broken_manifest: Path
     for rid in ("missing", "junk", "empty-reply", "no-units", "bad-unit", "long", "too-many-tokens"):
         assert f"  {rid}: " in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def _prompt(tok, instruction: str) -> list[int]:
+    return build_prompt_ids(tok, [Turn("user", instruction, speech=True)])
+
+
+def test_each_record_trains_on_its_own_instruction_in_either_turn_format(tmp_path: Path, tiny_loaded) -> None:
+    tok = tiny_loaded.tokenizer
+    _tone(tmp_path / "a.wav")
+    records = [
+        {"id": "ref", "speech": "a.wav", "conversations": [
+            {"from": "human", "value": "<speech>\nTranscribe the speech verbatim."}, {"from": "gpt", "value": "Hello!"}]},
+        {"id": "chat", "speech": "a.wav", "messages": [
+            {"role": "user", "content": "Answer briefly.\n<speech>"}, {"role": "assistant", "content": "Paris."}]},
+        {"id": "no-marker", "speech": "a.wav", "conversations": [
+            {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": "Hello!"}]},
+        {"id": "flat", "speech": "a.wav", "response": "Paris."},
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    loaded = load_manifest(tmp_path / "m.json", 1, tok, LIMITS)
+    dataset = SpeechReplyDataset(loaded, tok, n_mels=128)
+    prompts = [dataset[i].prompt_ids for i in range(4)]
+    assert prompts[0] == _prompt(tok, "<speech>\nTranscribe the speech verbatim.")
+    assert prompts[1] == _prompt(tok, "Answer briefly.\n<speech>")  # the speech goes where the record puts it
+    assert prompts[2] == _prompt(tok, "<speech>\nTell me a joke.")  # no marker: speech first, as the reference
+    assert prompts[3] == _prompt(tok, f"<speech>\n{SPEECH_INSTRUCTION}")  # no turns: the instruction inference uses
+    assert len(set(map(tuple, prompts))) == 4
+    assert [r.response for r in loaded] == ["Hello!", "Paris.", "Hello!", "Paris."]
+
+
+def test_multi_turn_and_other_unusable_dialogues_are_refused_by_id(tmp_path: Path, tiny_loaded) -> None:
+    _tone(tmp_path / "a.wav")
+
+    def turns(*pairs: tuple[str, str]) -> list[dict]:
+        return [{"from": who, "value": text} for who, text in pairs]
+
+    records = [
+        {"id": "four-turns", "speech": "a.wav", "conversations": turns(
+            ("human", "<speech>\nQ"), ("gpt", "Hello!"), ("human", "And?"), ("gpt", "Paris."))},
+        {"id": "system", "speech": "a.wav", "conversations": turns(("system", "Be nice."), ("human", "<speech>"), ("gpt", "Hi"))},
+        {"id": "two-speech", "speech": "a.wav", "conversations": turns(("human", "<speech> <speech>"), ("gpt", "Hi"))},
+        {"id": "reply-first", "speech": "a.wav", "conversations": turns(("gpt", "Hi"), ("human", "<speech>"))},
+        {"id": "stranger", "speech": "a.wav", "messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "Hi"}]},
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    with pytest.raises(DatasetError) as info:
+        load_manifest(tmp_path / "m.json", 1, tiny_loaded.tokenizer, LIMITS)
+    by_id = {p.record_id: p.problem for p in info.value.problems}
+    assert len(info.value.problems) == 5
+    assert "4 turns" in by_id["four-turns"] and "single-turn" in by_id["four-turns"]
+    assert "system turn" in by_id["system"] and "2 <speech> markers" in by_id["two-speech"]
+    assert "followed by one reply" in by_id["reply-first"] and "'tool'" in by_id["stranger"]
+
+
+def test_unit_targets_merge_repeats_and_must_fit_the_reply_frames(tmp_path: Path, tiny_loaded) -> None:
+    tok = tiny_loaded.tokenizer
+    _tone(tmp_path / "a.wav")
+    n_reply = len(reply_ids(tok, "Paris."))
+    too_many = [i % 2 for i in range(25 * n_reply + 1)]  # alternating: nothing to merge, one unit over the frames
+    records = [
+        _record("repeats", "a.wav", units=(5, 5, 5, 7, 7, 8, 5)),
+        _record("commas", "a.wav", units="1, 2,3 4"),
+        _record("garbage", "a.wav", units="1, x, 3"),
+        _record("floats", "a.wav", units=[1, 2.5]),
+        _record("too-many", "a.wav", units=too_many),
+        _record("fits", "a.wav", units=[i % 2 for i in range(25 * n_reply)]),
+    ]
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    limits = DataLimits(unit_vocab_size=1000, speech_positions=300, unit_frames_per_token=25)
+    with pytest.raises(DatasetError) as info:
+        load_manifest(tmp_path / "m.json", 2, tok, limits)
+    problems = [(p.record_id, p.problem) for p in info.value.problems]
+    assert [rid for rid, _ in problems] == ["garbage", "floats", "too-many"]  # one message each
+    assert "item 2 is 'x'" in problems[0][1] and "item 2 is 2.5" in problems[1][1]
+    assert f"{len(too_many)} unit targets" in problems[2][1] and f"{25 * n_reply} decoder frames" in problems[2][1]
+    assert not any("invalid literal" in p or "no unit targets" in p for _, p in problems)
+    good = [r for r in records if r["id"] in ("repeats", "commas", "fits")]
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    loaded = load_manifest(tmp_path / "good.json", 2, tok, limits)
+    assert [r.units for r in loaded[:2]] == [(5, 7, 8, 5), (1, 2, 3, 4)]
+
+
+def test_manifest_files_that_are_not_a_list_of_records_get_one_line(tmp_path: Path, tiny_loaded) -> None:
+    _tone(tmp_path / "a.wav")
+    (tmp_path / "pretty.json").write_text(json.dumps(_record("a", "a.wav"), indent=2))
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(_record("a", "a.wav", reply="caf\u00e9"), ensure_ascii=False).encode("latin-1") + b"\n")
+    (tmp_path / "adir").mkdir()
+    for name, expected in (("pretty.json", "one JSON object, not a list"), ("latin1.jsonl", "not UTF-8 text (byte 0xe9"),
+                           ("adir", "is a directory")):
+        with pytest.raises(DatasetError) as info:
+            read_manifest(tmp_path / name)
+        assert expected in str(info.value) and "\n" not in str(info.value)
+    # One record on one line is JSONL, and a speech path that is a folder is named as such.
+    (tmp_path / "one.jsonl").write_text(json.dumps(_record("a", "adir")) + "\n")
+    with pytest.raises(DatasetError, match="audio path .*adir is a directory"):
+        load_manifest(tmp_path / "one.jsonl", 1, tiny_loaded.tokenizer, LIMITS)

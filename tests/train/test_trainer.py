@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,10 +15,12 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from omni_cli.cli import app
+from omni_cli.model.llm import SPEECH_INSTRUCTION
 from omni_cli.model.loading import load_omni
 from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import Done, SpeechToSpeech
-from omni_cli.train.trainer import TRAINER_STATE_FILE, FinetuneConfig, finetune, load_trainer_state
+from omni_cli.train.checkpoints import TRAINER_STATE_FILE, load_trainer_state
+from omni_cli.train.trainer import FinetuneConfig, finetune
 
 # Short questions and replies made of words the tiny tokenizer knows; unit targets are
 # arbitrary (no HuBERT here), repeats merged like real targets, and no longer than the
@@ -57,7 +60,7 @@ def workspace(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict:
         records.append({
             "id": f"q{i}",
             "speech": wav.name,
-            "conversations": [{"from": "human", "value": "<speech>\nPlease answer."}, {"from": "gpt", "value": answer}],
+            "conversations": [{"from": "human", "value": f"<speech>\n{SPEECH_INSTRUCTION}"}, {"from": "gpt", "value": answer}],
             "tgt_units": units if i != 1 else " ".join(map(str, units)),  # both unit spellings
         })
     manifest = root / "train.jsonl"
@@ -78,7 +81,7 @@ def workspace(tiny_model, tmp_path_factory: pytest.TempPathFactory) -> dict:
 def stage1(workspace, tiny_model):
     cfg = FinetuneConfig(
         stage=1, data=workspace["manifest"], output=workspace["root"] / "s1", model=tiny_model.model_dir,
-        speech_encoder=workspace["encoder"], max_steps=80, batch_size=3, grad_accum=1, lr=3e-3, save_every=0,
+        speech_encoder=workspace["encoder"], max_steps=80, batch_size=3, lr=3e-3, save_every=0,
         warmup_ratio=0.0,
     )
     return finetune(cfg)
@@ -88,7 +91,7 @@ def stage1(workspace, tiny_model):
 def stage2(workspace, stage1):
     cfg = FinetuneConfig(
         stage=2, data=workspace["manifest"], output=workspace["root"] / "s2", model=stage1.output_dir,
-        speech_encoder=workspace["encoder"], max_steps=150, batch_size=3, grad_accum=1, lr=3e-3, save_every=0,
+        speech_encoder=workspace["encoder"], max_steps=150, batch_size=3, lr=3e-3, save_every=0,
         warmup_ratio=0.1,
     )
     return finetune(cfg)
@@ -174,7 +177,7 @@ def test_resume_gives_the_same_weights_as_training_straight(workspace, tiny_mode
     def run(out: Path, **kw) -> object:
         cfg = FinetuneConfig(
             stage=2, data=workspace["manifest"], output=out, model=tiny_model.model_dir,
-            speech_encoder=workspace["encoder"], max_steps=6, batch_size=1, grad_accum=2, lr=1e-3, seed=7, **kw,
+            speech_encoder=workspace["encoder"], max_steps=6, batch_size=2, micro_batch_size=1, lr=1e-3, seed=7, **kw,
         )
         return finetune(cfg)
 
@@ -183,18 +186,19 @@ def test_resume_gives_the_same_weights_as_training_straight(workspace, tiny_mode
 
     def interrupt_at_3(log) -> None:
         if log.step == 3:
-            raise KeyboardInterrupt  # as Ctrl-C would, right after step 3
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C, right after step 3
 
     cfg = FinetuneConfig(
         stage=2, data=workspace["manifest"], output=root / "cut", model=tiny_model.model_dir,
-        speech_encoder=workspace["encoder"], max_steps=6, batch_size=1, grad_accum=2, lr=1e-3, seed=7, save_every=0,
+        speech_encoder=workspace["encoder"], max_steps=6, batch_size=2, micro_batch_size=1, lr=1e-3, seed=7, save_every=0,
     )
     cut = finetune(cfg, on_log=interrupt_at_3)
     assert cut.interrupted and cut.steps == 3
     assert cut.last_checkpoint == root / "cut" / "checkpoint-3"
     assert load_trainer_state(cut.last_checkpoint)["step"] == 3  # loads with weights_only=True
     resumed = run(root / "cut", save_every=0, resume=root / "cut")
-    assert resumed.steps == 6 and (resumed.output_dir / TRAINER_STATE_FILE).is_file()
+    # The exported model carries no optimizer state: resume points do.
+    assert resumed.steps == 6 and not (resumed.output_dir / TRAINER_STATE_FILE).exists()
     a, b = _all_tensors(straight.output_dir), _all_tensors(resumed.output_dir)
     moved = 0
     for name in a:

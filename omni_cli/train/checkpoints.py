@@ -1,0 +1,297 @@
+"""Fine-tuning on disk: resume points (`checkpoint-N/`), the exported model (`final/`), and their upkeep.
+
+- `checkpoint-N/` holds only what resuming needs: the trained parameters in float32 (the
+  speech decoder in stage 2; adaptor + LLM, or adaptor + LoRA adapters, in stage 1) as
+  safetensors, and `trainer_state.pt` (optimizer, schedule, step, RNG, the absolute paths of
+  the base model and speech encoder), which loads with `torch.load(weights_only=True)`.
+- `final/` is the fine-tuned model in the released layout and dtypes (config.json, tokenizer,
+  every tensor), which `omni chat --model` loads; it holds no optimizer state.
+
+Every directory is written under a temporary name (`.NAME.tmp-PID`) and renamed into place,
+so an interrupted save never leaves half a checkpoint; an interrupted save removes its
+temporary folder, and one left by a killed process is removed when the next run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from omni_cli.errors import CheckpointError
+from omni_cli.weights.layout import (
+    CONFIG_NAME,
+    SAFETENSORS_INDEX_NAME,
+    fsync_file,
+    load_weights_pickle,
+    weight_files,
+    write_shards,
+)
+
+TRAINER_STATE_FILE = "trainer_state.pt"
+# Version of what a checkpoint-N holds; 1 (no "format" key) held a complete model instead.
+STATE_FORMAT = 2
+# Files of the base model copied verbatim next to the exported weights.
+COPIED_FILES = (
+    CONFIG_NAME,
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+CHECKPOINT_PREFIX = "checkpoint-"
+FINAL_DIR = "final"
+_CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
+_TEMP_NAME = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")
+# safetensors' dtype names → torch's.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _replace_directory(tmp: Path, final: Path) -> None:
+    """Move a fully written `tmp` onto `final`; an old `final` is removed only after the new one is in place."""
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_directory(out_dir: Path, fill: Callable[[Path], None]) -> Path:
+    """Create `out_dir` atomically: `fill` writes into a temporary folder, fsynced, then renamed into place.
+
+    Anything that stops the write (an error, a second Ctrl-C) removes the temporary folder;
+    an existing `out_dir` stays as it was until the new one is complete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        # Everything in the folder is on disk before the folder gets its name (the shards
+        # and the state are fsynced as they are written).
+        for written in tmp.iterdir():
+            if written.suffix != ".safetensors" and written.name not in (SAFETENSORS_INDEX_NAME, TRAINER_STATE_FILE):
+                fsync_file(written)
+        _replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_model(tensors: dict[str, torch.Tensor], base_dir: Path, out_dir: Path, speech_encoder: Path) -> Path:
+    """Write the fine-tuned model in the released layout: the base's config and tokenizer files, `tensors` as shards.
+
+    config.json is copied unchanged except `speech_encoder`, set to the absolute path of the
+    encoder the run used, so `--model DIR` alone finds it.
+    """
+
+    def fill(tmp: Path) -> None:
+        for name in COPIED_FILES:
+            if (base_dir / name).is_file():
+                shutil.copy2(base_dir / name, tmp / name)
+        if (tmp / CONFIG_NAME).is_file():
+            raw = json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+            raw["speech_encoder"] = str(Path(speech_encoder).resolve())
+            (tmp / CONFIG_NAME).write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_shards(tensors, tmp, durable=True)
+
+    return write_directory(out_dir, fill)
+
+
+def save_resume_point(trained: dict[str, torch.Tensor], trainer_state: dict[str, Any], out_dir: Path) -> Path:
+    """Write a `checkpoint-N`: the trained parameters (float32, their training names) and the trainer state."""
+
+    def fill(tmp: Path) -> None:
+        write_shards(trained, tmp, durable=True)
+        with (tmp / TRAINER_STATE_FILE).open("wb") as f:
+            torch.save({"format": STATE_FORMAT, **trainer_state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return write_directory(out_dir, fill)
+
+
+def read_trained(checkpoint: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The trained parameters a `checkpoint-N` holds, by their training names."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in weight_files(checkpoint):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{path} is not readable ({exc}); resume from another checkpoint-N.") from None
+    return tensors
+
+
+def tensor_dtypes(files: Iterable[Path]) -> dict[str, torch.dtype]:
+    """Each tensor's dtype in safetensors files, from the headers only (what the exported model is written in)."""
+    dtypes: dict[str, torch.dtype] = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                name = f.get_slice(key).get_dtype()
+                if name in _DTYPES:
+                    dtypes[key] = _DTYPES[name]
+    return dtypes
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy and torch RNG states in types `torch.load(weights_only=True)` accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` saved."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (data order, dropout) for a reproducible run."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _read_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
+    """The trainer state, loaded safely (tensors and plain types only); one line for anything else."""
+    path = checkpoint / TRAINER_STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint} has no {TRAINER_STATE_FILE}; --resume needs a checkpoint-N folder written by omni finetune.")
+    damaged = CheckpointError(
+        f"{path} is not a trainer state written by omni finetune (truncated or damaged?); "
+        f"resume from another {CHECKPOINT_PREFIX}N folder, or start again with --model."
+    )
+    state = load_weights_pickle(path, f"a {CHECKPOINT_PREFIX}N folder written by omni finetune", damaged, mmap=mmap)
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
+        raise damaged
+    return state
+
+
+def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs."""
+    state = _read_state(checkpoint)
+    if "format" not in state:
+        raise CheckpointError(
+            f"{checkpoint} was written by an earlier omni and cannot be resumed, but it is a complete model: "
+            f"start a new run from it with --model {checkpoint}."
+        )
+    wanted = {"stage": int, "optimizer": dict, "scheduler": dict, "rng": dict, "base_model": str, "speech_encoder": str}
+    if state["format"] != STATE_FORMAT or any(not isinstance(state.get(k), t) for k, t in wanted.items()):
+        raise CheckpointError(f"{checkpoint / TRAINER_STATE_FILE} does not hold a trainer state this omni can resume; start again with --model.")
+    return state
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint was saved at, read from its trainer state (memory-mapped: no full read)."""
+    return int(_read_state(checkpoint, mmap=True)["step"])
+
+
+def checkpoint_dir(output: Path, step: int) -> Path:
+    """Where the resume point of `step` goes."""
+    return Path(output) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def _named_step(path: Path) -> int | None:
+    match = _CHECKPOINT_NAME.fullmatch(path.name)
+    return int(match.group(1)) if match else None
+
+
+def latest_checkpoint(path: Path) -> Path:
+    """`path` itself if it is a checkpoint, else the `checkpoint-N` under it with the most steps (from its state)."""
+    path = Path(path)
+    if (path / TRAINER_STATE_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise CheckpointError(f"--resume {path} does not exist; pass a {CHECKPOINT_PREFIX}N folder or the --output of an earlier run.")
+    if (path / CONFIG_NAME).is_file():
+        raise CheckpointError(
+            f"{path} is a fine-tuned model, not a resume point; resume from a {CHECKPOINT_PREFIX}N folder, "
+            f"or start a new run from it with --model {path}."
+        )
+    found = [p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
+    if not found:
+        raise CheckpointError(f"no checkpoint to resume under {path}; pass --resume a {CHECKPOINT_PREFIX}N directory.")
+    return max(found, key=checkpoint_step)
+
+
+def prune_checkpoints(output: Path, newest: Path, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest `checkpoint-N` folders up to `newest`, earlier runs' included (0: keep all).
+
+    Folders of a higher step than `newest` (the future of a run resumed from an earlier
+    checkpoint) are left alone: they are replaced when the run reaches their step.
+    """
+    newest_step = _named_step(newest)
+    if keep <= 0 or newest_step is None:
+        return []
+    ours = [p for p in Path(output).glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
+    steps = {p: _named_step(p) for p in ours}
+    candidates = sorted((p for p, n in steps.items() if n is not None and n <= newest_step), key=lambda p: steps[p] or 0)
+    doomed = [p for p in candidates[:-keep] if p != newest]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    return doomed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale_saves(output: Path) -> list[Path]:
+    """Tidy what killed saves left in `output`: remove `.NAME.tmp-PID` folders; put back a `.NAME.old-PID`
+    whose replacement never got its name (else remove it). Folders of processes still running are left."""
+    cleaned: list[Path] = []
+    if not Path(output).is_dir():
+        return cleaned
+    for path in Path(output).iterdir():
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or not path.is_dir():
+            continue
+        name, kind, pid = match.group(1), match.group(2), int(match.group(3))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        target = path.with_name(name)
+        if kind == "old" and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        cleaned.append(path)
+    return cleaned
