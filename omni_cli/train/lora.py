@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from omni_cli.config import TRAIN_INSTALL
 from omni_cli.errors import CheckpointError, ConfigError
 from omni_cli.model.loading import OmniModel
 from omni_cli.weights.layout import ADAPTOR_PREFIX, IGNORED_PREFIXES, weight_files
@@ -27,7 +28,7 @@ def apply_lora(omni: OmniModel, rank: int, alpha: int, quantized: bool) -> None:
     try:
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     except ImportError as exc:
-        raise ConfigError("--lora needs peft: pip install 'omni-cli[train]'.") from exc
+        raise ConfigError(f"--lora needs peft: {TRAIN_INSTALL}.") from exc
     if quantized:
         omni.llm = prepare_model_for_kbit_training(omni.llm, use_gradient_checkpointing=False)
     config = LoraConfig(

@@ -28,7 +28,7 @@ from transformers import HubertModel
 from omni_cli.audio.io import SAMPLE_RATE, load_audio
 from omni_cli.config import read_json
 from omni_cli.errors import CheckpointError, ConfigError, one_line
-from omni_cli.train.data import DatasetError, read_manifest
+from omni_cli.train.data import DatasetError, merge_repeats, read_manifest
 from omni_cli.train.kmeans_pickle import read_kmeans_centres
 
 CENTRES_KEY = "cluster_centers"
@@ -82,11 +82,6 @@ def load_kmeans_centres(path: str | Path) -> torch.Tensor:
 def nearest_centre(features: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centre (Euclidean) for each feature row: (T, D), (K, D) → (T,)."""
     return torch.cdist(features.float()[None], centres.float()[None])[0].argmin(dim=-1)
-
-
-def merge_repeats(units: Sequence[int]) -> list[int]:
-    """Drop consecutive duplicates (the CTC targets of the reference)."""
-    return [u for i, u in enumerate(units) if i == 0 or u != units[i - 1]]
 
 
 def pick_device(device: str | None) -> str:
