@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -142,16 +142,21 @@ def load_omni(
     speech_encoder: str | Path | None = None,
     precision: str = "auto",
     device: str | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> OmniModel:
     """Load a LLaMA-Omni checkpoint (a directory, or its `ModelFiles` already read) strictly and place it for inference.
 
     Every tensor name and shape is checked against config.json before anything is
     allocated, so a wrong or partial checkpoint fails in a second with the key named.
     `speech_encoder` overrides config.json's encoder path (only with a directory).
+    `compute_dtype` replaces a 8/4-bit load's fp16 compute (QLoRA in bf16: fp16 activations of an
+    8B Llama can overflow, and bitsandbytes casts its inputs to its compute dtype whatever autocast says).
     """
     files = model if isinstance(model, ModelFiles) else read_model_files(model, speech_encoder)
     model_dir, config, shapes = files.model_dir, files.config, files.shapes
     placement = resolve_placement(precision, device)
+    if compute_dtype is not None and placement.quantization is not None:
+        placement = replace(placement, dtype=compute_dtype)
     llama_config = LlamaConfig(**config.llama_dict())
 
     found = {k: s for k, (s, _) in shapes.items() if not k.startswith(IGNORED_PREFIXES)}

@@ -430,12 +430,17 @@ class Run:
         self.records = load_manifest(cfg.data, cfg.stage, load_tokenizer(files.model_dir), limits)
 
         seed_everything(cfg.seed)
-        # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA).
-        self.omni = load_omni(files, precision="4bit" if cfg.qlora else "fp32", device=str(device))
+        # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA, whose frozen
+        # base computes in the training precision: bf16 on GPUs that have it).
         if cfg.qlora:
-            # A 4-bit load puts the speech modules in fp16; the trained adaptor needs fp32 master
-            # weights (fp16 updates round away, and the fp16 grad scaler refuses fp16 gradients).
+            compute = _autocast_dtype(cfg.precision, device) or torch.float32
+            self.omni = load_omni(files, precision="4bit", device=str(device), compute_dtype=compute)
+            # The 4-bit load puts the speech modules in the compute dtype; the trained adaptor needs
+            # fp32 master weights (half-precision updates round away, and the fp16 grad scaler
+            # refuses fp16 gradients).
             self.omni.adaptor.float()
+        else:
+            self.omni = load_omni(files, precision="fp32", device=str(device))
         if cfg.lora:
             apply_lora(self.omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
 

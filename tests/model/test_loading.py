@@ -191,3 +191,18 @@ def test_quantized_load_stores_the_estimated_bytes_and_stays_close(tiny_model, t
     cos = torch.nn.functional.cosine_similarity(ours.float(), ref, dim=-1)
     # A load that dropped or scrambled weights gives about 0; nf4 rounding leaves ~0.99, int8 ~0.9999.
     assert cos.min() > (0.95 if quantization == "4bit" else 0.999), cos.min()
+
+
+def test_a_quantized_load_computes_in_the_dtype_asked_for(tiny_model, monkeypatch) -> None:
+    # QLoRA in bf16: the frozen 4-bit base must compute in bf16, not in the fp16 a 4-bit load
+    # otherwise picks (bitsandbytes casts its inputs to its compute dtype whatever autocast says).
+    import bitsandbytes as bnb
+
+    from omni_cli.model import loading
+
+    as_on_cuda = loading.Placement(torch.device("cpu"), torch.float16, "4bit")  # what a GPU's 4-bit load gives
+    monkeypatch.setattr(loading, "resolve_placement", lambda precision, device=None: as_on_cuda)
+    m = load_omni(tiny_model.model_dir, tiny_model.speech_encoder, precision="4bit", device="cpu", compute_dtype=torch.bfloat16)
+    linears = [mod for mod in m.llm.modules() if isinstance(mod, bnb.nn.Linear4bit)]
+    assert linears and {mod.compute_dtype for mod in linears} == {torch.bfloat16}
+    assert m.placement.dtype == torch.bfloat16 and m.adaptor.linear1.weight.dtype == torch.bfloat16
