@@ -294,26 +294,27 @@ def chat_cmd(
     """
     global _exit_fast
     from omni_cli.chat_view import ChatView
-    from omni_cli.preflight import preflight
     from omni_cli.terminal import NativeStderr
-    from omni_cli.transcript import default_session_dir
 
     _exit_fast = True  # see main(): tearing torch down after "session saved" took 4-7 s
     view = ChatView()
-    options = ChatOptions(
-        session_dir=session_dir or default_session_dir(),
-        text=text,
-        barge_in=barge_in,
-        input_device=input_device,
-        output_device=output_device,
-        hangover_ms=hangover_ms,
-        vad_aggressiveness=vad_aggressiveness,
-    )
     # ALSA/PortAudio print to file descriptor 2 from the first device check on: into a log
     # (the session folder's native.log), never over the screen.
     with NativeStderr() as native_log:  # before the spinner: rich's live display wraps sys.stderr as it finds it
         try:
-            view.loading("checking the microphone" if not text else "checking the session folder")
+            view.loading("checking the microphone" if not text else "checking the session folder")  # before numpy, PortAudio, torch
+            from omni_cli.preflight import preflight
+            from omni_cli.transcript import default_session_dir
+
+            options = ChatOptions(
+                session_dir=session_dir or default_session_dir(),
+                text=text,
+                barge_in=barge_in,
+                input_device=input_device,
+                output_device=output_device,
+                hangover_ms=hangover_ms,
+                vad_aggressiveness=vad_aggressiveness,
+            )
             preflight(options)  # torch-free: a wrong device is one line within 2 s
             view.loading("starting torch")
             from omni_cli.chat import run_chat
