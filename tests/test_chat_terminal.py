@@ -374,26 +374,28 @@ class PtyChat:
     def text(self, since: int = 0) -> str:
         return ANSI.sub(b"", self.raw[since:]).decode(errors="replace")
 
-    def _pump(self, timeout: float) -> None:
-        ready, _, _ = select.select([self.master], [], [], timeout)
-        if ready:
+    def _pump(self, timeout: float) -> bool:
+        """Read what the terminal shows within `timeout`; True when something came."""
+        data = b""
+        if select.select([self.master], [], [], timeout)[0]:
             try:
                 data = os.read(self.master, 65536)
             except OSError:  # the child closed the terminal
-                data = b""
+                pass
             if data and self.first_output is None:
                 self.first_output = time.monotonic()
             self.raw += data
         if self.exited is None and self.process.poll() is not None:
             self.exited = time.monotonic()
+        return bool(data)
 
     def wait_for(self, needle: str, timeout: float, since: int = 0) -> float:
         """Read until `needle` shows (ANSI codes aside) after byte `since`; when it showed."""
         deadline = time.monotonic() + timeout
         while needle not in self.text(since):
-            if time.monotonic() > deadline or (self.exited is not None and not select.select([self.master], [], [], 0)[0]):
-                pytest.fail(f"no {needle!r} within {timeout} s (exit {self.process.poll()}):\n{self.text()}")
-            self._pump(0.02)
+            while not self._pump(0.02):
+                if time.monotonic() > deadline or self.exited is not None:
+                    pytest.fail(f"no {needle!r} within {timeout} s (exit {self.process.poll()}):\n{self.text()}")
         return time.monotonic()
 
     def type(self, keys: bytes) -> None:
@@ -407,10 +409,8 @@ class PtyChat:
         if self.exited is None:
             self.process.kill()
             pytest.fail(f"omni chat did not exit within {timeout} s:\n{self.text()}")
-        size = -1
-        while size != len(self.raw):
-            size = len(self.raw)
-            self._pump(0.0)
+        while self._pump(0.0):  # what it wrote last
+            pass
         return self.process.returncode
 
     def close(self) -> None:
