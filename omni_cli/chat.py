@@ -40,11 +40,12 @@ from omni_cli.chat_view import ChatView
 from omni_cli.config import ChatOptions
 from omni_cli.errors import AudioInputError, one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
-from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since, refuse_used_session_dir
+from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since
 
 if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
     from omni_cli.audio.mic import Microphone
     from omni_cli.audio.player import Player
+    from omni_cli.terminal import NativeStderr
 
 
 class ReplySource(Protocol):
@@ -198,6 +199,10 @@ class ReplyProgress:
 class ChatSession:
     """One conversation: turn-taking between a person and the pipeline, saved as it goes."""
 
+    # Set by run_chat: why the sound system went away under the open devices, else None. Called
+    # between tokens and mic frames, so it must be cheap (audio.watch.SoundWatch.problem).
+    sound_problem: Callable[[], str | None] | None = None
+
     def __init__(
         self,
         pipeline: ReplySource,
@@ -247,6 +252,7 @@ class ChatSession:
         listener.restart_watch()
         try:
             while not self.stop_requested:
+                self._check_sound()
                 for event in listener.next_events():
                     if isinstance(event, SpeechStart):
                         self.view.status("hearing")
@@ -304,6 +310,10 @@ class ChatSession:
             self._generate(question, reply)
             if not reply.interrupted and reply.error is None:
                 self._play_out(reply)
+        except MicrophoneLost as exc:  # the sound system went away: the turn ends here, and so does listening
+            reply.error, reply.stopped = str(exc), "error"
+            self._stop_player()
+            raise
         except Exception as exc:  # noqa: BLE001 - any fault inside the model ends this turn only
             self._fail(reply, exc)
         except KeyboardInterrupt:
@@ -330,6 +340,7 @@ class ChatSession:
             elif isinstance(event, Done):
                 reply.take_done(event)
             self._listen_while_replying(reply, timeout=0.0)
+            self._check_sound(reply)
             if self.stop_requested and not reply.interrupted:
                 self._interrupt(reply)
 
@@ -363,6 +374,8 @@ class ChatSession:
         player.finish()
         deadline = self.clock() + reply.audio_seconds + self.settings.playback_margin_s
         while player.playing:
+            if self._check_sound(reply):
+                return
             if self.stop_requested:
                 self._interrupt(reply)
                 return
@@ -381,10 +394,22 @@ class ChatSession:
         if not self.settings.barge_in:
             self._listen_while_replying(reply, timeout=0.0)
 
-    def _drop_stuck_speaker(self, reply: ReplyProgress) -> None:
+    def _check_sound(self, reply: ReplyProgress | None = None) -> bool:
+        """As soon as the sound system is gone: while listening, raise MicrophoneLost (the session
+        ends, or goes on typed); in a typed session, drop the speaker (True) and go on as text."""
+        problem = self.sound_problem() if self.sound_problem is not None else None
+        if problem is None:
+            return False
+        if self.listener is not None or reply is None:
+            raise MicrophoneLost(problem)
+        self.sound_problem = None
+        self._drop_stuck_speaker(reply, problem.rstrip("."))
+        return True
+
+    def _drop_stuck_speaker(self, reply: ReplyProgress, why: str = "the speaker stopped taking audio (unplugged or busy?)") -> None:
         self._stop_player()
-        self.view.error("the speaker stopped taking audio (unplugged or busy?); replies continue as text only.")
-        self.recorder.event("error", turn=reply.turn, message="speaker stopped taking audio; continuing without sound")
+        self.view.error(f"{why}; replies continue as text only.")
+        self.recorder.event("error", turn=reply.turn, message=f"{why}; continuing without sound")
         self.player = None
 
     def _listen_while_replying(self, reply: ReplyProgress, timeout: float) -> None:
@@ -490,26 +515,25 @@ def sigint_ends_session(session: ChatSession) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def preflight(options: ChatOptions) -> None:
-    """Fail fast, before a model is loaded: the session folder is taken, or the microphone (or a named speaker) does not exist."""
-    from omni_cli.audio.devices import find_device
-
-    refuse_used_session_dir(options.session_dir)
-    if not options.text:
-        find_device(options.input_device, "input")
-    if options.output_device is not None:
-        find_device(options.output_device, "output")
-
-
-def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_line: Callable[[], str | None] | None = None) -> int:
+def run_chat(
+    pipeline: ReplySource,
+    options: ChatOptions,
+    view: ChatView,
+    read_line: Callable[[], str | None] | None = None,
+    native_log: NativeStderr | None = None,
+) -> int:
     """Open the devices, run the conversation until Ctrl-C (or end of typed input), save it; returns the exit code.
 
     A speaker that cannot be opened leaves replies as text; a microphone that cannot be opened
-    is an AudioInputError (raised, nothing recorded yet). A microphone lost mid-session ends the
-    session (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
+    is an AudioInputError (raised, nothing recorded yet). A microphone lost mid-session, or the
+    sound server gone (noticed within about a second), ends the session (exit code 1) unless
+    stdin is a terminal, where the session goes on with typed questions. `native_log`, when
+    given, moves into the session folder once it exists.
     """
     from omni_cli.audio.mic import Microphone
     from omni_cli.audio.vad import EndpointerConfig
+    from omni_cli.audio.watch import SoundWatch
+    from omni_cli.terminal import NATIVE_LOG_NAME
 
     read_line = read_line or (lambda: view.prompt("you> "))
     vad_config = EndpointerConfig(hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness)
@@ -518,12 +542,17 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
         mic = Microphone(device=options.input_device, frame_ms=vad_config.frame_ms, sample_rate=vad_config.sample_rate).start()
     recorder: SessionRecorder | None = None
     player: Player | None = None
+    saved = ""
     try:
         recorder = SessionRecorder(options.session_dir)
+        if native_log is not None:
+            native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
         player = _open_speaker(pipeline.sample_rate, options.output_device, view)
         endpointer = Endpointer(vad_config) if mic is not None else None
         settings = ChatSettings(barge_in=options.barge_in)
         session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings)
+        if mic is not None or player is not None:
+            session.sound_problem = SoundWatch(mic, player).problem
         recorder.event(
             "session",
             mode="text" if mic is None else "voice",
@@ -538,13 +567,15 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
         with sigint_ends_session(session):
             code = _converse(session, read_line, mic, player)
         view.stop()
-        view.note(f"session saved: {recorder.transcript_path} ({session.turns} turns)")
+        saved = f"session saved: {recorder.transcript_path} ({session.turns} turns)"
         return code
     finally:
         view.stop()
         for opened in (recorder, player, mic):
             if opened is not None:
                 opened.close()
+        if saved:  # said once the devices let go (closing on a hung sound server takes 2 s): the process ends right after
+            view.note(saved)
 
 
 def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView) -> Player | None:
@@ -563,6 +594,8 @@ def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView) -
 
 def _converse(session: ChatSession, read_line: Callable[[], str | None], mic: Microphone | None, player: Player | None) -> int:
     """Run the session until it ends, then record the end with the devices' counters; returns the exit code."""
+    from omni_cli.audio.watch import SoundWatch
+
     code, reason = 0, "end of input"
     try:
         if mic is not None:
@@ -576,7 +609,10 @@ def _converse(session: ChatSession, read_line: Callable[[], str | None], mic: Mi
             mic.close()
         session.listener = None
         if _stdin_is_terminal() and not session.stop_requested:
-            session.view.note("going on with typed questions.")
+            if player is not None and not player.active:  # the sound server went with the microphone
+                session.player = None
+            session.sound_problem = SoundWatch(None, session.player).problem if session.player is not None else None
+            session.view.note("going on with typed questions" + ("." if session.player is not None else ", replies as text."))
             session.run_text(read_line)
         else:
             code, reason = 1, "microphone lost"

@@ -2,8 +2,11 @@
 
 On a terminal a rich Live region holds the turn in progress and the status line (listening /
 hearing / thinking / speaking); finished turns are printed above it and stay in the scrollback.
+Before the session starts, a spinner says what is being prepared (devices, torch, the model).
 Elsewhere (a pipe, a log file, a test) the same calls print plain lines, the reply streamed
 inline, so logs read top-down.
+
+Text from the model or the keyboard is printed without its control characters (`printable`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,11 @@ from typing import Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.spinner import Spinner
 from rich.table import Table
 from rich.text import Text
+
+from omni_cli.terminal import printable
 
 STATUS_STYLES = {"listening": "green", "hearing": "bold green", "thinking": "yellow", "speaking": "cyan", "replying": "cyan", "typing": "green"}
 
@@ -38,10 +44,16 @@ class DeviceRow(Protocol):
     def is_default_input(self) -> bool: ...
     @property
     def is_default_output(self) -> bool: ...
+    @property
+    def pulse_name(self) -> str | None: ...
 
 
 def devices_table(devices: Sequence[DeviceRow]) -> Table:
-    """`omni devices` as a table: index, name, host API, channels in/out, default rate, default marks."""
+    """`omni devices` as a table: index, name, host API, channels in/out, default rate, default marks.
+
+    A PulseAudio/PipeWire row shows its server name after its description: descriptions need not
+    be unique (every null sink is "Null Output"), and either can be passed to --input-device/--output-device.
+    """
     table = Table(title="Audio devices")
     for column in ("#", "name", "host API", "in ch", "out ch", "default rate", "default"):
         table.add_column(column, justify="right" if column in ("#", "in ch", "out ch", "default rate") else "left")
@@ -49,7 +61,7 @@ def devices_table(devices: Sequence[DeviceRow]) -> Table:
         marks = [m for m, on in (("input", d.is_default_input), ("output", d.is_default_output)) if on]
         table.add_row(
             str(d.index),
-            d.name,
+            f"{d.name} ({d.pulse_name})" if d.pulse_name else d.name,
             d.hostapi,
             str(d.max_input_channels),
             str(d.max_output_channels),
@@ -70,18 +82,36 @@ class ChatView:
         self._status = Text("")
         self._state = ""
         self._live: Live | None = None
+        self._loading: Live | None = None
         self._plain_reply_open = False
 
     # -- lifecycle --------------------------------------------------------------------
 
+    def loading(self, what: str | None) -> None:
+        """Say what is being prepared before the session starts: a spinner with `what` on a terminal
+        (nothing elsewhere); None takes the spinner away (e.g. while a download asks and shows its own progress)."""
+        if not self.live_mode:
+            return
+        if what is None:
+            self._stop_loading()
+            return
+        spinner = Spinner("dots", Text(printable(what), style="dim"), style="yellow")
+        if self._loading is None:
+            self._loading = Live(spinner, console=self.console, refresh_per_second=12, transient=True)
+            self._loading.start(refresh=True)  # drawn now, not at the first tick
+        else:
+            self._loading.update(spinner, refresh=True)
+
     def start(self) -> None:
         """Begin showing the live region (terminal only)."""
+        self._stop_loading()
         if self.live_mode and self._live is None:
             self._live = Live(self._render(), console=self.console, auto_refresh=True, refresh_per_second=12, transient=True)
             self._live.start()
 
     def stop(self) -> None:
-        """Print a turn still in progress and end the live region."""
+        """Print a turn still in progress and end the live region (or the loading spinner)."""
+        self._stop_loading()
         self._close_turn()
         if self._live is not None:
             self._live.stop()
@@ -109,10 +139,11 @@ class ChatView:
 
     def user_typed(self, turn: int, text: str) -> None:
         """A typed question."""
-        self._open_turn(Text.assemble((f"you [{turn}]: ", "bold"), text))
+        self._open_turn(Text.assemble((f"you [{turn}]: ", "bold"), printable(text)))
 
     def reply_text(self, delta: str) -> None:
-        """More reply text, shown as soon as it is generated."""
+        """More reply text, shown as soon as it is generated (control characters left out)."""
+        delta = printable(delta)
         if self._reply is None:
             self._reply = Text.assemble(("omni: ", "bold magenta"))
         self._reply.append(delta)
@@ -155,11 +186,11 @@ class ChatView:
 
     def note(self, message: str) -> None:
         """A one-line remark (a device fell back, where the session is saved)."""
-        self._print_line(Text(message, style="dim"))
+        self._print_line(Text(printable(message), style="dim"))
 
     def error(self, message: str) -> None:
         """A one-line fault; the session goes on where it can."""
-        self._print_line(Text(f"omni: {message}", style="bold red"))
+        self._print_line(Text(f"omni: {printable(message)}", style="bold red"))
 
     # -- internals --------------------------------------------------------------------
 
@@ -191,6 +222,11 @@ class ChatView:
             self._plain_reply_open = False
         target = self._live.console if self._live is not None else self.console
         target.print(text, highlight=False)
+
+    def _stop_loading(self) -> None:
+        if self._loading is not None:
+            self._loading.stop()
+            self._loading = None
 
     def _render(self) -> Group:
         parts = [t for t in (self._user, self._reply) if t is not None]

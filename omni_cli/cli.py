@@ -7,8 +7,10 @@ what it needs when it runs.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -108,9 +110,14 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's m
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")]
 ChunkUnitsOpt = Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="CPU threads for the model. Default: OMP_NUM_THREADS if set, else all cores but one (left for audio and the screen)."),
+]
 
 _SAMPLING = SamplingConfig()
 _STREAMING = StreamingConfig()
+_exit_fast = False  # set by a command after which the interpreter's own teardown is not worth waiting for (see main)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -125,19 +132,35 @@ def _echo_err(line: str) -> None:
 
 def load_pipeline(
     model: Path, speech_encoder: Path | None, vocoder: Path | None, precision: str, device: str | None,
-    streaming: StreamingConfig, assume_yes: bool = False,
+    streaming: StreamingConfig, assume_yes: bool = False, threads: int | None = None,
+    show: Callable[[str | None], None] | None = None,
 ) -> SpeechToSpeech:
-    """--model (a directory or a preset, downloaded after asking) → the loaded streaming pipeline, compiled if asked."""
-    from omni_cli.pipeline import SpeechToSpeech
+    """--model (a directory or a preset, downloaded after asking) → the loaded streaming pipeline, compiled if asked.
+
+    torch gets the interactive thread count (`threads.interactive_threads`). `show(what)` is told
+    each slow step as it starts (None while a download may ask and draw its own progress).
+    """
+    from omni_cli.pipeline import SpeechToSpeech  # imports torch: the slowest step of a start
+    from omni_cli.threads import interactive_threads, use_threads
     from omni_cli.weights.model_files import prepare_model_files
 
+    step = show or (lambda what: None)
+    if show is not None:  # the caller shows progress; transformers' own bar inside its live display left a blank line
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
+    step(None)
     files = prepare_model_files(
         model, speech_encoder, vocoder, precision, device, assume_yes=assume_yes, confirm=confirm, echo=_echo_err
     )
+    use_threads(interactive_threads(threads))
+    step(f"loading the model from {files.model_dir}")
     pipeline = SpeechToSpeech.load(files, precision, device, streaming)
     if streaming.decode_steps == "compiled":
-        _echo_err("Compiling the decoding steps (once per start; can take a minute)...")
+        if show is None:
+            _echo_err("Compiling the decoding steps (once per start; can take a minute)...")
+        step("compiling the decoding steps (once per start; can take a minute)")
         problem = pipeline.warm_up()
         if problem:
             _echo_err(f"omni: warning: {problem}")
@@ -185,6 +208,7 @@ def transcribe_and_reply_cmd(
     chunk_units: ChunkUnitsOpt = _STREAMING.chunk_units,
     first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = _STREAMING.first_chunk_units,
     decode_steps: DecodeStepsOpt = DecodeSteps(_STREAMING.decode_steps),
+    threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Answer each spoken question file: the reply text streams to stdout, its speech goes to --out.
@@ -208,7 +232,7 @@ def transcribe_and_reply_cmd(
         pipeline = None
         if any(item.error is None for item in inputs):
             streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value)
-            pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
+            pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads)
     except OmniError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -256,6 +280,7 @@ def chat_cmd(
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = ChatOptions.vad_aggressiveness,
     context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = _STREAMING.context_budget,
     decode_steps: DecodeStepsOpt = DecodeSteps(_STREAMING.decode_steps),
+    threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
     """Talk with the model: speak, see the reply written and hear it spoken; earlier turns are remembered.
@@ -267,26 +292,45 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
-    from omni_cli.chat import preflight, run_chat
+    global _exit_fast
     from omni_cli.chat_view import ChatView
-    from omni_cli.transcript import default_session_dir
+    from omni_cli.terminal import NativeStderr
 
-    options = ChatOptions(
-        session_dir=session_dir or default_session_dir(),
-        text=text,
-        barge_in=barge_in,
-        input_device=input_device,
-        output_device=output_device,
-        hangover_ms=hangover_ms,
-        vad_aggressiveness=vad_aggressiveness,
-    )
-    try:
-        preflight(options)
-        streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
-        pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes)
-        code = run_chat(pipeline, options, ChatView())
-    except OmniError as exc:
-        fail(str(exc))
+    _exit_fast = True  # see main(): tearing torch down after "session saved" took 4-7 s
+    view = ChatView()
+    # ALSA/PortAudio print to file descriptor 2 from the first device check on: into a log
+    # (the session folder's native.log), never over the screen.
+    with NativeStderr() as native_log:  # before the spinner: rich's live display wraps sys.stderr as it finds it
+        try:
+            view.loading("checking the microphone" if not text else "checking the session folder")  # before numpy, PortAudio, torch
+            from omni_cli.preflight import preflight
+            from omni_cli.transcript import default_session_dir
+
+            options = ChatOptions(
+                session_dir=session_dir or default_session_dir(),
+                text=text,
+                barge_in=barge_in,
+                input_device=input_device,
+                output_device=output_device,
+                hangover_ms=hangover_ms,
+                vad_aggressiveness=vad_aggressiveness,
+            )
+            preflight(options)  # torch-free: a wrong device is one line within 2 s
+            view.loading("starting torch")
+            from omni_cli.chat import run_chat
+
+            streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
+            pipeline = load_pipeline(
+                model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads, show=view.loading
+            )
+            code = run_chat(pipeline, options, view, native_log=native_log)
+        except OmniError as exc:
+            view.stop()
+            fail(str(exc))
+        finally:
+            view.stop()
+        if native_log.path is not None and native_log.captured():
+            view.note(f"messages from the native libraries (ALSA, PortAudio, ...) are in {native_log.path}")
     raise typer.Exit(code)
 
 
@@ -510,8 +554,28 @@ def convert_hubert_cmd(
 
 
 def main() -> None:
-    """Entry point for `python -m omni_cli`."""
-    app()
+    """Entry point of the `omni` command and `python -m omni_cli.cli`.
+
+    After `omni chat` the process ends with os._exit once stdout and stderr are flushed: every
+    file of the session is closed by then, and the interpreter's teardown (torch's modules, the
+    audio libraries' exit handlers) took 4-7 s after "session saved". Only here, never inside
+    `app` (tests run it in-process with CliRunner).
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        if not _exit_fast:
+            raise
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code or 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

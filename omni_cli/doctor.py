@@ -116,6 +116,17 @@ def check_bitsandbytes() -> Check:
     return Check(OK, "bitsandbytes", str(bitsandbytes.__version__))
 
 
+def check_threads() -> Check:
+    """The CPU threads torch gets in chat and transcribe-and-reply (`threads.interactive_threads`)."""
+    from omni_cli.threads import interactive_threads
+
+    choice = interactive_threads()
+    line = f"chat and transcribe-and-reply give the model {choice.description}"
+    if choice.cores > 1 and choice.count >= choice.cores:
+        return Check(WARN, "torch threads", f"{line}: none left for audio and the screen, replies may stutter; use --threads {choice.cores - 1}")
+    return Check(OK, "torch threads", f"{line}; change with --threads or OMP_NUM_THREADS")
+
+
 def check_audio(list_devices: Callable[[], list] | None = None) -> list[Check]:
     """PortAudio and input/output devices, needed only by `omni chat` (optional)."""
     from omni_cli.errors import AudioInputError
@@ -266,6 +277,7 @@ def run_checks(
     if all(c.status == OK for c in libraries):
         yield from check_gpu(preset, resolved, precision)
         yield check_bitsandbytes()
+    yield check_threads()
     yield from check_audio(list_devices)
     if preset is not None and resolved is not None:
         yield from check_weights(preset, resolved)
@@ -289,6 +301,7 @@ __all__ = [
     "check_libraries",
     "check_gpu",
     "check_bitsandbytes",
+    "check_threads",
     "check_audio",
     "check_weights",
     "check_offline",

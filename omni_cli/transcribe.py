@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import shlex
 import signal
@@ -29,11 +30,13 @@ import numpy as np
 from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, read_audio_file, save_wav
 from omni_cli.config import WHISPER_WINDOW_SAMPLES
 from omni_cli.errors import AudioInputError, OmniError, one_line
+from omni_cli.terminal import printable
 
 if TYPE_CHECKING:
     from omni_cli.pipeline import SpeechToSpeech
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+_C1 = re.compile("[\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,12 @@ class FileReply:
     error: str | None = None
 
     def to_json(self) -> str:
-        """One line of JSON; keys with no value are left out."""
+        """One line of JSON; keys with no value are left out.
+
+        json escapes C0 control characters itself; DEL and C1 (which a terminal may obey) are escaped too.
+        """
         data = {k: v for k, v in self.__dict__.items() if v is not None}
-        return json.dumps(data, ensure_ascii=False)
+        return _C1.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(data, ensure_ascii=False))
 
 
 def check_out_dir(out_dir: Path) -> None:
@@ -169,7 +175,7 @@ def answer_file(
                     reply.first_text_ms = round((event.t - start) * 1000, 1)
                 reply.text += event.text
                 if stream_to is not None:
-                    stream_to.write(event.text)
+                    stream_to.write(printable(event.text))  # the model may emit ESC, NUL, ...: not for a terminal
                     stream_to.flush()
             elif isinstance(event, AudioChunk):
                 if reply.first_audio_ms is None:

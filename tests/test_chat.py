@@ -582,6 +582,7 @@ class ScriptedMicrophone:
         self.frames = deque(frames(self.audio, sample_rate, frame_ms))
         self.device_name, self.device_rate = "scripted", sample_rate
         self.overflows, self.dropped_frames = 0, 0
+        self.active, self.last_callback = True, None  # a running stream, as the sound watch sees it
         self.closed = False
         ScriptedMicrophone.instances.append(self)
 

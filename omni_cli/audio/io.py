@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from scipy.signal import resample_poly
 
 from omni_cli.errors import AudioInputError, one_line
 
@@ -25,6 +24,10 @@ def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndar
     """Polyphase resampling (anti-aliased) from `rate` to `target`."""
     if rate == target:
         return audio.astype(np.float32, copy=False)
+    # Imported here: scipy.signal takes 1-2 s to import, and `omni chat` checks its devices
+    # (through transcript.py, which imports this module) within 2 s of starting.
+    from scipy.signal import resample_poly
+
     g = gcd(rate, target)
     return resample_poly(audio, target // g, rate // g).astype(np.float32)
 

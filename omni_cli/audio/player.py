@@ -166,6 +166,11 @@ class Player:
         """Seconds from handing a block to the device until it is heard (PortAudio's estimate)."""
         return self._output_latency
 
+    @property
+    def active(self) -> bool:
+        """True while the output stream runs (PortAudio stops it when the sound server goes away)."""
+        return self._stream is not None and bool(self._stream.active)
+
     # -- audio side -------------------------------------------------------------------
 
     def _callback(self, outdata: np.ndarray, frames: int, time_info: Any, status: Any) -> None:

@@ -1,0 +1,25 @@
+"""What `omni chat` checks before torch is imported and weights are loaded.
+
+A session folder already in use, a missing microphone or a wrong device name must be one line
+within 2 s of pressing Enter, not after half a minute of loading: this module imports no torch
+(only the device code, whose every call into the sound system has a deadline).
+"""
+
+from __future__ import annotations
+
+from omni_cli.config import ChatOptions
+
+
+def preflight(options: ChatOptions) -> None:
+    """Fail fast: the session folder is taken, or the microphone (or a named speaker) does not exist.
+
+    Raises an OmniError with one line saying what to do.
+    """
+    from omni_cli.audio.devices import find_device
+    from omni_cli.transcript import refuse_used_session_dir
+
+    refuse_used_session_dir(options.session_dir)
+    if not options.text:
+        find_device(options.input_device, "input")
+    if options.output_device is not None:
+        find_device(options.output_device, "output")
