@@ -58,9 +58,12 @@ class UserRecord(TurnRecord):
     kind: ClassVar[str] = "user"
     turn: int
     end_t: float  # when the user's turn ended: the endpoint decision, or Enter for typed text
+    speech_end_t: float | None = None  # spoken: the end of the last voiced frame (the true end of speech)
+    end_of_turn_ms: float | None = None  # spoken: from speech_end_t to the endpoint decision (the hang-over)
     text: str | None = None
     wav: str | None = None
     seconds: float | None = None
+    windows: int | None = None  # a question longer than the model's 30 s window: how many it spans
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,14 @@ class ReplyRecord(TurnRecord):
     units: int
     stopped: str
     wav: str | None = None
-    audio_seconds: float | None = None
-    first_text_ms: float | None = None  # from the end of the user's turn
-    first_audio_t: float | None = None  # when the player handed this reply's first audio to the device
-    latency_ms: float | None = None  # from the end of the user's turn to first_audio_t
+    audio_seconds: float | None = None  # the WAV's length: what was heard, for a reply cut short
+    heard_seconds: float | None = None  # a reply cut short (barge-in, Ctrl-C, a fault): how much of it was played
+    first_text_ms: float | None = None  # from the end of the user's speech (or Enter)
+    first_audio_t: float | None = None  # when the reply's first sample came out of the speaker (handed to the device + its latency)
+    latency_ms: float | None = None  # from the end of the user's speech (or Enter) to first_audio_t: what the user waited
+    speculative: bool | None = None  # started at a pause in the user's speech, before the turn was over
     barge_in_t: float | None = None
+    echo_erle_db: float | None = None  # the echo canceller's echo removal over the last ~1 s of reply
     error: str | None = None
 
 
@@ -109,13 +115,14 @@ class SessionRecorder:
         os.fsync(self._file.fileno())
         return record
 
-    def question(self, turn: int, end_t: float, question: np.ndarray | str) -> None:
-        """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length."""
+    def question(self, turn: int, end_t: float, question: np.ndarray | str, **timings: Any) -> None:
+        """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length;
+        `timings`: UserRecord's speech_end_t, end_of_turn_ms, windows."""
         if isinstance(question, str):
-            record = UserRecord(turn, end_t, text=question)
+            record = UserRecord(turn, end_t, text=question, **timings)
         else:
             wav = self.save_audio(turn, "user", question, SAMPLE_RATE)
-            record = UserRecord(turn, end_t, wav=wav, seconds=round(question.size / SAMPLE_RATE, 3))
+            record = UserRecord(turn, end_t, wav=wav, seconds=round(question.size / SAMPLE_RATE, 3), **timings)
         self.event(record.kind, **record.fields())
 
     def reply(self, record: ReplyRecord, audio: np.ndarray | None, rate: int) -> ReplyRecord:

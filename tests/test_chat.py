@@ -106,6 +106,7 @@ class FakeMic:
         self.on_empty = on_empty
         self.later = deque(later)
         self.cleared = 0
+        self.frame_end_t: float | None = None  # frames count as heard when read
         if audio is not None:
             self.feed(audio)
 
@@ -138,6 +139,7 @@ class FakePlayer:
         self.first_audio_time: float | None = None
         self.stops = 0
         self.finished = False
+        self.burst_samples = 0
         self._remaining = 0
         self._burst = False
 
@@ -146,8 +148,20 @@ class FakePlayer:
 
         if not self._burst:
             self._burst, self.first_audio_time = True, time.monotonic()
+            self.burst_samples = 0
         self.played.append(chunk)
+        self.burst_samples += chunk.size
         self._remaining += self.polls_per_chunk
+
+    @property
+    def heard_seconds(self) -> float:
+        """As if the device had played half of what it was given."""
+        return self.burst_samples / 2 / RATE
+
+    def silent_time(self, timeout: float = 0.2) -> float | None:
+        import time
+
+        return time.monotonic()
 
     def finish(self) -> None:
         self.finished = True
@@ -241,7 +255,7 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert [r["type"] for r in rows] == ["listening", "user", "assistant", "user", "assistant", "end"]
     user, reply = rows[1], rows[2]
     # The lines' keys, in order: what tools reading transcripts rely on.
-    assert list(user) == ["type", "time", "turn", "end_t", "wav", "seconds"]
+    assert list(user) == ["type", "time", "turn", "end_t", "speech_end_t", "end_of_turn_ms", "wav", "seconds"]
     assert list(reply) == ["type", "time", "turn", "text", "tokens", "units", "stopped", "wav", "audio_seconds",
                            "first_text_ms", "first_audio_t", "latency_ms"]
     saved, rate = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
@@ -251,9 +265,12 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert reply["stopped"] == "eos" and reply["audio_seconds"] == pytest.approx(3 * 160 / RATE)
     reply_audio, _ = sf.read(tmp_path / "session" / reply["wav"], dtype="float32")
     np.testing.assert_allclose(reply_audio, np.concatenate(pipeline.chunks_yielded[:3]), atol=1e-4)
-    # Latency is measured from the endpoint decision to the first audio handed to the player.
+    # Latency is measured from the true end of speech (the last voiced frame) to the first audio out;
+    # the end-of-turn decision came one hang-over (300 ms here) after that end.
+    assert 300 <= user["end_of_turn_ms"] <= 300 + 30 + 200
+    assert user["end_t"] - user["speech_end_t"] == pytest.approx(user["end_of_turn_ms"] / 1000, abs=1e-3)
     assert reply["first_audio_t"] >= user["end_t"]
-    assert reply["latency_ms"] == pytest.approx((reply["first_audio_t"] - user["end_t"]) * 1000, abs=0.1)
+    assert reply["latency_ms"] == pytest.approx((reply["first_audio_t"] - user["speech_end_t"]) * 1000, abs=0.1)
     assert rows[-1] == {**rows[-1], "turns": 2, "reason": "ctrl-c"}
     assert "you [1]: (spoken" in out.getvalue() and "w0.5" in out.getvalue()
     assert len(player.played) == 6 and player.finished
@@ -499,7 +516,7 @@ def test_a_microphone_that_stops_delivering_is_reported_and_the_transcript_kept(
 def test_chat_help_documents_modes_and_ctrl_c() -> None:
     result = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for option in ("--text", "--barge-in", "--no-barge-in", "--session-dir", "--input-device", "--first-chunk-units", "--context-budget"):
+    for option in ("--text", "--barge-in", "--half-duplex", "--no-aec", "--speculate-ms", "--hangover-ms", "--session-dir", "--input-device", "--first-chunk-units", "--context-budget"):
         assert option in result.output
     assert "Ctrl-C ends the session" in result.output and "Examples" in result.output
 
@@ -578,8 +595,10 @@ class ScriptedMicrophone:
     instances: list[ScriptedMicrophone] = []
     audio: np.ndarray = np.zeros(0, np.float32)
 
-    def __init__(self, device: str | None = None, frame_ms: int = FRAME_MS, sample_rate: int = RATE) -> None:
+    def __init__(self, device: str | None = None, frame_ms: int = FRAME_MS, sample_rate: int = RATE, clean: object = None) -> None:
         self.frames = deque(frames(self.audio, sample_rate, frame_ms))
+        self.frame_end_t: float | None = None
+        self.input_latency = 0.0
         self.device_name, self.device_rate = "scripted", sample_rate
         self.overflows, self.dropped_frames = 0, 0
         self.closed = False

@@ -269,6 +269,12 @@ class Endpointer:
         return self._state is _State.SPEECH
 
     @property
+    def voiced_end_t(self) -> float | None:
+        """In speech, the stream time (s) where its last voiced frame ended (it moves on when the
+        speaker goes on after a SpeechPause); None outside speech."""
+        return self._frame_time(self._last_voiced + 1) if self._state is _State.SPEECH else None
+
+    @property
     def time(self) -> float:
         """Stream time in seconds: the end of the last frame pushed."""
         return self._frames_seen * self.config.frame_ms / 1000.0
