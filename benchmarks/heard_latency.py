@@ -44,12 +44,14 @@ def export_revision(revision: str, folder: Path) -> Path:
     return folder
 
 
-def run_session(server, tiny, questions: list[Path], workdir: Path, name: str, extra: list[str], source: Path | None) -> dict:
+def run_session(
+    server, tiny, questions: list[Path], workdir: Path, name: str, extra: list[str], source: Path | None, threads: int | None
+) -> dict:
     """One chat session answering every question; the figures of what was heard."""
     session = workdir / name
     mic = Recording(server, workdir / f"{name}-mic.wav", sink=MIC_SINK)
     speaker = Recording(server, workdir / f"{name}-speaker.wav")
-    chat = ChatProcess(server, tiny, session, *extra, source=source, defaults=True)
+    chat = ChatProcess(server, tiny, session, *extra, source=source, defaults=True, threads=threads)
     try:
         chat.wait_listening()
         for k, question in enumerate(questions, start=1):
@@ -117,6 +119,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, alternating")
     parser.add_argument("--keep", type=Path, help="keep the sessions and recordings in this folder")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for chat (0: torch's default)")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running beside chat (a loaded machine)")
     args = parser.parse_args()
 
     from omni_cli.tiny.omni import make_tiny_model
@@ -138,10 +142,17 @@ def main() -> None:
             for variant in args.variant:
                 name, _, options = variant.partition("=")
                 runs.append((name, common + shlex.split(options), None))
-            for round_ in range(args.rounds):
-                for name, extra, source in runs:
-                    figures = run_session(server, tiny, questions, workdir, f"{name}-{round_}", extra, source)
-                    print(json.dumps(figures), flush=True)
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+            try:
+                for round_ in range(args.rounds):
+                    for name, extra, source in runs:
+                        threads = args.threads or None
+                        figures = run_session(server, tiny, questions, workdir, f"{name}-{round_}", extra, source, threads)
+                        print(json.dumps({**figures, "threads": threads, "load": args.load}), flush=True)
+            finally:
+                for process in busy:
+                    process.kill()
+                    process.wait()
     finally:
         server.stop()
 

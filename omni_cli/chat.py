@@ -572,6 +572,8 @@ class ChatSession:
                     self._queue_audio(reply, event)
             elif isinstance(event, Done):
                 reply.take_done(event)
+            if not reply.interrupted:
+                self._play(reply, self.buffer.take())
             self._listen_while_replying(reply, timeout=0.0)
             if self.stop_requested and not reply.interrupted:
                 self._interrupt(reply)
@@ -594,7 +596,7 @@ class ChatSession:
         reply.audio_rate = chunk.sample_rate
         reply.chunks.append(chunk.audio)
         if self.player is not None:
-            self._play(reply, self.buffer.push(chunk.audio, chunk.sample_rate))
+            self.buffer.push(chunk.audio, chunk.sample_rate)
 
     def _play(self, reply: ReplyProgress, chunks: list[np.ndarray]) -> None:
         if not chunks or self.player is None:

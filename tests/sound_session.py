@@ -47,19 +47,19 @@ class ChatProcess:
     """`python -m omni_cli.cli chat ...` as a child process using the given sound server.
 
     `source`: a source tree to run instead of the installed omni_cli (put first on PYTHONPATH).
+    `threads`: OMP_NUM_THREADS for it (None: torch's own choice).
     """
 
-    def __init__(self, sound_server, tiny_model, session_dir: Path, *extra: str, source: Path | None = None, defaults: bool = False) -> None:
+    def __init__(
+        self, sound_server, tiny_model, session_dir: Path, *extra: str, source: Path | None = None, defaults: bool = False, threads: int | None = 1
+    ) -> None:
         self.session_dir = session_dir
         self.log = session_dir.parent / f"{session_dir.name}.log"
-        env = {
-            **os.environ,
-            **sound_server.env,
-            "HF_HUB_OFFLINE": "1",
+        env = {**os.environ, **sound_server.env, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+        env.pop("OMP_NUM_THREADS", None)
+        if threads is not None:
             # 2 CPU cores shared with the sound server and recorders: one torch thread avoids spin-waits.
-            "OMP_NUM_THREADS": "1",
-            "COLUMNS": "120",
-        }
+            env["OMP_NUM_THREADS"] = str(threads)
         if source is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
         # The tests' reply settings (short first chunk, quick hang-over) unless `defaults`: a user's settings.
