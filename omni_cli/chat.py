@@ -141,6 +141,9 @@ class ChatSettings:
     barge_in: bool | None = False
     speculate: bool = False  # start replies at the endpointer's SpeechPause events
     max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
+    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
+    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
+    barge_in_ms: int = 90
     poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
     mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
@@ -205,7 +208,9 @@ class Listener:
     def speech_start(self, timeout: float) -> SpeechStart | None:
         """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
 
-        Every event, that SpeechStart included, is held for the listening loop.
+        Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
+        SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
+        listening loop.
         """
         block = timeout
         while True:
@@ -216,6 +221,9 @@ class Listener:
             events = self._push(frame)
             self.held.extend(events)
             start = next((e for e in events if isinstance(e, SpeechStart)), None)
+            onset = self.endpointer.onset
+            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
+                start = SpeechStart(t=onset[0])
             if start is not None:
                 return start
 

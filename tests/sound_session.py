@@ -55,7 +55,7 @@ class ChatProcess:
     ) -> None:
         self.session_dir = session_dir
         self.log = session_dir.parent / f"{session_dir.name}.log"
-        env = {**os.environ, **sound_server.env, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"}
+        env = {**os.environ, **sound_server.env, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONFAULTHANDLER": "1"}
         env.pop("OMP_NUM_THREADS", None)
         if threads is not None:
             # 2 CPU cores shared with the sound server and recorders: one torch thread avoids spin-waits.
