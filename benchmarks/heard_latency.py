@@ -10,7 +10,10 @@ recorded. Per run, one JSON line:
 - end_of_turn_ms: the session's end-of-turn delay after the true end (the transcript's
   `end_of_turn_ms` where written; else the user line's `end_t` minus the true end);
 - longest_gap_ms / gaps_over_50ms: silences inside replies after their first sound;
-  speaker_underruns, mic_overflows (from the transcript's "end" line).
+  speaker_underruns, mic_overflows (from the transcript's "end" line);
+- with `--paused`, each question is split at an inner word gap with exactly 400 ms of silence:
+  cut_offs (turns beyond one per question: the pause ended the turn) and
+  speculative_replies_dropped (replies started at a pause and thrown away).
 
 Runs: this tree with its defaults ("after"), `--base REV` (a commit exported with `git
 archive`, run with its defaults: "before"), and `--variant NAME="ARGS"` (this tree with extra
@@ -32,8 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+sys.path.insert(0, str(ROOT / "tests" / "audio"))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+from signals import RATE, split_at_inner_gap, with_pause  # noqa: E402
 from sound_server import MIC_SINK, start_sound_server  # noqa: E402
 from sound_session import ChatProcess, Recording, heard_turns  # noqa: E402
+
+from omni_cli.audio.io import load_audio  # noqa: E402
 
 
 def export_revision(revision: str, folder: Path) -> Path:
@@ -91,7 +101,10 @@ def run_session(
     return {
         "run": name,
         "options": " ".join(extra),
+        "questions": len(questions),
         "turns": len(turns),
+        "cut_offs": len(users) - len(questions),
+        "speculative_replies_dropped": end.get("speculative_replies_dropped"),
         "heard_latency_ms": {"median": _median(heard_ms), "max": max(heard_ms, default=None)},
         "transcript_error_ms": {"median": _median(errors), "max_abs": max((abs(e) for e in errors), default=None)},
         "end_of_turn_ms": {"median": _median([t["end_of_turn_ms"] for t in turns])},
@@ -101,6 +114,18 @@ def run_session(
         "mic_overflows": end.get("mic_overflows"),
         "each_turn": turns,
     }
+
+
+def paused_questions(questions: list[Path], folder: Path, pause_s: float = 0.4) -> list[Path]:
+    """Each question with its middle word gap replaced by exactly `pause_s` of silence (half a second of lead and tail)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paused = []
+    for question in questions:
+        audio, _, _ = with_pause(*split_at_inner_gap(load_audio(question)), pause_s=pause_s)
+        path = folder / question.name
+        sf.write(path, np.concatenate([np.zeros(RATE // 2), audio, np.zeros(RATE // 2)]), RATE, subtype="FLOAT")
+        paused.append(path)
+    return paused
 
 
 def _error_ms(claimed: float | None, measured: float | None) -> float | None:
@@ -121,6 +146,7 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep the sessions and recordings in this folder")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for chat (0: torch's default)")
     parser.add_argument("--load", type=int, default=0, help="busy processes running beside chat (a loaded machine)")
+    parser.add_argument("--paused", action="store_true", help="put a 400 ms pause in the middle of every question")
     args = parser.parse_args()
 
     from omni_cli.tiny.omni import make_tiny_model
@@ -134,6 +160,8 @@ def main() -> None:
             workdir = Path(tmp) if args.keep is None else args.keep
             workdir.mkdir(parents=True, exist_ok=True)
             tiny = make_tiny_model(workdir / "tiny", seed=0)
+            if args.paused:
+                questions = paused_questions(questions, workdir / "paused")
             common = ["--max-new-tokens", str(args.max_new_tokens)]
             runs: list[tuple[str, list[str], Path | None]] = []
             if args.base:
