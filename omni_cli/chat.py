@@ -280,7 +280,9 @@ class SpeculativeReply:
             yield from self.events
 
     def discard(self) -> None:
-        self.events.close()  # generation stops; its caches are freed
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()  # generation stops; its caches are freed
 
 
 @dataclass(frozen=True)
@@ -424,24 +426,31 @@ class ChatSession:
                 self._keep_window(event)
                 return
             spec, self._speculation = self._speculation, None
-            turn = UserTurn(
-                end_t=listener.clock_of(event.t),
-                speech_end_t=listener.clock_of(event.voiced_end_t),
-                end_of_turn_ms=round((event.t - event.voiced_end_t) * 1000, 1),
-                windows=len(self._windows) + 1,
-            )
-            if spec is not None and abs(spec.voiced_end_t - event.voiced_end_t) < 1e-6 and not event.forced:
-                self._windows = []
-                self.answer(spec.question, turn, spec)
-            else:
-                if spec is not None:
-                    self._discarded(spec)
-                question = self._question(event.audio)
-                self._windows = []
-                self.answer(question, turn)
-            listener.restart_watch()
-            if not self.stop_requested:
-                self.view.status("listening")
+            # The turn ended at the pause the speculative reply started from: it is this turn's reply.
+            committed = spec is not None and not event.forced and abs(spec.voiced_end_t - event.voiced_end_t) < 1e-6
+            if spec is not None and not committed:
+                self._discarded(spec)
+            question = spec.question if committed and spec is not None else self._question(event.audio)
+            self._answer_turn(question, len(self._windows) + 1, event.t, event.voiced_end_t, spec if committed else None)
+
+    def _answer_turn(
+        self, question: np.ndarray, windows: int, end_stream_t: float, voiced_end_stream_t: float, speculation: SpeculativeReply | None = None
+    ) -> None:
+        """Answer the spoken turn (spanning `windows` 30 s windows) that ended at endpointer time
+        `end_stream_t`, its speech at `voiced_end_stream_t`; then listen again."""
+        listener = self.listener
+        assert listener is not None
+        turn = UserTurn(
+            end_t=listener.clock_of(end_stream_t),
+            speech_end_t=listener.clock_of(voiced_end_stream_t),
+            end_of_turn_ms=round((end_stream_t - voiced_end_stream_t) * 1000, 1),
+            windows=windows,
+        )
+        self._windows = []
+        self.answer(question, turn, speculation)
+        listener.restart_watch()
+        if not self.stop_requested:
+            self.view.status("listening")
 
     def _question(self, audio: np.ndarray) -> np.ndarray:
         """The question so far: earlier 30 s windows of this turn, then `audio`."""
@@ -465,12 +474,7 @@ class ChatSession:
         endpointer = listener.endpointer
         if endpointer.time - self._window_end_stream_t < endpointer.config.hangover_ms / 1000:
             return
-        windows, self._windows = self._windows, []
-        end = listener.clock_of(self._window_end_stream_t)
-        self.answer(np.concatenate(windows), UserTurn(end_t=end, speech_end_t=end, end_of_turn_ms=0.0, windows=len(windows)))
-        listener.restart_watch()
-        if not self.stop_requested:
-            self.view.status("listening")
+        self._answer_turn(np.concatenate(self._windows), len(self._windows), endpointer.time, self._window_end_stream_t)
 
     def _follow_speculation(self) -> None:
         """While the hang-over runs: drop the speculative reply if the user went on, else let it work one step."""

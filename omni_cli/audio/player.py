@@ -72,8 +72,9 @@ class Player:
         # tries it without blocking, to set `_idle` atomically with the producer's updates.
         self._producer_lock = threading.Lock()
         self._output_latency = 0.0
-        # Written by the audio thread only: queued samples handed to the device (all bursts), the
-        # time of the last block that carried audio, and of the first block after a stop().
+        # Kept by the audio thread (stop() settles the last three when nothing is playing): queued
+        # samples handed to the device (all bursts), the time of the last block that carried
+        # audio, and the first block after a stop() (when the speaker went silent).
         self._rendered = 0
         self._last_audio_t: float | None = None
         self._rendered_generation = 0
