@@ -16,8 +16,10 @@ Turn-taking:
 - Replying: text goes to the view and audio to the player as the pipeline yields it, through
   a small jitter buffer (`PlaybackBuffer`: playback starts once the audio held covers the
   measured time to the next chunk). Between events the microphone queue is drained: in full
-  duplex, frames still go to the endpointer and a SpeechStart stops playback and generation at
-  once (barge-in); the interrupting utterance becomes the next turn. In half-duplex (no echo
+  duplex, frames still go to the endpointer and speech (`barge_in_ms` of it) stops playback
+  and generation at once (barge-in); the interrupting utterance becomes the next turn — or,
+  when it began within `rejoin_ms` of the question's last word, goes on with that question:
+  the reply is withdrawn and both parts are asked as one. In half-duplex (no echo
   canceller, or one that has not converged yet: its first seconds of reply speech), frames heard
   while replying are dropped and the endpointer is reset afterwards.
 - Long speech: the model hears 30 s at a time; at each 30 s the endpointer ends the utterance,
@@ -144,6 +146,9 @@ class ChatSettings:
     # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
     # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
     barge_in_ms: int = 90
+    # Speech that interrupts a reply this soon after the end of the question goes on with it: the
+    # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
+    rejoin_ms: int = 1000
     poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
     mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
@@ -294,6 +299,19 @@ class UserTurn:
     speech_end_t: float
     end_of_turn_ms: float | None = None
     windows: int = 1  # 30 s windows the question spans
+    voiced_end_stream_t: float | None = None  # spoken: endpointer time of speech_end_t
+    audio_end_stream_t: float = 0.0  # endpointer time where the question's audio ends
+    continues: int | None = None  # the turn whose question this one goes on with (its reply was withdrawn)
+
+
+@dataclass(frozen=True)
+class ContinuedQuestion:
+    """A question the user went on with after its reply had started: it heads the next one."""
+
+    audio: np.ndarray
+    audio_end_stream_t: float  # endpointer time where `audio` ends
+    turn: int
+    onset_stream_t: float  # where the speech that goes on with it began
 
 
 @dataclass
@@ -308,12 +326,15 @@ class ReplyProgress:
     chunks: list[np.ndarray] = field(default_factory=list)
     audio_rate: int = SAMPLE_RATE
     first_text_t: float | None = None
+    voiced_end_stream_t: float | None = None  # see UserTurn
+    audio_end_stream_t: float = 0.0
     played: bool = False  # some of its audio was handed to the player
     first_audio_t: float | None = None  # the first reply sample out of the speaker
     heard_seconds: float | None = None  # how much was played, when it did not play to its end
     stopped: str = ""
     interrupted: bool = False
     barge_in_t: float | None = None
+    withdrawn_at: float | None = None  # endpointer time of the speech that went on with the question
     error: str | None = None
     speculative: bool = False
     user_speech: Any = None  # the turn's speech embeddings from Done, kept in the history
@@ -369,6 +390,7 @@ class ChatSession:
         self._reply: ReplyProgress | None = None
         self._speculation: SpeculativeReply | None = None
         self._windows: list[np.ndarray] = []  # earlier 30 s windows of the question being spoken
+        self._continued: ContinuedQuestion | None = None
         self._window_end_stream_t = 0.0
         self._full_duplex_said = False
         self._closed = False
@@ -417,9 +439,11 @@ class ChatSession:
         assert listener is not None
         if isinstance(event, SpeechStart):
             self.view.status("hearing")
+            if self._continued is not None and abs(event.t - self._continued.onset_stream_t) > 1e-6:
+                self._continued = None  # what interrupted the reply was not speech after all
         elif isinstance(event, SpeechPause):
             if self.settings.speculate and self._speculation is None:
-                question = self._question(event.audio)
+                question = self._question(event.audio, event.audio_start_t)
                 self._speculation = SpeculativeReply(self.pipeline.respond(question, self.history, self._should_stop), question, event)
         elif isinstance(event, SpeechEnd):
             if event.forced and len(self._windows) + 1 < self.settings.max_question_windows:
@@ -430,14 +454,23 @@ class ChatSession:
             committed = spec is not None and not event.forced and abs(spec.voiced_end_t - event.voiced_end_t) < 1e-6
             if spec is not None and not committed:
                 self._discarded(spec)
-            question = spec.question if committed and spec is not None else self._question(event.audio)
-            self._answer_turn(question, len(self._windows) + 1, event.t, event.voiced_end_t, spec if committed else None)
+            if committed and spec is not None:
+                self._answer_turn(spec.question, len(self._windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
+            else:
+                question = self._question(event.audio, event.audio_start_t)
+                self._answer_turn(question, len(self._windows) + 1, event.t, event.voiced_end_t, event.t)
 
     def _answer_turn(
-        self, question: np.ndarray, windows: int, end_stream_t: float, voiced_end_stream_t: float, speculation: SpeculativeReply | None = None
+        self,
+        question: np.ndarray,
+        windows: int,
+        end_stream_t: float,
+        voiced_end_stream_t: float,
+        audio_end_stream_t: float,
+        speculation: SpeculativeReply | None = None,
     ) -> None:
         """Answer the spoken turn (spanning `windows` 30 s windows) that ended at endpointer time
-        `end_stream_t`, its speech at `voiced_end_stream_t`; then listen again."""
+        `end_stream_t`, its speech at `voiced_end_stream_t`, its audio at `audio_end_stream_t`; then listen again."""
         listener = self.listener
         assert listener is not None
         turn = UserTurn(
@@ -445,16 +478,28 @@ class ChatSession:
             speech_end_t=listener.clock_of(voiced_end_stream_t),
             end_of_turn_ms=round((end_stream_t - voiced_end_stream_t) * 1000, 1),
             windows=windows,
+            voiced_end_stream_t=voiced_end_stream_t,
+            audio_end_stream_t=audio_end_stream_t,
+            continues=None if self._continued is None else self._continued.turn,
         )
-        self._windows = []
+        self._windows, self._continued = [], None
         self.answer(question, turn, speculation)
         listener.restart_watch()
         if not self.stop_requested:
             self.view.status("listening")
 
-    def _question(self, audio: np.ndarray) -> np.ndarray:
-        """The question so far: earlier 30 s windows of this turn, then `audio`."""
-        return np.concatenate([*self._windows, audio]) if self._windows else audio
+    def _question(self, audio: np.ndarray | None = None, audio_start_t: float = 0.0) -> np.ndarray:
+        """The question so far: the one it goes on with, earlier 30 s windows of this turn, then
+        `audio` (which begins at endpointer time `audio_start_t`)."""
+        parts = list(self._windows)
+        if self._continued is not None:
+            parts.insert(0, self._continued.audio)
+            if audio is not None:  # its pre-roll may repeat the end of the question it goes on with
+                overlap = int(round((self._continued.audio_end_stream_t - audio_start_t) * SAMPLE_RATE))
+                audio = audio[max(0, overlap) :]
+        if audio is not None:
+            parts.append(audio)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
     def _keep_window(self, event: SpeechEnd) -> None:
         """The utterance reached the model's 30 s window while speech went on: keep it and listen on."""
@@ -474,7 +519,7 @@ class ChatSession:
         endpointer = listener.endpointer
         if endpointer.time - self._window_end_stream_t < endpointer.config.hangover_ms / 1000:
             return
-        self._answer_turn(np.concatenate(self._windows), len(self._windows), endpointer.time, self._window_end_stream_t)
+        self._answer_turn(self._question(), len(self._windows), endpointer.time, self._window_end_stream_t, self._window_end_stream_t)
 
     def _follow_speculation(self) -> None:
         """While the hang-over runs: drop the speculative reply if the user went on, else let it work one step."""
@@ -536,7 +581,13 @@ class ChatSession:
         played, interrupted, or has failed (a failure is shown in one line and the session goes on).
         """
         self.turns += 1
-        reply = self._reply = ReplyProgress(turn=self.turns, speech_end_t=heard.speech_end_t, speculative=speculation is not None)
+        reply = self._reply = ReplyProgress(
+            turn=self.turns,
+            speech_end_t=heard.speech_end_t,
+            voiced_end_stream_t=heard.voiced_end_stream_t,
+            audio_end_stream_t=heard.audio_end_stream_t,
+            speculative=speculation is not None,
+        )
         self.recorder.question(
             reply.turn,
             heard.end_t,
@@ -544,6 +595,7 @@ class ChatSession:
             speech_end_t=None if isinstance(question, str) else heard.speech_end_t,
             end_of_turn_ms=heard.end_of_turn_ms,
             windows=heard.windows if heard.windows > 1 else None,
+            continues=heard.continues,
         )
         if isinstance(question, str):
             self.view.user_typed(reply.turn, question)
@@ -676,6 +728,9 @@ class ChatSession:
         reply.barge_in_t = detected
         assert self.listener is not None
         onset = self.listener.clock_of(event.t)
+        went_on = reply.voiced_end_stream_t is not None and (event.t - reply.voiced_end_stream_t) * 1000 <= self.settings.rejoin_ms
+        if went_on:
+            reply.withdrawn_at = event.t  # the user went on with the question after a long pause
         self.recorder.event(
             "barge_in",
             turn=reply.turn,
@@ -685,8 +740,9 @@ class ChatSession:
             detect_ms=round((detected - onset) * 1000, 1),
             stop_ms=round((stopped - detected) * 1000, 1),
             speech_start_stream_s=event.t,
+            goes_on_with_the_question=reply.withdrawn_at is not None,
         )
-        self.view.status("hearing", "interrupted the reply")
+        self.view.status("hearing", "go on" if reply.withdrawn_at is not None else "interrupted the reply")
 
     def _interrupt(self, reply: ReplyProgress) -> None:
         """Cut playback now and make generation stop at its next token."""
@@ -742,11 +798,15 @@ class ChatSession:
             latency_ms=milliseconds_since(reply.speech_end_t, reply.first_audio_t),
             speculative=reply.speculative or None,
             barge_in_t=reply.barge_in_t,
+            withdrawn=reply.withdrawn_at is not None or None,
             echo_erle_db=self._erle() if reply.played else None,
             error=reply.error,
         )
         self.view.reply_end(reply_summary(self.recorder.reply(record, audio, reply.audio_rate)))
-        if reply.error is None and reply.text:
+        if reply.withdrawn_at is not None and not isinstance(question, str):
+            # Not an answer to anything: the next turn asks this question again, with its rest.
+            self._continued = ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at)
+        elif reply.error is None and reply.text:
             user_text = question if isinstance(question, str) else None
             self.history.append(HistoryTurn(user_speech=reply.user_speech, user_text=user_text, reply=reply.text))
 
@@ -758,7 +818,9 @@ def reply_summary(record: ReplyRecord) -> str:
         summary.insert(0, f"first audio {record.latency_ms:.0f} ms after you stopped")
     elif record.first_text_ms is not None:
         summary.insert(0, f"first text {record.first_text_ms:.0f} ms")
-    if record.stopped != "eos":
+    if record.withdrawn:
+        summary.append("withdrawn: you went on speaking")
+    elif record.stopped != "eos":
         summary.append(record.stopped)
     return ", ".join(summary)
 

@@ -64,6 +64,7 @@ class UserRecord(TurnRecord):
     wav: str | None = None
     seconds: float | None = None
     windows: int | None = None  # a question longer than the model's 30 s window: how many it spans
+    continues: int | None = None  # this question goes on with that turn's (whose reply was withdrawn); the WAV holds both
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class ReplyRecord(TurnRecord):
     latency_ms: float | None = None  # from the end of the user's speech (or Enter) to first_audio_t: what the user waited
     speculative: bool | None = None  # started at a pause in the user's speech, before the turn was over
     barge_in_t: float | None = None
+    withdrawn: bool | None = None  # the user went on with the question within ChatSettings.rejoin_ms: not an answer
     echo_erle_db: float | None = None  # the echo canceller's echo removal over the last ~1 s of reply
     error: str | None = None
 
@@ -117,7 +119,7 @@ class SessionRecorder:
 
     def question(self, turn: int, end_t: float, question: np.ndarray | str, **timings: Any) -> None:
         """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length;
-        `timings`: UserRecord's speech_end_t, end_of_turn_ms, windows."""
+        `timings`: UserRecord's speech_end_t, end_of_turn_ms, windows, continues."""
         if isinstance(question, str):
             record = UserRecord(turn, end_t, text=question, **timings)
         else:

@@ -405,7 +405,7 @@ def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, 
 
     def on_token(call: int, i: int) -> None:
         if call == 0 and i == 10:
-            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # the user talks over the reply
+            holder["mic"].feed(np.concatenate([silence(1200), speech, silence(600)]))  # the user talks over the reply
 
     pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
     mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
@@ -449,7 +449,7 @@ def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.nd
         frame = _read(timeout)
         if frame is None and not fed["done"] and len(pipeline.played_tokens) == 1:
             fed["done"] = True
-            mic.feed(np.concatenate([speech, silence(600)]))
+            mic.feed(np.concatenate([silence(1200), speech, silence(600)]))
             return _read(timeout)
         if frame is None and len(pipeline.calls) == 2 and not session.replying:
             session.request_stop()
@@ -536,7 +536,7 @@ def talking_over_the_reply(speech: np.ndarray, at_token: int = 10) -> tuple[dict
 
     def on_token(call: int, i: int) -> None:
         if call == 0 and i == at_token:
-            holder["mic"].feed(np.concatenate([speech, silence(600)]))
+            holder["mic"].feed(np.concatenate([silence(1200), speech, silence(600)]))
 
     return holder, on_token
 
@@ -558,6 +558,34 @@ def test_by_default_barge_in_waits_for_a_converged_echo_canceller(tmp_path: Path
         assert next(r for r in rows if r["type"] == "assistant")["echo_erle_db"] == 41.3
     else:  # half-duplex: what it heard while speaking was dropped, and the reply ran to its end
         assert mic.cleared > speech.size // FRAME and pipeline.played_tokens == [200]
+
+
+def test_going_on_with_the_question_right_after_the_turn_ended_withdraws_the_reply(tmp_path: Path, speech: np.ndarray) -> None:
+    """A pause longer than the hang-over ended the turn; 0.6 s after the last word the user goes on."""
+
+    def on_token(call: int, i: int) -> None:
+        if call == 0 and i == 10:
+            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # 300 ms after the end of the turn
+
+    holder: dict[str, FakeMic] = {}
+    pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
+    mic = holder["mic"] = FakeMic(np.concatenate([silence(300), speech, silence(300)]))
+    session, out = make_session(tmp_path, pipeline, mic, player, barge_in=True)
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    kinds = [r["type"] for r in rows]
+    assert kinds == ["listening", "user", "barge_in", "assistant", "user", "assistant", "end"]
+    barge, withdrawn, again = rows[2], rows[3], rows[4]
+    assert barge["goes_on_with_the_question"] is True
+    assert withdrawn["withdrawn"] is True and withdrawn["stopped"] == "interrupted" and "withdrawn" in out.getvalue()
+    # One question, both parts: the second turn's audio starts with the first's, without repeating its end.
+    (first, _), (both, history) = pipeline.calls
+    assert again["continues"] == 1 and history == []  # the withdrawn reply answered nothing: not remembered
+    np.testing.assert_array_equal(both[: first.size], first)
+    assert first.size + speech.size <= both.size <= first.size + speech.size + RATE
+    saved, _ = sf.read(tmp_path / "session" / again["wav"], dtype="float32")
+    assert saved.size == both.size and [h.user_speech for h in session.history] == [FakeSpeech("embeddings-of-call-1")]
 
 
 def paused_speech(speech: np.ndarray, pause_ms: int) -> np.ndarray:
