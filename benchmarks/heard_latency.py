@@ -61,7 +61,7 @@ def run_session(
     session = workdir / name
     mic = Recording(server, workdir / f"{name}-mic.wav", sink=MIC_SINK)
     speaker = Recording(server, workdir / f"{name}-speaker.wav")
-    chat = ChatProcess(server, tiny, session, *extra, source=source, defaults=True, threads=threads)
+    chat = ChatProcess(server, tiny, session, *extra, source=source, threads=threads)
     try:
         chat.wait_listening()
         for k, question in enumerate(questions, start=1):

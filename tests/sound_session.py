@@ -44,15 +44,13 @@ def rows_of(session_dir: Path) -> list[dict]:
 
 
 class ChatProcess:
-    """`python -m omni_cli.cli chat ...` as a child process using the given sound server.
+    """`python -m omni_cli.cli chat ...` (a user's defaults, then `extra` options) as a child process using the given sound server.
 
     `source`: a source tree to run instead of the installed omni_cli (put first on PYTHONPATH).
     `threads`: OMP_NUM_THREADS for it (None: torch's own choice).
     """
 
-    def __init__(
-        self, sound_server, tiny_model, session_dir: Path, *extra: str, source: Path | None = None, defaults: bool = False, threads: int | None = 1
-    ) -> None:
+    def __init__(self, sound_server, tiny_model, session_dir: Path, *extra: str, source: Path | None = None, threads: int | None = 1) -> None:
         self.session_dir = session_dir
         self.log = session_dir.parent / f"{session_dir.name}.log"
         env = {**os.environ, **sound_server.env, "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONFAULTHANDLER": "1"}
@@ -62,8 +60,6 @@ class ChatProcess:
             env["OMP_NUM_THREADS"] = str(threads)
         if source is not None:
             env["PYTHONPATH"] = os.pathsep.join([str(source), *filter(None, [os.environ.get("PYTHONPATH")])])
-        # The tests' reply settings (short first chunk, quick hang-over) unless `defaults`: a user's settings.
-        settings = [] if defaults else ["--first-chunk-units", "5", "--chunk-units", "20", "--hangover-ms", "450"]
         command = [
             sys.executable, "-m", "omni_cli.cli", "chat",
             "--model", str(tiny_model.model_dir),
@@ -71,7 +67,6 @@ class ChatProcess:
             "--vocoder", str(tiny_model.vocoder_dir),
             "--precision", "fp32", "--device", "cpu",
             "--session-dir", str(session_dir),
-            *settings,
             *extra,
         ]  # fmt: skip
         self._log_file = open(self.log, "wb")  # noqa: SIM115 - closed in interrupt()/kill()

@@ -62,7 +62,7 @@ def spoken_session(sound_server, tiny_model, question_wavs: list[Path], tmp_path
     folder = tmp_path_factory.mktemp("spoken")
     mic = Recording(sound_server, folder / "mic.wav", sink=MIC_SINK)
     speaker = Recording(sound_server, folder / "speaker.wav")
-    chat = ChatProcess(sound_server, tiny_model, folder / "session", "--chunk-units", "10", "--max-new-tokens", "60", defaults=True)
+    chat = ChatProcess(sound_server, tiny_model, folder / "session", "--chunk-units", "10", "--max-new-tokens", "60")
     try:
         chat.wait_listening()
         for k, question in enumerate(question_wavs, start=1):
