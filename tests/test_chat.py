@@ -713,6 +713,29 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
     assert "Ctrl-C ends the session" in result.output and "Examples" in result.output
 
 
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"barge_in": None, "echo_cancellation": True, "hangover_ms": 500, "speculate_ms": 150}),
+        (["--half-duplex"], {"barge_in": False, "echo_cancellation": True}),
+        (["--no-aec"], {"barge_in": None, "echo_cancellation": False}),
+        (["--barge-in", "--speculate-ms", "0", "--hangover-ms", "700"], {"barge_in": True, "speculate_ms": 0, "hangover_ms": 700}),
+    ],
+)
+def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
+    import omni_cli.chat as chat_module
+    import omni_cli.cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(chat_module, "preflight", lambda options: None)
+    monkeypatch.setattr(cli_module, "load_pipeline", lambda *args, **kwargs: "pipeline")
+    monkeypatch.setattr(chat_module, "run_chat", lambda pipeline, options, view, *rest, **kw: seen.append(options) or 0)
+    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--session-dir", str(tmp_path / "s"), *flags])
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert {key: getattr(options, key) for key in expected} == expected
+
+
 def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
     import omni_cli.audio.devices as devices
 
@@ -807,6 +830,80 @@ class ScriptedMicrophone:
 
     def close(self) -> None:
         self.closed = True
+
+
+class DevicePlayer(FakePlayer):
+    """Stands in for omni_cli.audio.player.Player inside run_chat."""
+
+    instances: list[DevicePlayer] = []
+    output_latency = 0.02
+
+    def __init__(self, device: str | None = None, sample_rate: int = RATE, on_render: Callable[[np.ndarray, int], None] | None = None) -> None:
+        super().__init__()
+        self.on_render = on_render
+        self.device_name, self.device_rate, self.underruns, self.xruns = "speaker", sample_rate, 0, 0
+        DevicePlayer.instances.append(self)
+
+    def start(self) -> DevicePlayer:
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("echo_loads", [True, False])
+def test_run_chat_wires_the_echo_canceller_or_says_why_it_is_half_duplex(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, speech: np.ndarray, echo_loads: bool
+) -> None:
+    import functools
+
+    import omni_cli.audio.echo as echo
+    import omni_cli.audio.mic as mic_module
+    import omni_cli.audio.player as player_module
+    import omni_cli.chat as chat_module
+    from omni_cli.chat import run_chat
+    from omni_cli.config import ChatOptions
+
+    made: list[echo.EchoCanceller] = []
+    real = echo.EchoCanceller
+
+    def canceller() -> echo.EchoCanceller:
+        if not echo_loads:
+            raise echo.EchoUnavailable("echo cancellation unavailable: the livekit package is not installed (pip install livekit).")
+        made.append(real())
+        return made[-1]
+
+    class Mic(ScriptedMicrophone):
+        def __init__(self, *args: object, clean: object = None, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.cleaned_by = clean
+            self.input_latency = 0.03
+
+    ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])
+    ScriptedMicrophone.instances, DevicePlayer.instances = [], []
+    monkeypatch.setattr(echo, "EchoCanceller", canceller)
+    monkeypatch.setattr(mic_module, "Microphone", Mic)
+    monkeypatch.setattr(player_module, "Player", DevicePlayer)
+    monkeypatch.setattr(chat_module, "ChatSettings", functools.partial(ChatSettings, mic_timeout_s=0.3, poll_s=0.01))
+    monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: False)
+    pipeline = FakePipeline(tokens=2)
+    pipeline.sample_rate = RATE
+    view, out = plain_view()
+    run_chat(pipeline, ChatOptions(session_dir=tmp_path / "s", hangover_ms=300), view)
+
+    session = transcript(tmp_path / "s")[0]
+    (mic,), (player,) = ScriptedMicrophone.instances, DevicePlayer.instances
+    if echo_loads:
+        (used,) = made
+        assert session["echo_cancellation"] is True and session["barge_in"] == "auto" and session["echo_delay_ms"] == 50
+        assert mic.cleaned_by == used.process and player.on_render == used.play_reference  # the mic cleaned, the speaker its reference
+        assert "half-duplex until the echo canceller has learnt the room" in out.getvalue()
+    else:
+        assert session["echo_cancellation"] is False and session["barge_in"] is False
+        assert mic.cleaned_by is None and player.on_render is None
+        said = " ".join(out.getvalue().split())  # the console wraps at 120 columns
+        assert said.count("echo cancellation unavailable") == 1
+        assert "(pip install livekit). Half-duplex: omni will not hear you while it speaks (with headphones, --barge-in)." in said
 
 
 @pytest.mark.parametrize("terminal", [False, True])
