@@ -648,7 +648,7 @@ class ChatSession:
 
     def _show_text(self, reply: ReplyProgress, delta: TextDelta) -> None:
         if reply.first_text_t is None:
-            reply.first_text_t = delta.t
+            reply.first_text_t = max(delta.t, self.clock())  # shown now: a speculative reply's text waited for the end of the turn
             if self.player is None:
                 self.view.status("replying")
         reply.text += delta.text

@@ -80,7 +80,7 @@ class ReplyRecord(TurnRecord):
     wav: str | None = None
     audio_seconds: float | None = None  # the WAV's length: what was heard, for a reply cut short
     heard_seconds: float | None = None  # a reply cut short (barge-in, Ctrl-C, a fault): how much of it was played
-    first_text_ms: float | None = None  # from the end of the user's speech (or Enter)
+    first_text_ms: float | None = None  # from the end of the user's speech (or Enter) to the first text on screen
     first_audio_t: float | None = None  # when the reply's first sample came out of the speaker (handed to the device + its latency)
     latency_ms: float | None = None  # from the end of the user's speech (or Enter) to first_audio_t: what the user waited
     speculative: bool | None = None  # started at a pause in the user's speech, before the turn was over
