@@ -1,8 +1,11 @@
 """A chat session on disk: transcript.jsonl and the turns' WAVs, written as they happen.
 
 One folder per session. Each line of transcript.jsonl is one JSON object {"type": ..., "time":
-..., ...}: "session" (devices), "listening", "user" and "assistant" (one per turn, see
-`UserRecord` and `ReplyRecord`), "barge_in", "error" and "end". Times named `*_t` are
+..., ...}: "session" (devices, echo cancellation, turn-taking settings), "listening", "user"
+and "assistant" (one per turn, see `UserRecord` and `ReplyRecord`), "barge_in", "full_duplex"
+(barge-in turned on once the echo canceller converged), "speculative_reply_dropped" (a reply
+started at a pause, thrown away as the user spoke on), "long_speech" (a question passed a 30 s
+window), "error" and "end". Times named `*_t` are
 time.monotonic() seconds (the clock the audio and pipeline events use); `time` is the wall
 clock for people.
 """
