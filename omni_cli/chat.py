@@ -878,6 +878,7 @@ def run_chat(pipeline: ReplySource, options: ChatOptions, view: ChatView, read_l
         hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness, pause_ms=options.speculate_ms if speculate else 0
     )
     canceller = _echo_canceller(options, pipeline.sample_rate, view)
+    # Without a canceller "auto" is half-duplex; --barge-in (a headset) listens regardless.
     barge_in = options.barge_in if canceller is not None or options.barge_in else False
     mic: Microphone | None = None
     if not options.text:
