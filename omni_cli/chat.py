@@ -1,23 +1,40 @@
-"""`omni chat`: the conversation loop — microphone → endpointer → pipeline → player and screen.
+"""`omni chat`: the conversation loop — microphone → echo canceller → endpointer → pipeline → player and screen.
 
 `ChatSession` owns the turn-taking and nothing else: the model (a `ReplySource`:
 `respond(audio | text, history, should_stop)`, its `sample_rate` and `context_budget`), the
-microphone (frames from `read()`), the endpointer, the player and the view are passed in, so
-tests drive it with fakes and the CLI with real devices. Each turn is saved as it happens by `transcript.SessionRecorder`.
+microphone (frames from `read()`), the endpointer, the player, the echo canceller and the view
+are passed in, so tests drive it with fakes and the CLI with real devices. Each turn is saved
+as it happens by `transcript.SessionRecorder`.
 
 Turn-taking:
-- Listening: mic frames go to the endpointer (`Listener`); a SpeechEnd is the user's turn.
-- Replying: text goes to the view and audio chunks to the player as the pipeline yields them.
-  Between events (the pipeline yields after every token) the microphone queue is drained:
-  with barge-in, frames still go to the endpointer and a SpeechStart stops playback and
-  generation at once; the interrupting utterance becomes the next turn. Without barge-in
-  (half-duplex, the default: a speaker without echo cancellation would otherwise interrupt
-  itself), frames heard while replying are dropped and the endpointer is reset afterwards.
+- Listening: mic frames (cleaned of the speaker's echo in the mic's callback) go to the
+  endpointer (`Listener`); a SpeechEnd is the user's turn.
+- Speculative start: at a short pause (`SpeechPause`) the reply is started — encoded,
+  prefilled and generated into a buffer — while the hang-over runs. If the turn ends at that
+  pause, the buffered reply is shown and played at once; if the user speaks on, it is thrown
+  away and the continued speech stays part of the same turn.
+- Replying: text goes to the view and audio to the player as the pipeline yields it, through
+  a small jitter buffer (`PlaybackBuffer`: playback starts once the audio held covers the
+  measured time to the next chunk). Between events the microphone queue is drained: in full
+  duplex, frames still go to the endpointer and speech (`barge_in_ms` of it) stops playback
+  and generation at once (barge-in); the interrupting utterance becomes the next turn — or,
+  when it began within `rejoin_ms` of the question's last word, goes on with that question:
+  the reply is withdrawn and both parts are asked as one. In half-duplex (no echo
+  canceller, or one that has not converged yet: its first seconds of reply speech), frames heard
+  while replying are dropped and the endpointer is reset afterwards.
+- Long speech: the model hears 30 s at a time; at each 30 s the endpointer ends the utterance,
+  the screen says so and listening goes on: the windows that follow are appended to the same
+  question (up to `max_question_windows`).
 - Multi-turn memory: finished turns (speech embeddings, on the CPU, or typed text, and the
   reply text) are kept in a `History` bounded by the pipeline's context budget and passed
   back with each question; the pipeline picks the newest ones that fit the prompt.
 - Stopping: `request_stop()` (Ctrl-C, see `sigint_ends_session`) cuts the reply in progress,
   records it, and ends the loop.
+
+Timings (all time.monotonic()): a spoken turn's `speech_end_t` is the end of the last voiced
+frame (the true end of speech, put on the clock with the mic's frame times), and `latency_ms` runs
+from there to the first reply sample out of the speaker (the first block handed to the device
+plus its output latency); the end-of-turn delay is recorded beside it.
 """
 
 from __future__ import annotations
@@ -34,7 +51,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE
-from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
+from omni_cli.audio.playback_buffer import PlaybackBuffer
+from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
 from omni_cli.config import ChatOptions
@@ -43,13 +61,17 @@ from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, Tex
 from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since
 
 if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
+    from omni_cli.audio.echo import EchoCanceller
     from omni_cli.audio.mic import Microphone
     from omni_cli.audio.player import Player
     from omni_cli.terminal import NativeStderr
 
 
 class ReplySource(Protocol):
-    """What the session needs from the model: `SpeechToSpeech` or a test double."""
+    """What the session needs from the model: `SpeechToSpeech` or a test double.
+
+    Optional: `chunk_units` (units per audio chunk after the first), for the jitter buffer.
+    """
 
     @property
     def sample_rate(self) -> int | None:
@@ -63,7 +85,13 @@ class ReplySource(Protocol):
 
 
 class FrameSource(Protocol):
-    """What the session needs from the microphone: `Microphone` or a test double."""
+    """What the session needs from the microphone: `Microphone` or a test double.
+
+    `frame_end_t` (time.monotonic() when the frame read last ended at the microphone) may be
+    None: the frame is then taken to have ended when it was read.
+    """
+
+    frame_end_t: float | None
 
     def read(self, timeout: float | None = None) -> np.ndarray | None: ...
 
@@ -81,11 +109,26 @@ class AudioSink(Protocol):
 
     def stop(self) -> None: ...
 
+    def silent_time(self, timeout: float = 0.2) -> float | None: ...
+
+    @property
+    def heard_seconds(self) -> float: ...
+
     @property
     def playing(self) -> bool: ...
 
     @property
     def output_latency(self) -> float: ...
+
+
+class EchoState(Protocol):
+    """What the session reads from the echo canceller: `EchoCanceller` or a test double."""
+
+    @property
+    def converged(self) -> bool: ...
+
+    @property
+    def erle_db(self) -> float | None: ...
 
 
 class MicrophoneLost(AudioInputError):
@@ -96,7 +139,17 @@ class MicrophoneLost(AudioInputError):
 class ChatSettings:
     """Turn-taking settings."""
 
-    barge_in: bool = False
+    # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
+    # duplex once the echo canceller has converged, half-duplex before and without one.
+    barge_in: bool | None = False
+    speculate: bool = False  # start replies at the endpointer's SpeechPause events
+    max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
+    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
+    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
+    barge_in_ms: int = 90
+    # Speech that interrupts a reply this soon after the end of the question goes on with it: the
+    # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
+    rejoin_ms: int = 1000
     poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
     mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
@@ -108,6 +161,7 @@ class Listener:
     While listening, `next_events()` gives the events of the next frame, after those held back
     during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
     starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
+    `clock_of(stream_t)` puts an endpointer time on time.monotonic().
     """
 
     def __init__(
@@ -120,12 +174,14 @@ class Listener:
         self.on_first_frame: Callable[[float], None] | None = on_first_frame
         self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
+        self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
 
-    def next_events(self) -> list[VadEvent]:
-        """One held-back event, else the next frame's events ([] if none came within poll_s); raises MicrophoneLost."""
+    def next_events(self, timeout: float | None = None) -> list[VadEvent]:
+        """One held-back event, else the next frame's events ([] if none came within `timeout`,
+        default poll_s); raises MicrophoneLost."""
         if self.held:
             return [self.held.popleft()]
-        frame = self.mic.read(timeout=self.settings.poll_s)
+        frame = self.mic.read(timeout=self.settings.poll_s if timeout is None else timeout)
         now = self.clock()
         if frame is None:
             if now - self.last_frame_t > self.settings.mic_timeout_s:
@@ -138,7 +194,18 @@ class Listener:
         if self.on_first_frame is not None:
             self.on_first_frame(now)
             self.on_first_frame = None
-        return self.endpointer.push(frame)
+        return self._push(frame)
+
+    def _push(self, frame: np.ndarray) -> list[VadEvent]:
+        events = self.endpointer.push(frame)
+        ended = getattr(self.mic, "frame_end_t", None)
+        self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
+        return events
+
+    def clock_of(self, stream_t: float) -> float:
+        """The time.monotonic() of endpointer stream time `stream_t` (exact for the frames just pushed)."""
+        stream_now, clock_now = self._anchor
+        return clock_now - (stream_now - stream_t)
 
     def restart_watch(self) -> None:
         """Count the microphone's silence from now (frames are not watched during a reply)."""
@@ -147,7 +214,9 @@ class Listener:
     def speech_start(self, timeout: float) -> SpeechStart | None:
         """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
 
-        Every event, that SpeechStart included, is held for the listening loop.
+        Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
+        SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
+        listening loop.
         """
         block = timeout
         while True:
@@ -155,9 +224,12 @@ class Listener:
             block = 0.0
             if frame is None:
                 return None
-            events = self.endpointer.push(frame)
+            events = self._push(frame)
             self.held.extend(events)
             start = next((e for e in events if isinstance(e, SpeechStart)), None)
+            onset = self.endpointer.onset
+            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
+                start = SpeechStart(t=onset[0])
             if start is not None:
                 return start
 
@@ -168,27 +240,113 @@ class Listener:
         self.endpointer.reset()
 
 
+class SpeculativeReply:
+    """A reply started at a pause in the user's speech, before the turn is known to be over.
+
+    `advance()` pulls one event into a buffer; `replay()` gives the buffered events, then the
+    rest. An exception from the model is kept and raised by replay(), where a committed reply's
+    errors are handled; a discarded reply's never surface.
+    """
+
+    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
+        self.events = events
+        self.question = question
+        self.pause = pause
+        self.buffered: list[Event] = []
+        self.error: Exception | None = None
+        self.done = False
+
+    @property
+    def voiced_end_t(self) -> float:
+        return self.pause.voiced_end_t
+
+    @property
+    def tokens(self) -> int:
+        return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
+
+    def advance(self) -> None:
+        if self.done:
+            return
+        try:
+            event = next(self.events)
+        except StopIteration:
+            self.done = True
+            return
+        except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
+            self.error, self.done = exc, True
+            return
+        self.buffered.append(event)
+        self.done = isinstance(event, Done)
+
+    def replay(self) -> Iterator[Event]:
+        yield from self.buffered
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            yield from self.events
+
+    def discard(self) -> None:
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()  # generation stops; its caches are freed
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """When a turn ended: `end_t` (the end-of-turn decision, or Enter), `speech_end_t` (the true end
+    of speech: latency is measured from it; Enter for typed text), and the end-of-turn delay."""
+
+    end_t: float
+    speech_end_t: float
+    end_of_turn_ms: float | None = None
+    windows: int = 1  # 30 s windows the question spans
+    voiced_end_stream_t: float | None = None  # spoken: endpointer time of speech_end_t
+    audio_end_stream_t: float = 0.0  # endpointer time where the question's audio ends
+    continues: int | None = None  # the turn whose question this one goes on with (its reply was withdrawn)
+
+
+@dataclass(frozen=True)
+class ContinuedQuestion:
+    """A question the user went on with after its reply had started: it heads the next one."""
+
+    audio: np.ndarray
+    audio_end_stream_t: float  # endpointer time where `audio` ends
+    turn: int
+    onset_stream_t: float  # where the speech that goes on with it began
+
+
 @dataclass
 class ReplyProgress:
     """What one reply has produced so far, and how it ended."""
 
     turn: int
-    heard_t: float  # when the user's turn ended: the endpoint decision, or Enter for typed text
+    speech_end_t: float  # timings are measured from here (see UserTurn)
     text: str = ""
     units: int = 0
     tokens: int = 0
     chunks: list[np.ndarray] = field(default_factory=list)
     audio_rate: int = SAMPLE_RATE
     first_text_t: float | None = None
+    voiced_end_stream_t: float | None = None  # see UserTurn
+    audio_end_stream_t: float = 0.0
+    played: bool = False  # some of its audio was handed to the player
+    first_audio_t: float | None = None  # the first reply sample out of the speaker
+    heard_seconds: float | None = None  # how much was played, when it did not play to its end
     stopped: str = ""
     interrupted: bool = False
     barge_in_t: float | None = None
+    withdrawn_at: float | None = None  # endpointer time of the speech that went on with the question
     error: str | None = None
+    speculative: bool = False
     user_speech: Any = None  # the turn's speech embeddings from Done, kept in the history
 
     @property
     def audio_seconds(self) -> float:
         return sum(c.size for c in self.chunks) / self.audio_rate
+
+    def count(self, event: Event) -> None:
+        """Keep the token count up to date from any event (Done may never come)."""
+        self.tokens = max(self.tokens, getattr(event, "tokens", 0))
 
     def take_done(self, done: Done) -> None:
         """The pipeline's last word: the whole text and how generation ended."""
@@ -213,6 +371,7 @@ class ChatSession:
         player: AudioSink | None = None,
         settings: ChatSettings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        echo: EchoState | None = None,
     ) -> None:
         if mic is not None and endpointer is None:
             raise ValueError("a microphone needs an endpointer")
@@ -222,15 +381,23 @@ class ChatSession:
         self.player = player
         self.settings = settings or ChatSettings()
         self.clock = clock
+        self.echo = echo
         self.listener: Listener | None = None
         if mic is not None and endpointer is not None:
             # Frames flow from the first one on: from there, speech is heard.
             self.listener = Listener(mic, endpointer, self.settings, clock, lambda t: recorder.event("listening", t=t))
         self.history = History(budget=pipeline.context_budget)
+        self.buffer = PlaybackBuffer(getattr(pipeline, "chunk_units", None))
         self.turns = 0
         self.stop_requested = False
         self.waiting_for_input = False  # True while blocked on typed input: Ctrl-C must interrupt the read
+        self.discarded = 0  # speculative replies thrown away because the user spoke on
         self._reply: ReplyProgress | None = None
+        self._speculation: SpeculativeReply | None = None
+        self._windows: list[np.ndarray] = []  # earlier 30 s windows of the question being spoken
+        self._continued: ContinuedQuestion | None = None
+        self._window_end_stream_t = 0.0
+        self._full_duplex_said = False
         self._closed = False
 
     # -- loops ------------------------------------------------------------------------
@@ -239,6 +406,13 @@ class ChatSession:
     def replying(self) -> bool:
         """True while a turn is being answered (generated or played)."""
         return self._reply is not None
+
+    @property
+    def full_duplex(self) -> bool:
+        """True while what the user says during a reply is listened to (barge-in)."""
+        if self.settings.barge_in is None:
+            return self.echo is not None and self.echo.converged
+        return self.settings.barge_in
 
     def request_stop(self) -> None:
         """End the session soon: the reply in progress is cut and recorded, then the loop returns."""
@@ -253,16 +427,127 @@ class ChatSession:
         try:
             while not self.stop_requested:
                 self._check_sound()
-                for event in listener.next_events():
-                    if isinstance(event, SpeechStart):
-                        self.view.status("hearing")
-                    elif isinstance(event, SpeechEnd):
-                        self.answer(event.audio, self.clock())
-                        listener.restart_watch()
-                        if not self.stop_requested:
-                            self.view.status("listening")
+                working = self._speculation is not None and not self._speculation.done
+                for event in listener.next_events(timeout=0.0 if working else None):
+                    self._heard(event)
+                    if self.stop_requested:
+                        break
+                self._follow_speculation()
+                self._answer_windows_if_quiet()
         except KeyboardInterrupt:
             self.stop_requested = True
+        finally:
+            self._discard_speculation()
+
+    def _heard(self, event: VadEvent) -> None:
+        """One endpointer event while listening."""
+        listener = self.listener
+        assert listener is not None
+        if isinstance(event, SpeechStart):
+            self.view.status("hearing")
+            if self._continued is not None and abs(event.t - self._continued.onset_stream_t) > 1e-6:
+                self._continued = None  # what interrupted the reply was not speech after all
+        elif isinstance(event, SpeechPause):
+            if self.settings.speculate and self._speculation is None:
+                question = self._question(event.audio, event.audio_start_t)
+                self._speculation = SpeculativeReply(self.pipeline.respond(question, self.history, self._should_stop), question, event)
+        elif isinstance(event, SpeechEnd):
+            if event.forced and len(self._windows) + 1 < self.settings.max_question_windows:
+                self._keep_window(event)
+                return
+            spec, self._speculation = self._speculation, None
+            # The turn ended at the pause the speculative reply started from: it is this turn's reply.
+            committed = spec is not None and not event.forced and abs(spec.voiced_end_t - event.voiced_end_t) < 1e-6
+            if spec is not None and not committed:
+                self._discarded(spec)
+            if committed and spec is not None:
+                self._answer_turn(spec.question, len(self._windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
+            else:
+                question = self._question(event.audio, event.audio_start_t)
+                self._answer_turn(question, len(self._windows) + 1, event.t, event.voiced_end_t, event.t)
+
+    def _answer_turn(
+        self,
+        question: np.ndarray,
+        windows: int,
+        end_stream_t: float,
+        voiced_end_stream_t: float,
+        audio_end_stream_t: float,
+        speculation: SpeculativeReply | None = None,
+    ) -> None:
+        """Answer the spoken turn (spanning `windows` 30 s windows) that ended at endpointer time
+        `end_stream_t`, its speech at `voiced_end_stream_t`, its audio at `audio_end_stream_t`; then listen again."""
+        listener = self.listener
+        assert listener is not None
+        turn = UserTurn(
+            end_t=listener.clock_of(end_stream_t),
+            speech_end_t=listener.clock_of(voiced_end_stream_t),
+            end_of_turn_ms=round((end_stream_t - voiced_end_stream_t) * 1000, 1),
+            windows=windows,
+            voiced_end_stream_t=voiced_end_stream_t,
+            audio_end_stream_t=audio_end_stream_t,
+            continues=None if self._continued is None else self._continued.turn,
+        )
+        self._windows, self._continued = [], None
+        self.answer(question, turn, speculation)
+        listener.restart_watch()
+        if not self.stop_requested:
+            self.view.status("listening")
+
+    def _question(self, audio: np.ndarray | None = None, audio_start_t: float = 0.0) -> np.ndarray:
+        """The question so far: the one it goes on with, earlier 30 s windows of this turn, then
+        `audio` (which begins at endpointer time `audio_start_t`)."""
+        parts = list(self._windows)
+        if self._continued is not None:
+            parts.insert(0, self._continued.audio)
+            if audio is not None:  # its pre-roll may repeat the end of the question it goes on with
+                overlap = int(round((self._continued.audio_end_stream_t - audio_start_t) * SAMPLE_RATE))
+                audio = audio[max(0, overlap) :]
+        if audio is not None:
+            parts.append(audio)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def _keep_window(self, event: SpeechEnd) -> None:
+        """The utterance reached the model's 30 s window while speech went on: keep it and listen on."""
+        self._discard_speculation()
+        self._windows.append(event.audio)
+        self._window_end_stream_t = event.t
+        seconds = sum(w.size for w in self._windows) / SAMPLE_RATE
+        self.view.note(f"still listening: your turn passed {seconds:.0f} s (the model hears 30 s at a time); what you say next is added to it.")
+        self.view.status("hearing", f"{seconds:.0f} s so far")
+        self.recorder.event("long_speech", seconds=round(seconds, 2), windows=len(self._windows))
+
+    def _answer_windows_if_quiet(self) -> None:
+        """A question cut at 30 s whose speaker then fell silent: answer what was said."""
+        listener = self.listener
+        if not self._windows or listener is None or listener.endpointer.in_speech:
+            return
+        endpointer = listener.endpointer
+        if endpointer.time - self._window_end_stream_t < endpointer.config.hangover_ms / 1000:
+            return
+        self._answer_turn(self._question(), len(self._windows), endpointer.time, self._window_end_stream_t, self._window_end_stream_t)
+
+    def _follow_speculation(self) -> None:
+        """While the hang-over runs: drop the speculative reply if the user went on, else let it work one step."""
+        spec, listener = self._speculation, self.listener
+        if spec is None or listener is None:
+            return
+        voiced_end = listener.endpointer.voiced_end_t
+        if voiced_end is None or voiced_end > spec.voiced_end_t + 1e-6:
+            self._speculation = None
+            self._discarded(spec)
+            return
+        spec.advance()
+
+    def _discarded(self, spec: SpeculativeReply) -> None:
+        spec.discard()
+        self.discarded += 1
+        self.recorder.event("speculative_reply_dropped", after_pause_ms=round((spec.pause.t - spec.voiced_end_t) * 1000, 1), tokens=spec.tokens)
+
+    def _discard_speculation(self) -> None:
+        spec, self._speculation = self._speculation, None
+        if spec is not None:
+            spec.discard()
 
     def run_text(self, read_line: Callable[[], str | None]) -> None:
         """Answer typed questions from `read_line` (None = end of input) until it ends or request_stop()."""
@@ -277,7 +562,8 @@ class ChatSession:
                 if line is None:
                     break
                 if line.strip():
-                    self.answer(line.strip(), self.clock())
+                    now = self.clock()
+                    self.answer(line.strip(), UserTurn(end_t=now, speech_end_t=now))
         except KeyboardInterrupt:
             self.stop_requested = True
 
@@ -286,28 +572,46 @@ class ChatSession:
         if self._closed:
             return
         self._closed = True
+        self._discard_speculation()
         self._stop_player()
-        self.recorder.event("end", turns=self.turns, reason=reason, **stats)
+        self.recorder.event("end", turns=self.turns, reason=reason, speculative_replies_dropped=self.discarded, **stats)
         self.recorder.close()
 
     # -- one turn ---------------------------------------------------------------------
 
-    def answer(self, question: np.ndarray | str, heard_t: float) -> ReplyProgress:
-        """Answer one user turn (16 kHz speech or typed text) that ended at `heard_t`.
+    def answer(self, question: np.ndarray | str, heard: UserTurn, speculation: SpeculativeReply | None = None) -> ReplyProgress:
+        """Answer one user turn (16 kHz speech or typed text) that ended as `heard` says.
 
-        The user turn is saved before the model runs; the reply is saved when it has been played,
-        interrupted, or has failed (a failure is shown in one line and the session goes on).
+        `speculation`: the reply already started at the pause where the turn ended. The user
+        turn is saved before the model runs (or goes on); the reply is saved when it has been
+        played, interrupted, or has failed (a failure is shown in one line and the session goes on).
         """
         self.turns += 1
-        reply = self._reply = ReplyProgress(turn=self.turns, heard_t=heard_t)
-        self.recorder.question(reply.turn, heard_t, question)
+        reply = self._reply = ReplyProgress(
+            turn=self.turns,
+            speech_end_t=heard.speech_end_t,
+            voiced_end_stream_t=heard.voiced_end_stream_t,
+            audio_end_stream_t=heard.audio_end_stream_t,
+            speculative=speculation is not None,
+        )
+        self.recorder.question(
+            reply.turn,
+            heard.end_t,
+            question,
+            speech_end_t=None if isinstance(question, str) else heard.speech_end_t,
+            end_of_turn_ms=heard.end_of_turn_ms,
+            windows=heard.windows if heard.windows > 1 else None,
+            continues=heard.continues,
+        )
         if isinstance(question, str):
             self.view.user_typed(reply.turn, question)
         else:
             self.view.user_spoken(reply.turn, question.size / SAMPLE_RATE)
         self.view.status("thinking")
+        self.buffer.start_reply()
         try:
-            self._generate(question, reply)
+            events = speculation.replay() if speculation is not None else self.pipeline.respond(question, self.history, self._should_stop)
+            self._generate(events, reply)
             if not reply.interrupted and reply.error is None:
                 self._play_out(reply)
         except MicrophoneLost as exc:  # the sound system went away: the turn ends here, and so does listening
@@ -321,24 +625,29 @@ class ChatSession:
             self.stop_requested = True
             reply.interrupted = True
             reply.stopped = reply.stopped or "interrupted"
-            self._stop_player()
+            self._stop_player(reply)
         finally:
+            self.buffer.end_reply()
             self._finish(question, reply)
             self._reply = None
         return reply
 
-    def _generate(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
+    def _generate(self, events: Iterator[Event], reply: ReplyProgress) -> None:
         """Stream the reply to the screen and the speaker; between events, listen for barge-in and Ctrl-C."""
-        for event in self.pipeline.respond(question, self.history, self._should_stop):
+        for event in events:
+            reply.count(event)
             if isinstance(event, TextDelta):
                 self._show_text(reply, event)
             elif isinstance(event, Units):
                 reply.units += len(event.units)
+                self.buffer.on_units(event.t, len(event.units))
             elif isinstance(event, AudioChunk):
                 if not reply.interrupted and event.audio.size:
                     self._queue_audio(reply, event)
             elif isinstance(event, Done):
                 reply.take_done(event)
+            if not reply.interrupted:
+                self._play(reply, self.buffer.take())
             self._listen_while_replying(reply, timeout=0.0)
             self._check_sound(reply)
             if self.stop_requested and not reply.interrupted:
@@ -350,27 +659,35 @@ class ChatSession:
 
     def _show_text(self, reply: ReplyProgress, delta: TextDelta) -> None:
         if reply.first_text_t is None:
-            reply.first_text_t = delta.t
+            reply.first_text_t = max(delta.t, self.clock())  # shown now: a speculative reply's text waited for the end of the turn
             if self.player is None:
                 self.view.status("replying")
         reply.text += delta.text
         self.view.reply_text(delta.text)
 
     def _queue_audio(self, reply: ReplyProgress, chunk: AudioChunk) -> None:
-        if not reply.chunks and self.player is not None:
-            self.view.status("speaking", "speak to interrupt" if self.settings.barge_in and self.listener is not None else "")
         # The player is opened at the vocoder's rate and resamples to the device as one stream
         # (run_chat); resampling chunk by chunk here would click at every chunk boundary.
         reply.audio_rate = chunk.sample_rate
         reply.chunks.append(chunk.audio)
         if self.player is not None:
-            self.player.play(chunk.audio)
+            self.buffer.push(chunk.audio, chunk.sample_rate)
+
+    def _play(self, reply: ReplyProgress, chunks: list[np.ndarray]) -> None:
+        if not chunks or self.player is None:
+            return
+        if not reply.played:
+            reply.played = True
+            self.view.status("speaking", "speak to interrupt" if self.full_duplex and self.listener is not None else "")
+        for chunk in chunks:
+            self.player.play(chunk)
 
     def _play_out(self, reply: ReplyProgress) -> None:
         """Wait until the reply has been heard, still listening for barge-in; give up on a stuck speaker."""
         player = self.player
         if player is None:
             return
+        self._play(reply, self.buffer.release())
         player.finish()
         deadline = self.clock() + reply.audio_seconds + self.settings.playback_margin_s
         while player.playing:
@@ -389,9 +706,9 @@ class ChatSession:
                 self._drop_stuck_speaker(reply)
                 return
         # The last block is still in the device buffer for its latency.
-        if reply.chunks and player.output_latency > 0:
+        if reply.played and player.output_latency > 0:
             time.sleep(player.output_latency)
-        if not self.settings.barge_in:
+        if not self.full_duplex:
             self._listen_while_replying(reply, timeout=0.0)
 
     def _check_sound(self, reply: ReplyProgress | None = None) -> bool:
@@ -407,7 +724,7 @@ class ChatSession:
         return True
 
     def _drop_stuck_speaker(self, reply: ReplyProgress, why: str = "the speaker stopped taking audio (unplugged or busy?)") -> None:
-        self._stop_player()
+        self._stop_player(reply)
         self.view.error(f"{why}; replies continue as text only.")
         self.recorder.event("error", turn=reply.turn, message=f"{why}; continuing without sound")
         self.player = None
@@ -416,9 +733,14 @@ class ChatSession:
         """Drain the mic queue during a reply: detect barge-in, or (half-duplex) drop what was heard."""
         if self.listener is None:
             return
-        if not self.settings.barge_in:
+        if not self.full_duplex:
             self.listener.drop_heard(timeout)
-        elif not reply.interrupted:
+            return
+        if not self._full_duplex_said and self.settings.barge_in is None:
+            self._full_duplex_said = True
+            self.view.note("echo cancellation is on: speak over omni to interrupt it.")
+            self.recorder.event("full_duplex", turn=reply.turn, erle_db=self._erle())
+        if not reply.interrupted:
             start = self.listener.speech_start(timeout)
             if start is not None:
                 self._barge_in(reply, start)
@@ -426,56 +748,90 @@ class ChatSession:
     def _barge_in(self, reply: ReplyProgress, event: SpeechStart) -> None:
         detected = self.clock()
         self._interrupt(reply)
-        stopped = self.clock()
+        silent = self.player.silent_time() if self.player is not None and reply.played else None
+        stopped = silent if silent is not None else self.clock()
         reply.barge_in_t = detected
+        assert self.listener is not None
+        onset = self.listener.clock_of(event.t)
+        went_on = reply.voiced_end_stream_t is not None and (event.t - reply.voiced_end_stream_t) * 1000 <= self.settings.rejoin_ms
+        if went_on:
+            reply.withdrawn_at = event.t  # the user went on with the question after a long pause
         self.recorder.event(
             "barge_in",
             turn=reply.turn,
+            onset_t=round(onset, 4),
             detected_t=detected,
             stopped_t=stopped,
-            stop_ms=round((stopped - detected) * 1000, 2),
+            detect_ms=round((detected - onset) * 1000, 1),
+            stop_ms=round((stopped - detected) * 1000, 1),
             speech_start_stream_s=event.t,
+            goes_on_with_the_question=reply.withdrawn_at is not None,
         )
-        self.view.status("hearing", "interrupted the reply")
+        self.view.status("hearing", "go on" if reply.withdrawn_at is not None else "interrupted the reply")
 
     def _interrupt(self, reply: ReplyProgress) -> None:
         """Cut playback now and make generation stop at its next token."""
         reply.interrupted = True
         reply.stopped = "interrupted"
-        self._stop_player()
+        self._stop_player(reply)
 
     def _fail(self, reply: ReplyProgress, exc: Exception) -> None:
         """A fault inside the model or a device: one line on screen and in the transcript; the session goes on."""
         reply.error = one_line(exc)
         reply.stopped = "error"
-        self._stop_player()
+        self._stop_player(reply)
         self.view.error(f"turn failed: {reply.error}")
         self.recorder.event("error", turn=reply.turn, message=reply.error)
 
-    def _stop_player(self) -> None:
-        if self.player is not None:
-            self.player.stop()
+    def _stop_player(self, reply: ReplyProgress | None = None) -> None:
+        """Cut playback; for `reply`, note first what of it was heard."""
+        if self.player is None:
+            return
+        if reply is not None and reply.played:
+            self._note_heard(reply, cut=True)
+        self.player.stop()
+
+    def _note_heard(self, reply: ReplyProgress, cut: bool) -> None:
+        """When this reply was first heard, and (when `cut`) how much of it, while the player still knows."""
+        player = self.player
+        if player is None or not reply.played:
+            return
+        if reply.first_audio_t is None and player.first_audio_time is not None:
+            reply.first_audio_t = player.first_audio_time + player.output_latency
+        if cut and reply.heard_seconds is None:
+            reply.heard_seconds = round(min(player.heard_seconds, reply.audio_seconds), 3)
+
+    def _erle(self) -> float | None:
+        erle = self.echo.erle_db if self.echo is not None else None
+        return None if erle is None else round(erle, 1)
 
     def _finish(self, question: np.ndarray | str, reply: ReplyProgress) -> None:
         """Save the reply (text, WAV, timings), show its summary, and keep it in the history."""
-        first_audio_t = self.player.first_audio_time if self.player is not None and reply.chunks else None
-        if first_audio_t is not None and first_audio_t < reply.heard_t:
-            first_audio_t = None  # left over from an earlier reply: this one was never heard
+        self._note_heard(reply, cut=False)
+        audio = np.concatenate(reply.chunks) if reply.chunks else None
+        if audio is not None and reply.heard_seconds is not None:
+            audio = audio[: int(round(reply.heard_seconds * reply.audio_rate))]  # only what was heard
         record = ReplyRecord(
             turn=reply.turn,
             text=reply.text,
             tokens=reply.tokens,
             units=reply.units,
             stopped=reply.stopped or "interrupted",
-            first_text_ms=milliseconds_since(reply.heard_t, reply.first_text_t),
-            first_audio_t=first_audio_t,
-            latency_ms=milliseconds_since(reply.heard_t, first_audio_t),
+            heard_seconds=reply.heard_seconds,
+            first_text_ms=milliseconds_since(reply.speech_end_t, reply.first_text_t),
+            first_audio_t=None if reply.first_audio_t is None else round(reply.first_audio_t, 4),
+            latency_ms=milliseconds_since(reply.speech_end_t, reply.first_audio_t),
+            speculative=reply.speculative or None,
             barge_in_t=reply.barge_in_t,
+            withdrawn=reply.withdrawn_at is not None or None,
+            echo_erle_db=self._erle() if reply.played else None,
             error=reply.error,
         )
-        audio = np.concatenate(reply.chunks) if reply.chunks else None
         self.view.reply_end(reply_summary(self.recorder.reply(record, audio, reply.audio_rate)))
-        if reply.error is None and reply.text:
+        if reply.withdrawn_at is not None and not isinstance(question, str):
+            # Not an answer to anything: the next turn asks this question again, with its rest.
+            self._continued = ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at)
+        elif reply.error is None and reply.text:
             user_text = question if isinstance(question, str) else None
             self.history.append(HistoryTurn(user_speech=reply.user_speech, user_text=user_text, reply=reply.text))
 
@@ -487,7 +843,9 @@ def reply_summary(record: ReplyRecord) -> str:
         summary.insert(0, f"first audio {record.latency_ms:.0f} ms after you stopped")
     elif record.first_text_ms is not None:
         summary.insert(0, f"first text {record.first_text_ms:.0f} ms")
-    if record.stopped != "eos":
+    if record.withdrawn:
+        summary.append("withdrawn: you went on speaking")
+    elif record.stopped != "eos":
         summary.append(record.stopped)
     return ", ".join(summary)
 
@@ -524,11 +882,13 @@ def run_chat(
 ) -> int:
     """Open the devices, run the conversation until Ctrl-C (or end of typed input), save it; returns the exit code.
 
-    A speaker that cannot be opened leaves replies as text; a microphone that cannot be opened
-    is an AudioInputError (raised, nothing recorded yet). A microphone lost mid-session, or the
-    sound server gone (noticed within about a second), ends the session (exit code 1) unless
-    stdin is a terminal, where the session goes on with typed questions. `native_log`, when
-    given, moves into the session folder once it exists.
+    With a microphone and a speaker, the microphone goes through the echo canceller (unless
+    `--no-aec` or `--half-duplex`; where it cannot load, one line says so and the session is
+    half-duplex). A speaker that cannot be opened leaves replies as text; a microphone that
+    cannot be opened is an AudioInputError (raised, nothing recorded yet). A microphone lost
+    mid-session, or the sound server gone (noticed within about a second), ends the session
+    (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
+    `native_log`, when given, moves into the session folder once it exists.
     """
     from omni_cli.audio.mic import Microphone
     from omni_cli.audio.vad import EndpointerConfig
@@ -536,10 +896,17 @@ def run_chat(
     from omni_cli.terminal import NATIVE_LOG_NAME
 
     read_line = read_line or (lambda: view.prompt("you> "))
-    vad_config = EndpointerConfig(hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness)
+    speculate = not options.text and 0 < options.speculate_ms < options.hangover_ms
+    vad_config = EndpointerConfig(
+        hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness, pause_ms=options.speculate_ms if speculate else 0
+    )
+    canceller = _echo_canceller(options, pipeline.sample_rate, view)
+    # Without a canceller "auto" is half-duplex; --barge-in (a headset) listens regardless.
+    barge_in = options.barge_in if canceller is not None or options.barge_in else False
     mic: Microphone | None = None
     if not options.text:
-        mic = Microphone(device=options.input_device, frame_ms=vad_config.frame_ms, sample_rate=vad_config.sample_rate).start()
+        clean = canceller.process if canceller is not None else None
+        mic = Microphone(device=options.input_device, frame_ms=vad_config.frame_ms, sample_rate=vad_config.sample_rate, clean=clean).start()
     recorder: SessionRecorder | None = None
     player: Player | None = None
     saved = ""
@@ -547,25 +914,36 @@ def run_chat(
         recorder = SessionRecorder(options.session_dir)
         if native_log is not None:
             native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
-        player = _open_speaker(pipeline.sample_rate, options.output_device, view)
+        player = _open_speaker(pipeline.sample_rate, options.output_device, view, canceller)
+        if canceller is not None and mic is not None and player is not None:
+            canceller.set_delay_ms((player.output_latency + mic.input_latency) * 1000)
         endpointer = Endpointer(vad_config) if mic is not None else None
-        settings = ChatSettings(barge_in=options.barge_in)
-        session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings)
+        if endpointer is not None and endpointer.model_problem:
+            view.note(f"{endpointer.model_problem} Noise may start turns.")
+        settings = ChatSettings(barge_in=barge_in, speculate=speculate)
+        session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings, echo=canceller)
         if mic is not None or player is not None:
             session.sound_problem = SoundWatch(mic, player).problem
         recorder.event(
             "session",
             mode="text" if mic is None else "voice",
-            barge_in=options.barge_in,
+            barge_in="auto" if barge_in is None else barge_in,
+            echo_cancellation=canceller is not None,
+            echo_delay_ms=None if canceller is None else canceller.delay_ms,
+            hangover_ms=options.hangover_ms,
+            speculate_ms=options.speculate_ms if speculate else 0,
             microphone=None if mic is None else mic.device_name,
             microphone_rate=None if mic is None else mic.device_rate,
             speaker=None if player is None else player.device_name,
             speaker_rate=None if player is None else player.device_rate,
+            speaker_latency_ms=None if player is None else round(player.output_latency * 1000, 1),
         )
         view.note(f"saving this session to {options.session_dir}/")
+        if barge_in is None:
+            view.note("half-duplex until the echo canceller has learnt the room (a few seconds of omni speaking); then speak over omni to interrupt it.")
         view.start()
         with sigint_ends_session(session):
-            code = _converse(session, read_line, mic, player)
+            code = _converse(session, read_line, mic, player, canceller)
         view.stop()
         saved = f"session saved: {recorder.transcript_path} ({session.turns} turns)"
         return code
@@ -578,21 +956,42 @@ def run_chat(
             view.note(saved)
 
 
-def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView) -> Player | None:
-    """The player at the reply audio's rate; None (replies as text, said on screen) without a vocoder or a speaker."""
+def _echo_canceller(options: ChatOptions, sample_rate: int | None, view: ChatView) -> EchoCanceller | None:
+    """The session's echo canceller: only when omni both listens and speaks, and it was not turned off.
+
+    Where it cannot run, one line says so and the session is half-duplex (unless --barge-in).
+    """
+    from omni_cli.audio.echo import EchoCanceller, EchoUnavailable
+
+    if options.text or sample_rate is None or not options.echo_cancellation or options.barge_in is False:
+        return None
+    try:
+        return EchoCanceller()
+    except EchoUnavailable as exc:
+        fallback = "" if options.barge_in else " Half-duplex: omni will not hear you while it speaks (with headphones, --barge-in)."
+        view.note(f"{exc}{fallback}")
+        return None
+
+
+def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView, canceller: EchoCanceller | None) -> Player | None:
+    """The player at the reply audio's rate, telling the echo canceller what it plays; None (replies
+    as text, said on screen) without a vocoder or a speaker."""
     from omni_cli.audio.player import Player
 
     if sample_rate is None:
         view.note("no --vocoder: replies are text only.")
         return None
+    on_render = canceller.play_reference if canceller is not None else None
     try:
-        return Player(device=device, sample_rate=sample_rate).start()
+        return Player(device=device, sample_rate=sample_rate, on_render=on_render).start()
     except AudioInputError as exc:
         view.error(f"{exc} Replies will be text only.")
         return None
 
 
-def _converse(session: ChatSession, read_line: Callable[[], str | None], mic: Microphone | None, player: Player | None) -> int:
+def _converse(
+    session: ChatSession, read_line: Callable[[], str | None], mic: Microphone | None, player: Player | None, canceller: EchoCanceller | None
+) -> int:
     """Run the session until it ends, then record the end with the devices' counters; returns the exit code."""
     from omni_cli.audio.watch import SoundWatch
 
@@ -619,11 +1018,13 @@ def _converse(session: ChatSession, read_line: Callable[[], str | None], mic: Mi
     finally:
         if session.stop_requested:
             reason = "ctrl-c"
-        counters: dict[str, int] = {}
+        counters: dict[str, Any] = {}
         if mic is not None:
             counters.update(mic_overflows=mic.overflows, mic_dropped_frames=mic.dropped_frames)
         if player is not None:
             counters.update(speaker_underruns=player.underruns, speaker_xruns=player.xruns)
+        if canceller is not None:
+            counters.update(echo_far_s=round(canceller.far_active_s, 1), echo_converged=canceller.converged)
         session.close(reason, **counters)
     return code
 

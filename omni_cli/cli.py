@@ -264,19 +264,37 @@ def chat_cmd(
     output_device: Annotated[Optional[str], typer.Option("--output-device", help="Speaker: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
     text: Annotated[bool, typer.Option("--text", help="Type questions instead of speaking (replies are still spoken with --vocoder).")] = False,
     barge_in: Annotated[
-        bool,
+        Optional[bool],
         typer.Option(
-            "--barge-in/--no-barge-in",
-            help="Speaking over a reply stops it and starts your next turn. Off by default (half-duplex): without "
-            "headphones or echo cancellation the microphone hears the reply and would interrupt it.",
+            "--barge-in/--half-duplex",
+            help="Speaking over a reply stops it and starts your next turn. Default: on once the echo canceller has "
+            "learnt the room (the first few seconds of omni speaking are half-duplex); --barge-in: always (headphones); "
+            "--half-duplex: never (what the microphone hears while omni speaks is ignored; no echo canceller).",
+            show_default=False,
         ),
     ] = ChatOptions.barge_in,
+    aec: Annotated[
+        bool,
+        typer.Option(
+            "--aec/--no-aec",
+            help="Echo cancellation (WebRTC AEC3): remove omni's own voice from the microphone, so you can interrupt it "
+            "on open speakers. --no-aec: half-duplex unless --barge-in.",
+        ),
+    ] = ChatOptions.echo_cancellation,
     session_dir: Annotated[Optional[Path], typer.Option("--session-dir", help="Where the transcript.jsonl and turn WAVs go. Default: ./omni-sessions/<timestamp>.")] = None,
     max_new_tokens: MaxNewTokensOpt = _SAMPLING.max_new_tokens,
     temperature: TemperatureOpt = _SAMPLING.temperature,
     chunk_units: ChunkUnitsOpt = _STREAMING.chunk_units,
     first_chunk_units: Annotated[int, typer.Option(min=1, help="Units in the first chunk: smaller = first sound sooner.")] = CHAT_FIRST_CHUNK_UNITS,
     hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = ChatOptions.hangover_ms,
+    speculate_ms: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Start preparing the reply after this much silence, while --hangover-ms runs; it is played only if your "
+            "turn ends there and dropped if you speak on. 0: wait for the end of the turn.",
+        ),
+    ] = ChatOptions.speculate_ms,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = ChatOptions.vad_aggressiveness,
     context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = _STREAMING.context_budget,
     decode_steps: DecodeStepsOpt = DecodeSteps(_STREAMING.decode_steps),
@@ -290,6 +308,7 @@ def chat_cmd(
     Examples:\n
       omni chat --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --vocoder ./vocoder\n
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --barge-in --input-device "USB Headset"\n
+      omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --half-duplex\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
     global _exit_fast
@@ -310,9 +329,11 @@ def chat_cmd(
                 session_dir=session_dir or default_session_dir(),
                 text=text,
                 barge_in=barge_in,
+                echo_cancellation=aec,
                 input_device=input_device,
                 output_device=output_device,
                 hangover_ms=hangover_ms,
+                speculate_ms=speculate_ms,
                 vad_aggressiveness=vad_aggressiveness,
             )
             preflight(options)  # torch-free: a wrong device is one line within 2 s

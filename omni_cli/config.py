@@ -319,10 +319,18 @@ class ChatOptions:
 
     session_dir: Path
     text: bool = False
-    barge_in: bool = False
+    # None: full duplex (speaking over a reply interrupts it) once the echo canceller has
+    # converged, half-duplex without one; True: always (a headset); False: never.
+    barge_in: bool | None = None
+    echo_cancellation: bool = True
     input_device: str | None = None
     output_device: str | None = None
-    hangover_ms: int = 600
+    # 500: the shortest hang-over that cut no question at a 400 ms mid-sentence pause
+    # (benchmarks/turn_taking.py); the reply is prepared during it (speculate_ms).
+    hangover_ms: int = 500
+    # Start the reply (encode, prefill, generate) after this much silence, while the hang-over
+    # runs; it is heard only if the turn ends there, and dropped if you speak on. 0: off.
+    speculate_ms: int = 150
     vad_aggressiveness: int = 2
 
 

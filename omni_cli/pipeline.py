@@ -89,6 +89,7 @@ class TextDelta:
     text: str
     t: float
     llm_ms: float | None = None  # the LLM step (the prefill for the first token) that completed this text
+    tokens: int = 0  # LLM tokens generated so far, this one included
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class Units:
     units: list[int]
     t: float
     decoder_ms: float | None = None  # the speech decoder step that emitted them
+    tokens: int = 0  # LLM tokens generated so far
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,11 @@ class SpeechToSpeech:
     def sample_rate(self) -> int | None:
         """The rate of the reply audio (the vocoder's); None when replies are text only."""
         return None if self.vocoder is None else int(self.vocoder.config.sampling_rate)
+
+    @property
+    def chunk_units(self) -> int:
+        """Units per audio chunk after the first (Ω): what the player must bridge between chunks."""
+        return self.streaming.chunk_units
 
     @property
     def context_budget(self) -> int:
@@ -399,7 +406,7 @@ class SpeechToSpeech:
                 break
         tail = state.detok.finish()  # text the clean-up held back until the reply ended
         if tail:
-            yield TextDelta(tail, time.monotonic())
+            yield TextDelta(tail, time.monotonic(), tokens=state.tokens)
         if state.vocoder_stream is not None and stopped != "interrupted":
             # The vocoder stream holds back the tail of each chunk to re-render it against the
             # next units; at the end of the reply that tail comes out with the last units.
@@ -413,7 +420,7 @@ class SpeechToSpeech:
         if not tok.is_stop:
             delta = state.detok.push(tok.token_id)
             if delta:
-                yield TextDelta(delta, time.monotonic(), llm_ms)
+                yield TextDelta(delta, time.monotonic(), llm_ms, state.tokens)
         if state.unit_stream is None:
             return
         new, decoder_ms = self.clock.timed(state.unit_stream.step, tok.hidden)
@@ -421,7 +428,7 @@ class SpeechToSpeech:
         if new:
             state.pending.extend(new)
             state.units.extend(new)
-            yield Units(list(new), time.monotonic(), decoder_ms)
+            yield Units(list(new), time.monotonic(), decoder_ms, state.tokens)
         cfg = self.streaming
         threshold = cfg.chunk_units if state.chunks else (cfg.first_chunk_units or cfg.chunk_units)
         if len(state.pending) >= threshold:

@@ -1,8 +1,11 @@
 """A chat session on disk: transcript.jsonl and the turns' WAVs, written as they happen.
 
 One folder per session. Each line of transcript.jsonl is one JSON object {"type": ..., "time":
-..., ...}: "session" (devices), "listening", "user" and "assistant" (one per turn, see
-`UserRecord` and `ReplyRecord`), "barge_in", "error" and "end". Times named `*_t` are
+..., ...}: "session" (devices, echo cancellation, turn-taking settings), "listening", "user"
+and "assistant" (one per turn, see `UserRecord` and `ReplyRecord`), "barge_in", "full_duplex"
+(barge-in turned on once the echo canceller converged), "speculative_reply_dropped" (a reply
+started at a pause, thrown away as the user spoke on), "long_speech" (a question passed a 30 s
+window), "error" and "end". Times named `*_t` are
 time.monotonic() seconds (the clock the audio and pipeline events use); `time` is the wall
 clock for people.
 """
@@ -58,9 +61,13 @@ class UserRecord(TurnRecord):
     kind: ClassVar[str] = "user"
     turn: int
     end_t: float  # when the user's turn ended: the endpoint decision, or Enter for typed text
+    speech_end_t: float | None = None  # spoken: the end of the last voiced frame (the true end of speech)
+    end_of_turn_ms: float | None = None  # spoken: from speech_end_t to the endpoint decision (the hang-over)
     text: str | None = None
     wav: str | None = None
     seconds: float | None = None
+    windows: int | None = None  # a question longer than the model's 30 s window: how many it spans
+    continues: int | None = None  # this question goes on with that turn's (whose reply was withdrawn); the WAV holds both
 
 
 @dataclass(frozen=True)
@@ -74,11 +81,15 @@ class ReplyRecord(TurnRecord):
     units: int
     stopped: str
     wav: str | None = None
-    audio_seconds: float | None = None
-    first_text_ms: float | None = None  # from the end of the user's turn
-    first_audio_t: float | None = None  # when the player handed this reply's first audio to the device
-    latency_ms: float | None = None  # from the end of the user's turn to first_audio_t
+    audio_seconds: float | None = None  # the WAV's length: what was heard, for a reply cut short
+    heard_seconds: float | None = None  # a reply cut short (barge-in, Ctrl-C, a fault): how much of it was played
+    first_text_ms: float | None = None  # from the end of the user's speech (or Enter) to the first text on screen
+    first_audio_t: float | None = None  # when the reply's first sample came out of the speaker (handed to the device + its latency)
+    latency_ms: float | None = None  # from the end of the user's speech (or Enter) to first_audio_t: what the user waited
+    speculative: bool | None = None  # started at a pause in the user's speech, before the turn was over
     barge_in_t: float | None = None
+    withdrawn: bool | None = None  # the user went on with the question within ChatSettings.rejoin_ms: not an answer
+    echo_erle_db: float | None = None  # the echo canceller's echo removal over the last ~1 s of reply
     error: str | None = None
 
 
@@ -109,13 +120,14 @@ class SessionRecorder:
         os.fsync(self._file.fileno())
         return record
 
-    def question(self, turn: int, end_t: float, question: np.ndarray | str) -> None:
-        """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length."""
+    def question(self, turn: int, end_t: float, question: np.ndarray | str, **timings: Any) -> None:
+        """The "user" line: typed text, or 16 kHz speech saved as turn-NNN-user.wav with its length;
+        `timings`: UserRecord's speech_end_t, end_of_turn_ms, windows, continues."""
         if isinstance(question, str):
-            record = UserRecord(turn, end_t, text=question)
+            record = UserRecord(turn, end_t, text=question, **timings)
         else:
             wav = self.save_audio(turn, "user", question, SAMPLE_RATE)
-            record = UserRecord(turn, end_t, wav=wav, seconds=round(question.size / SAMPLE_RATE, 3))
+            record = UserRecord(turn, end_t, wav=wav, seconds=round(question.size / SAMPLE_RATE, 3), **timings)
         self.event(record.kind, **record.fields())
 
     def reply(self, record: ReplyRecord, audio: np.ndarray | None, rate: int) -> ReplyRecord:

@@ -76,8 +76,8 @@ class SoundServer:
             stderr=subprocess.PIPE,
         )
 
-    def record_output(self, path: str | Path, rate: int = 16000, ready_timeout: float = 5.0) -> subprocess.Popen[bytes]:
-        """Record what is played to the default sink into a mono float WAV at `rate`.
+    def record_output(self, path: str | Path, rate: int = 16000, ready_timeout: float = 5.0, sink: str = OUT_SINK) -> subprocess.Popen[bytes]:
+        """Record what is played to `sink` (default: the speaker; MIC_SINK: what the microphone hears) into a mono float WAV at `rate`.
 
         Returns once the recorder is really receiving audio (the file grows), so nothing played
         afterwards is missed. Stop with `stop_recording(process)` so the WAV header is finalised.
@@ -85,7 +85,7 @@ class SoundServer:
         process = subprocess.Popen(
             [
                 "parecord",
-                f"--device={OUT_SINK}.monitor",
+                f"--device={sink}.monitor",
                 f"--rate={rate}",
                 "--channels=1",
                 "--format=float32le",

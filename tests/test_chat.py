@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -79,12 +80,12 @@ class FakePipeline:
                 raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
             word = f"w{call}.{i} "
             words.append(word)
-            yield TextDelta(word, 0.0)
-            yield Units([i % 1000], 0.0)
+            yield TextDelta(word, time.monotonic(), tokens=n)
+            yield Units([i % 1000], time.monotonic(), tokens=n)
             if (i + 1) % self.chunk_every == 0:
                 chunk = np.full(160, 0.1 * (call + 1), np.float32)
                 self.chunks_yielded.append(chunk)
-                yield AudioChunk(chunk, 0.0, i // self.chunk_every, RATE)
+                yield AudioChunk(chunk, time.monotonic(), i // self.chunk_every, RATE, tokens=n)
             if self.on_token is not None:
                 self.on_token(call, i)
             if should_stop is not None and should_stop():
@@ -106,6 +107,7 @@ class FakeMic:
         self.on_empty = on_empty
         self.later = deque(later)
         self.cleared = 0
+        self.frame_end_t: float | None = None  # frames count as heard when read
         if audio is not None:
             self.feed(audio)
 
@@ -138,16 +140,25 @@ class FakePlayer:
         self.first_audio_time: float | None = None
         self.stops = 0
         self.finished = False
+        self.burst_samples = 0
         self._remaining = 0
         self._burst = False
 
     def play(self, chunk: np.ndarray) -> None:
-        import time
-
         if not self._burst:
             self._burst, self.first_audio_time = True, time.monotonic()
+            self.burst_samples = 0
         self.played.append(chunk)
+        self.burst_samples += chunk.size
         self._remaining += self.polls_per_chunk
+
+    @property
+    def heard_seconds(self) -> float:
+        """As if the device had played half of what it was given."""
+        return self.burst_samples / 2 / RATE
+
+    def silent_time(self, timeout: float = 0.2) -> float | None:
+        return time.monotonic()
 
     def finish(self) -> None:
         self.finished = True
@@ -179,8 +190,8 @@ def speech(question_wavs: list[Path]) -> np.ndarray:
     return load_audio(question_wavs[0])
 
 
-def endpointer() -> Endpointer:
-    return Endpointer(EndpointerConfig(frame_ms=FRAME_MS, hangover_ms=300))
+def endpointer(**config: object) -> Endpointer:
+    return Endpointer(EndpointerConfig(frame_ms=FRAME_MS, **{"hangover_ms": 300, **config}))
 
 
 def plain_view() -> tuple[ChatView, io.StringIO]:
@@ -192,16 +203,26 @@ def transcript(directory: Path) -> list[dict]:
     return [json.loads(line) for line in (directory / "transcript.jsonl").read_text().splitlines()]
 
 
-def make_session(tmp_path: Path, pipeline: FakePipeline, mic: FakeMic | None, player: FakePlayer | None, barge_in: bool = False) -> tuple[ChatSession, io.StringIO]:
+def make_session(
+    tmp_path: Path,
+    pipeline: FakePipeline,
+    mic: FakeMic | None,
+    player: FakePlayer | None,
+    barge_in: bool | None = False,
+    echo: object = None,
+    endpointing: dict | None = None,
+    **settings: object,
+) -> tuple[ChatSession, io.StringIO]:
     view, out = plain_view()
     session = ChatSession(
         pipeline,
         view,
         SessionRecorder(tmp_path / "session"),
         mic=mic,
-        endpointer=endpointer() if mic is not None else None,
+        endpointer=endpointer(**(endpointing or {})) if mic is not None else None,
         player=player,
-        settings=ChatSettings(barge_in=barge_in, poll_s=0.0, mic_timeout_s=0.2),
+        settings=ChatSettings(barge_in=barge_in, poll_s=0.0, mic_timeout_s=0.2, **settings),
+        echo=echo,
     )
     if mic is not None and mic.on_empty is None:
         # Out of frames while listening = the user pressed Ctrl-C; while replying it is just a quiet moment.
@@ -241,7 +262,7 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert [r["type"] for r in rows] == ["listening", "user", "assistant", "user", "assistant", "end"]
     user, reply = rows[1], rows[2]
     # The lines' keys, in order: what tools reading transcripts rely on.
-    assert list(user) == ["type", "time", "turn", "end_t", "wav", "seconds"]
+    assert list(user) == ["type", "time", "turn", "end_t", "speech_end_t", "end_of_turn_ms", "wav", "seconds"]
     assert list(reply) == ["type", "time", "turn", "text", "tokens", "units", "stopped", "wav", "audio_seconds",
                            "first_text_ms", "first_audio_t", "latency_ms"]
     saved, rate = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
@@ -251,9 +272,12 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert reply["stopped"] == "eos" and reply["audio_seconds"] == pytest.approx(3 * 160 / RATE)
     reply_audio, _ = sf.read(tmp_path / "session" / reply["wav"], dtype="float32")
     np.testing.assert_allclose(reply_audio, np.concatenate(pipeline.chunks_yielded[:3]), atol=1e-4)
-    # Latency is measured from the endpoint decision to the first audio handed to the player.
+    # Latency is measured from the true end of speech (the last voiced frame) to the first audio out;
+    # the end-of-turn decision came one hang-over (300 ms here) after that end.
+    assert 300 <= user["end_of_turn_ms"] <= 300 + 30 + 200
+    assert user["end_t"] - user["speech_end_t"] == pytest.approx(user["end_of_turn_ms"] / 1000, abs=1e-3)
     assert reply["first_audio_t"] >= user["end_t"]
-    assert reply["latency_ms"] == pytest.approx((reply["first_audio_t"] - user["end_t"]) * 1000, abs=0.1)
+    assert reply["latency_ms"] == pytest.approx((reply["first_audio_t"] - user["speech_end_t"]) * 1000, abs=0.1)
     assert rows[-1] == {**rows[-1], "turns": 2, "reason": "ctrl-c"}
     assert "you [1]: (spoken" in out.getvalue() and "w0.5" in out.getvalue()
     assert len(player.played) == 6 and player.finished
@@ -381,7 +405,7 @@ def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, 
 
     def on_token(call: int, i: int) -> None:
         if call == 0 and i == 10:
-            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # the user talks over the reply
+            holder["mic"].feed(np.concatenate([silence(1200), speech, silence(600)]))  # the user talks over the reply
 
     pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
     mic = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
@@ -399,6 +423,12 @@ def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, 
     barge, first_reply, second_user = rows[2], rows[3], rows[4]
     assert barge["turn"] == 1 and barge["detected_t"] <= barge["stopped_t"] and barge["stop_ms"] < 50
     assert first_reply["stopped"] == "interrupted" and first_reply["barge_in_t"] == barge["detected_t"]
+    # The player says how much was heard (half of what it was given, in this fake): the WAV holds that much.
+    heard_s = first_reply["heard_seconds"]
+    assert 0 < heard_s <= first_reply["tokens"] // 2 * 160 / 2 / RATE
+    reply_audio, _ = sf.read(tmp_path / "session" / first_reply["wav"], dtype="float32")
+    assert reply_audio.size == round(heard_s * RATE) and first_reply["audio_seconds"] == pytest.approx(heard_s, abs=1e-3)
+    assert first_reply["tokens"] > 0 and 0 <= barge["detect_ms"] < 1000
     # No audio chunk yielded after the barge-in reached the player.
     chunks_before_stop = first_reply["tokens"] // 2
     assert len(player.played) <= chunks_before_stop + pipeline.played_tokens[1] // 2
@@ -419,7 +449,7 @@ def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.nd
         frame = _read(timeout)
         if frame is None and not fed["done"] and len(pipeline.played_tokens) == 1:
             fed["done"] = True
-            mic.feed(np.concatenate([speech, silence(600)]))
+            mic.feed(np.concatenate([silence(1200), speech, silence(600)]))
             return _read(timeout)
         if frame is None and len(pipeline.calls) == 2 and not session.replying:
             session.request_stop()
@@ -493,15 +523,217 @@ def test_a_microphone_that_stops_delivering_is_reported_and_the_transcript_kept(
     assert isinstance(MicrophoneLost("x"), AudioInputError)
 
 
+class FakeEcho:
+    """Stands in for the echo canceller: converged or not, and the echo removed."""
+
+    def __init__(self, converged: bool) -> None:
+        self.converged = converged
+        self.erle_db: float | None = 41.26 if converged else None
+
+
+def talking_over_the_reply(speech: np.ndarray, at_token: int = 10) -> tuple[dict[str, FakeMic], Callable[[int, int], None]]:
+    holder: dict[str, FakeMic] = {}
+
+    def on_token(call: int, i: int) -> None:
+        if call == 0 and i == at_token:
+            holder["mic"].feed(np.concatenate([silence(1200), speech, silence(600)]))
+
+    return holder, on_token
+
+
+@pytest.mark.parametrize("echo", [None, FakeEcho(converged=False), FakeEcho(converged=True)])
+def test_by_default_barge_in_waits_for_a_converged_echo_canceller(tmp_path: Path, speech: np.ndarray, echo: FakeEcho | None) -> None:
+    holder, on_token = talking_over_the_reply(speech)
+    pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
+    mic = holder["mic"] = FakeMic(np.concatenate([silence(300), speech, silence(600)]))
+    session, out = make_session(tmp_path, pipeline, mic, player, barge_in=None, echo=echo)
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    full_duplex = echo is not None and echo.converged
+    assert any(r["type"] == "barge_in" for r in rows) == full_duplex
+    if full_duplex:
+        assert pipeline.played_tokens[0] < 30 and "speak over omni to interrupt it" in out.getvalue()
+        assert next(r for r in rows if r["type"] == "full_duplex")["erle_db"] == 41.3
+        assert next(r for r in rows if r["type"] == "assistant")["echo_erle_db"] == 41.3
+    else:  # half-duplex: what it heard while speaking was dropped, and the reply ran to its end
+        assert mic.cleared > speech.size // FRAME and pipeline.played_tokens == [200]
+
+
+def test_going_on_with_the_question_right_after_the_turn_ended_withdraws_the_reply(tmp_path: Path, speech: np.ndarray) -> None:
+    """A pause longer than the hang-over ended the turn; 0.6 s after the last word the user goes on."""
+
+    def on_token(call: int, i: int) -> None:
+        if call == 0 and i == 10:
+            holder["mic"].feed(np.concatenate([speech, silence(600)]))  # 300 ms after the end of the turn
+
+    holder: dict[str, FakeMic] = {}
+    pipeline, player = FakePipeline(tokens=200, on_token=on_token), FakePlayer()
+    mic = holder["mic"] = FakeMic(np.concatenate([silence(300), speech, silence(300)]))
+    session, out = make_session(tmp_path, pipeline, mic, player, barge_in=True)
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    kinds = [r["type"] for r in rows]
+    assert kinds == ["listening", "user", "barge_in", "assistant", "user", "assistant", "end"]
+    barge, withdrawn, again = rows[2], rows[3], rows[4]
+    assert barge["goes_on_with_the_question"] is True
+    assert withdrawn["withdrawn"] is True and withdrawn["stopped"] == "interrupted" and "withdrawn" in out.getvalue()
+    # One question, both parts: the second turn's audio starts with the first's, without repeating its end.
+    (first, _), (both, history) = pipeline.calls
+    assert again["continues"] == 1 and history == []  # the withdrawn reply answered nothing: not remembered
+    np.testing.assert_array_equal(both[: first.size], first)
+    assert first.size + speech.size <= both.size <= first.size + speech.size + RATE
+    saved, _ = sf.read(tmp_path / "session" / again["wav"], dtype="float32")
+    assert saved.size == both.size and [h.user_speech for h in session.history] == [FakeSpeech("embeddings-of-call-1")]
+
+
+def paused_speech(speech: np.ndarray, pause_ms: int) -> np.ndarray:
+    """The question, `pause_ms` of silence, and the question again: one turn with a pause in it."""
+    loud = np.flatnonzero(np.abs(speech) > 0.02 * np.abs(speech).max())
+    words = speech[loud[0] : loud[-1] + 1]
+    return np.concatenate([words, silence(pause_ms), words])
+
+
+SPECULATING = {"pause_ms": 150, "hangover_ms": 450}
+
+
+def test_a_reply_started_at_the_pause_where_the_turn_ends_is_the_one_heard(tmp_path: Path, speech: np.ndarray) -> None:
+    started: list[float] = []
+    pipeline, player = FakePipeline(tokens=6), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(900)]))
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing=SPECULATING, speculate=True)
+    real_respond = pipeline.respond
+
+    def respond(audio, history, should_stop=None):  # noqa: ANN001, ANN202 - FakePipeline.respond's signature
+        assert session.listener is not None
+        started.append(session.listener.endpointer.time)  # when the reply was started, in stream time
+        return real_respond(audio, history, should_stop)
+
+    pipeline.respond = respond  # type: ignore[method-assign]
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    user = next(r for r in rows if r["type"] == "user")
+    reply = next(r for r in rows if r["type"] == "assistant")
+    assert reply["speculative"] is True and reply["stopped"] == "eos" and reply["tokens"] == 6
+    # Started 150 ms into the final silence, 300 ms before the end of the turn was decided.
+    assert user["end_of_turn_ms"] >= 450
+    heard, _ = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
+    np.testing.assert_allclose(heard, pipeline.calls[-1][0], atol=1 / 32768 + 1e-6)  # the WAV is what the model heard
+    assert len(player.played) == 3 and all(np.all(c == np.float32(0.1 * len(pipeline.calls))) for c in player.played)
+    assert [r["type"] for r in rows].count("speculative_reply_dropped") == len(pipeline.calls) - 1
+    assert started[-1] < 0.3 + speech.size / RATE + 0.45
+
+
+def test_speaking_on_after_a_pause_drops_the_early_reply_and_keeps_one_turn(tmp_path: Path, speech: np.ndarray) -> None:
+    question = paused_speech(speech, 250)  # + the soft end of the words: ~350 ms without voice, under the hang-over
+    pipeline, player = FakePipeline(tokens=6), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), question, silence(900)]))
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing=SPECULATING, speculate=True)
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    kinds = [r["type"] for r in rows]
+    assert kinds.count("user") == 1 and kinds.count("assistant") == 1  # the pause did not end the turn
+    assert kinds.count("speculative_reply_dropped") >= 1 and rows[-1]["speculative_replies_dropped"] == kinds.count("speculative_reply_dropped")
+    assert kinds.index("speculative_reply_dropped") < kinds.index("user")
+    user = rows[kinds.index("user")]
+    assert user["seconds"] >= question.size / RATE  # both halves, as one question
+    # Only the last reply was played: the dropped ones never reached the speaker.
+    last = np.float32(0.1 * len(pipeline.calls))
+    assert player.played and all(np.all(c == last) for c in player.played)
+
+
+def test_speech_longer_than_the_models_window_is_one_question(tmp_path: Path, speech: np.ndarray) -> None:
+    long = np.concatenate([speech, speech])  # ~4.5 s, windows of 2 s here
+    pipeline, player = FakePipeline(tokens=2), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), long, silence(600)]))
+    session, out = make_session(tmp_path, pipeline, mic, player, endpointing={"max_utterance_s": 2.0})
+    session.run_voice()
+    session.close("ctrl-c")
+    rows = transcript(tmp_path / "session")
+    kinds = [r["type"] for r in rows]
+    assert kinds.count("user") == 1 and kinds.count("long_speech") >= 2, kinds
+    user = rows[kinds.index("user")]
+    assert user["windows"] == kinds.count("long_speech") + 1
+    (asked, _), = pipeline.calls
+    assert long.size <= asked.size < long.size + RATE and user["seconds"] == pytest.approx(asked.size / RATE, abs=1e-3)
+    assert "still listening: your turn passed 2 s" in out.getvalue()
+
+
+def test_a_window_cut_at_the_end_of_speech_is_answered_after_the_hangover(tmp_path: Path, speech: np.ndarray) -> None:
+    pipeline, player = FakePipeline(tokens=2), FakePlayer()
+    mic = FakeMic(np.concatenate([silence(300), speech, silence(900)]))
+    # The utterance (300 ms pre-roll + the speech) is longer than the window but shorter than two.
+    window_s = round((speech.size / RATE + 0.3) / 2 + 0.5, 1)
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing={"max_utterance_s": window_s})
+    session.run_voice()
+    session.close("ctrl-c")
+    kinds = [r["type"] for r in transcript(tmp_path / "session")]
+    assert kinds.count("user") == 1 and kinds.count("assistant") == 1
+    (asked, _), = pipeline.calls
+    assert asked.size >= speech.size
+
+
+def test_a_second_ctrl_c_keeps_the_tokens_with_the_text(tmp_path: Path) -> None:
+    def on_token(call: int, i: int) -> None:
+        if i == 4:
+            raise KeyboardInterrupt  # the second Ctrl-C's handler raises inside generation
+
+    session, _ = make_session(tmp_path, FakePipeline(tokens=50, on_token=on_token), mic=None, player=FakePlayer())
+    session.run_text(lambda: "a question")
+    session.close("ctrl-c")
+    reply = next(r for r in transcript(tmp_path / "session") if r["type"] == "assistant")
+    assert reply["stopped"] == "interrupted" and reply["text"].startswith("w0.0 ") and reply["tokens"] == 5
+    assert "heard_seconds" in reply
+
+
+def test_a_reply_cut_by_a_stuck_speaker_keeps_its_latency_and_what_was_heard(tmp_path: Path) -> None:
+    player = FakePlayer(polls_per_chunk=10**6)  # takes the audio, never finishes playing it
+    session, out = make_session(tmp_path, FakePipeline(tokens=4), mic=None, player=player, playback_margin_s=0.05)
+    lines = iter(["a question", None])
+    session.run_text(lambda: next(lines))
+    session.close("end of input")
+    rows = transcript(tmp_path / "session")
+    reply = next(r for r in rows if r["type"] == "assistant")
+    assert "speaker stopped taking audio" in out.getvalue() and session.player is None
+    assert reply["latency_ms"] is not None and reply["latency_ms"] >= 0
+    assert reply["heard_seconds"] == pytest.approx(2 * 160 / 2 / RATE)
+
+
 # -- the commands -------------------------------------------------------------------------------
 
 
 def test_chat_help_documents_modes_and_ctrl_c() -> None:
     result = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for option in ("--text", "--barge-in", "--no-barge-in", "--session-dir", "--input-device", "--first-chunk-units", "--context-budget"):
+    for option in ("--text", "--barge-in", "--half-duplex", "--no-aec", "--speculate-ms", "--hangover-ms", "--session-dir", "--input-device", "--first-chunk-units", "--context-budget"):
         assert option in result.output
     assert "Ctrl-C ends the session" in result.output and "Examples" in result.output
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], {"barge_in": None, "echo_cancellation": True, "hangover_ms": 500, "speculate_ms": 150}),
+        (["--half-duplex"], {"barge_in": False, "echo_cancellation": True}),
+        (["--no-aec"], {"barge_in": None, "echo_cancellation": False}),
+        (["--barge-in", "--speculate-ms", "0", "--hangover-ms", "700"], {"barge_in": True, "speculate_ms": 0, "hangover_ms": 700}),
+    ],
+)
+def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
+    import omni_cli.chat as chat_module
+    import omni_cli.cli as cli_module
+
+    seen = []
+    monkeypatch.setattr(chat_module, "preflight", lambda options: None)
+    monkeypatch.setattr(cli_module, "load_pipeline", lambda *args, **kwargs: "pipeline")
+    monkeypatch.setattr(chat_module, "run_chat", lambda pipeline, options, view, *rest, **kw: seen.append(options) or 0)
+    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--session-dir", str(tmp_path / "s"), *flags])
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert {key: getattr(options, key) for key in expected} == expected
 
 
 def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -578,8 +810,10 @@ class ScriptedMicrophone:
     instances: list[ScriptedMicrophone] = []
     audio: np.ndarray = np.zeros(0, np.float32)
 
-    def __init__(self, device: str | None = None, frame_ms: int = FRAME_MS, sample_rate: int = RATE) -> None:
+    def __init__(self, device: str | None = None, frame_ms: int = FRAME_MS, sample_rate: int = RATE, clean: object = None) -> None:
         self.frames = deque(frames(self.audio, sample_rate, frame_ms))
+        self.frame_end_t: float | None = None
+        self.input_latency = 0.0
         self.device_name, self.device_rate = "scripted", sample_rate
         self.overflows, self.dropped_frames = 0, 0
         self.active, self.last_callback = True, None  # a running stream, as the sound watch sees it
@@ -597,6 +831,80 @@ class ScriptedMicrophone:
 
     def close(self) -> None:
         self.closed = True
+
+
+class DevicePlayer(FakePlayer):
+    """Stands in for omni_cli.audio.player.Player inside run_chat."""
+
+    instances: list[DevicePlayer] = []
+    output_latency = 0.02
+
+    def __init__(self, device: str | None = None, sample_rate: int = RATE, on_render: Callable[[np.ndarray, int], None] | None = None) -> None:
+        super().__init__()
+        self.on_render = on_render
+        self.device_name, self.device_rate, self.underruns, self.xruns = "speaker", sample_rate, 0, 0
+        DevicePlayer.instances.append(self)
+
+    def start(self) -> DevicePlayer:
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("echo_loads", [True, False])
+def test_run_chat_wires_the_echo_canceller_or_says_why_it_is_half_duplex(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, speech: np.ndarray, echo_loads: bool
+) -> None:
+    import functools
+
+    import omni_cli.audio.echo as echo
+    import omni_cli.audio.mic as mic_module
+    import omni_cli.audio.player as player_module
+    import omni_cli.chat as chat_module
+    from omni_cli.chat import run_chat
+    from omni_cli.config import ChatOptions
+
+    made: list[echo.EchoCanceller] = []
+    real = echo.EchoCanceller
+
+    def canceller() -> echo.EchoCanceller:
+        if not echo_loads:
+            raise echo.EchoUnavailable("echo cancellation unavailable: the livekit package is not installed (pip install livekit).")
+        made.append(real())
+        return made[-1]
+
+    class Mic(ScriptedMicrophone):
+        def __init__(self, *args: object, clean: object = None, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.cleaned_by = clean
+            self.input_latency = 0.03
+
+    ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])
+    ScriptedMicrophone.instances, DevicePlayer.instances = [], []
+    monkeypatch.setattr(echo, "EchoCanceller", canceller)
+    monkeypatch.setattr(mic_module, "Microphone", Mic)
+    monkeypatch.setattr(player_module, "Player", DevicePlayer)
+    monkeypatch.setattr(chat_module, "ChatSettings", functools.partial(ChatSettings, mic_timeout_s=0.3, poll_s=0.01))
+    monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: False)
+    pipeline = FakePipeline(tokens=2)
+    pipeline.sample_rate = RATE
+    view, out = plain_view()
+    run_chat(pipeline, ChatOptions(session_dir=tmp_path / "s", hangover_ms=300), view)
+
+    session = transcript(tmp_path / "s")[0]
+    (mic,), (player,) = ScriptedMicrophone.instances, DevicePlayer.instances
+    if echo_loads:
+        (used,) = made
+        assert session["echo_cancellation"] is True and session["barge_in"] == "auto" and session["echo_delay_ms"] == 50
+        assert mic.cleaned_by == used.process and player.on_render == used.play_reference  # the mic cleaned, the speaker its reference
+        assert "half-duplex until the echo canceller has learnt the room" in out.getvalue()
+    else:
+        assert session["echo_cancellation"] is False and session["barge_in"] is False
+        assert mic.cleaned_by is None and player.on_render is None
+        said = " ".join(out.getvalue().split())  # the console wraps at 120 columns
+        assert said.count("echo cancellation unavailable") == 1
+        assert "(pip install livekit). Half-duplex: omni will not hear you while it speaks (with headphones, --barge-in)." in said
 
 
 @pytest.mark.parametrize("terminal", [False, True])

@@ -34,7 +34,9 @@ FrameFilter = Callable[[np.ndarray], np.ndarray]
 class Microphone:
     """Capture from an input device as float32 frames of `frame_ms` at `sample_rate` (mono).
 
-    Use as a context manager; `read()` returns the next frame or None on timeout.
+    Use as a context manager; `read()` returns the next frame or None on timeout, and sets
+    `frame_end_t`: time.monotonic() when that frame's last sample reached the microphone
+    (its callback's time less the input latency), so stream times can be put on the clock.
     `device` is an index, a (partial) device name, or None for the system default.
     `device_rate` forces the rate the device is opened at (normally chosen automatically).
     Overflows (the device or our queue could not keep up) are counted, never raised.
@@ -61,7 +63,8 @@ class Microphone:
         self.device_name = "default"
         self.overflows = 0  # PortAudio reported lost input (the callback ran late)
         self.dropped_frames = 0  # frames discarded because nobody read the queue in time
-        self.frames: queue.Queue[np.ndarray] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.frames: queue.Queue[tuple[np.ndarray, float]] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.frame_end_t: float | None = None  # of the frame read() returned last
         self.clean = clean
         self.last_callback: float | None = None  # time.monotonic() of the latest audio callback (start() counts)
         self._stream: Any = None
@@ -125,24 +128,29 @@ class Microphone:
 
     def deliver(self, block: np.ndarray) -> None:
         """Turn one device block into 16 kHz frames on the queue (called by the audio callback)."""
+        block_end_t = time.monotonic() - self.input_latency
         if self._resampler.passthrough and block.size == self.frame_samples and self._splitter.pending == 0:
             ready = [np.array(block, dtype=np.float32)]  # copy: PortAudio reuses its buffer
         else:
             ready = self._splitter.push(self._resampler.process(block))
+        # The last frame ends where the samples still waiting in the splitter begin.
+        end_t = block_end_t - (self._splitter.pending + self.frame_samples * (len(ready) - 1)) / self.sample_rate
         for frame in ready:
             if self.clean is not None:
                 frame = self.clean(frame)
             try:
-                self.frames.put_nowait(frame)
+                self.frames.put_nowait((frame, end_t))
             except queue.Full:
                 self.dropped_frames += 1
+            end_t += self.frame_samples / self.sample_rate
 
     def read(self, timeout: float | None = None) -> np.ndarray | None:
         """Next frame (float32, frame_samples long), or None if none arrived within `timeout` seconds."""
         try:
-            return self.frames.get(timeout=timeout)
+            frame, self.frame_end_t = self.frames.get(timeout=timeout)
         except queue.Empty:
             return None
+        return frame
 
     def clear(self) -> int:
         """Drop queued frames (e.g. audio captured while we were speaking); returns how many."""

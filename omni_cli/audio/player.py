@@ -24,11 +24,14 @@ class Player:
     """Play float32 chunks at `sample_rate` on an output device, continuously, cut-able at once.
 
     Producer side (any thread): `play(chunk)` queues audio, `wait_idle()` waits until it has
-    been played, `stop()` cuts it. Audio side: the stream callback calls `render()`.
+    been played, `stop()` cuts it and `silent_time()` says when the speaker fell silent. Audio
+    side: the stream callback calls `render()`, which hands every block it fills (silence
+    included) to `on_render(block, device_rate)`, e.g. an echo canceller's reference.
     Measurements: `first_audio_time` (time.monotonic() when the first block holding audio of
     the current burst was handed to the device; `on_first_audio` is called with it, from the
-    audio thread, so keep it short), `underruns` (times the queue ran dry while more audio was
-    expected), `xruns` (PortAudio-reported output underflows).
+    audio thread, so keep it short; it is heard `output_latency` later), `heard_seconds` (the
+    current burst's audio handed to the device so far), `underruns` (times the queue ran dry
+    while more audio was expected), `xruns` (PortAudio-reported output underflows).
     """
 
     def __init__(
@@ -39,6 +42,7 @@ class Player:
         device_rate: int | None = None,
         latency: str | float = "low",
         on_first_audio: Callable[[float], None] | None = None,
+        on_render: Callable[[np.ndarray, int], None] | None = None,
     ) -> None:
         self.device = device
         self.sample_rate = sample_rate
@@ -46,6 +50,7 @@ class Player:
         self.requested_device_rate = device_rate
         self.latency = latency
         self.on_first_audio = on_first_audio
+        self.on_render = on_render
         self.device_rate: int | None = None  # the rate actually opened, known after start()
         self.device_name = "default"
         self.first_audio_time: float | None = None
@@ -67,6 +72,16 @@ class Player:
         # tries it without blocking, to set `_idle` atomically with the producer's updates.
         self._producer_lock = threading.Lock()
         self._output_latency = 0.0
+        # Kept by the audio thread (stop() settles the last three when nothing is playing): queued
+        # samples handed to the device (all bursts), the time of the last block that carried
+        # audio, and the first block after a stop() (when the speaker went silent).
+        self._rendered = 0
+        self._last_audio_t: float | None = None
+        self._rendered_generation = 0
+        self._silent_t: float | None = None
+        self._silenced = threading.Event()
+        self._silenced.set()
+        self._burst_start = 0  # _rendered when the current burst began (the producer's)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -118,6 +133,7 @@ class Player:
                 self.first_audio_time = None
                 self._starved = False
                 self._expecting = True
+                self._burst_start = self._rendered
             # Resample here, on the producer's thread, so the callback only copies.
             samples = self._resampler.process(samples)
             if samples.size:
@@ -139,10 +155,31 @@ class Player:
         The producer should stop too: a later play() starts a new burst.
         """
         with self._producer_lock:
+            sounding = self._current is not None or bool(self._pending)
             self._generation += 1
             self._expecting = False
             self._pending.clear()
             self._resampler.reset()
+            if sounding:
+                self._silenced.clear()  # the next callback marks the first silent block
+            else:  # nothing was being played: silent once the last block with audio is out
+                self._silent_t = max(time.monotonic(), (self._last_audio_t or 0.0) + self._output_latency)
+                self._rendered_generation = self._generation
+                self._silenced.set()
+
+    def silent_time(self, timeout: float = 0.2) -> float | None:
+        """After stop(): time.monotonic() when the speaker went silent — when the first block
+        without the cut audio was handed to the device, plus the output latency — waiting up to
+        `timeout` for that block; None if no block came (a stalled device)."""
+        if not self._silenced.wait(timeout):
+            return None
+        return self._silent_t
+
+    @property
+    def heard_seconds(self) -> float:
+        """Seconds of the current (or last) burst's audio handed to the device so far: after a
+        stop(), how much of the cut reply was played."""
+        return (self._rendered - self._burst_start) / (self.device_rate or self.sample_rate)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """finish(), then wait until all queued audio has left the speaker; False on timeout."""
@@ -184,6 +221,7 @@ class Player:
         Runs on the audio thread: never waits for the producer, allocates nothing but views.
         """
         generation = self._generation
+        cut = generation != self._rendered_generation  # the first block since stop()
         if self._current is not None and self._current_generation != generation:
             self._current = None  # stop() was called: drop the chunk being played
         n = out.shape[0]
@@ -206,10 +244,18 @@ class Player:
                 self._current = None
         if written < n:
             out[written:] = 0.0
+        if cut:
+            self._rendered_generation = generation
+            self._silent_t = time.monotonic() + self._output_latency
+            self._silenced.set()
+        if self.on_render is not None:
+            self.on_render(out, self.device_rate or self.sample_rate)
         if written:
+            self._rendered += written
+            self._last_audio_t = time.monotonic()
             self._starved = False
             if self.first_audio_time is None:
-                self.first_audio_time = time.monotonic()
+                self.first_audio_time = self._last_audio_t
                 if self.on_first_audio is not None:
                     self.on_first_audio(self.first_audio_time)
         if written < n and self._current is None and not self._pending:

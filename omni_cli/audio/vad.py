@@ -269,6 +269,20 @@ class Endpointer:
         return self._state is _State.SPEECH
 
     @property
+    def onset(self) -> tuple[float, float] | None:
+        """While speech is starting but not yet confirmed (min_speech_ms): the stream time (s) of its
+        first voiced frame and its voiced seconds so far; None otherwise. For a quicker barge-in."""
+        if self._state is not _State.ONSET:
+            return None
+        return self._frame_time(self._onset_frame), self._voiced * self.config.frame_ms / 1000.0
+
+    @property
+    def voiced_end_t(self) -> float | None:
+        """In speech, the stream time (s) where its last voiced frame ended (it moves on when the
+        speaker goes on after a SpeechPause); None outside speech."""
+        return self._frame_time(self._last_voiced + 1) if self._state is _State.SPEECH else None
+
+    @property
     def time(self) -> float:
         """Stream time in seconds: the end of the last frame pushed."""
         return self._frames_seen * self.config.frame_ms / 1000.0

@@ -90,6 +90,47 @@ def test_first_audio_time_marks_the_first_block_with_audio() -> None:
     assert len(seen) == 2
 
 
+def test_every_block_handed_to_the_device_reaches_on_render_silence_included() -> None:
+    seen: list[tuple[np.ndarray, int]] = []
+    player = Player(on_render=lambda block, rate: seen.append((block.copy(), rate)))
+    player.play(np.full(100, 0.25, np.float32))
+    played = render_blocks(player, 3, channels=2)
+    assert [rate for _, rate in seen] == [RATE] * 3  # the device's rate (16 kHz: no device opened here)
+    np.testing.assert_array_equal(np.concatenate([block[:, 0] for block, _ in seen]), played)
+    assert seen[-1][0].shape == (64, 2) and not seen[-1][0].any()
+
+
+def test_heard_seconds_counts_what_was_handed_over_until_the_stop() -> None:
+    player = Player()
+    player.play(np.ones(1000, np.float32))
+    render_blocks(player, 5)  # 320 of the 1000 samples
+    assert player.heard_seconds == pytest.approx(320 / RATE)
+    player.stop()
+    render_blocks(player, 5)
+    assert player.heard_seconds == pytest.approx(320 / RATE)  # frozen: nothing more was played
+    player.play(np.ones(100, np.float32))  # a new burst counts from zero
+    assert player.heard_seconds == 0.0
+    render_blocks(player, 1)
+    assert player.heard_seconds == pytest.approx(64 / RATE)
+
+
+def test_silent_time_is_the_first_block_without_the_cut_audio_plus_the_latency() -> None:
+    player = Player()
+    player._output_latency = 0.05
+    player.play(np.ones(1000, np.float32))
+    render_blocks(player, 2)
+    player.stop()
+    assert player.silent_time(timeout=0.01) is None  # no block has been handed to the device since
+    before = time.monotonic()
+    np.testing.assert_array_equal(render_blocks(player, 1), 0.0)
+    after = time.monotonic()
+    silent = player.silent_time(timeout=0)
+    assert silent is not None and before + 0.05 <= silent <= after + 0.05
+    # Stopping while nothing plays: silent at once (or once the last block with audio is out).
+    player.stop()
+    assert player.silent_time(timeout=0) == pytest.approx(max(time.monotonic(), silent), abs=0.05)
+
+
 def test_wait_idle_returns_once_everything_was_rendered() -> None:
     player = Player()
     player.play(np.ones(RATE // 10, np.float32))

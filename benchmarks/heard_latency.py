@@ -1,0 +1,189 @@
+"""The latency a user hears in `omni chat`, measured on a private PulseAudio server with the tiny model.
+
+Spoken questions are played into the virtual microphone one after another (each once the
+previous reply has been played); what the microphone heard and what the speaker played are
+recorded. Per run, one JSON line:
+- heard_latency_ms: from the true end of each question (found in the microphone's recording)
+  to the first reply sample on the speaker (median, max, each turn);
+- transcript_latency_ms: what the transcript's `latency_ms` says for the same turns, and
+  transcript_error_ms: transcript minus heard (≤ 60 ms wanted);
+- end_of_turn_ms: the session's end-of-turn delay after the true end (the transcript's
+  `end_of_turn_ms` where written; else the user line's `end_t` minus the true end);
+- longest_gap_ms / gaps_over_50ms: silences inside replies after their first sound;
+  speaker_underruns, mic_overflows (from the transcript's "end" line);
+- with `--paused`, each question is split at an inner word gap with exactly 400 ms of silence:
+  cut_offs (turns beyond one per question: the pause ended the turn) and
+  speculative_replies_dropped (replies started at a pause and thrown away).
+
+Runs: this tree with its defaults ("after"), `--base REV` (a commit exported with `git
+archive`, run with its defaults: "before"), and `--variant NAME="ARGS"` (this tree with extra
+chat options). They alternate, `--rounds` times, in one process on one sound server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+sys.path.insert(0, str(ROOT / "tests" / "audio"))
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+from signals import RATE, split_at_inner_gap, with_pause  # noqa: E402
+from sound_server import MIC_SINK, start_sound_server  # noqa: E402
+from sound_session import ChatProcess, Recording, heard_turns  # noqa: E402
+
+from omni_cli.audio.io import load_audio  # noqa: E402
+
+
+def export_revision(revision: str, folder: Path) -> Path:
+    """The source tree at `revision`, written to `folder` (no git worktree is created)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
+def run_session(
+    server, tiny, questions: list[Path], workdir: Path, name: str, extra: list[str], source: Path | None, threads: int | None
+) -> dict:
+    """One chat session answering every question; the figures of what was heard."""
+    session = workdir / name
+    mic = Recording(server, workdir / f"{name}-mic.wav", sink=MIC_SINK)
+    speaker = Recording(server, workdir / f"{name}-speaker.wav")
+    chat = ChatProcess(server, tiny, session, *extra, source=source, threads=threads)
+    try:
+        chat.wait_listening()
+        for k, question in enumerate(questions, start=1):
+            player = server.play_into_mic(question)
+            player.wait(30)
+            chat.wait_for(f"reply {k}", lambda rows, k=k: sum(r["type"] == "assistant" for r in rows) >= k, timeout=60)
+            time.sleep(1.0)
+        chat.interrupt()
+    finally:
+        chat.kill()
+        mic.stop()
+        speaker.stop()
+    rows = chat.rows()
+    users = [r for r in rows if r["type"] == "user"]
+    replies = [r for r in rows if r["type"] == "assistant"]
+    end = next((r for r in rows if r["type"] == "end"), {})
+    heard = heard_turns(mic, speaker)
+    turns = []
+    for turn, user, reply in zip(heard, users, replies, strict=False):
+        end_of_turn = user.get("end_of_turn_ms")
+        if end_of_turn is None:  # before issue 13: the decision's wall time is all there is
+            end_of_turn = (user["end_t"] - turn.speech_end) * 1000
+        turns.append(
+            {
+                "heard_ms": None if turn.latency_ms is None else round(turn.latency_ms, 1),
+                "transcript_ms": reply.get("latency_ms"),
+                "end_of_turn_ms": round(end_of_turn, 1),
+                # Where transcript and recording disagree: the end of speech, or the first sound.
+                "speech_end_error_ms": _error_ms(user.get("speech_end_t"), turn.speech_end),
+                "first_sound_error_ms": _error_ms(reply.get("first_audio_t"), turn.first_sound),
+                "longest_gap_ms": round(turn.longest_gap_s * 1000, 1),
+                "gaps_over_50ms": turn.gaps_over_50ms,
+            }
+        )
+    heard_ms = [t["heard_ms"] for t in turns if t["heard_ms"] is not None]
+    errors = [t["transcript_ms"] - t["heard_ms"] for t in turns if t["heard_ms"] is not None and t["transcript_ms"] is not None]
+    return {
+        "run": name,
+        "options": " ".join(extra),
+        "questions": len(questions),
+        "turns": len(turns),
+        "cut_offs": len(users) - len(questions),
+        "speculative_replies_dropped": end.get("speculative_replies_dropped"),
+        "heard_latency_ms": {"median": _median(heard_ms), "max": max(heard_ms, default=None)},
+        "transcript_error_ms": {"median": _median(errors), "max_abs": max((abs(e) for e in errors), default=None)},
+        "end_of_turn_ms": {"median": _median([t["end_of_turn_ms"] for t in turns])},
+        "longest_gap_ms": max((t["longest_gap_ms"] for t in turns), default=None),
+        "gaps_over_50ms": sum(t["gaps_over_50ms"] for t in turns),
+        "speaker_underruns": end.get("speaker_underruns"),
+        "mic_overflows": end.get("mic_overflows"),
+        "each_turn": turns,
+    }
+
+
+def paused_questions(questions: list[Path], folder: Path, pause_s: float = 0.4) -> list[Path]:
+    """Each question with its middle word gap replaced by exactly `pause_s` of silence (half a second of lead and tail)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paused = []
+    for question in questions:
+        audio, _, _ = with_pause(*split_at_inner_gap(load_audio(question)), pause_s=pause_s)
+        path = folder / question.name
+        sf.write(path, np.concatenate([np.zeros(RATE // 2), audio, np.zeros(RATE // 2)]), RATE, subtype="FLOAT")
+        paused.append(path)
+    return paused
+
+
+def _error_ms(claimed: float | None, measured: float | None) -> float | None:
+    return None if claimed is None or measured is None else round((claimed - measured) * 1000, 1)
+
+
+def _median(values: list[float]) -> float | None:
+    return round(statistics.median(values), 1) if values else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=Path, default=ROOT / "tests" / "data", help="folder of question WAVs")
+    parser.add_argument("--base", help="also run this git revision with its defaults (e.g. 657b631)")
+    parser.add_argument("--variant", action="append", default=[], metavar='NAME="ARGS"', help="this tree with extra chat options")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, alternating")
+    parser.add_argument("--keep", type=Path, help="keep the sessions and recordings in this folder")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for chat (0: torch's default)")
+    parser.add_argument("--load", type=int, default=0, help="busy processes running beside chat (a loaded machine)")
+    parser.add_argument("--paused", action="store_true", help="put a 400 ms pause in the middle of every question")
+    args = parser.parse_args()
+
+    from omni_cli.tiny.omni import make_tiny_model
+
+    questions = sorted(args.questions.glob("*.wav"))
+    server, reason = start_sound_server()
+    if server is None:
+        sys.exit(f"no sound server: {reason}")
+    try:
+        with tempfile.TemporaryDirectory(prefix="omni-heard-") as tmp:
+            workdir = Path(tmp) if args.keep is None else args.keep
+            workdir.mkdir(parents=True, exist_ok=True)
+            tiny = make_tiny_model(workdir / "tiny", seed=0)
+            if args.paused:
+                questions = paused_questions(questions, workdir / "paused")
+            common = ["--max-new-tokens", str(args.max_new_tokens)]
+            runs: list[tuple[str, list[str], Path | None]] = []
+            if args.base:
+                runs.append((f"before-{args.base}", common, export_revision(args.base, workdir / "base")))
+            runs.append(("after", common, None))
+            for variant in args.variant:
+                name, _, options = variant.partition("=")
+                runs.append((name, common + shlex.split(options), None))
+            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+            try:
+                for round_ in range(args.rounds):
+                    for name, extra, source in runs:
+                        threads = args.threads or None
+                        figures = run_session(server, tiny, questions, workdir, f"{name}-{round_}", extra, source, threads)
+                        print(json.dumps({**figures, "threads": threads, "load": args.load}), flush=True)
+            finally:
+                for process in busy:
+                    process.kill()
+                    process.wait()
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
