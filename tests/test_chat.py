@@ -725,9 +725,10 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
 def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
     import omni_cli.chat as chat_module
     import omni_cli.cli as cli_module
+    import omni_cli.preflight as preflight_module
 
     seen = []
-    monkeypatch.setattr(chat_module, "preflight", lambda options: None)
+    monkeypatch.setattr(preflight_module, "preflight", lambda options: None)
     monkeypatch.setattr(cli_module, "load_pipeline", lambda *args, **kwargs: "pipeline")
     monkeypatch.setattr(chat_module, "run_chat", lambda pipeline, options, view, *rest, **kw: seen.append(options) or 0)
     result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path), "--session-dir", str(tmp_path / "s"), *flags])
@@ -838,6 +839,7 @@ class DevicePlayer(FakePlayer):
 
     instances: list[DevicePlayer] = []
     output_latency = 0.02
+    active = True  # the output stream runs (what the sound-server watch reads)
 
     def __init__(self, device: str | None = None, sample_rate: int = RATE, on_render: Callable[[np.ndarray, int], None] | None = None) -> None:
         super().__init__()

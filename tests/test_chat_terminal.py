@@ -80,14 +80,14 @@ def test_printable_drops_control_characters_and_keeps_newlines_and_tabs() -> Non
 
 @pytest.mark.parametrize("live", [True, False])
 def test_chat_prints_model_text_without_control_characters(tmp_path: Path, live: bool) -> None:
-    from omni_cli.chat import ChatSession
+    from omni_cli.chat import ChatSession, UserTurn
     from omni_cli.transcript import SessionRecorder
 
     out = io.StringIO()
     view = ChatView(Console(file=out, force_terminal=live, width=100, color_system=None), live=live)
     view.start()
     session = ChatSession(NastyReplies(), view, SessionRecorder(tmp_path / "s"))
-    session.answer("type \x1b[31mred\x00", 1.0)
+    session.answer("type \x1b[31mred\x00", UserTurn(end_t=1.0, speech_end_t=1.0))
     view.stop()
     shown = out.getvalue()
     assert "a[2Jbcde31mfgh w1 w2 w3" in shown and "type [31mred" in shown
@@ -219,9 +219,11 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
     class DyingMicrophone:
         """One question, then the server dies (PortAudio stops the stream) during the reply."""
 
-        def __init__(self, device: str | None = None, frame_ms: int = 30, sample_rate: int = RATE) -> None:
+        def __init__(self, device: str | None = None, frame_ms: int = 30, sample_rate: int = RATE, clean: object = None) -> None:
             audio = np.concatenate([np.zeros(RATE // 2, np.float32), question_16k[0], np.zeros(RATE, np.float32)])
             self.frames = list(frames(audio, sample_rate, frame_ms))
+            self.frame_end_t: float | None = None
+            self.input_latency = 0.0
             self.device_name, self.device_rate, self.overflows, self.dropped_frames = "mic", sample_rate, 0, 0
             self.active, self.last_callback, self.closed = True, None, False
             microphones.append(self)
@@ -245,7 +247,8 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
     monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: False)
     out = io.StringIO()
     view = ChatView(Console(file=out, width=300), live=False)
-    code = run_chat(replies, ChatOptions(session_dir=tmp_path / "s", hangover_ms=300), view)
+    # No speculative start: the server must die during the reply, after the turn was heard.
+    code = run_chat(replies, ChatOptions(session_dir=tmp_path / "s", hangover_ms=300, speculate_ms=0), view)
 
     assert code == 1 and microphones[0].closed
     assert replies.produced == 4  # the stream stopped while the 4th token was made: the reply ends right after it
@@ -258,7 +261,7 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
 
 
 def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path) -> None:
-    from omni_cli.chat import ChatSession
+    from omni_cli.chat import ChatSession, UserTurn
     from omni_cli.transcript import SessionRecorder
 
     class DeadSpeaker(Stream):
@@ -276,8 +279,9 @@ def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path
     session = ChatSession(NastyReplies(), ChatView(Console(file=out, width=300), live=False), SessionRecorder(tmp_path / "s"), player=speaker)
     session.sound_problem = SoundWatch(None, speaker, server_problem=lambda: SERVER_GONE).problem
     start = time.monotonic()
-    first = session.answer("one", start)
-    second = session.answer("two", time.monotonic())
+    first = session.answer("one", UserTurn(end_t=start, speech_end_t=start))
+    now = time.monotonic()
+    second = session.answer("two", UserTurn(end_t=now, speech_end_t=now))
     assert time.monotonic() - start < 1.0
     assert session.player is None and first.error is None and second.text
     assert f"omni: {SERVER_GONE.rstrip('.')}; replies continue as text only." in out.getvalue().splitlines()
@@ -475,7 +479,7 @@ def test_killing_the_sound_server_mid_reply_is_one_line_and_the_session_is_kept(
         chat.wait_for("listening", timeout=90)
         first_output = chat.first_output - chat.started
         server.play_into_mic(question_wavs[0])
-        chat.wait_for("speaking", timeout=30)
+        chat.wait_for("● speaking", timeout=30)  # the status (a note also says "omni speaking")
         time.sleep(0.3)
         server.process.kill()
         killed, at_kill = time.monotonic(), len(chat.raw)
