@@ -3,8 +3,9 @@
 `ChatSession` owns the turn-taking and nothing else: the model (a `ReplySource`:
 `respond(audio | text, history, should_stop)`, its `sample_rate` and `context_budget`), the
 microphone (frames from `read()`), the endpointer, the player, the echo canceller and the view
-are passed in, so tests drive it with fakes and the CLI with real devices. Each turn is saved
-as it happens by `transcript.SessionRecorder`.
+are passed in, so tests drive it with fakes and `chat_devices.run_chat` with real devices. Each
+turn is saved as it happens by `transcript.SessionRecorder`. The parts that hear the user's
+turns (`Listener`, `SpokenQuestion`, `SpeculativeReply`) are in `turns.py`.
 
 Turn-taking:
 - Listening: mic frames (cleaned of the speaker's echo in the mic's callback) go to the
@@ -42,11 +43,10 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -55,17 +55,19 @@ from omni_cli.audio.playback_buffer import PlaybackBuffer
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.chat_view import ChatView
-from omni_cli.config import ChatOptions
-from omni_cli.errors import AudioInputError, one_line
+from omni_cli.errors import one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
 from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since
-
-if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
-    from omni_cli.audio.echo import EchoCanceller
-    from omni_cli.audio.mic import Microphone
-    from omni_cli.audio.player import Player
-    from omni_cli.terminal import NativeStderr
-
+from omni_cli.turns import (
+    ChatSettings,
+    ContinuedQuestion,
+    FrameSource,
+    Listener,
+    MicrophoneLost,
+    SpeculativeReply,
+    SpokenQuestion,
+    UserTurn,
+)
 
 class ReplySource(Protocol):
     """What the session needs from the model: `SpeechToSpeech` or a test double.
@@ -82,20 +84,6 @@ class ReplySource(Protocol):
         """Prompt positions for history, question and reply: turns beyond it are not kept."""
 
     def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[Event]: ...
-
-
-class FrameSource(Protocol):
-    """What the session needs from the microphone: `Microphone` or a test double.
-
-    `frame_end_t` (time.monotonic() when the frame read last ended at the microphone) may be
-    None: the frame is then taken to have ended when it was read.
-    """
-
-    frame_end_t: float | None
-
-    def read(self, timeout: float | None = None) -> np.ndarray | None: ...
-
-    def clear(self) -> int: ...
 
 
 class AudioSink(Protocol):
@@ -129,190 +117,6 @@ class EchoState(Protocol):
 
     @property
     def erle_db(self) -> float | None: ...
-
-
-class MicrophoneLost(AudioInputError):
-    """The microphone stopped delivering audio in the middle of a session."""
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """Turn-taking settings."""
-
-    # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
-    # duplex once the echo canceller has converged, half-duplex before and without one.
-    barge_in: bool | None = False
-    speculate: bool = False  # start replies at the endpointer's SpeechPause events
-    max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
-    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
-    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
-    barge_in_ms: int = 90
-    # Speech that interrupts a reply this soon after the end of the question goes on with it: the
-    # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
-    rejoin_ms: int = 1000
-    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
-    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
-    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
-
-
-class Listener:
-    """The microphone through the endpointer: what the user says, as endpointer events.
-
-    While listening, `next_events()` gives the events of the next frame, after those held back
-    during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
-    starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
-    `clock_of(stream_t)` puts an endpointer time on time.monotonic().
-    """
-
-    def __init__(
-        self, mic: FrameSource, endpointer: Endpointer, settings: ChatSettings, clock: Callable[[], float], on_first_frame: Callable[[float], None]
-    ) -> None:
-        self.mic = mic
-        self.endpointer = endpointer
-        self.settings = settings
-        self.clock = clock
-        self.on_first_frame: Callable[[float], None] | None = on_first_frame
-        self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
-        self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
-        self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
-
-    def next_events(self, timeout: float | None = None) -> list[VadEvent]:
-        """One held-back event, else the next frame's events ([] if none came within `timeout`,
-        default poll_s); raises MicrophoneLost."""
-        if self.held:
-            return [self.held.popleft()]
-        frame = self.mic.read(timeout=self.settings.poll_s if timeout is None else timeout)
-        now = self.clock()
-        if frame is None:
-            if now - self.last_frame_t > self.settings.mic_timeout_s:
-                raise MicrophoneLost(
-                    f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
-                    "(unplugged, or taken by another program?); check it with `omni devices`."
-                )
-            return []
-        self.last_frame_t = now
-        if self.on_first_frame is not None:
-            self.on_first_frame(now)
-            self.on_first_frame = None
-        return self._push(frame)
-
-    def _push(self, frame: np.ndarray) -> list[VadEvent]:
-        events = self.endpointer.push(frame)
-        ended = getattr(self.mic, "frame_end_t", None)
-        self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
-        return events
-
-    def clock_of(self, stream_t: float) -> float:
-        """The time.monotonic() of endpointer stream time `stream_t` (exact for the frames just pushed)."""
-        stream_now, clock_now = self._anchor
-        return clock_now - (stream_now - stream_t)
-
-    def restart_watch(self) -> None:
-        """Count the microphone's silence from now (frames are not watched during a reply)."""
-        self.last_frame_t = self.clock()
-
-    def speech_start(self, timeout: float) -> SpeechStart | None:
-        """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
-
-        Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
-        SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
-        listening loop.
-        """
-        block = timeout
-        while True:
-            frame = self.mic.read(timeout=block)
-            block = 0.0
-            if frame is None:
-                return None
-            events = self._push(frame)
-            self.held.extend(events)
-            start = next((e for e in events if isinstance(e, SpeechStart)), None)
-            onset = self.endpointer.onset
-            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
-                start = SpeechStart(t=onset[0])
-            if start is not None:
-                return start
-
-    def drop_heard(self, timeout: float) -> None:
-        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none."""
-        if self.mic.clear() == 0 and timeout > 0:
-            time.sleep(timeout)
-        self.endpointer.reset()
-
-
-class SpeculativeReply:
-    """A reply started at a pause in the user's speech, before the turn is known to be over.
-
-    `advance()` pulls one event into a buffer; `replay()` gives the buffered events, then the
-    rest. An exception from the model is kept and raised by replay(), where a committed reply's
-    errors are handled; a discarded reply's never surface.
-    """
-
-    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
-        self.events = events
-        self.question = question
-        self.pause = pause
-        self.buffered: list[Event] = []
-        self.error: Exception | None = None
-        self.done = False
-
-    @property
-    def voiced_end_t(self) -> float:
-        return self.pause.voiced_end_t
-
-    @property
-    def tokens(self) -> int:
-        return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
-
-    def advance(self) -> None:
-        if self.done:
-            return
-        try:
-            event = next(self.events)
-        except StopIteration:
-            self.done = True
-            return
-        except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
-            self.error, self.done = exc, True
-            return
-        self.buffered.append(event)
-        self.done = isinstance(event, Done)
-
-    def replay(self) -> Iterator[Event]:
-        yield from self.buffered
-        if self.error is not None:
-            raise self.error
-        if not self.done:
-            yield from self.events
-
-    def discard(self) -> None:
-        close = getattr(self.events, "close", None)
-        if close is not None:
-            close()  # generation stops; its caches are freed
-
-
-@dataclass(frozen=True)
-class UserTurn:
-    """When a turn ended: `end_t` (the end-of-turn decision, or Enter), `speech_end_t` (the true end
-    of speech: latency is measured from it; Enter for typed text), and the end-of-turn delay."""
-
-    end_t: float
-    speech_end_t: float
-    end_of_turn_ms: float | None = None
-    windows: int = 1  # 30 s windows the question spans
-    voiced_end_stream_t: float | None = None  # spoken: endpointer time of speech_end_t
-    audio_end_stream_t: float = 0.0  # endpointer time where the question's audio ends
-    continues: int | None = None  # the turn whose question this one goes on with (its reply was withdrawn)
-
-
-@dataclass(frozen=True)
-class ContinuedQuestion:
-    """A question the user went on with after its reply had started: it heads the next one."""
-
-    audio: np.ndarray
-    audio_end_stream_t: float  # endpointer time where `audio` ends
-    turn: int
-    onset_stream_t: float  # where the speech that goes on with it began
 
 
 @dataclass
@@ -394,9 +198,7 @@ class ChatSession:
         self.discarded = 0  # speculative replies thrown away because the user spoke on
         self._reply: ReplyProgress | None = None
         self._speculation: SpeculativeReply | None = None
-        self._windows: list[np.ndarray] = []  # earlier 30 s windows of the question being spoken
-        self._continued: ContinuedQuestion | None = None
-        self._window_end_stream_t = 0.0
+        self._spoken = SpokenQuestion()
         self._full_duplex_said = False
         self._closed = False
 
@@ -445,14 +247,13 @@ class ChatSession:
         assert listener is not None
         if isinstance(event, SpeechStart):
             self.view.status("hearing")
-            if self._continued is not None and abs(event.t - self._continued.onset_stream_t) > 1e-6:
-                self._continued = None  # what interrupted the reply was not speech after all
+            self._spoken.speech_started(event.t)
         elif isinstance(event, SpeechPause):
             if self.settings.speculate and self._speculation is None:
-                question = self._question(event.audio, event.audio_start_t)
+                question = self._spoken.audio(event.audio, event.audio_start_t)
                 self._speculation = SpeculativeReply(self.pipeline.respond(question, self.history, self._should_stop), question, event)
         elif isinstance(event, SpeechEnd):
-            if event.forced and len(self._windows) + 1 < self.settings.max_question_windows:
+            if event.forced and len(self._spoken.windows) + 1 < self.settings.max_question_windows:
                 self._keep_window(event)
                 return
             spec, self._speculation = self._speculation, None
@@ -461,10 +262,10 @@ class ChatSession:
             if spec is not None and not committed:
                 self._discarded(spec)
             if committed and spec is not None:
-                self._answer_turn(spec.question, len(self._windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
+                self._answer_turn(spec.question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
             else:
-                question = self._question(event.audio, event.audio_start_t)
-                self._answer_turn(question, len(self._windows) + 1, event.t, event.voiced_end_t, event.t)
+                question = self._spoken.audio(event.audio, event.audio_start_t)
+                self._answer_turn(question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, event.t)
 
     def _answer_turn(
         self,
@@ -486,46 +287,32 @@ class ChatSession:
             windows=windows,
             voiced_end_stream_t=voiced_end_stream_t,
             audio_end_stream_t=audio_end_stream_t,
-            continues=None if self._continued is None else self._continued.turn,
+            continues=self._spoken.take(),
         )
-        self._windows, self._continued = [], None
         self.answer(question, turn, speculation)
         listener.restart_watch()
         if not self.stop_requested:
             self.view.status("listening")
 
-    def _question(self, audio: np.ndarray | None = None, audio_start_t: float = 0.0) -> np.ndarray:
-        """The question so far: the one it goes on with, earlier 30 s windows of this turn, then
-        `audio` (which begins at endpointer time `audio_start_t`)."""
-        parts = list(self._windows)
-        if self._continued is not None:
-            parts.insert(0, self._continued.audio)
-            if audio is not None:  # its pre-roll may repeat the end of the question it goes on with
-                overlap = int(round((self._continued.audio_end_stream_t - audio_start_t) * SAMPLE_RATE))
-                audio = audio[max(0, overlap) :]
-        if audio is not None:
-            parts.append(audio)
-        return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
     def _keep_window(self, event: SpeechEnd) -> None:
         """The utterance reached the model's 30 s window while speech went on: keep it and listen on."""
         self._discard_speculation()
-        self._windows.append(event.audio)
-        self._window_end_stream_t = event.t
-        seconds = sum(w.size for w in self._windows) / SAMPLE_RATE
+        self._spoken.keep_window(event.audio, event.t)
+        seconds = self._spoken.seconds
         self.view.note(f"still listening: your turn passed {seconds:.0f} s (the model hears 30 s at a time); what you say next is added to it.")
         self.view.status("hearing", f"{seconds:.0f} s so far")
-        self.recorder.event("long_speech", seconds=round(seconds, 2), windows=len(self._windows))
+        self.recorder.event("long_speech", seconds=round(seconds, 2), windows=len(self._spoken.windows))
 
     def _answer_windows_if_quiet(self) -> None:
         """A question cut at 30 s whose speaker then fell silent: answer what was said."""
         listener = self.listener
-        if not self._windows or listener is None or listener.endpointer.in_speech:
+        spoken = self._spoken
+        if not spoken.windows or listener is None or listener.endpointer.in_speech:
             return
         endpointer = listener.endpointer
-        if endpointer.time - self._window_end_stream_t < endpointer.config.hangover_ms / 1000:
+        if endpointer.time - spoken.window_end_stream_t < endpointer.config.hangover_ms / 1000:
             return
-        self._answer_turn(self._question(), len(self._windows), endpointer.time, self._window_end_stream_t, self._window_end_stream_t)
+        self._answer_turn(spoken.audio(), len(spoken.windows), endpointer.time, spoken.window_end_stream_t, spoken.window_end_stream_t)
 
     def _follow_speculation(self) -> None:
         """While the hang-over runs: drop the speculative reply if the user went on, else let it work one step."""
@@ -830,7 +617,7 @@ class ChatSession:
         self.view.reply_end(reply_summary(self.recorder.reply(record, audio, reply.audio_rate)))
         if reply.withdrawn_at is not None and not isinstance(question, str):
             # Not an answer to anything: the next turn asks this question again, with its rest.
-            self._continued = ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at)
+            self._spoken.go_on_with(ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at))
         elif reply.error is None and reply.text:
             user_text = question if isinstance(question, str) else None
             self.history.append(HistoryTurn(user_speech=reply.user_speech, user_text=user_text, reply=reply.text))
@@ -871,168 +658,3 @@ def sigint_ends_session(session: ChatSession) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-
-
-def run_chat(
-    pipeline: ReplySource,
-    options: ChatOptions,
-    view: ChatView,
-    read_line: Callable[[], str | None] | None = None,
-    native_log: NativeStderr | None = None,
-) -> int:
-    """Open the devices, run the conversation until Ctrl-C (or end of typed input), save it; returns the exit code.
-
-    With a microphone and a speaker, the microphone goes through the echo canceller (unless
-    `--no-aec` or `--half-duplex`; where it cannot load, one line says so and the session is
-    half-duplex). A speaker that cannot be opened leaves replies as text; a microphone that
-    cannot be opened is an AudioInputError (raised, nothing recorded yet). A microphone lost
-    mid-session, or the sound server gone (noticed within about a second), ends the session
-    (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
-    `native_log`, when given, moves into the session folder once it exists.
-    """
-    from omni_cli.audio.mic import Microphone
-    from omni_cli.audio.vad import EndpointerConfig
-    from omni_cli.audio.watch import SoundWatch
-    from omni_cli.terminal import NATIVE_LOG_NAME
-
-    read_line = read_line or (lambda: view.prompt("you> "))
-    speculate = not options.text and 0 < options.speculate_ms < options.hangover_ms
-    vad_config = EndpointerConfig(
-        hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness, pause_ms=options.speculate_ms if speculate else 0
-    )
-    canceller = _echo_canceller(options, pipeline.sample_rate, view)
-    # Without a canceller "auto" is half-duplex; --barge-in (a headset) listens regardless.
-    barge_in = options.barge_in if canceller is not None or options.barge_in else False
-    mic: Microphone | None = None
-    if not options.text:
-        clean = canceller.process if canceller is not None else None
-        mic = Microphone(device=options.input_device, frame_ms=vad_config.frame_ms, sample_rate=vad_config.sample_rate, clean=clean).start()
-    recorder: SessionRecorder | None = None
-    player: Player | None = None
-    saved = ""
-    try:
-        recorder = SessionRecorder(options.session_dir)
-        if native_log is not None:
-            native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
-        player = _open_speaker(pipeline.sample_rate, options.output_device, view, canceller)
-        if canceller is not None and mic is not None and player is not None:
-            canceller.set_delay_ms((player.output_latency + mic.input_latency) * 1000)
-        endpointer = Endpointer(vad_config) if mic is not None else None
-        if endpointer is not None and endpointer.model_problem:
-            view.note(f"{endpointer.model_problem} Noise may start turns.")
-        settings = ChatSettings(barge_in=barge_in, speculate=speculate)
-        session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings, echo=canceller)
-        if mic is not None or player is not None:
-            session.sound_problem = SoundWatch(mic, player).problem
-        recorder.event(
-            "session",
-            mode="text" if mic is None else "voice",
-            barge_in="auto" if barge_in is None else barge_in,
-            echo_cancellation=canceller is not None,
-            echo_delay_ms=None if canceller is None else canceller.delay_ms,
-            hangover_ms=options.hangover_ms,
-            speculate_ms=options.speculate_ms if speculate else 0,
-            microphone=None if mic is None else mic.device_name,
-            microphone_rate=None if mic is None else mic.device_rate,
-            speaker=None if player is None else player.device_name,
-            speaker_rate=None if player is None else player.device_rate,
-            speaker_latency_ms=None if player is None else round(player.output_latency * 1000, 1),
-        )
-        view.note(f"saving this session to {options.session_dir}/")
-        if barge_in is None:
-            view.note("half-duplex until the echo canceller has learnt the room (a few seconds of omni speaking); then speak over omni to interrupt it.")
-        view.start()
-        with sigint_ends_session(session):
-            code = _converse(session, read_line, mic, player, canceller)
-        view.stop()
-        saved = f"session saved: {recorder.transcript_path} ({session.turns} turns)"
-        return code
-    finally:
-        view.stop()
-        for opened in (recorder, player, mic):
-            if opened is not None:
-                opened.close()
-        if saved:  # said once the devices let go (closing on a hung sound server takes 2 s): the process ends right after
-            view.note(saved)
-
-
-def _echo_canceller(options: ChatOptions, sample_rate: int | None, view: ChatView) -> EchoCanceller | None:
-    """The session's echo canceller: only when omni both listens and speaks, and it was not turned off.
-
-    Where it cannot run, one line says so and the session is half-duplex (unless --barge-in).
-    """
-    from omni_cli.audio.echo import EchoCanceller, EchoUnavailable
-
-    if options.text or sample_rate is None or not options.echo_cancellation or options.barge_in is False:
-        return None
-    try:
-        return EchoCanceller()
-    except EchoUnavailable as exc:
-        fallback = "" if options.barge_in else " Half-duplex: omni will not hear you while it speaks (with headphones, --barge-in)."
-        view.note(f"{exc}{fallback}")
-        return None
-
-
-def _open_speaker(sample_rate: int | None, device: str | None, view: ChatView, canceller: EchoCanceller | None) -> Player | None:
-    """The player at the reply audio's rate, telling the echo canceller what it plays; None (replies
-    as text, said on screen) without a vocoder or a speaker."""
-    from omni_cli.audio.player import Player
-
-    if sample_rate is None:
-        view.note("no --vocoder: replies are text only.")
-        return None
-    on_render = canceller.play_reference if canceller is not None else None
-    try:
-        return Player(device=device, sample_rate=sample_rate, on_render=on_render).start()
-    except AudioInputError as exc:
-        view.error(f"{exc} Replies will be text only.")
-        return None
-
-
-def _converse(
-    session: ChatSession, read_line: Callable[[], str | None], mic: Microphone | None, player: Player | None, canceller: EchoCanceller | None
-) -> int:
-    """Run the session until it ends, then record the end with the devices' counters; returns the exit code."""
-    from omni_cli.audio.watch import SoundWatch
-
-    code, reason = 0, "end of input"
-    try:
-        if mic is not None:
-            session.run_voice()
-        else:
-            session.run_text(read_line)
-    except MicrophoneLost as exc:
-        session.view.error(str(exc))
-        session.recorder.event("error", message=str(exc))
-        if mic is not None:
-            mic.close()
-        session.listener = None
-        if _stdin_is_terminal() and not session.stop_requested:
-            if player is not None and not player.active:  # the sound server went with the microphone
-                session.player = None
-            session.sound_problem = SoundWatch(None, session.player).problem if session.player is not None else None
-            session.view.note("going on with typed questions" + ("." if session.player is not None else ", replies as text."))
-            session.run_text(read_line)
-        else:
-            code, reason = 1, "microphone lost"
-    finally:
-        if session.stop_requested:
-            reason = "ctrl-c"
-        counters: dict[str, Any] = {}
-        if mic is not None:
-            counters.update(mic_overflows=mic.overflows, mic_dropped_frames=mic.dropped_frames)
-        if player is not None:
-            counters.update(speaker_underruns=player.underruns, speaker_xruns=player.xruns)
-        if canceller is not None:
-            counters.update(echo_far_s=round(canceller.far_active_s, 1), echo_converged=canceller.converged)
-        session.close(reason, **counters)
-    return code
-
-
-def _stdin_is_terminal() -> bool:
-    import sys
-
-    try:
-        return sys.stdin.isatty()
-    except (ValueError, AttributeError):
-        return False

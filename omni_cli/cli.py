@@ -338,7 +338,7 @@ def chat_cmd(
             )
             preflight(options)  # torch-free: a wrong device is one line within 2 s
             view.loading("starting torch")
-            from omni_cli.chat import run_chat
+            from omni_cli.chat_devices import run_chat
 
             streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
             pipeline = load_pipeline(

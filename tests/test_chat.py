@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.io import load_audio
 from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
-from omni_cli.chat import ChatSession, ChatSettings, MicrophoneLost, sigint_ends_session
+from omni_cli.chat import ChatSession, sigint_ends_session
+from omni_cli.turns import ChatSettings, MicrophoneLost
 from omni_cli.chat_view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
@@ -723,7 +724,7 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
     ],
 )
 def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
-    import omni_cli.chat as chat_module
+    import omni_cli.chat_devices as chat_module
     import omni_cli.cli as cli_module
     import omni_cli.preflight as preflight_module
 
@@ -863,8 +864,8 @@ def test_run_chat_wires_the_echo_canceller_or_says_why_it_is_half_duplex(
     import omni_cli.audio.echo as echo
     import omni_cli.audio.mic as mic_module
     import omni_cli.audio.player as player_module
-    import omni_cli.chat as chat_module
-    from omni_cli.chat import run_chat
+    import omni_cli.chat_devices as chat_module
+    from omni_cli.chat_devices import run_chat
     from omni_cli.config import ChatOptions
 
     made: list[echo.EchoCanceller] = []
@@ -916,8 +917,8 @@ def test_a_microphone_lost_mid_session_ends_or_falls_back_to_typing(
     import functools
 
     import omni_cli.audio.mic as mic_module
-    import omni_cli.chat as chat_module
-    from omni_cli.chat import run_chat
+    import omni_cli.chat_devices as chat_module
+    from omni_cli.chat_devices import run_chat
     from omni_cli.config import ChatOptions
 
     ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])

@@ -80,7 +80,8 @@ def test_printable_drops_control_characters_and_keeps_newlines_and_tabs() -> Non
 
 @pytest.mark.parametrize("live", [True, False])
 def test_chat_prints_model_text_without_control_characters(tmp_path: Path, live: bool) -> None:
-    from omni_cli.chat import ChatSession, UserTurn
+    from omni_cli.chat import ChatSession
+    from omni_cli.turns import UserTurn
     from omni_cli.transcript import SessionRecorder
 
     out = io.StringIO()
@@ -211,9 +212,9 @@ def test_the_sound_watch_reads_attributes_until_a_stream_stops_then_asks_the_ser
 def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, question_16k) -> None:
     import omni_cli.audio.mic as mic_module
     import omni_cli.audio.watch as watch_module
-    import omni_cli.chat as chat_module
+    import omni_cli.chat_devices as chat_module
     from omni_cli.audio.vad import frames
-    from omni_cli.chat import run_chat
+    from omni_cli.chat_devices import run_chat
     from omni_cli.config import ChatOptions
 
     class DyingMicrophone:
@@ -261,7 +262,8 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
 
 
 def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path) -> None:
-    from omni_cli.chat import ChatSession, UserTurn
+    from omni_cli.chat import ChatSession
+    from omni_cli.turns import UserTurn
     from omni_cli.transcript import SessionRecorder
 
     class DeadSpeaker(Stream):

@@ -1,0 +1,273 @@
+"""Turn-taking for `omni chat`: what the user says, heard as turns.
+
+`Listener` puts the microphone's frames through the endpointer (and, while a reply plays,
+watches for barge-in or drops what was heard); `SpokenQuestion` gathers the audio of the
+question being spoken across 30 s windows and across a reply the user talked over;
+`SpeculativeReply` is a reply started at a pause before the turn is known to be over;
+`UserTurn` says when a turn ended. `chat.ChatSession` uses them to answer each turn.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from omni_cli.audio.io import SAMPLE_RATE
+from omni_cli.audio.vad import Endpointer, SpeechPause, SpeechStart
+from omni_cli.audio.vad import Event as VadEvent
+from omni_cli.errors import AudioInputError
+from omni_cli.pipeline import Done, Event
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """Turn-taking settings."""
+
+    # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
+    # duplex once the echo canceller has converged, half-duplex before and without one.
+    barge_in: bool | None = False
+    speculate: bool = False  # start replies at the endpointer's SpeechPause events
+    max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
+    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
+    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
+    barge_in_ms: int = 90
+    # Speech that interrupts a reply this soon after the end of the question goes on with it: the
+    # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
+    rejoin_ms: int = 1000
+    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
+    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
+    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
+
+
+class FrameSource(Protocol):
+    """What the session needs from the microphone: `Microphone` or a test double.
+
+    `frame_end_t` (time.monotonic() when the frame read last ended at the microphone) may be
+    None: the frame is then taken to have ended when it was read.
+    """
+
+    frame_end_t: float | None
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None: ...
+
+    def clear(self) -> int: ...
+
+
+class MicrophoneLost(AudioInputError):
+    """The microphone stopped delivering audio in the middle of a session."""
+
+
+class Listener:
+    """The microphone through the endpointer: what the user says, as endpointer events.
+
+    While listening, `next_events()` gives the events of the next frame, after those held back
+    during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
+    starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
+    `clock_of(stream_t)` puts an endpointer time on time.monotonic().
+    """
+
+    def __init__(
+        self, mic: FrameSource, endpointer: Endpointer, settings: ChatSettings, clock: Callable[[], float], on_first_frame: Callable[[float], None]
+    ) -> None:
+        self.mic = mic
+        self.endpointer = endpointer
+        self.settings = settings
+        self.clock = clock
+        self.on_first_frame: Callable[[float], None] | None = on_first_frame
+        self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
+        self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
+        self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
+
+    def next_events(self, timeout: float | None = None) -> list[VadEvent]:
+        """One held-back event, else the next frame's events ([] if none came within `timeout`,
+        default poll_s); raises MicrophoneLost."""
+        if self.held:
+            return [self.held.popleft()]
+        frame = self.mic.read(timeout=self.settings.poll_s if timeout is None else timeout)
+        now = self.clock()
+        if frame is None:
+            if now - self.last_frame_t > self.settings.mic_timeout_s:
+                raise MicrophoneLost(
+                    f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
+                    "(unplugged, or taken by another program?); check it with `omni devices`."
+                )
+            return []
+        self.last_frame_t = now
+        if self.on_first_frame is not None:
+            self.on_first_frame(now)
+            self.on_first_frame = None
+        return self._push(frame)
+
+    def _push(self, frame: np.ndarray) -> list[VadEvent]:
+        events = self.endpointer.push(frame)
+        ended = getattr(self.mic, "frame_end_t", None)
+        self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
+        return events
+
+    def clock_of(self, stream_t: float) -> float:
+        """The time.monotonic() of endpointer stream time `stream_t` (exact for the frames just pushed)."""
+        stream_now, clock_now = self._anchor
+        return clock_now - (stream_now - stream_t)
+
+    def restart_watch(self) -> None:
+        """Count the microphone's silence from now (frames are not watched during a reply)."""
+        self.last_frame_t = self.clock()
+
+    def speech_start(self, timeout: float) -> SpeechStart | None:
+        """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
+
+        Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
+        SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
+        listening loop.
+        """
+        block = timeout
+        while True:
+            frame = self.mic.read(timeout=block)
+            block = 0.0
+            if frame is None:
+                return None
+            events = self._push(frame)
+            self.held.extend(events)
+            start = next((e for e in events if isinstance(e, SpeechStart)), None)
+            onset = self.endpointer.onset
+            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
+                start = SpeechStart(t=onset[0])
+            if start is not None:
+                return start
+
+    def drop_heard(self, timeout: float) -> None:
+        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none."""
+        if self.mic.clear() == 0 and timeout > 0:
+            time.sleep(timeout)
+        self.endpointer.reset()
+
+
+class SpeculativeReply:
+    """A reply started at a pause in the user's speech, before the turn is known to be over.
+
+    `advance()` pulls one event into a buffer; `replay()` gives the buffered events, then the
+    rest. An exception from the model is kept and raised by replay(), where a committed reply's
+    errors are handled; a discarded reply's never surface.
+    """
+
+    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
+        self.events = events
+        self.question = question
+        self.pause = pause
+        self.buffered: list[Event] = []
+        self.error: Exception | None = None
+        self.done = False
+
+    @property
+    def voiced_end_t(self) -> float:
+        return self.pause.voiced_end_t
+
+    @property
+    def tokens(self) -> int:
+        return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
+
+    def advance(self) -> None:
+        if self.done:
+            return
+        try:
+            event = next(self.events)
+        except StopIteration:
+            self.done = True
+            return
+        except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
+            self.error, self.done = exc, True
+            return
+        self.buffered.append(event)
+        self.done = isinstance(event, Done)
+
+    def replay(self) -> Iterator[Event]:
+        yield from self.buffered
+        if self.error is not None:
+            raise self.error
+        if not self.done:
+            yield from self.events
+
+    def discard(self) -> None:
+        close = getattr(self.events, "close", None)
+        if close is not None:
+            close()  # generation stops; its caches are freed
+
+
+@dataclass(frozen=True)
+class UserTurn:
+    """When a turn ended: `end_t` (the end-of-turn decision, or Enter), `speech_end_t` (the true end
+    of speech: latency is measured from it; Enter for typed text), and the end-of-turn delay."""
+
+    end_t: float
+    speech_end_t: float
+    end_of_turn_ms: float | None = None
+    windows: int = 1  # 30 s windows the question spans
+    voiced_end_stream_t: float | None = None  # spoken: endpointer time of speech_end_t
+    audio_end_stream_t: float = 0.0  # endpointer time where the question's audio ends
+    continues: int | None = None  # the turn whose question this one goes on with (its reply was withdrawn)
+
+
+@dataclass(frozen=True)
+class ContinuedQuestion:
+    """A question the user went on with after its reply had started: it heads the next one."""
+
+    audio: np.ndarray
+    audio_end_stream_t: float  # endpointer time where `audio` ends
+    turn: int
+    onset_stream_t: float  # where the speech that goes on with it began
+
+
+class SpokenQuestion:
+    """The audio of the question being spoken, when it spans more than one utterance.
+
+    It holds the earlier 30 s windows of this turn (the endpointer ends an utterance at the
+    model's window while speech goes on), and a question whose reply was withdrawn because the
+    user went on with it (`go_on_with`): both head the next question asked.
+    """
+
+    def __init__(self) -> None:
+        self.windows: list[np.ndarray] = []
+        self.window_end_stream_t = 0.0  # endpointer time where the last kept window ends
+        self.continued: ContinuedQuestion | None = None
+
+    @property
+    def seconds(self) -> float:
+        """The length of the windows kept so far."""
+        return sum(w.size for w in self.windows) / SAMPLE_RATE
+
+    def keep_window(self, audio: np.ndarray, end_stream_t: float) -> None:
+        """An utterance cut at the model's 30 s window: it is part of the question."""
+        self.windows.append(audio)
+        self.window_end_stream_t = end_stream_t
+
+    def go_on_with(self, question: ContinuedQuestion) -> None:
+        """The user went on with `question` after its reply began: it heads the next question."""
+        self.continued = question
+
+    def speech_started(self, stream_t: float) -> None:
+        """Speech began at `stream_t`: unless it is the speech that went on with a question, that question is dropped."""
+        if self.continued is not None and abs(stream_t - self.continued.onset_stream_t) > 1e-6:
+            self.continued = None  # what interrupted the reply was not speech after all
+
+    def audio(self, tail: np.ndarray | None = None, tail_start_t: float = 0.0) -> np.ndarray:
+        """The question so far: the one it goes on with, the windows kept, then `tail` (which
+        begins at endpointer time `tail_start_t`)."""
+        parts = list(self.windows)
+        if self.continued is not None:
+            parts.insert(0, self.continued.audio)
+            if tail is not None:  # its pre-roll may repeat the end of the question it goes on with
+                overlap = int(round((self.continued.audio_end_stream_t - tail_start_t) * SAMPLE_RATE))
+                tail = tail[max(0, overlap) :]
+        if tail is not None:
+            parts.append(tail)
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def take(self) -> int | None:
+        """The question was asked: start afresh; returns the turn it went on with, if any."""
+        continues = None if self.continued is None else self.continued.turn
+        self.windows, self.continued = [], None
+        return continues

@@ -1,0 +1,46 @@
+"""SpokenQuestion: the audio of a question that spans 30 s windows or a reply the user talked over."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from omni_cli.audio.io import SAMPLE_RATE
+from omni_cli.turns import ContinuedQuestion, SpokenQuestion
+
+
+def ramp(start_s: float, seconds: float) -> np.ndarray:
+    """Samples whose values are their own times, so any join can be read back."""
+    return (start_s + np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE).astype(np.float32)
+
+
+def test_windows_are_joined_in_order_and_taken_once() -> None:
+    spoken = SpokenQuestion()
+    spoken.keep_window(ramp(0, 2), end_stream_t=2.0)
+    spoken.keep_window(ramp(2, 2), end_stream_t=4.0)
+    assert spoken.seconds == 4.0 and spoken.window_end_stream_t == 4.0
+    question = spoken.audio(ramp(4, 1), tail_start_t=4.0)
+    np.testing.assert_array_equal(question, ramp(0, 5))
+    assert spoken.take() is None
+    assert spoken.windows == [] and spoken.seconds == 0.0
+    np.testing.assert_array_equal(spoken.audio(ramp(9, 1)), ramp(9, 1))
+
+
+def test_a_continued_question_heads_the_next_without_repeating_its_end() -> None:
+    spoken = SpokenQuestion()
+    # The first question ended at 3.0 s; the speech that went on with it starts at 3.8 s,
+    # its pre-roll (0.3 s) begins at 2.7 s and repeats 0.3 s of the first question.
+    spoken.go_on_with(ContinuedQuestion(ramp(1, 2), audio_end_stream_t=3.0, turn=4, onset_stream_t=3.8))
+    spoken.speech_started(3.8)  # the speech that went on with it: kept
+    question = spoken.audio(ramp(2.7, 1.3), tail_start_t=2.7)
+    np.testing.assert_allclose(question, ramp(1, 3), atol=1e-6)
+    assert spoken.take() == 4
+    assert spoken.continued is None
+
+
+def test_speech_other_than_the_one_that_went_on_drops_the_continued_question() -> None:
+    spoken = SpokenQuestion()
+    spoken.go_on_with(ContinuedQuestion(ramp(0, 1), audio_end_stream_t=1.0, turn=2, onset_stream_t=1.5))
+    spoken.speech_started(6.0)  # the interruption was not speech; this is a new question
+    assert spoken.continued is None
+    np.testing.assert_array_equal(spoken.audio(ramp(6, 1), tail_start_t=6.0), ramp(6, 1))
+    assert spoken.take() is None
