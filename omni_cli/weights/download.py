@@ -43,8 +43,8 @@ from omni_cli.weights.presets import (
     UnitsPart,
     VocoderPart,
     check_url,
-    hub_cache_dir,
     hub_offline,
+    hub_snapshot,
     missing_hub_files,
     plain_name,
     resolve_preset,
@@ -371,19 +371,9 @@ def _total_size(response: http.client.HTTPResponse, offset: int) -> int | None:
 
 def fetch_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
     """Download (or find in the cache) a hub part; returns its folder. Honours HF_HUB_OFFLINE."""
-    from huggingface_hub import snapshot_download
-
     target = Path(local_dir) / part.dirname if local_dir is not None else None
     try:
-        folder = Path(
-            snapshot_download(
-                part.repo_id,
-                revision=part.revision,
-                allow_patterns=list(part.allow_patterns),
-                cache_dir=str(cache_dir or hub_cache_dir()),
-                local_dir=str(target) if target is not None else None,
-            )
-        )
+        folder = hub_snapshot(part, cache_dir, local_dir=str(target) if target is not None else None)
     except Exception as exc:  # huggingface_hub raises many types: network, offline, gated, not found
         if hub_offline():
             raise DownloadError(f"cannot download {part.repo_id} (HF_HUB_OFFLINE is set: unset it to download).") from exc

@@ -408,6 +408,21 @@ def missing_hub_files(directory: Path, part: HubPart) -> list[str]:
     return missing
 
 
+def hub_snapshot(part: HubPart, cache_dir: Path | None = None, **options: Any) -> Path:
+    """huggingface_hub's snapshot of a hub part at the preset's revision and file patterns;
+    `options` go to `snapshot_download` (local_dir, local_files_only)."""
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(
+        part.repo_id,
+        revision=part.revision,
+        allow_patterns=list(part.allow_patterns),
+        cache_dir=str(cache_dir or hub_cache_dir()),
+        **options,
+    )
+    return Path(folder)
+
+
 def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path | None = None) -> Path | None:
     """The folder holding a complete copy of a hub part, or None; never uses the network.
 
@@ -417,18 +432,8 @@ def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Pat
     if local_dir is not None:
         folder = Path(local_dir) / part.dirname
     else:
-        from huggingface_hub import snapshot_download
-
         try:
-            folder = Path(
-                snapshot_download(
-                    part.repo_id,
-                    revision=part.revision,
-                    allow_patterns=list(part.allow_patterns),
-                    cache_dir=str(cache_dir or hub_cache_dir()),
-                    local_files_only=True,
-                )
-            )
+            folder = hub_snapshot(part, cache_dir, local_files_only=True)
         except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, IncompleteSnapshotError, ...: "not cached"
             return None
     if not folder.is_dir() or missing_hub_files(folder, part):
