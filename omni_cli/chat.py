@@ -69,6 +69,7 @@ from omni_cli.turns import (
     UserTurn,
 )
 
+
 class ReplySource(Protocol):
     """What the session needs from the model: `SpeechToSpeech` or a test double.
 

@@ -23,6 +23,7 @@ from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.errors import AudioInputError
 from omni_cli.pipeline import Done, Event
 
+
 @dataclass(frozen=True)
 class ChatSettings:
     """Turn-taking settings."""
