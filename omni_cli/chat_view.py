@@ -12,7 +12,7 @@ Text from the model or the keyboard is printed without its control characters (`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -22,33 +22,13 @@ from rich.text import Text
 
 from omni_cli.terminal import printable
 
+if TYPE_CHECKING:  # for the annotation only: importing the view loads no audio code
+    from omni_cli.audio.devices import DeviceInfo
+
 STATUS_STYLES = {"listening": "green", "hearing": "bold green", "thinking": "yellow", "speaking": "cyan", "replying": "cyan", "typing": "green"}
 
 
-class DeviceRow(Protocol):
-    """One row of `omni devices` (audio.devices.DeviceInfo has these), typed here so the view does not import the audio code."""
-
-    @property
-    def index(self) -> int: ...
-    @property
-    def name(self) -> str: ...
-    @property
-    def hostapi(self) -> str: ...
-    @property
-    def max_input_channels(self) -> int: ...
-    @property
-    def max_output_channels(self) -> int: ...
-    @property
-    def default_samplerate(self) -> float: ...
-    @property
-    def is_default_input(self) -> bool: ...
-    @property
-    def is_default_output(self) -> bool: ...
-    @property
-    def pulse_name(self) -> str | None: ...
-
-
-def devices_table(devices: Sequence[DeviceRow]) -> Table:
+def devices_table(devices: Sequence[DeviceInfo]) -> Table:
     """`omni devices` as a table: index, name, host API, channels in/out, default rate, default marks.
 
     A PulseAudio/PipeWire row shows its server name after its description: descriptions need not

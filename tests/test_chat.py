@@ -765,7 +765,7 @@ def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_view_does_not_import_the_audio_code() -> None:
-    """chat_view draws the `omni devices` table from rows typed structurally: importing it loads neither audio/ nor scipy."""
+    """chat_view names the `omni devices` row type for type checkers only: importing it loads neither audio/ nor scipy."""
     import subprocess
     import sys
 
