@@ -105,7 +105,7 @@ class Listener:
 
     def _push(self, frame: np.ndarray) -> list[VadEvent]:
         events = self.endpointer.push(frame)
-        ended = getattr(self.mic, "frame_end_t", None)
+        ended = self.mic.frame_end_t
         self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
         return events
 
