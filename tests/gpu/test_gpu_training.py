@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from gpu_rig import HERE, QUESTION, ROOT, RandomModel, RandomModels, Ran, Reply, Rig, gigabytes
+from saved_tensors import saved_tensors
 
 pytestmark = pytest.mark.slow  # each case trains and loads in subprocesses: tens of seconds on a CPU
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -41,17 +41,9 @@ def write_manifest(tmp_path: Path, units: bool) -> Path:
     return path
 
 
-def weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory's safetensors shards."""
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
-
-
 def changed_weights(before: Path, after: Path) -> set[str]:
     """Names of the tensors training changed; the names themselves must be the released ones."""
-    a, b = weights(before), weights(after)
+    a, b = saved_tensors(before), saved_tensors(after)
     assert a.keys() == b.keys()
     return {k for k in a if not torch.equal(a[k], b[k])}
 

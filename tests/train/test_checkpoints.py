@@ -30,6 +30,7 @@ from omni_cli.train.checkpoints import (
     save_resume_point,
 )
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from saved_tensors import saved_tensors
 
 
 def _manifest(tmp_path: Path) -> Path:
@@ -38,13 +39,6 @@ def _manifest(tmp_path: Path) -> Path:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"id": "q", "speech": "q.wav", "response": "Paris.", "tgt_units": [5, 9, 2]}) + "\n")
     return manifest
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
 
 
 def test_ctrl_c_during_a_step_that_ends_in_a_periodic_save_writes_it_once(tiny_model, tmp_path: Path, monkeypatch) -> None:
@@ -139,7 +133,7 @@ def test_an_interrupted_save_leaves_no_temporary_folder_and_the_old_checkpoint(t
     with pytest.raises(KeyboardInterrupt):
         save_resume_point({"w": torch.ones(2)}, {"step": 1}, tmp_path / "checkpoint-1")
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
-    assert torch.equal(_tensors(tmp_path / "checkpoint-1")["w"], torch.zeros(2))
+    assert torch.equal(saved_tensors(tmp_path / "checkpoint-1")["w"], torch.zeros(2))
 
 
 def test_stale_temporary_folders_of_dead_processes_are_tidied(tmp_path: Path) -> None:
@@ -171,13 +165,13 @@ def test_resume_points_hold_only_trained_parts_and_the_export_keeps_the_base_dty
     point = tmp_path / "out" / "checkpoint-1"
     assert result.last_checkpoint == point
     # Stage 2's resume point: the speech decoder's float32 master weights and the trainer state, nothing else.
-    trained = _tensors(point)
+    trained = saved_tensors(point)
     assert trained and all(k.startswith("unit_decoder.") and v.dtype == torch.float32 for k, v in trained.items())
     assert sorted(p.name for p in point.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json", TRAINER_STATE_FILE]
     # final/: the complete released layout in the base's dtype, no optimizer state; the frozen LLM is the base's own.
     final = result.output_dir
     assert not (final / TRAINER_STATE_FILE).exists()
-    before, after = _tensors(base), _tensors(final)
+    before, after = saved_tensors(base), saved_tensors(final)
     assert before.keys() == after.keys()
     assert all(after[k].dtype == before[k].dtype == torch.float16 for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before if not k.startswith("speech_generator."))
@@ -200,7 +194,7 @@ def test_resume_stores_absolute_paths_and_honours_a_moved_model(tiny_model, tmp_
     assert state["base_model"] == str((first / "model").resolve())
     assert state["speech_encoder"] == str((first / "whisper").resolve())
     # LoRA: the resume point holds the adaptor and the adapters only.
-    assert all(k.startswith("adaptor.") or "lora_" in k for k in _tensors(point))
+    assert all(k.startswith("adaptor.") or "lora_" in k for k in saved_tensors(point))
 
     # From another directory the stored paths still work; once the model moved, --model names it.
     monkeypatch.chdir(second)
@@ -211,8 +205,8 @@ def test_resume_stores_absolute_paths_and_honours_a_moved_model(tiny_model, tmp_
         finetune(FinetuneConfig(**{**cfg.__dict__, "model": None, "speech_encoder": None, "resume": point, "output": tmp_path / "b"}))
     moved = finetune(FinetuneConfig(**{**cfg.__dict__, "model": Path("moved"), "speech_encoder": None, "resume": point, "output": tmp_path / "c"}))
     assert moved.steps == 2
-    for name, tensor in _tensors(resumed.output_dir).items():
-        assert torch.equal(tensor, _tensors(moved.output_dir)[name]), name
+    for name, tensor in saved_tensors(resumed.output_dir).items():
+        assert torch.equal(tensor, saved_tensors(moved.output_dir)[name]), name
 
 
 def test_unknown_precision_is_refused_in_one_line(tmp_path: Path) -> None:

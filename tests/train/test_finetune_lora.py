@@ -10,20 +10,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file
 
 from omni_cli.errors import ConfigError
 from omni_cli.model.loading import load_omni
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from saved_tensors import saved_tensors
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in model_dir.glob("*.safetensors"):
-        out.update(load_file(str(shard)))
-    return out
 
 
 def test_lora_stage1_saves_merged_weights_that_reproduce_the_trained_model(tiny_model, tmp_path: Path) -> None:
@@ -35,7 +28,7 @@ def test_lora_stage1_saves_merged_weights_that_reproduce_the_trained_model(tiny_
                          speech_encoder=tiny_model.speech_encoder, max_steps=3, batch_size=1,
                          lr=1e-2, lora=True, lora_rank=4, lora_alpha=8, save_every=0)
     result = finetune(cfg)
-    before, after = _weights(tiny_model.model_dir), _weights(result.output_dir)
+    before, after = saved_tensors(tiny_model.model_dir), saved_tensors(result.output_dir)
     assert before.keys() == after.keys()  # merged: no lora_ keys, released names
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert any(k.startswith("model.speech_projector.") for k in changed)
@@ -82,7 +75,7 @@ def test_lora_resume_matches_training_straight(tiny_model, tmp_path: Path) -> No
     cut = finetune(cfg("cut"), on_log=stop_at_2)
     assert cut.interrupted and cut.steps == 2
     resumed = finetune(cfg("cut", resume=tmp_path / "cut"))
-    a, b = _weights(straight.output_dir), _weights(resumed.output_dir)
+    a, b = saved_tensors(straight.output_dir), saved_tensors(resumed.output_dir)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
     assert straight.losses[2:] == pytest.approx(resumed.losses, abs=1e-5)
@@ -118,7 +111,7 @@ def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, 
     trained = result.model.llm.state_dict()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in result.model.llm.modules()), "the base was not 4-bit"
 
-    before, after = _weights(tiny_model.model_dir), _weights(result.output_dir)
+    before, after = saved_tensors(tiny_model.model_dir), saved_tensors(result.output_dir)
     assert before.keys() == after.keys()  # no packed weights, no quantization state: the released names
     for key, value in after.items():
         module = key.removesuffix(".weight")
@@ -151,7 +144,7 @@ def test_saving_never_nudges_the_trained_weights(tiny_model, tmp_path: Path) -> 
                                        lora=True, lora_rank=4, lora_alpha=8, save_every=save_every))
 
     every, never = run("every", 1), run("never", 0)
-    a, b = _weights(every.output_dir), _weights(never.output_dir)
+    a, b = saved_tensors(every.output_dir), saved_tensors(never.output_dir)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     llm = every.model.llm
     before = {k: v.clone() for k, v in llm.state_dict().items()}
@@ -159,6 +152,6 @@ def test_saving_never_nudges_the_trained_weights(tiny_model, tmp_path: Path) -> 
     assert all(torch.equal(before[k], v) for k, v in llm.state_dict().items())
     assert not any("lora_" in k for k in merged)
     assert all(torch.equal(merged[k], a[k]) for k in merged)  # what the export wrote
-    base = _weights(tiny_model.model_dir)
+    base = saved_tensors(tiny_model.model_dir)
     changed = {k for k in merged if not torch.equal(merged[k], base[k])}
     assert changed and all(k.split(".")[-2] in LORA_TARGETS for k in changed)  # the adapters, added to new tensors

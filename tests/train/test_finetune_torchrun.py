@@ -19,19 +19,13 @@ from safetensors.torch import load_file
 
 from omni_cli.train.checkpoints import TRAINER_STATE_FILE
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from saved_tensors import saved_tensors
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in directory.glob("*.safetensors"):
-        out.update(load_file(str(shard)))
-    return out
 
 
 def _stage2_manifest(tmp_path: Path) -> Path:
@@ -74,7 +68,7 @@ def test_batch_size_is_the_global_batch_over_processes_and_accumulation(tiny_mod
     single = finetune(FinetuneConfig(stage=2, data=manifest, output=tmp_path / "single", model=tiny_model.model_dir,
                                      speech_encoder=tiny_model.speech_encoder, max_steps=2, batch_size=4,
                                      micro_batch_size=4, lr=1e-3, seed=5))
-    base, a, b = _tensors(tiny_model.model_dir), _tensors(out / "final"), _tensors(single.output_dir)
+    base, a, b = saved_tensors(tiny_model.model_dir), saved_tensors(out / "final"), saved_tensors(single.output_dir)
     assert base.keys() == a.keys() == b.keys()
     changed = {k for k in base if not torch.equal(base[k], a[k])}
     assert changed and all(k.startswith("speech_generator.") for k in changed)

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from safetensors.torch import load_file
 
 from omni_cli.train.checkpoints import load_trainer_state
 from omni_cli.train.trainer import FinetuneConfig, Run, finetune
+from saved_tensors import saved_tensors
 
 # The code a step runs through, between one step counter increment and the next.
 STEP_CODE = {f.__code__ for f in (Run.train, Run._optimizer_step, Run._report, Run._agreed_to_stop, Run.save_resume_point)}
@@ -71,13 +71,6 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for shard in sorted(directory.glob("*.safetensors")):
-        out.update(load_file(str(shard)))
-    return out
-
-
 @pytest.mark.slow  # ~30 tiny training runs, one per line a step runs through: ~15-30 s on 2 cores
 def test_an_interrupt_at_every_point_of_a_step_resumes_bit_identically(tiny_model, tmp_path: Path) -> None:
     t = np.arange(8000) / 16000
@@ -103,7 +96,7 @@ def test_an_interrupt_at_every_point_of_a_step_resumes_bit_identically(tiny_mode
     # Straight through, with the resume point of step 1 to compare against (step 2's: the first cut run's).
     straight = finetune(cfg("straight", save_every=1))
     point = tmp_path / "straight" / "checkpoint-1"
-    reference = {1: (load_trainer_state(point), _tensors(point))}
+    reference = {1: (load_trainer_state(point), saved_tensors(point))}
     # Every line run from step 1's progress report to step 2's counter increment: save check, stop
     # check, data loading, each micro-step's forward and backward, clipping, optimizer, schedule, counter.
     recorder = SignalAtLine(step=1)
@@ -119,7 +112,7 @@ def test_an_interrupt_at_every_point_of_a_step_resumes_bit_identically(tiny_mode
         assert result.interrupted and result.unsaved is None, where
         # Stopped at the next step boundary: step 1 or 2, never a mix of the two.
         assert result.last_checkpoint == tmp_path / out / f"checkpoint-{result.steps}" and result.steps in (1, 2), where
-        state, trained = load_trainer_state(result.last_checkpoint), _tensors(result.last_checkpoint)
+        state, trained = load_trainer_state(result.last_checkpoint), saved_tensors(result.last_checkpoint)
         ref_state, ref_trained = reference.setdefault(result.steps, (state, trained))
         assert all(_same(state[k], ref_state[k]) for k in RESUMED_KEYS), where
         assert _same(trained, ref_trained), where
@@ -129,8 +122,8 @@ def test_an_interrupt_at_every_point_of_a_step_resumes_bit_identically(tiny_mode
             resumed_from[result.steps] = result.last_checkpoint
     assert sorted(resumed_from) == [1, 2]  # the interrupt landed on both sides of the step boundary
 
-    final = _tensors(straight.output_dir)
+    final = saved_tensors(straight.output_dir)
     for point in resumed_from.values():  # step 1's resumes one step; step 2's (the last) only exports
         resumed = finetune(cfg(point.parent.name, resume=point))
         assert resumed.steps == 2
-        assert _same(_tensors(resumed.output_dir), final), point
+        assert _same(saved_tensors(resumed.output_dir), final), point

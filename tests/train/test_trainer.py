@@ -21,6 +21,7 @@ from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import Done, SpeechToSpeech
 from omni_cli.train.checkpoints import TRAINER_STATE_FILE, load_trainer_state
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from saved_tensors import saved_tensors
 
 # Short questions and replies made of words the tiny tokenizer knows; unit targets are
 # arbitrary (no HuBERT here), repeats merged like real targets, and no longer than the
@@ -130,15 +131,8 @@ def test_stage1_leaves_encoder_and_speech_decoder_untouched(stage1, tiny_model, 
     assert not torch.equal(fresh.llm.model.layers[0].mlp.up_proj.weight, trained.llm.model.layers[0].mlp.up_proj.weight)
 
 
-def _all_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        tensors.update(load_file(str(shard)))
-    return tensors
-
-
 def test_stage2_changes_only_the_speech_decoder(stage1, stage2) -> None:
-    before, after = _all_tensors(stage1.output_dir), _all_tensors(stage2.output_dir)
+    before, after = saved_tensors(stage1.output_dir), saved_tensors(stage2.output_dir)
     assert before.keys() == after.keys()
     for name in before:
         if name.startswith("speech_generator."):
@@ -199,7 +193,7 @@ def test_resume_gives_the_same_weights_as_training_straight(workspace, tiny_mode
     resumed = run(root / "cut", save_every=0, resume=root / "cut")
     # The exported model carries no optimizer state: resume points do.
     assert resumed.steps == 6 and not (resumed.output_dir / TRAINER_STATE_FILE).exists()
-    a, b = _all_tensors(straight.output_dir), _all_tensors(resumed.output_dir)
+    a, b = saved_tensors(straight.output_dir), saved_tensors(resumed.output_dir)
     moved = 0
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
