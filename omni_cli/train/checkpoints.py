@@ -128,12 +128,16 @@ def save_resume_point(trained: dict[str, torch.Tensor], trainer_state: dict[str,
     return write_directory(out_dir, fill)
 
 
-def read_trained(checkpoint: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """The trained parameters a `checkpoint-N` holds, by their training names."""
+def read_trained(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The trained parameters a `checkpoint-N` holds, by their training names, on the CPU.
+
+    On the CPU because `load_state_dict` copies them into the model where it lives: read onto
+    the GPU, a full stage-1 resume would hold the fp32 LLM there twice.
+    """
     tensors: dict[str, torch.Tensor] = {}
     for path in weight_files(checkpoint):
         try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():
                     tensors[key] = f.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for damaged files

@@ -488,7 +488,7 @@ class Run:
 
     def _load_trained(self, resume_dir: Path) -> None:
         """Put a resume point's trained parameters onto the freshly loaded base (before any wrapping)."""
-        trained = read_trained(resume_dir, self.device)
+        trained = read_trained(resume_dir)
         expected = set(self.trained_names)
         strays = sorted(expected ^ trained.keys())
         if strays:
