@@ -97,6 +97,11 @@ class DataLimits:
 
 def read_manifest(path: str | Path) -> list[dict[str, Any]]:
     """The raw records of a JSON list or JSONL manifest (a record that is not an object stays, to be reported)."""
+    return read_manifest_and_format(path)[0]
+
+
+def read_manifest_and_format(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+    """`read_manifest`'s records, and True when the file is a JSON list (to write it back in its own format)."""
     path = Path(path)
     if path.is_dir():
         raise DatasetError(f"manifest {path} is a directory; pass --data a JSON or JSONL manifest file.")
@@ -115,7 +120,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DatasetError(f"manifest {path} is not valid JSON ({exc}); fix the file.") from None
-        return list(data)
+        return list(data), True
     if stripped.startswith("{") and "\n" in stripped:
         # One object over several lines is a pretty-printed JSON document, not JSONL.
         try:
@@ -138,7 +143,7 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
             bad_lines.append(RecordProblem(f"line {number}", f"not valid JSON ({exc.msg})"))
     if bad_lines:
         raise _summary(path, bad_lines, len(records) + len(bad_lines))
-    return records
+    return records, False
 
 
 def parse_units(value: Any) -> list[int]:

@@ -28,7 +28,7 @@ from transformers import HubertModel
 from omni_cli.audio.io import SAMPLE_RATE, load_audio
 from omni_cli.config import read_json
 from omni_cli.errors import CheckpointError, ConfigError, one_line
-from omni_cli.train.data import DatasetError, merge_repeats, read_manifest
+from omni_cli.train.data import DatasetError, merge_repeats, read_manifest_and_format
 from omni_cli.train.kmeans_pickle import read_kmeans_centres
 
 CENTRES_KEY = "cluster_centers"
@@ -195,8 +195,7 @@ def label_units(
         paths = list(files)
         target = "units"
     else:
-        rows = read_manifest(source)
-        as_json_list = source.read_text(encoding="utf-8").lstrip().startswith("[")
+        rows, as_json_list = read_manifest_and_format(source)
         paths, missing = [], []
         for i, row in enumerate(rows):
             value = next((row.get(f) for f in RESPONSE_SPEECH_FIELDS if isinstance(row, dict) and row.get(f)), None)

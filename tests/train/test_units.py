@@ -96,10 +96,11 @@ def test_units_cli_labels_a_directory_and_the_output_trains(hubert_dir: Path, ce
         assert row["units"] and all(0 <= u < 12 for u in row["units"])
 
 
-def test_manifest_records_get_tgt_units_from_their_response_speech(hubert_dir: Path, centres_file: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("bom", ["", "\ufeff"], ids=["utf-8", "utf-8 with a byte-order mark"])
+def test_manifest_records_get_tgt_units_from_their_response_speech(hubert_dir: Path, centres_file: Path, tmp_path: Path, bom: str) -> None:
     _speech(tmp_path / "ans.wav", 0.5, 3)
     manifest = tmp_path / "m.json"
-    manifest.write_text(json.dumps([{"id": "x", "speech": "q.wav", "response": "Hi.", "tgt_speech": "ans.wav"}]))
+    manifest.write_text(bom + json.dumps([{"id": "x", "speech": "q.wav", "response": "Hi.", "tgt_speech": "ans.wav"}]), encoding="utf-8")
     extractor = UnitExtractor(hubert_dir, load_kmeans_centres(centres_file), layer=LAYERS)
     assert label_units(manifest, tmp_path / "out.json", extractor) == 1
     rows = json.loads((tmp_path / "out.json").read_text())
