@@ -443,3 +443,8 @@ def test_download_units_fetches_and_converts_mhubert_and_its_kmeans(
     requests = len(server.requests)
     assert CliRunner().invoke(app, ["download", str(tmp_path / "custom.toml"), "--units"]).exit_code == 0
     assert len(server.requests) == requests
+    # A converted folder that is not complete (here: empty) is converted again, not taken as done.
+    shutil.rmtree(folder / "hubert")
+    (folder / "hubert").mkdir()
+    assert CliRunner().invoke(app, ["download", str(tmp_path / "custom.toml"), "--units"]).exit_code == 0
+    assert load_hubert(folder / "hubert").config.num_hidden_layers == 11

@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from omni_cli.errors import CheckpointError, ConfigError, OmniError, one_line
-from omni_cli.weights.layout import VOCODER_SAFETENSORS_NAME
+from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME
 from omni_cli.weights.presets import (
     GB,
     HUBERT_DIRNAME,
@@ -427,7 +427,7 @@ def fetch_units(part: UnitsPart, dest_dir: Path, *, console: Console | None = No
     dest_dir = Path(dest_dir)
     fetch_files(part.files, dest_dir, console=console, echo=echo)
     try:
-        if not (dest_dir / HUBERT_DIRNAME).is_dir():
+        if not (dest_dir / HUBERT_DIRNAME / CONFIG_NAME).is_file():  # what units_present looks for
             convert_hubert(dest_dir / part.hubert_checkpoint, dest_dir / HUBERT_DIRNAME)
         if not (dest_dir / KMEANS_CENTRES_NAME).is_file():
             convert_kmeans(dest_dir / part.kmeans, dest_dir / KMEANS_CENTRES_NAME)
