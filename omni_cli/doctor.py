@@ -30,8 +30,6 @@ from omni_cli.weights.presets import (
 
 OK, WARN, MISSING, FIX = "OK", "WARN", "MISSING", "FIX"
 MIN_PYTHON = (3, 10)
-# What installs the [quant] extra's packages: from PyPI by their own names (the name of omni's
-# distribution on PyPI belongs to someone else), or the extra itself from an omni checkout.
 
 
 @dataclass(frozen=True)
@@ -196,17 +194,12 @@ def _validate_vocoder(folder: Path, preset: Preset) -> None:
 
 
 def _validate_units(folder: Path, preset: Preset) -> None:
-    from omni_cli.config import read_json
-    from omni_cli.errors import ConfigError
-    from omni_cli.train.units import load_kmeans_centres
+    from omni_cli.train.units import load_hubert, load_kmeans_centres
     from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME
 
     assert preset.units is not None
     _check_pinned(folder, preset.units.files)
-    hubert = folder / HUBERT_DIRNAME
-    if read_json(hubert / "config.json", "HuBERT config").get("model_type") != "hubert":
-        raise ConfigError(f"{hubert / 'config.json'} is not a HuBERT config.")
-    _safetensors_headers(sorted(hubert.glob("*.safetensors")))
+    load_hubert(folder / HUBERT_DIRNAME)  # as `omni units` loads it: every weight present, used and of its shape
     load_kmeans_centres(folder / KMEANS_CENTRES_NAME)
 
 

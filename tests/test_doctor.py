@@ -167,3 +167,26 @@ def test_a_custom_preset_that_cannot_be_sized_gives_lines_not_tracebacks(caches,
     assert result.exit_code == 0 and "Traceback" not in result.output
     gpu = next(line for line in result.stdout.splitlines() if "GPU memory" in line)
     assert gpu.startswith(WARN) and "cannot estimate" in gpu and "hidden_size" in gpu
+
+
+def test_the_units_part_is_ok_when_omni_units_could_load_it_and_fix_when_its_weights_are_gone(caches, tiny_model, tmp_path: Path) -> None:
+    import numpy as np
+    from release_files import fairseq_weights, write_checkpoint, write_kmeans
+
+    from omni_cli.train.hubert import convert_hubert
+    from omni_cli.train.units import convert_kmeans
+    from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME, units_dir
+
+    preset = get_preset(PRESET)
+    install_tiny_preset(tiny_model, preset, caches)
+    assert preset.units is not None
+    folder = units_dir(preset.units)
+    convert_hubert(write_checkpoint(tmp_path / "m.pt", "dictconfig", fairseq_weights()), folder / HUBERT_DIRNAME)
+    centres = np.random.default_rng(1).standard_normal((10, 16)).astype(np.float32)
+    convert_kmeans(write_kmeans(tmp_path / "km.bin", centres, "pickle-4"), folder / KMEANS_CENTRES_NAME)
+    units = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: units")
+    assert units.status == OK, units.detail
+    for weights in (folder / HUBERT_DIRNAME).glob("*.safetensors"):
+        weights.unlink()  # config.json alone: `omni units` could not label anything with it
+    units = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: units")
+    assert units.status == FIX, units.detail
