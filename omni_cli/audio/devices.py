@@ -88,7 +88,12 @@ def within_deadline(call: Callable[[], T], what: str, seconds: float = SOUND_TIM
 
 
 def load_sounddevice() -> ModuleType:
-    """Import `sounddevice`, turning a missing PortAudio library into an AudioInputError."""
+    """Import `sounddevice` within SOUND_TIMEOUT_S (its first import starts PortAudio, which a hung
+    sound server blocks), turning a missing PortAudio library into an AudioInputError."""
+    return within_deadline(_import_sounddevice, "loading PortAudio")
+
+
+def _import_sounddevice() -> ModuleType:
     try:
         import sounddevice
     except OSError as exc:  # sounddevice raises OSError when libportaudio cannot be loaded
@@ -154,7 +159,7 @@ def list_devices(pulse: bool = True) -> list[DeviceInfo]:
 
     Raises AudioInputError (within SOUND_TIMEOUT_S) when PortAudio is missing or hangs.
     """
-    sd = within_deadline(load_sounddevice, "loading PortAudio")
+    sd = load_sounddevice()
     try:
         raw, hostapis = within_deadline(lambda: (sd.query_devices(), sd.query_hostapis()), "listing audio devices")
     except sd.PortAudioError as exc:

@@ -23,7 +23,6 @@ from omni_cli.audio.devices import (
     load_sounddevice,
     open_stream,
     sound_server_problem,
-    within_deadline,
 )
 from omni_cli.audio.vad import FrameSplitter
 
@@ -78,7 +77,7 @@ class Microphone:
         """Open and start the input stream; raises AudioInputError with one line on failure."""
         if self._stream is not None:
             return self
-        sd = within_deadline(load_sounddevice, "loading PortAudio")
+        sd = load_sounddevice()
         chosen = choose_device(self.device, "input")
         index = None if chosen is None else chosen.portaudio_index
         self.device_name, rate, channels = choose_stream_settings(sd, index, "input", self.sample_rate, self.requested_device_rate)

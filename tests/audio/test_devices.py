@@ -224,6 +224,19 @@ except OmniError as exc:
 print(f"{time.monotonic() - started:.2f}", "torch" in sys.modules)
 """
 
+SPEAKER = """
+import sys, time
+started = time.monotonic()
+from omni_cli.audio.player import Player
+from omni_cli.errors import OmniError
+try:
+    Player(sample_rate=16000).start().close()
+    print("ok")
+except OmniError as exc:
+    print(exc)
+print(f"{time.monotonic() - started:.2f}")
+"""
+
 PROBLEM = """
 import os, signal, sys, time
 from omni_cli.audio.mic import Microphone
@@ -285,3 +298,12 @@ def test_the_microphone_says_the_server_went_away_within_2s(private_server, how:
     problem, detected, closed = _run_against(private_server, PROBLEM, str(private_server.process.pid), how)
     assert said in problem
     assert float(detected) < 2.0 and float(closed) < 2.5
+
+
+@pytest.mark.sound
+def test_a_speaker_opened_first_on_a_hung_server_is_one_line_within_2s(private_server) -> None:
+    """`omni chat --text` opens the speaker before anything else has loaded PortAudio."""
+    os.kill(private_server.process.pid, signal.SIGSTOP)
+    message, seconds = _run_against(private_server, SPEAKER)
+    assert "seems hung" in message
+    assert float(seconds) < 2.0
