@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from omni_cli.audio.devices import StreamResampler
-from omni_cli.audio.vad import FrameSplitter, to_float32
+from omni_cli.audio.vad import FrameSplitter, to_float32, to_pcm16
 from omni_cli.errors import AudioInputError, one_line
 
 APM_RATE = 16000
@@ -59,11 +59,6 @@ class EchoSettings:
     delay_ms: int = 50
     high_pass: bool = True
     noise_suppression: bool = False
-
-
-def _to_pcm16(samples: np.ndarray) -> bytearray:
-    """float32 [-1, 1] → a writable int16 buffer (the module processes it in place)."""
-    return bytearray(np.clip(np.rint(samples * 32768.0), -32768, 32767).astype("<i2").tobytes())
 
 
 class EchoCanceller:
@@ -114,7 +109,7 @@ class EchoCanceller:
                 self._resampler = StreamResampler(int(rate), APM_RATE)
                 self._splitter.reset()
             for frame in self._splitter.push(self._resampler.process(samples)):
-                self._apm.process_reverse_stream(self._frame_type(_to_pcm16(frame), APM_RATE, 1, APM_FRAME))
+                self._apm.process_reverse_stream(self._frame_type(bytearray(to_pcm16(frame)), APM_RATE, 1, APM_FRAME))
                 self.reference_frames += 1
                 if float(np.dot(frame, frame)) > FAR_AUDIBLE_ENERGY:
                     self.far_active_s += APM_FRAME / APM_RATE
@@ -128,10 +123,10 @@ class EchoCanceller:
         out = np.empty(samples.size, dtype=np.float32)
         with self._lock:
             for start in range(0, samples.size, APM_FRAME):
-                pcm = _to_pcm16(samples[start : start + APM_FRAME])
+                pcm = bytearray(to_pcm16(samples[start : start + APM_FRAME]))  # writable: processed in place
                 self._apm.set_stream_delay_ms(self._delay_ms)
                 self._apm.process_stream(self._frame_type(pcm, APM_RATE, 1, APM_FRAME))
-                cleaned = np.frombuffer(pcm, dtype="<i2") / np.float32(32768.0)
+                cleaned = to_float32(pcm)
                 out[start : start + APM_FRAME] = cleaned
                 self.processed_frames += 1
                 if self._far_hold > 0:
