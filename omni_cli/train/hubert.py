@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import pickletools
 import re
-import shutil
-import tempfile
 import types
 import zipfile
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
@@ -334,17 +331,10 @@ def convert_hubert(src: str | Path, dst: str | Path) -> Path:
         raise CheckpointError(f"{src}: {exc}") from exc
     model = HubertModel(config)
     model.load_state_dict({k: v.float() for k, v in renamed.items()}, strict=True)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        if dst.exists():
-            dst.rmdir()  # empty (checked above)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dst
+    from omni_cli.train.checkpoints import write_directory
+
+    # Atomic, as checkpoints are written: `dst` appears complete or not at all (an empty one is replaced).
+    return write_directory(dst, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
 
 
 __all__ = ["convert_hubert", "read_checkpoint", "model_settings", "hubert_config", "conv_layers", "plain", "ConfigObject"]
