@@ -174,16 +174,15 @@ def _validate_encoder(folder: Path) -> None:
 def _check_pinned(folder: Path, files: tuple[RemoteFile, ...]) -> None:
     """Every file present in `folder` whose size or SHA-256 the preset pins has them (unpinned ones cannot be checked)."""
     from omni_cli.errors import CheckpointError
-    from omni_cli.weights.download import sha256_of
+    from omni_cli.weights.download import pin_problem, sha256_of
 
     for remote in files:
         path = folder / remote.name
         if not path.is_file():
             continue
-        if remote.size is not None and path.stat().st_size != remote.size:
-            raise CheckpointError(f"{remote.name} is {path.stat().st_size} bytes, the preset pins {remote.size}")
-        if remote.sha256 is not None and sha256_of(path) != remote.sha256:
-            raise CheckpointError(f"{remote.name} does not have the SHA-256 the preset pins")
+        problem = pin_problem(path.stat().st_size, sha256_of(path) if remote.sha256 is not None else None, remote)
+        if problem:
+            raise CheckpointError(f"{remote.name} {problem} (pinned by the preset)")
 
 
 def _validate_vocoder(folder: Path, preset: Preset) -> None:

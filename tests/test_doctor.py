@@ -190,3 +190,17 @@ def test_the_units_part_is_ok_when_omni_units_could_load_it_and_fix_when_its_wei
         weights.unlink()  # config.json alone: `omni units` could not label anything with it
     units = next(c for c in run_checks(PRESET, list_devices=_no_audio) if c.name == "weights: units")
     assert units.status == FIX, units.detail
+
+
+@pytest.mark.parametrize("pin", ["size = 1", 'sha256 = "' + "0" * 64 + '"'])
+def test_a_vocoder_file_that_differs_from_its_pin_is_fix(caches, tiny_model, tmp_path: Path, pin: str) -> None:
+    install_tiny_preset(tiny_model, get_preset(PRESET), caches)
+    text = (ROOT / "models" / f"{PRESET}.toml").read_text()
+    unpinned = 'url = "https://dl.fbaipublicfiles.com/fairseq/speech_to_speech/vocoder/code_hifigan/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj/config.json"\nsha256 = ""'
+    assert unpinned in text
+    pinned = tmp_path / "pinned.toml"
+    pinned.write_text(text.replace(unpinned, unpinned.replace('sha256 = ""', pin)))
+    checks = list(run_checks(str(pinned), list_devices=_no_audio))
+    vocoder = next(c for c in checks if c.name == "weights: vocoder")
+    assert vocoder.status == FIX and "config.json " in vocoder.detail and "pinned by the preset" in vocoder.detail, vocoder.detail
+    assert ("is " in vocoder.detail and "bytes, expected 1" in vocoder.detail) if pin.startswith("size") else "expected " + "0" * 64 in vocoder.detail

@@ -139,15 +139,19 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def pin_problem(size: int, digest: str | None, expected: RemoteFile) -> str | None:
+    """How a file of `size` bytes and SHA-256 `digest` differs from what `expected` pins ("is N bytes,
+    expected M"), or None; a `digest` of None is not compared (hash only files whose SHA-256 is pinned)."""
+    if expected.size is not None and size != expected.size:
+        return f"is {size} bytes, expected {expected.size}"
+    if expected.sha256 is not None and digest is not None and digest != expected.sha256:
+        return f"has SHA-256 {digest}, expected {expected.sha256}"
+    return None
+
+
 def _verify(path: Path, digest: str, size: int, expected: RemoteFile | None, label: str) -> None:
     """Raise ChecksumError (after deleting `path`) when size or SHA-256 differ from the pinned ones."""
-    if expected is None:
-        return
-    problem = None
-    if expected.size is not None and size != expected.size:
-        problem = f"is {size} bytes, expected {expected.size}"
-    elif expected.sha256 is not None and digest != expected.sha256:
-        problem = f"has SHA-256 {digest}, expected {expected.sha256}"
+    problem = None if expected is None else pin_problem(size, digest, expected)
     if problem:
         path.unlink(missing_ok=True)
         raise ChecksumError(f"{label} {problem}; the file was removed — run the download again (or check the URL).")
