@@ -15,11 +15,14 @@ def preflight(options: ChatOptions) -> None:
 
     Raises an OmniError with one line saying what to do.
     """
-    from omni_cli.audio.devices import find_device
+    from omni_cli.audio.devices import choose_device, list_devices
     from omni_cli.transcript import refuse_used_session_dir
 
     refuse_used_session_dir(options.session_dir)
+    if options.text and options.output_device is None:
+        return
+    devices = list_devices()  # once for both checks: each listing asks PortAudio and the sound server
     if not options.text:
-        find_device(options.input_device, "input")
+        choose_device(options.input_device, "input", devices)
     if options.output_device is not None:
-        find_device(options.output_device, "output")
+        choose_device(options.output_device, "output", devices)

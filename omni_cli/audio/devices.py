@@ -308,16 +308,17 @@ def _choose_device(devices: list[DeviceInfo], spec: str | int, kind: DeviceKind)
     raise AudioInputError(f"no {kind} device named '{spec}'.{hint_text} {kind.capitalize()} devices: {names}.")
 
 
-def choose_device(spec: str | int | None, kind: DeviceKind) -> DeviceInfo | None:
+def choose_device(spec: str | int | None, kind: DeviceKind, devices: list[DeviceInfo] | None = None) -> DeviceInfo | None:
     """Resolve `--input-device`/`--output-device`: a `#`, an exact or partial name, or None for the default.
 
     Returns the chosen row (None: the system default). Choosing a PulseAudio source/sink sets
     PULSE_SOURCE/PULSE_SINK for this process, so the streams opened on its PortAudio device
     (`portaudio_index`) connect to it. Raises AudioInputError, within 2 s, when nothing
     matches (naming near matches), when no device of `kind` exists (saying why, when the sound
-    server is the reason), or when the sound system hangs.
+    server is the reason), or when the sound system hangs. `devices`: a listing already made
+    (one `list_devices()` can serve several choices).
     """
-    devices = list_devices()
+    devices = list_devices() if devices is None else devices
     if spec is None or (isinstance(spec, str) and not spec.strip()):
         if not any(d.has(kind) for d in devices):
             reason = sound_server_problem() or "connect one or start a sound server, then run `omni devices`."
