@@ -152,9 +152,9 @@ def _default_index(sd: ModuleType, kind: DeviceKind) -> int | None:
     return index if index >= 0 else None
 
 
-def list_devices(pulse: bool = True) -> list[DeviceInfo]:
-    """All devices PortAudio sees, with the default input/output marked, then (with `pulse`)
-    the PulseAudio/PipeWire sources and sinks when a server answers and PortAudio has ALSA's
+def list_devices() -> list[DeviceInfo]:
+    """All devices PortAudio sees, with the default input/output marked, then the
+    PulseAudio/PipeWire sources and sinks when a server answers and PortAudio has ALSA's
     `pulse` device to reach them through.
 
     Raises AudioInputError (within SOUND_TIMEOUT_S) when PortAudio is missing or hangs.
@@ -180,7 +180,7 @@ def list_devices(pulse: bool = True) -> list[DeviceInfo]:
     ]
     # The ALSA `pulse` device (libasound2-plugins) is the one whose streams follow PULSE_SOURCE/PULSE_SINK.
     gateway = next((d for d in devices if d.name == "pulse"), None)
-    if not pulse or gateway is None:
+    if gateway is None:
         return devices
     first = max((d.index for d in devices), default=-1) + 1
     return devices + [
@@ -389,9 +389,9 @@ def open_stream(sd: ModuleType, kind: DeviceKind, index: int | None, name: str, 
         raise _cannot_open(kind, name, exc) from exc
 
 
-def close_stream(stream: Any, timeout: float = 2.0) -> bool:
-    """Stop and close a stream, closing it even when stopping fails; False when the sound
-    system did not let go within `timeout` (a hung server: the stream is abandoned)."""
+def close_stream(stream: Any, timeout: float = 2.0) -> None:
+    """Stop and close a stream, closing it even when stopping fails; when the sound system does
+    not let go within `timeout` (a hung server), the stream is abandoned."""
 
     def stop_and_close() -> None:
         try:
@@ -403,8 +403,7 @@ def close_stream(stream: Any, timeout: float = 2.0) -> bool:
         # Not sticky: a slow close (an output stream draining on a busy machine) is no reason to refuse later calls.
         within_deadline(stop_and_close, "closing an audio stream", timeout, sticky=False)
     except SoundSystemHung:
-        return False
-    return True
+        pass
 
 
 class StreamResampler:
