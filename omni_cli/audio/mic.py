@@ -22,7 +22,6 @@ from omni_cli.audio.devices import (
     close_stream,
     load_sounddevice,
     open_stream,
-    sound_server_problem,
 )
 from omni_cli.audio.vad import FrameSplitter
 
@@ -160,17 +159,6 @@ class Microphone:
             except queue.Empty:
                 return dropped
             dropped += 1
-
-    def problem(self, stall_s: float = 0.5) -> str | None:
-        """None while audio flows; else one line saying why it stopped (the sound server went
-        away or hangs, or the device stopped), within stall_s + 1 s. Call it when read() times out."""
-        if self._stream is None:
-            return "the microphone is closed."
-        if self.last_callback is not None and time.monotonic() - self.last_callback < stall_s and self.active:
-            return None
-        return sound_server_problem(timeout=1.0) or (
-            f"the microphone '{self.device_name}' stopped delivering audio (unplugged or taken by another program?)."
-        )
 
     @property
     def input_latency(self) -> float:

@@ -153,21 +153,6 @@ def test_portaudio_hanging_on_a_hung_server_is_reported_within_the_deadline(desk
     assert time.monotonic() - started < devices.SOUND_TIMEOUT_S + 0.3
 
 
-def test_microphone_says_why_audio_stopped(desktop, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(devices, "sound_server_problem", lambda timeout=1.0: None)
-    import omni_cli.audio.mic as mic_module
-
-    monkeypatch.setattr(mic_module, "sound_server_problem", lambda timeout=1.0: None)
-    with Microphone(frame_ms=30) as mic:
-        (stream,) = desktop.streams
-        stream.callback(np.zeros((1323, 1), np.float32), 1323, None, type("S", (), {"input_overflow": False})())
-        assert mic.problem(stall_s=0.5) is None
-        time.sleep(0.06)
-        assert mic.problem(stall_s=0.05) == "the microphone 'default' stopped delivering audio (unplugged or taken by another program?)."
-        monkeypatch.setattr(mic_module, "sound_server_problem", lambda timeout=1.0: "the sound server is not running (refused).")
-        assert mic.problem(stall_s=0.05) == "the sound server is not running (refused)."
-
-
 # -- a real PulseAudio server ------------------------------------------------------------------
 
 
@@ -240,11 +225,13 @@ print(f"{time.monotonic() - started:.2f}")
 PROBLEM = """
 import os, signal, sys, time
 from omni_cli.audio.mic import Microphone
+from omni_cli.audio.watch import SoundWatch
 with Microphone() as mic:
     assert mic.read(timeout=2.0) is not None
+    watch = SoundWatch(mic, None, stall_s=0.3)
     os.kill(int(sys.argv[1]), getattr(signal, sys.argv[2]))
     started = time.monotonic()
-    while (problem := mic.problem(stall_s=0.3) if mic.read(timeout=0.1) is None else None) is None:
+    while (problem := watch.problem() if mic.read(timeout=0.1) is None else None) is None:
         assert time.monotonic() - started < 10, "no problem reported"
     print(problem)
     print(f"{time.monotonic() - started:.2f}")
