@@ -36,6 +36,7 @@ SYSTEM_MESSAGE = (
     "that the user provides, and assist the user with a variety of tasks using natural language."
 )
 SPEECH_INSTRUCTION = "Please directly answer the questions in the user's speech."
+SPEECH_PROMPT = f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}"  # the reference's user message: the speech, then the instruction
 
 # The plain Llama-3 chat format, which is what the reference builds. The released tokenizer
 # carries Llama-3.1's template, which adds knowledge-cutoff and date lines to the system turn;
@@ -68,9 +69,9 @@ class Turn:
         return text.replace(SPEECH_PLACEHOLDER, _SPEECH_SLOT, 1) if self.speech else text
 
 
-def speech_turn() -> Turn:
-    """The reference's user message for one spoken question."""
-    return Turn("user", f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}", speech=True)
+def speech_turn(content: str = SPEECH_PROMPT) -> Turn:
+    """A user message holding one spoken question (`content` with one <speech>); by default the reference's."""
+    return Turn("user", content, speech=True)
 
 
 def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> list[int]:

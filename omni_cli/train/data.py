@@ -30,11 +30,12 @@ from omni_cli.audio.io import SAMPLE_RATE, load_audio
 from omni_cli.errors import OmniError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
 from omni_cli.model.llm import (
-    SPEECH_INSTRUCTION,
     SPEECH_PLACEHOLDER,
+    SPEECH_PROMPT,
     SPEECH_TOKEN_INDEX,
     Turn,
     build_prompt_ids,
+    speech_turn,
     splice_speech,
 )
 from omni_cli.model.unit_decoder import IGNORE_INDEX
@@ -77,11 +78,11 @@ class TrainingRecord:
     speech: Path
     response: str
     units: tuple[int, ...] | None
-    instruction: str = f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}"  # the user turn, with one <speech>
+    instruction: str = SPEECH_PROMPT  # the user turn, with one <speech>
 
     def prompt_turn(self) -> Turn:
         """The user turn as the chat template renders it, the speech spliced in where `<speech>` stands."""
-        return Turn("user", self.instruction, speech=True)
+        return speech_turn(self.instruction)
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def _dialogue(raw: dict[str, Any]) -> _Dialogue:
     if count > 1:
         return _Dialogue(None, None, f"the user turn holds {count} {SPEECH_PLACEHOLDER} markers; a record has one spoken question")
     if count == 0:  # the reference puts the speech first, then the instruction
-        instruction = f"{SPEECH_PLACEHOLDER}\n{instruction}" if instruction.strip() else f"{SPEECH_PLACEHOLDER}\n{SPEECH_INSTRUCTION}"
+        instruction = f"{SPEECH_PLACEHOLDER}\n{instruction}" if instruction.strip() else SPEECH_PROMPT
     return _Dialogue(instruction, texts[1])
 
 
