@@ -19,6 +19,7 @@ from omni_cli.weights.fit import (
     check_device_fits,
     check_fits,
     estimate_gpu_memory,
+    sizes_for_files,
     sizes_for_model,
     sizes_for_preset,
 )
@@ -83,14 +84,17 @@ def test_check_fits_suggests_the_best_precision_that_fits() -> None:
         check_fits(need["4bit"] - 1, sizes, "fp16")
 
 
-def test_check_device_fits_reads_the_gpu_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    resolved = resolve_preset("llama-omni-8b")  # nothing downloaded: the preset's sizes are used
+def test_check_device_fits_reads_the_gpu_before_loading(monkeypatch: pytest.MonkeyPatch, tiny_model) -> None:
+    from omni_cli.weights.model_files import read_model_files
+
+    files = read_model_files(tiny_model.model_dir, tiny_model.speech_encoder)  # as a run reads them, once
+    need = {p: estimate_gpu_memory(sizes_for_files(files), p) for p in ("fp16", "4bit")}
     monkeypatch.setattr(fit, "cuda_memory", lambda device=None: None)
-    check_device_fits(resolved, "fp16")  # CPU: nothing to check
-    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: ("Fake GPU", int(12 * GB), int(16 * GB)))
-    with pytest.raises(ConfigError, match="llama-omni-8b needs .* 12.0 GB free; try --precision 4bit"):
-        check_device_fits(resolved, "fp16")
-    check_device_fits(resolved, "4bit")
+    check_device_fits(files, "fp16")  # CPU: nothing to check
+    monkeypatch.setattr(fit, "cuda_memory", lambda device=None: ("Fake GPU", need["4bit"], need["fp16"]))
+    with pytest.raises(ConfigError, match=rf"{re.escape(files.name)} needs .* free; try --precision 4bit"):
+        check_device_fits(files, "fp16")
+    check_device_fits(files, "4bit")
 
 
 def test_models_readme_table_matches_the_estimates() -> None:

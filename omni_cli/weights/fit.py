@@ -242,20 +242,17 @@ def check_before_download(resolved: ResolvedModel, precision: str, device: str |
     return f"omni: note: {name} will run on the CPU{memory_need}: expect minutes per reply."
 
 
-def check_device_fits(model: ModelFiles | ResolvedModel, precision: str, device: str | None = None) -> None:
-    """Before loading (or downloading): fail with a suggestion when the CUDA GPU cannot hold the model; no-op on CPU."""
-    from omni_cli.weights.model_files import ModelFiles
+def check_device_fits(files: ModelFiles, precision: str, device: str | None = None) -> None:
+    """Before loading: fail with a suggestion when the CUDA GPU cannot hold the model; no-op on CPU.
 
+    (Before a download, `check_before_download` does this from the preset's sizes.)
+    """
     if precision not in PRECISIONS:
         return  # resolve_placement reports it, with the full list
     memory = cuda_memory(device)
     if memory is None:
         return
-    sizes = sizes_for_files(model) if isinstance(model, ModelFiles) else sizes_for_model(model)
-    if sizes is None:
-        return
-    name = model.name if isinstance(model, ModelFiles) else (model.preset.name if model.preset else str(model.model_dir))
-    check_fits(memory[1], sizes, precision, name)
+    check_fits(memory[1], sizes_for_files(files), precision, files.name)
 
 
 __all__ = [
