@@ -392,7 +392,6 @@ def download_cmd(
     from omni_cli.weights.download import download_preset, format_gb
     from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME, get_preset, preset_names, resolve_preset, units_dir
 
-    echo = lambda line: typer.echo(line, err=True)  # noqa: E731
     try:
         if list_presets:
             for name in preset_names():
@@ -401,8 +400,8 @@ def download_cmd(
             return
         chosen = get_preset(preset)
         if resolve_preset(chosen.source, local_dir).missing:
-            _note_without_cuda(chosen.name, echo)
-        resolved = download_preset(chosen, local_dir, units=units, echo=echo)
+            _note_without_cuda(chosen.name, _echo_err)
+        resolved = download_preset(chosen, local_dir, units=units, echo=_echo_err)
     except OmniError as exc:
         fail(str(exc), code=1)
     if local_dir is None:
@@ -480,8 +479,6 @@ def finetune_cmd(
     Example:\n
       omni finetune --stage 1 --data train.jsonl --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --output runs/s1
     """
-    import os
-
     from omni_cli.train.progress import TrainProgress
     from omni_cli.train.trainer import finetune
 
