@@ -6,7 +6,7 @@ far end first, as the audio callbacks would. One JSON line per (signal, delay, e
 - erle_db_by_time: echo return loss enhancement over 0-2 s, 2-5 s and from 5 s on (AEC3 adapts
   over the first seconds of a reply; a session keeps one canceller, so later replies start converged);
 - converged_after_s: the first second from which every 1 s window is above 30 dB;
-- with --double-talk (speech only): the user's level kept during double talk (dB, 0 = untouched);
+- for speech, when more than one question WAV is given: the user's level kept during double talk (dB, 0 = untouched);
 - cpu_ms_per_10ms: both calls into the module (reference + microphone) per 10 ms, this machine.
 """
 
@@ -23,16 +23,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "audio"))
 
-from signals import RATE, room_echo  # noqa: E402
+from signals import RATE, level_db, room_echo  # noqa: E402
 
 from omni_cli.audio.echo import EchoCanceller, EchoSettings  # noqa: E402
 from omni_cli.audio.io import load_audio  # noqa: E402
 
 STEP = 480  # the microphone's 30 ms frames
-
-
-def level_db(x: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
 def run(far: np.ndarray, mic: np.ndarray, delay_ms: int) -> tuple[np.ndarray, float]:

@@ -35,7 +35,7 @@ from sound_server import MIC_SINK
 from sound_session import LOUD, WINDOW_S, ChatProcess, Recording, heard_turns, rows_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "audio"))
-from signals import NOISES, at_dbfs, true_bounds  # noqa: E402
+from signals import NOISES, at_dbfs, level_db, true_bounds  # noqa: E402
 
 from omni_cli.audio.io import load_audio  # noqa: E402
 from omni_cli.pipeline import AudioChunk, Done, History, TextDelta  # noqa: E402
@@ -253,10 +253,6 @@ def sink_input_of(sound_server, module: str, timeout: float = 5.0) -> str:
                 return block.split("\n", 1)[0].strip()
         time.sleep(0.05)
     raise AssertionError(f"module {module} has no sink input")
-
-
-def level_db(x: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
 @pytest.mark.slow  # ~30 s of real-time conversation per case

@@ -1,4 +1,4 @@
-"""Test signals: steady noises and music-like tones at a level, speech at a level, pauses, room echo.
+"""Test signals: steady noises and music-like tones at a level, speech at a level, pauses, room echo; their level in dB.
 
 Shared by tests/audio and benchmarks/turn_taking.py, benchmarks/echo_cancellation.py (which put this folder on sys.path).
 """
@@ -18,6 +18,11 @@ def at_dbfs(audio: np.ndarray, dbfs: float) -> np.ndarray:
     active = rms[rms >= rms.max() * 10 ** (-30 / 20)]
     level = float(np.sqrt(np.mean(np.square(active))))
     return (audio * (10 ** (dbfs / 20) / level)).astype(np.float32)
+
+
+def level_db(audio: np.ndarray) -> float:
+    """Mean power in dB relative to full scale (a sine at full scale is -3 dB); silence is -200 dB."""
+    return float(10 * np.log10(np.mean(np.square(audio, dtype=np.float64)) + 1e-20))
 
 
 def white_noise(seconds: float, seed: int = 0) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from signals import room_echo
+from signals import level_db, room_echo
 
 from omni_cli.audio.echo import APM_FRAME, CONVERGED_S, EchoCanceller, EchoSettings, EchoUnavailable
 from omni_cli.audio.mic import Microphone
@@ -32,10 +32,6 @@ def cancel(far: np.ndarray, mic: np.ndarray, delay_ms: int, far_rate: int = RATE
         canceller.play_reference(far[k * far_step : (k + 1) * far_step], far_rate)
         out[k * STEP : (k + 1) * STEP] = canceller.process(mic[k * STEP : (k + 1) * STEP])
     return out, canceller
-
-
-def level_db(x: np.ndarray) -> float:
-    return float(10 * np.log10(np.mean(np.square(x, dtype=np.float64)) + 1e-20))
 
 
 @pytest.mark.parametrize(("delay_ms", "far_rate"), [(30, RATE), (150, RATE), (80, 48000)])
