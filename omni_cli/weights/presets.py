@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_cli.errors import ConfigError
-from omni_cli.weights.layout import SAFETENSORS_INDEX_NAME, index_shard_names
+from omni_cli.weights.layout import CONFIG_NAME, SAFETENSORS_INDEX_NAME, VOCODER_SAFETENSORS_NAME, index_shard_names
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -387,8 +387,6 @@ def units_dir(part: UnitsPart, local_dir: Path | None = None) -> Path:
 
 def units_present(directory: Path) -> bool:
     """True when the converted HuBERT directory and k-means centres `omni units` reads are in `directory`."""
-    from omni_cli.weights.layout import CONFIG_NAME
-
     return (directory / HUBERT_DIRNAME / CONFIG_NAME).is_file() and (directory / KMEANS_CENTRES_NAME).is_file()
 
 
@@ -443,8 +441,6 @@ def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Pat
 
 def vocoder_present(directory: Path, part: VocoderPart) -> bool:
     """True when the vocoder's config and weights (converted or released) are in `directory`."""
-    from omni_cli.weights.layout import CONFIG_NAME, VOCODER_SAFETENSORS_NAME
-
     has_weights = (directory / VOCODER_SAFETENSORS_NAME).is_file() or (directory / part.checkpoint).is_file()
     return (directory / CONFIG_NAME).is_file() and has_weights
 
