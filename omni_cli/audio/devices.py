@@ -336,6 +336,21 @@ def find_device(spec: str | int | None, kind: DeviceKind) -> int | None:
     return None if chosen is None else chosen.portaudio_index
 
 
+def stream_settings(
+    sd: ModuleType, spec: str | int | None, kind: DeviceKind, wanted_rate: int, forced_rate: int | None = None
+) -> tuple[int | None, str, int, int]:
+    """`choose_device` then `choose_stream_settings`: (PortAudio index, device name, rate, channels).
+
+    A PulseAudio source or sink is named by its description (its stream opens on the `pulse` device).
+    """
+    chosen = choose_device(spec, kind)
+    index = None if chosen is None else chosen.portaudio_index
+    name, rate, channels = choose_stream_settings(sd, index, kind, wanted_rate, forced_rate)
+    if chosen is not None and chosen.pulse_name is not None:
+        name = chosen.name
+    return index, name, rate, channels
+
+
 def choose_stream_settings(
     sd: ModuleType, index: int | None, kind: DeviceKind, wanted_rate: int, forced_rate: int | None = None
 ) -> tuple[str, int, int]:

@@ -17,11 +17,10 @@ import numpy as np
 
 from omni_cli.audio.devices import (
     StreamResampler,
-    choose_device,
-    choose_stream_settings,
     close_stream,
     load_sounddevice,
     open_stream,
+    stream_settings,
 )
 from omni_cli.audio.vad import FrameSplitter
 
@@ -77,11 +76,7 @@ class Microphone:
         if self._stream is not None:
             return self
         sd = load_sounddevice()
-        chosen = choose_device(self.device, "input")
-        index = None if chosen is None else chosen.portaudio_index
-        self.device_name, rate, channels = choose_stream_settings(sd, index, "input", self.sample_rate, self.requested_device_rate)
-        if chosen is not None and chosen.pulse_name is not None:
-            self.device_name = chosen.name  # the PulseAudio source's description, not "pulse"
+        index, self.device_name, rate, channels = stream_settings(sd, self.device, "input", self.sample_rate, self.requested_device_rate)
         self._channels = channels
         self._resampler = StreamResampler(rate, self.sample_rate)
         self._splitter.reset()

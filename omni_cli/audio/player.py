@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, choose_stream_settings, close_stream, find_device, load_sounddevice, open_stream
+from omni_cli.audio.devices import StreamResampler, close_stream, load_sounddevice, open_stream, stream_settings
 
 
 
@@ -90,8 +90,7 @@ class Player:
         if self._stream is not None:
             return self
         sd = load_sounddevice()
-        index = find_device(self.device, "output")
-        self.device_name, rate, channels = choose_stream_settings(sd, index, "output", self.sample_rate, self.requested_device_rate)
+        index, self.device_name, rate, channels = stream_settings(sd, self.device, "output", self.sample_rate, self.requested_device_rate)
         self.device_rate = rate
         self._resampler = StreamResampler(self.sample_rate, rate)
         stream = open_stream(

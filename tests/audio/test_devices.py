@@ -102,6 +102,15 @@ def test_microphone_on_a_pulse_source_is_named_by_its_description(desktop) -> No
         assert desktop.streams[0].settings["device"] == 1
 
 
+def test_speaker_on_a_pulse_sink_is_named_by_its_description(desktop) -> None:
+    from omni_cli.audio.player import Player
+
+    with Player(device="jabra", sample_rate=16000) as player:
+        assert player.device_name == "Jabra Link 380 Analog Stereo"  # in errors and the transcript, not "pulse"
+        assert desktop.streams[0].settings["device"] == 1
+        assert os.environ["PULSE_SINK"] == "alsa_output.usb-Jabra_Link-00.analog-stereo"
+
+
 def test_pactl_text_is_parsed_into_sources_and_sinks() -> None:
     text = (
         "Source #52\n\tState: SUSPENDED\n\tName: alsa_input.usb-Jabra_Link-00.mono-fallback\n"
