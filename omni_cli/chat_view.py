@@ -41,7 +41,7 @@ def devices_table(devices: Sequence[DeviceInfo]) -> Table:
         marks = [m for m, on in (("input", d.is_default_input), ("output", d.is_default_output)) if on]
         table.add_row(
             str(d.index),
-            f"{d.name} ({d.pulse_name})" if d.pulse_name else d.name,
+            d.display_name,
             d.hostapi,
             str(d.max_input_channels),
             str(d.max_output_channels),

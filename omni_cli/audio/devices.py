@@ -136,9 +136,14 @@ class DeviceInfo:
         return self.index if self.opens_as is None else self.opens_as
 
     @property
+    def display_name(self) -> str:
+        """Its name, with a PulseAudio device's server name after its description (descriptions need not be unique)."""
+        return f"{self.name} ({self.pulse_name})" if self.pulse_name else self.name
+
+    @property
     def label(self) -> str:
         """How error messages name it: `3: USB Mic`, or `7: Monitor of Null Output (omni_out.monitor)`."""
-        return f"{self.index}: {self.name}" + (f" ({self.pulse_name})" if self.pulse_name else "")
+        return f"{self.index}: {self.display_name}"
 
 
 def _default_index(sd: ModuleType, kind: DeviceKind) -> int | None:
