@@ -39,6 +39,7 @@ T = TypeVar("T")
 
 SOUND_TIMEOUT_S = 1.5  # the longest a device check may block: with start-up, one line within 2 s
 PULSE_ENV = {"input": "PULSE_SOURCE", "output": "PULSE_SINK"}
+DEVICE_ROLE = {"input": "microphone", "output": "speaker"}  # how messages call a device of each kind
 
 
 class SoundSystemHung(AudioInputError):
@@ -376,7 +377,7 @@ def choose_stream_settings(
     else:
         candidates = [(wanted_rate, 1), (default_rate, 1), (default_rate, max_channels)]
     check = sd.check_input_settings if kind == "input" else sd.check_output_settings
-    what = "microphone" if kind == "input" else "speaker"
+    what = DEVICE_ROLE[kind]
     for rate, channels in candidates:
         try:
             # Checking opens the device for a moment: through a hung sound server that blocks.
@@ -390,7 +391,7 @@ def choose_stream_settings(
 
 
 def _cannot_open(kind: DeviceKind, name: str, exc: BaseException) -> AudioInputError:
-    what = "microphone" if kind == "input" else "speaker"
+    what = DEVICE_ROLE[kind]
     return AudioInputError(f"cannot open {what} '{name}': {exc}; check it is connected and not in use (see `omni devices`).")
 
 
@@ -404,7 +405,7 @@ def open_stream(sd: ModuleType, kind: DeviceKind, index: int | None, name: str, 
         return stream
 
     try:
-        return within_deadline(open_and_start, f"opening the {'microphone' if kind == 'input' else 'speaker'}")
+        return within_deadline(open_and_start, f"opening the {DEVICE_ROLE[kind]}")
     except sd.PortAudioError as exc:
         raise _cannot_open(kind, name, exc) from exc
 
