@@ -15,14 +15,11 @@ import math
 import re
 import secrets
 import shlex
-import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
@@ -30,6 +27,7 @@ import numpy as np
 from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, read_audio_file, save_wav
 from omni_cli.config import WHISPER_WINDOW_SAMPLES
 from omni_cli.errors import AudioInputError, OmniError, one_line
+from omni_cli.stop_request import StopRequest
 from omni_cli.terminal import printable
 
 if TYPE_CHECKING:
@@ -108,35 +106,6 @@ def check_inputs(files: Sequence[Path], err: TextIO) -> list[CheckedInput]:
         checked.append(CheckedInput(path, warnings=audio.warnings))
     err.flush()
     return checked
-
-
-class CtrlC:
-    """While entered: the first Ctrl-C only sets `pressed` (the reply in progress stops at its next
-    token and is kept as a partial reply); a second one raises KeyboardInterrupt at once."""
-
-    def __init__(self) -> None:
-        self.pressed = False
-        self._previous: Callable[[int, FrameType | None], object] | int | None = None
-        self._installed = False
-
-    def __enter__(self) -> CtrlC:
-        if threading.current_thread() is threading.main_thread():  # signals only reach the main thread
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
-            self._installed = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.default_int_handler)
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
-
-    def is_pressed(self) -> bool:
-        """For `SpeechToSpeech.respond(should_stop=...)`."""
-        return self.pressed
 
 
 def answer_file(
@@ -235,9 +204,9 @@ def transcribe_and_reply(
     failed = answered = 0
     cut: FileReply | None = None  # the reply Ctrl-C stopped
     stopped_at: int | None = None  # the first input Ctrl-C left unanswered
-    with CtrlC() as ctrl_c:
+    with StopRequest() as ctrl_c:  # the first Ctrl-C stops the reply at its next token; a second at once
         for i, item in enumerate(inputs):
-            if ctrl_c.pressed:
+            if ctrl_c.requested:
                 stopped_at = i
                 break
             reply = FileReply(file=str(item.path))
@@ -253,7 +222,7 @@ def transcribe_and_reply(
                 out.flush()
             error: OmniError | None = None
             try:
-                answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c.is_pressed)
+                answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c.is_requested)
             except KeyboardInterrupt:
                 reply.stopped = "interrupted"
             except (OmniError, RuntimeError) as exc:

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
 from omni_cli.model.loading import OmniModel, load_omni, load_tokenizer, resolve_placement
+from omni_cli.stop_request import StopRequest
 from omni_cli.train.checkpoints import (
     FINAL_DIR,
     checkpoint_dir,
@@ -145,46 +145,6 @@ def init_distributed(device_type: str) -> Distributed:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return Distributed(rank, local_rank, world)
-
-
-class StopRequest:
-    """Ctrl-C (SIGINT) or SIGTERM as a request to stop at the next step boundary; a second one stops at once.
-
-    A signal can land anywhere, e.g. between `optimizer.step()` and the step counter; as a
-    flag it is only acted on where the weights and the counter agree. The second signal
-    raises KeyboardInterrupt (quit without saving); any later one, while that unwinds and
-    removes a half-written folder, is ignored. Handlers exist only in the main thread.
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, announce: bool) -> None:
-        self.requested = False
-        self._quitting = False
-        self._announce = announce
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        try:
-            for sig in self.SIGNALS:
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: Ctrl-C stays a KeyboardInterrupt
-            pass
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self._quitting:
-            return
-        if self.requested:
-            self._quitting = True
-            raise KeyboardInterrupt
-        self.requested = True
-        if self._announce:  # os.write: safe inside a signal handler, unlike print
-            os.write(2, b"\nomni: stopping after this step to save a checkpoint; Ctrl-C again quits without saving.\n")
 
 
 class OmniForTraining(nn.Module):
@@ -669,7 +629,8 @@ def finetune(
         run.build()
         if on_start is not None and run.dist.is_main:
             on_start(run.plan)
-        with StopRequest(announce=run.dist.is_main) as stop:
+        announce = "\nomni: stopping after this step to save a checkpoint; Ctrl-C again quits without saving.\n"
+        with StopRequest((signal.SIGINT, signal.SIGTERM), announce if run.dist.is_main else None) as stop:
             try:
                 if not run.train(stop):
                     run.finish()
