@@ -15,6 +15,7 @@ What is on disk: `checkpoints.py`; LoRA: `lora.py`.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import signal
@@ -342,6 +343,12 @@ class Run:
         self.dist = Distributed(0, 0, 1)
         self.saved_step: int | None = None  # the step whose resume point is on disk, from this run
         self.exporting = False
+        # The only tensors this run hands to collectives, reused every step and kept until the
+        # process group is destroyed. A gloo worker thread that drops the last reference to a
+        # tensor whose Python object has died must take the GIL to free that object; if the main
+        # thread is then destroying the group (holding the GIL while it joins those threads), both
+        # wait forever. A tensor Python still holds is let go without the GIL (see close()).
+        self._reduced: dict[str, torch.Tensor] = {}
 
     # -- prepare: options, devices, resume state, files, data, weights -------------------------
 
@@ -530,8 +537,7 @@ class Run:
 
     def _report(self, loss_sum: torch.Tensor) -> None:
         if self.dist.world_size > 1:
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.dist.world_size
+            loss_sum = self._all_reduce("loss", loss_sum) / self.dist.world_size
         self.result.losses.append(float(loss_sum))
         self.result.steps = self.step
         if self.on_log is not None and self.dist.is_main and (self.step % self.cfg.log_every == 0 or self.step == self.plan.total_steps):
@@ -543,9 +549,17 @@ class Run:
         """Whether any process was asked to stop (torchrun forwards Ctrl-C to each at its own moment)."""
         if self.dist.world_size == 1:
             return stop.requested
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
-        dist.all_reduce(flag)
+        flag = self._all_reduce("stop", torch.tensor([1.0 if stop.requested else 0.0], device=self.device))
         return bool(flag.item() > 0)
+
+    def _all_reduce(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """The sum of `value` over the processes, in this run's buffer `name` (see `_reduced`)."""
+        buffer = self._reduced.get(name)
+        if buffer is None:
+            buffer = self._reduced[name] = torch.empty_like(value)
+        buffer.copy_(value)
+        dist.all_reduce(buffer)
+        return buffer.clone()
 
     # -- save -------------------------------------------------------------------------------------
 
@@ -607,9 +621,19 @@ class Run:
         self.result.output_dir = final
 
     def close(self) -> None:
-        """Leave the torchrun job (every process, however the run ended)."""
+        """Leave the torchrun job (every process, however the run ended), at this point and no later.
+
+        DDP's reducer holds the process group too: while it lives, destroy_process_group() only
+        forgets the group, which is then torn down whenever the wrapper happens to be collected
+        (a hang seen once in ~20 runs: see `_reduced`). So the wrapper goes first;
+        the buffers handed to collectives are let go only once the group is gone.
+        """
         if self.dist.world_size > 1 and dist.is_initialized():
+            if hasattr(self, "model"):
+                self.ddp_model = self.model
+            gc.collect()  # the DDP wrapper sits in reference cycles (module hooks)
             dist.destroy_process_group()
+        self._reduced.clear()
 
 
 def finetune(

@@ -17,7 +17,6 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
+from process_group import run_to_end
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -95,8 +95,7 @@ class Rig:
         """Run a command here and wait for it; the probe's figures if it wrote them, else the wall time."""
         figures_file = self.workdir / f"probe-{time.monotonic_ns()}.json"
         start = time.perf_counter()
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                              env=self.env(OMNI_PROBE_OUT=str(figures_file)))
+        done = run_to_end(argv, timeout, cwd=ROOT, env=self.env(OMNI_PROBE_OUT=str(figures_file)))
         wall = {"wall_s": round(time.perf_counter() - start, 2)}
         figures = json.loads(figures_file.read_text()) if figures_file.is_file() else wall
         return Ran(argv, done.returncode, done.stdout, done.stderr, figures)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from omni_cli.train.checkpoints import TRAINER_STATE_FILE
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from process_group import kill_group, run_to_end
 from saved_tensors import saved_tensors
 
 
@@ -57,7 +58,7 @@ def test_batch_size_is_the_global_batch_over_processes_and_accumulation(tiny_mod
     out = tmp_path / "out"
     cmd = _torchrun(tiny_model, "--stage", "2", "--data", str(manifest), "--output", str(out), "--max-steps", "2",
                     "--batch-size", "4", "--micro-batch-size", "1", "--lr", "1e-3", "--seed", "5")
-    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240, cwd=ROOT)
+    done = run_to_end(cmd, 240, env=ENV, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "fine-tuned model:" in done.stdout
     # Printed once, by rank 0: 4 = 2 processes × 1 sample × 2 accumulation steps.
@@ -73,7 +74,12 @@ def test_batch_size_is_the_global_batch_over_processes_and_accumulation(tiny_mod
     changed = {k for k in base if not torch.equal(base[k], a[k])}
     assert changed and all(k.startswith("speech_generator.") for k in changed)
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+        # Two processes sum the gradients in another order than one process does; Adam divides by
+        # the root of the squared gradients, so float32 rounding moves a weight by up to ~0.2% of
+        # its update (2.6e-6 on 1.5e-3 seen). A wrong split (a sample lost or counted twice, or a
+        # different normalisation) moves it by tens of percent. So the tolerance is 1% of the update.
+        update = (b[name] - base[name]).abs().max().item()
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=max(0.01 * update, 1e-7), msg=name)
 
 
 @pytest.mark.slow  # a torchrun job started, interrupted and its checkpoint resumed: ~20-40 s on 2 cores
@@ -84,13 +90,16 @@ def test_ctrl_c_under_torchrun_saves_one_agreed_step_and_exits_cleanly(tiny_mode
     cmd = _torchrun(tiny_model, "--stage", "2", "--data", str(manifest), "--output", str(out), "--max-steps", "100000",
                     "--save-every", "0", "--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e-3")
     with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=ROOT)
-        deadline = time.monotonic() + 180
-        while "global batch" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-        time.sleep(1.0)  # a few steps in
-        proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends torchrun, which forwards it to each worker
-        stdout, _ = proc.communicate(timeout=180)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=ENV, cwd=ROOT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while "global batch" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.2)
+            time.sleep(1.0)  # a few steps in
+            proc.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends torchrun, which forwards it to each worker
+            stdout, _ = proc.communicate(timeout=180)
+        finally:
+            kill_group(proc)  # nothing of the job outlives the test, whatever happened
     stderr = log.read_text()
     points = [p for p in out.iterdir()]
     assert [p.name for p in points if p.name.startswith(".")] == []
@@ -124,7 +133,7 @@ def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, t
     def launch(*args: str) -> None:
         cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
                "-m", "omni_cli.cli", "finetune", *common, *args]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=Path(__file__).resolve().parents[2])
+        done = run_to_end(cmd, 240, env=env, cwd=ROOT)
         assert done.returncode == 0, done.stderr[-3000:]
 
     launch("--output", str(tmp_path / "fsdp"))
