@@ -4,7 +4,7 @@ Writes a random-weight checkpoint in the released file layout (config.json, shar
 safetensors + index, tokenizer; a transformers Whisper; the fairseq vocoder pickle), loads it
 through `load_omni` and `load_vocoder` at --precision, runs one forced-length reply through
 `SpeechToSpeech`, and prints one JSON line: what was measured next to the estimate of
-`omni_cli.weights.fit` (the one `omni chat` checks before loading).
+`omni_cli.setup.fit` (the one `omni chat` checks before loading).
 
 On CUDA: the allocator's peaks after loading and after the reply, the device's used memory
 as nvidia-smi sees it (CUDA context included), and `fits_10gb` = peak reserved + memory
@@ -44,7 +44,7 @@ from safetensors.torch import save_file
 
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import ConfigError, OmniError, one_line
-from omni_cli.weights.fit import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
+from omni_cli.setup.fit import WORKSPACE_BYTES, estimate_gpu_memory, sizes_for_model
 from omni_cli.config import DECODE_MODES, QUANT_INSTALL, SamplingConfig, StreamingConfig
 from omni_cli.model.llm import build_prompt_ids, speech_turn
 from omni_cli.model.loading import (
@@ -230,7 +230,7 @@ def write_full_model(spec: FullSpec, root: Path, seed: int) -> TinyModelPaths:
 
 def full_checkpoint_bytes(spec: FullSpec) -> int:
     """Roughly what write_full_model puts on disk (LLM + adaptor + decoder in bf16, encoder in fp16)."""
-    from omni_cli.weights.fit import sizes_from_configs
+    from omni_cli.setup.fit import sizes_from_configs
 
     sizes = sizes_from_configs(spec.omni, spec.whisper, spec.adaptor_hidden, None)
     return 2 * sizes.total_params
@@ -305,7 +305,7 @@ def peak_rss_bytes(was_reset: bool) -> int:
 
 
 def precision_name(placement: Placement) -> str:
-    """The precision a placement really uses ("auto" resolved), as weights/fit.py names it."""
+    """The precision a placement really uses ("auto" resolved), as setup/fit.py names it."""
     if placement.quantization:
         return placement.quantization
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[placement.dtype]

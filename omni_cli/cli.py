@@ -142,7 +142,7 @@ def load_pipeline(
     """
     from omni_cli.pipeline import SpeechToSpeech  # imports torch: the slowest step of a start
     from omni_cli.threads import interactive_threads, use_threads
-    from omni_cli.weights.model_files import prepare_model_files
+    from omni_cli.setup.prepare import prepare_model_files
 
     step = show or (lambda what: None)
     if show is not None:  # the caller shows progress; transformers' own bar inside its live display left a blank line
@@ -312,7 +312,7 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
     global _exit_fast
-    from omni_cli.chat_view import ChatView
+    from omni_cli.chat.view import ChatView
     from omni_cli.terminal import NativeStderr
 
     _exit_fast = True  # see main(): tearing torch down after "session saved" took 4-7 s
@@ -322,8 +322,8 @@ def chat_cmd(
     with NativeStderr() as native_log:  # before the spinner: rich's live display wraps sys.stderr as it finds it
         try:
             view.loading("checking the microphone" if not text else "checking the session folder")  # before numpy, PortAudio, torch
-            from omni_cli.preflight import preflight
-            from omni_cli.transcript import default_session_dir
+            from omni_cli.chat.preflight import preflight
+            from omni_cli.chat.transcript import default_session_dir
 
             options = ChatOptions(
                 session_dir=session_dir or default_session_dir(),
@@ -338,7 +338,7 @@ def chat_cmd(
             )
             preflight(options)  # torch-free: a wrong device is one line within 2 s
             view.loading("starting torch")
-            from omni_cli.chat_devices import run_chat
+            from omni_cli.chat.devices import run_chat
 
             streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
             pipeline = load_pipeline(
@@ -361,7 +361,7 @@ def devices_cmd() -> None:
     from rich.console import Console
 
     from omni_cli.audio.devices import list_devices
-    from omni_cli.chat_view import devices_table
+    from omni_cli.chat.view import devices_table
 
     try:
         devices = list_devices()
@@ -389,7 +389,7 @@ def download_cmd(
       omni download llama-omni-8b --local-dir ./weights\n
       omni download llama-omni-8b --units      # + mHuBERT and k-means for `omni units`
     """
-    from omni_cli.weights.download import download_preset, format_gb
+    from omni_cli.setup.download import download_preset, format_gb
     from omni_cli.weights.presets import HUBERT_DIRNAME, KMEANS_CENTRES_NAME, get_preset, preset_names, resolve_preset, units_dir
 
     try:
@@ -416,7 +416,7 @@ def download_cmd(
 
 def _note_without_cuda(name: str, echo: Callable[[str], None]) -> None:
     """`omni download` on a machine without a CUDA GPU: say so first (the weights may be meant for another machine)."""
-    from omni_cli.weights.fit import cuda_memory
+    from omni_cli.setup.fit import cuda_memory
 
     if cuda_memory() is None:
         echo(f"omni: note: no CUDA GPU is visible here; {name} needs one to run at a usable speed (see `omni doctor`). Downloading anyway.")
@@ -432,7 +432,7 @@ def doctor_cmd(
 
     Exit status 0 unless something required is broken (FIX lines); a missing GPU, sound card or weights is fine.
     """
-    from omni_cli.doctor import exit_code, run_checks
+    from omni_cli.setup.doctor import exit_code, run_checks
 
     checks = []
     for check in run_checks(preset, precision.value, local_dir):

@@ -26,13 +26,13 @@ from typer.testing import CliRunner
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.io import load_audio
 from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
-from omni_cli.chat import ChatSession, sigint_ends_session
-from omni_cli.turns import ChatSettings, MicrophoneLost
-from omni_cli.chat_view import ChatView
+from omni_cli.chat.session import ChatSession, sigint_ends_session
+from omni_cli.conversation.turns import ChatSettings, MicrophoneLost
+from omni_cli.chat.view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
 from omni_cli.pipeline import AudioChunk, Done, History, HistoryTurn, TextDelta, Units
-from omni_cli.transcript import SessionRecorder
+from omni_cli.chat.transcript import SessionRecorder
 
 RATE = 16000
 FRAME_MS = 30
@@ -724,9 +724,9 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
     ],
 )
 def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
-    import omni_cli.chat_devices as chat_module
+    import omni_cli.chat.devices as chat_module
     import omni_cli.cli as cli_module
-    import omni_cli.preflight as preflight_module
+    import omni_cli.chat.preflight as preflight_module
 
     seen = []
     monkeypatch.setattr(preflight_module, "preflight", lambda options: None)
@@ -765,11 +765,11 @@ def test_devices_lists_a_table_or_says_why_not(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_the_view_does_not_import_the_audio_code() -> None:
-    """chat_view names the `omni devices` row type for type checkers only: importing it loads neither audio/ nor scipy."""
+    """chat.view names the `omni devices` row type for type checkers only: importing it loads neither audio/ nor scipy."""
     import subprocess
     import sys
 
-    code = "import sys, omni_cli.chat_view; print(sorted(m for m in sys.modules if m.startswith(('omni_cli.audio', 'scipy'))))"
+    code = "import sys, omni_cli.chat.view; print(sorted(m for m in sys.modules if m.startswith(('omni_cli.audio', 'scipy'))))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert proc.stdout.strip() == "[]"
 
@@ -862,8 +862,8 @@ def test_run_chat_wires_the_echo_canceller_or_says_why_it_is_half_duplex(
     import omni_cli.audio.echo as echo
     import omni_cli.audio.mic as mic_module
     import omni_cli.audio.player as player_module
-    import omni_cli.chat_devices as chat_module
-    from omni_cli.chat_devices import run_chat
+    import omni_cli.chat.devices as chat_module
+    from omni_cli.chat.devices import run_chat
     from omni_cli.config import ChatOptions
 
     made: list[echo.EchoCanceller] = []
@@ -915,8 +915,8 @@ def test_a_microphone_lost_mid_session_ends_or_falls_back_to_typing(
     import functools
 
     import omni_cli.audio.mic as mic_module
-    import omni_cli.chat_devices as chat_module
-    from omni_cli.chat_devices import run_chat
+    import omni_cli.chat.devices as chat_module
+    from omni_cli.chat.devices import run_chat
     from omni_cli.config import ChatOptions
 
     ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])

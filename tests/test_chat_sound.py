@@ -191,8 +191,8 @@ class InProcessChat:
     """run_chat on the sound server in a thread, with a scripted model; `session` once it exists."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, pipeline: object, session_dir: Path) -> None:
-        import omni_cli.chat_devices as chat
-        from omni_cli.chat_view import ChatView
+        import omni_cli.chat.devices as chat
+        from omni_cli.chat.view import ChatView
         from omni_cli.config import ChatOptions
 
         sessions: list[chat.ChatSession] = []

@@ -31,7 +31,7 @@ from typer.testing import CliRunner
 
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.watch import SoundWatch
-from omni_cli.chat_view import ChatView, devices_table
+from omni_cli.chat.view import ChatView, devices_table
 from omni_cli.terminal import printable
 from omni_cli.threads import available_cores, interactive_threads
 
@@ -80,9 +80,9 @@ def test_printable_drops_control_characters_and_keeps_newlines_and_tabs() -> Non
 
 @pytest.mark.parametrize("live", [True, False])
 def test_chat_prints_model_text_without_control_characters(tmp_path: Path, live: bool) -> None:
-    from omni_cli.chat import ChatSession
-    from omni_cli.turns import UserTurn
-    from omni_cli.transcript import SessionRecorder
+    from omni_cli.chat.session import ChatSession
+    from omni_cli.conversation.turns import UserTurn
+    from omni_cli.chat.transcript import SessionRecorder
 
     out = io.StringIO()
     view = ChatView(Console(file=out, force_terminal=live, width=100, color_system=None), live=live)
@@ -212,9 +212,9 @@ def test_the_sound_watch_reads_attributes_until_a_stream_stops_then_asks_the_ser
 def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, question_16k) -> None:
     import omni_cli.audio.mic as mic_module
     import omni_cli.audio.watch as watch_module
-    import omni_cli.chat_devices as chat_module
+    import omni_cli.chat.devices as chat_module
     from omni_cli.audio.vad import frames
-    from omni_cli.chat_devices import run_chat
+    from omni_cli.chat.devices import run_chat
     from omni_cli.config import ChatOptions
 
     class DyingMicrophone:
@@ -262,9 +262,9 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
 
 
 def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path) -> None:
-    from omni_cli.chat import ChatSession
-    from omni_cli.turns import UserTurn
-    from omni_cli.transcript import SessionRecorder
+    from omni_cli.chat.session import ChatSession
+    from omni_cli.conversation.turns import UserTurn
+    from omni_cli.chat.transcript import SessionRecorder
 
     class DeadSpeaker(Stream):
         first_audio_time = None
@@ -327,8 +327,8 @@ def test_loading_applies_the_thread_choice_and_doctor_says_it(monkeypatch: pytes
     import omni_cli.cli as cli
     import omni_cli.pipeline as pipeline
     import omni_cli.threads as threads
-    import omni_cli.weights.model_files as model_files
-    from omni_cli.doctor import WARN, check_threads
+    import omni_cli.setup.prepare as model_files
+    from omni_cli.setup.doctor import WARN, check_threads
 
     monkeypatch.setattr(model_files, "prepare_model_files", lambda *args, **kwargs: type("Files", (), {"model_dir": Path("m")})())
     monkeypatch.setattr(pipeline.SpeechToSpeech, "load", classmethod(lambda cls, *args: "loaded"))

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.cli import app
-from omni_cli.doctor import FIX, MISSING, OK, WARN, check_audio, check_offline, exit_code, run_checks
+from omni_cli.setup.doctor import FIX, MISSING, OK, WARN, check_audio, check_offline, exit_code, run_checks
 from omni_cli.errors import AudioInputError
 from omni_cli.weights.presets import get_preset, resolve_preset
 
@@ -103,7 +103,7 @@ def test_a_damaged_vocoder_config_is_reported(caches, tiny_model) -> None:
 
 
 def test_a_damage_error_without_a_message_still_gives_a_fix_line(caches, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    from omni_cli import doctor
+    from omni_cli.setup import doctor
 
     install_tiny_preset(tiny_model, get_preset(PRESET), caches)
 

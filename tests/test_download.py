@@ -25,7 +25,7 @@ from rich.console import Console
 import omni_cli.weights.presets as presets
 from omni_cli.errors import ConfigError
 from omni_cli.model.vocoder_loading import load_vocoder
-from omni_cli.weights.download import (
+from omni_cli.setup.download import (
     ChecksumError,
     DownloadError,
     InsecureRedirectError,

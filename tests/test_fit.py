@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import omni_cli.weights.fit as fit
+import omni_cli.setup.fit as fit
 from omni_cli.errors import ConfigError
-from omni_cli.weights.fit import (
+from omni_cli.setup.fit import (
     CONTEXT_TOKENS,
     REPLY_TOKENS,
     WORKSPACE_BYTES,

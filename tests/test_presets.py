@@ -12,11 +12,12 @@ from fake_hub_cache import FAKE_COMMIT, install_tiny_preset, write_snapshot
 from typer.testing import CliRunner
 
 from omni_cli.cli import app
-from omni_cli.weights.download import DownloadError, prepare_model
+from omni_cli.setup.download import DownloadError
+from omni_cli.setup.prepare import prepare_model
 from omni_cli.errors import ConfigError
 from omni_cli.model.loading import load_omni
 from omni_cli.model.vocoder_loading import load_vocoder
-import omni_cli.weights.fit as fit
+import omni_cli.setup.fit as fit
 from omni_cli.weights.presets import (
     GB,
     PRESET_FOLDER,

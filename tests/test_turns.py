@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE
-from omni_cli.turns import ContinuedQuestion, SpokenQuestion
+from omni_cli.conversation.turns import ContinuedQuestion, SpokenQuestion
 
 
 def ramp(start_s: float, seconds: float) -> np.ndarray:

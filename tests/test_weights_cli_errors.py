@@ -16,7 +16,7 @@ import pytest
 from fake_hub_cache import install_tiny_preset
 from typer.testing import CliRunner
 
-import omni_cli.weights.fit as fit
+import omni_cli.setup.fit as fit
 from omni_cli.cli import app
 from omni_cli.weights.presets import get_preset
 

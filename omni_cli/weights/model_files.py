@@ -1,14 +1,12 @@
 """A model's parts on disk with their configs, read once per run.
 
-`--model` (a checkpoint directory or a preset name) ends here: `prepare_model_files` resolves
-it, downloads a preset's missing parts (after asking), reads every config.json and the
-checkpoint's safetensors headers once into `ModelFiles`, and checks that the GPU can hold the
-model. The GPU-fit check and the loaders then work from that one reading.
+`read_model_files` reads every config.json and the checkpoint's safetensors headers once into
+`ModelFiles`; the GPU-fit check and the loaders then work from that one reading (getting there
+from `--model`, downloads included: `setup.prepare`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +14,7 @@ from typing import Any
 from omni_cli.config import OmniConfig, VocoderConfig, read_json
 from omni_cli.errors import CheckpointError, ConfigError
 from omni_cli.weights.layout import ADAPTOR_PREFIX, CONFIG_NAME, Shapes, locate_vocoder_files, read_shapes, weight_files
-from omni_cli.weights.presets import Preset, ResolvedModel
+from omni_cli.weights.presets import Preset
 
 
 @dataclass(frozen=True)
@@ -77,35 +75,3 @@ def read_model_files(
     vocoder_dir = Path(vocoder).expanduser() if vocoder is not None else None
     vocoder_config = VocoderConfig.load(locate_vocoder_files(vocoder_dir)[0]) if vocoder_dir is not None else None
     return ModelFiles(model_dir, config, shapes, encoder, whisper, vocoder_dir, vocoder_config, preset)
-
-
-def prepare_model_files(
-    model: str | Path,
-    speech_encoder: Path | None = None,
-    vocoder: Path | None = None,
-    precision: str = "auto",
-    device: str | None = None,
-    *,
-    assume_yes: bool = False,
-    confirm: Callable[[str], bool] | None = None,
-    echo: Callable[[str], None] = print,
-) -> ModelFiles:
-    """From `--model` to files ready to load: resolve, download what a preset lacks, read, check the GPU fit.
-
-    A preset's encoder and vocoder fill `speech_encoder`/`vocoder` when those are not given.
-    `confirm` asks before a download (None: nobody can answer, so a missing part is an error);
-    a download that could not run on this machine at `precision`/`device` is refused before it is offered.
-    """
-    from omni_cli.weights.download import prepare_model
-    from omni_cli.weights.fit import check_device_fits
-
-    resolved: ResolvedModel = prepare_model(
-        model, precision=precision, device=device, assume_yes=assume_yes, confirm=confirm, echo=echo
-    )
-    assert resolved.model_dir is not None  # prepare_model returns complete models only
-    files = read_model_files(
-        resolved.model_dir, speech_encoder or resolved.speech_encoder, vocoder or resolved.vocoder_dir, resolved.preset
-    )
-    # A clear "try --precision 8bit" before a CUDA out-of-memory error halfway through loading.
-    check_device_fits(files, precision, device)
-    return files

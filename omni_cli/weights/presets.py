@@ -451,7 +451,7 @@ def resolve_preset(
     """Local paths for `--model`: a checkpoint directory as it is, or a preset's parts.
 
     Never touches the network. Preset parts not on disk are named in `missing` (their paths
-    are None); `omni_cli.weights.download.download_preset` fetches them.
+    are None); `omni_cli.setup.download.download_preset` fetches them.
     """
     text = str(name_or_path)
     local = Path(local_dir).expanduser() if local_dir is not None else None

@@ -156,11 +156,11 @@ def test_quantized_load_stores_the_estimated_bytes_and_stays_close(tiny_model, t
 
     Users are sent to a GPU for these precisions (on a CPU they only cost speed); bitsandbytes
     >= 0.50 runs them on the CPU too, which lets CI load the released layout through the same
-    from_pretrained + BitsAndBytesConfig path and check what weights/fit.py assumes.
+    from_pretrained + BitsAndBytesConfig path and check what setup/fit.py assumes.
     """
     import bitsandbytes as bnb
 
-    from omni_cli.weights.fit import QUANTIZED_BYTES
+    from omni_cli.setup.fit import QUANTIZED_BYTES
     from omni_cli.model import loading
     from omni_cli.model.llm import build_prompt_ids, speech_turn, splice_speech
 
@@ -169,7 +169,7 @@ def test_quantized_load_stores_the_estimated_bytes_and_stays_close(tiny_model, t
     kind = bnb.nn.Linear4bit if quantization == "4bit" else bnb.nn.Linear8bitLt
     linears = [mod for layer in m.llm.model.layers for mod in layer.modules() if isinstance(mod, torch.nn.Linear)]
     assert linears and all(isinstance(mod, kind) for mod in linears)
-    # The head and the embeddings stay unquantized, as weights/fit.py counts them.
+    # The head and the embeddings stay unquantized, as setup/fit.py counts them.
     assert type(m.llm.lm_head) is torch.nn.Linear and m.llm.lm_head.weight.dtype == torch.float32
 
     # Stored bytes per quantized weight: what the GPU estimate multiplies by.

@@ -12,12 +12,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from omni_cli.audio.vad import Endpointer
-from omni_cli.chat import ChatSession, ReplySource, sigint_ends_session
-from omni_cli.chat_view import ChatView
+from omni_cli.chat.session import ChatSession, ReplySource, sigint_ends_session
+from omni_cli.chat.view import ChatView
 from omni_cli.config import ChatOptions
 from omni_cli.errors import AudioInputError
-from omni_cli.transcript import SessionRecorder
-from omni_cli.turns import ChatSettings, MicrophoneLost
+from omni_cli.chat.transcript import SessionRecorder
+from omni_cli.conversation.turns import ChatSettings, MicrophoneLost
 
 if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
     from omni_cli.audio.echo import EchoCanceller

@@ -73,8 +73,8 @@ def check_gpu(preset: Preset | None, resolved: ResolvedModel | None, precision: 
         import torch
     except Exception:  # noqa: BLE001 - reported by check_libraries
         return []
-    from omni_cli.weights.download import format_gb
-    from omni_cli.weights.fit import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
+    from omni_cli.setup.download import format_gb
+    from omni_cli.setup.fit import best_fitting_precision, cuda_memory, estimate_gpu_memory, shown_precision, sizes_for_model
 
     unsized: list[Check] = []
     try:
@@ -174,7 +174,7 @@ def _validate_encoder(folder: Path) -> None:
 def _check_pinned(folder: Path, files: tuple[RemoteFile, ...]) -> None:
     """Every file present in `folder` whose size or SHA-256 the preset pins has them (unpinned ones cannot be checked)."""
     from omni_cli.errors import CheckpointError
-    from omni_cli.weights.download import pin_problem, sha256_of
+    from omni_cli.setup.download import pin_problem, sha256_of
 
     for remote in files:
         path = folder / remote.name

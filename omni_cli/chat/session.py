@@ -3,9 +3,9 @@
 `ChatSession` owns the turn-taking and nothing else: the model (a `ReplySource`:
 `respond(audio | text, history, should_stop)`, its `sample_rate` and `context_budget`), the
 microphone (frames from `read()`), the endpointer, the player, the echo canceller and the view
-are passed in, so tests drive it with fakes and `chat_devices.run_chat` with real devices. Each
+are passed in, so tests drive it with fakes and `chat.devices.run_chat` with real devices. Each
 turn is saved as it happens by `transcript.SessionRecorder`. The parts that hear the user's
-turns (`Listener`, `SpokenQuestion`, `SpeculativeReply`) are in `turns.py`.
+turns (`Listener`, `SpokenQuestion`, `SpeculativeReply`) are in `conversation/turns.py`.
 
 Turn-taking:
 - Listening: mic frames (cleaned of the speaker's echo in the mic's callback) go to the
@@ -54,11 +54,11 @@ from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.audio.playback_buffer import PlaybackBuffer
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
-from omni_cli.chat_view import ChatView
+from omni_cli.chat.view import ChatView
 from omni_cli.errors import one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
-from omni_cli.transcript import ReplyRecord, SessionRecorder, milliseconds_since
-from omni_cli.turns import (
+from omni_cli.chat.transcript import ReplyRecord, SessionRecorder, milliseconds_since
+from omni_cli.conversation.turns import (
     ChatSettings,
     ContinuedQuestion,
     FrameSource,

@@ -482,45 +482,6 @@ def download_preset(
     return final
 
 
-def prepare_model(
-    name_or_path: str | Path,
-    *,
-    precision: str = "auto",
-    device: str | None = None,
-    assume_yes: bool = False,
-    confirm: Callable[[str], bool] | None = None,
-    local_dir: Path | None = None,
-    echo: Echo = print,
-) -> ResolvedModel:
-    """Resolve `--model`; download a preset's missing parts after asking (`confirm`) or with `assume_yes`.
-
-    Before anything is offered, the machine is checked for what the model would need at
-    `precision` on `device` (see `fit.check_before_download`): a download that could not run
-    here is refused. `confirm` is None when nobody can answer (not a terminal): then a missing
-    part is a one-line error naming the command to run.
-    """
-    from omni_cli.weights.fit import check_before_download
-
-    resolved = resolve_preset(name_or_path, local_dir)
-    if resolved.complete or resolved.preset is None:
-        return resolved
-    preset = resolved.preset
-    what = ", ".join(k.replace("_", " ") for k in resolved.missing)
-    size = format_gb(resolved.missing_bytes())
-    note = check_before_download(resolved, precision, device, size)
-    if note:
-        echo(note)
-    if not assume_yes:
-        command = f"omni download {preset.command_name}" + (f" --local-dir {local_dir}" if local_dir else "")
-        if confirm is None:
-            raise DownloadError(f"{preset.name} is not downloaded yet ({what}, about {size}); run `{command}` or add --yes.")
-        if preset.licence and "model" in resolved.missing:
-            echo(f"Licence: {preset.licence}")
-        if not confirm(f"{preset.name}: {what} missing. Download about {size}?"):
-            raise DownloadError(f"nothing downloaded; run `{command}` when ready.")
-    return download_preset(preset, local_dir, echo=echo, show_licence=assume_yes)
-
-
 __all__ = [
     "DownloadError",
     "ChecksumError",
@@ -532,6 +493,5 @@ __all__ = [
     "fetch_vocoder",
     "fetch_units",
     "download_preset",
-    "prepare_model",
     "format_gb",
 ]

@@ -16,7 +16,7 @@ def preflight(options: ChatOptions) -> None:
     Raises an OmniError with one line saying what to do.
     """
     from omni_cli.audio.devices import choose_device, list_devices
-    from omni_cli.transcript import refuse_used_session_dir
+    from omni_cli.chat.transcript import refuse_used_session_dir
 
     refuse_used_session_dir(options.session_dir)
     if options.text and options.output_device is None:

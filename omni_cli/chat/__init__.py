@@ -1,0 +1,1 @@
+"""`omni chat`: the terminal front door — devices, echo canceller, the rich view, the session on disk."""
