@@ -725,7 +725,7 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
 )
 def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
     import omni_cli.chat.devices as chat_module
-    import omni_cli.cli as cli_module
+    import omni_cli.cli.talk as cli_module
     import omni_cli.chat.preflight as preflight_module
 
     seen = []

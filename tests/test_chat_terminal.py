@@ -155,11 +155,12 @@ def test_native_stderr_goes_to_the_log_and_python_errors_to_the_terminal(tmp_pat
 
 def test_chat_keeps_native_messages_in_the_session_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     import omni_cli.cli as cli
+    import omni_cli.cli.talk as talk
 
     def underrun(i: int) -> None:
         os.write(2, b"ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred\n")  # fd 2, as libasound does
 
-    monkeypatch.setattr(cli, "load_pipeline", lambda *args, **kwargs: NastyReplies(tokens=2, during=underrun))
+    monkeypatch.setattr(talk, "load_pipeline", lambda *args, **kwargs: NastyReplies(tokens=2, during=underrun))
     session_dir = tmp_path / "s"
     args = ["chat", "--model", "tiny", "--text", "--session-dir", str(session_dir)]
     result = CliRunner().invoke(cli.app, args, input="hi\n", env={"COLUMNS": "300"})
@@ -324,7 +325,7 @@ def test_torch_gets_all_cores_but_one_unless_the_user_chose(tmp_path: Path) -> N
 def test_loading_applies_the_thread_choice_and_doctor_says_it(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    import omni_cli.cli as cli
+    import omni_cli.cli.shared as cli
     import omni_cli.pipeline as pipeline
     import omni_cli.threads as threads
     import omni_cli.setup.prepare as model_files

@@ -1,0 +1,151 @@
+"""`omni finetune`, `omni units`, `omni convert-hubert` and `omni convert-kmeans`: training on your own data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from omni_cli.cli.shared import (
+    DeviceOpt,
+    EncoderOpt,
+    TrainPrecision,
+    app,
+    fail,
+)
+from omni_cli.config import FinetuneConfig
+from omni_cli.errors import OmniError
+
+
+def _positive_epochs(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter("must be more than 0 (a fraction such as 0.5 trains on part of the data)")
+    return value
+
+
+@app.command("finetune")
+def finetune_cmd(
+    stage: Annotated[int, typer.Option("--stage", min=1, max=2, help="1: speech → text (adaptor + LLM). 2: text hidden states → speech units (speech decoder only).")],
+    data: Annotated[Path, typer.Option("--data", help="Training manifest: the reference JSON list or JSONL (id, speech, conversations or messages, tgt_units).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory for the resume points checkpoint-N/ and the fine-tuned model OUTPUT/final.")],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory to start from (with --resume: only to name a base model that moved).")] = None,
+    speech_encoder: EncoderOpt = None,
+    epochs: Annotated[float, typer.Option(callback=_positive_epochs, help="Passes over the data (paper: 3); more than 0.")] = FinetuneConfig.epochs,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="The global batch: samples per optimizer step over all processes together (paper: 32).")] = FinetuneConfig.batch_size,
+    micro_batch_size: Annotated[int, typer.Option("--micro-batch-size", min=1, help="At most this many samples per process in one forward pass; the rest of the batch is gradient accumulation (lower it if memory runs out).")] = FinetuneConfig.micro_batch_size,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: paper's 2e-5 stage 1, 2e-4 stage 2).")] = None,
+    warmup_ratio: Annotated[float, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Linear warm-up share of the steps, then cosine decay.")] = FinetuneConfig.warmup_ratio,
+    save_every: Annotated[int, typer.Option("--save-every", min=0, help="Write a resume point every N steps (0: only at Ctrl-C).")] = FinetuneConfig.save_every,
+    keep_checkpoints: Annotated[int, typer.Option("--keep-checkpoints", min=0, help="Resume points kept in OUTPUT, the newest (0: all).")] = FinetuneConfig.keep_checkpoints,
+    seed: Annotated[int, typer.Option(help="Random seed (data order).")] = FinetuneConfig.seed,
+    precision: Annotated[TrainPrecision, typer.Option("--precision", help="auto = bf16 (fp16 without bf16 support) mixed precision on CUDA, fp32 on CPU.")] = TrainPrecision(FinetuneConfig.precision),
+    device: DeviceOpt = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue from a checkpoint-N directory (or the --output of an earlier run: its newest).")] = None,
+    lora: Annotated[bool, typer.Option("--lora", help="Stage 1: train LoRA adapters on the LLM instead of all its weights (needs peft).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Stage 1: LoRA (implies --lora) with the LLM kept in 4 bit (bitsandbytes, CUDA).")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1, help="Rank of each LoRA adapter (alpha = 2 × rank).")] = FinetuneConfig.lora_rank,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Stage 1 full fine-tuning sharded over the torchrun processes (FSDP2) instead of DDP.")] = False,
+    num_workers: Annotated[int, typer.Option("--num-workers", min=0, help="Data-loader worker processes.")] = FinetuneConfig.num_workers,
+) -> None:
+    """Fine-tune on your own data: stage 1 (speech → text) or stage 2 (speech decoder).
+
+    Every record is validated before the first step. Ctrl-C stops after the current step with a
+    resume point (twice: at once, unsaved). Several GPUs: torchrun --nproc_per_node N -m omni_cli.cli finetune ...\n
+    Example:\n
+      omni finetune --stage 1 --data train.jsonl --model ./Llama-3.1-8B-Omni --speech-encoder ./whisper-large-v3 --output runs/s1
+    """
+    from omni_cli.train.progress import TrainProgress
+    from omni_cli.train.trainer import finetune
+
+    quiet = int(os.environ.get("RANK", "0")) != 0
+    try:
+        cfg = FinetuneConfig(
+            stage=stage, data=data, output=output, model=model, speech_encoder=speech_encoder, epochs=epochs,
+            max_steps=max_steps, batch_size=batch_size, micro_batch_size=micro_batch_size, lr=lr,
+            warmup_ratio=warmup_ratio, save_every=save_every, keep_checkpoints=keep_checkpoints, seed=seed, precision=precision.value, device=device,
+            resume=resume, lora=lora, qlora=qlora, lora_rank=lora_rank, lora_alpha=2 * lora_rank, fsdp=fsdp,
+            num_workers=num_workers,
+        )
+        with TrainProgress(stage, quiet) as progress:
+            result = finetune(cfg, on_log=progress.show, on_start=lambda plan: progress.note(f"omni: {plan.describe()}"))
+    except OmniError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted before training started; nothing was written.", code=130)
+    if quiet:
+        raise typer.Exit(130 if result.interrupted else 0)
+    resume_hint = f"resume with --resume {result.last_checkpoint}" if result.last_checkpoint else "nothing to resume from: start again"
+    if result.unsaved:
+        last = f"the last checkpoint is {result.last_checkpoint}: {resume_hint}" if result.last_checkpoint else resume_hint
+        fail(f"stopped at once by a second Ctrl-C: {result.unsaved} was not saved; {last}.", code=130)
+    if result.interrupted:
+        typer.echo(f"interrupted at step {result.steps}; {resume_hint}", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"fine-tuned model: {result.output_dir} (load it with --model {result.output_dir})")
+
+
+@app.command("units")
+def units_cmd(
+    source: Annotated[Path, typer.Argument(help="A directory of response WAVs, or a manifest whose records name their response speech (tgt_speech).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where to write the labelled JSONL (or JSON, for a JSON manifest).")],
+    hubert: Annotated[Path, typer.Option("--hubert", help="mHuBERT as a transformers directory (config.json + safetensors): `omni convert-hubert` or `omni download --units` makes it.")],
+    kmeans: Annotated[Path, typer.Option("--kmeans", help="k-means centres as safetensors or .npy (convert the released pickle once with `omni convert-kmeans`).")],
+    layer: Annotated[int, typer.Option("--layer", min=1, help="HuBERT layer whose features are clustered (reference: 11).")] = 11,
+    device: DeviceOpt = None,
+) -> None:
+    """Make stage-2 unit targets from response speech: HuBERT layer features → nearest k-means centre, repeats merged."""
+    from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
+
+    try:
+        extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device)
+        count = label_units(source, out, extractor, on_item=lambda i, n, path: typer.echo(f"[{i}/{n}] {path}", err=True))
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote units for {count} items to {out}")
+
+
+@app.command("convert-kmeans")
+def convert_kmeans_cmd(
+    src: Annotated[Path, typer.Argument(help="The released k-means file (scikit-learn MiniBatchKMeans saved by joblib or pickle, e.g. mhubert_base_vp_en_es_fr_it3_L11_km1000.bin).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the centres (safetensors).")],
+) -> None:
+    """Convert the released k-means file ONCE into safetensors holding only its centres.
+
+    The file is read by a restricted unpickler that builds nothing but numpy arrays and a stand-in for scikit-learn's MiniBatchKMeans (no scikit-learn needed); a file naming any other class or function is refused, so it cannot run code.
+
+    Example:\n
+      omni convert-kmeans mhubert_base_vp_en_es_fr_it3_L11_km1000.bin km1000.safetensors
+    """
+    from omni_cli.train.units import convert_kmeans
+
+    try:
+        convert_kmeans(src, dst)
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {dst}; pass it as --kmeans")
+
+
+@app.command("convert-hubert")
+def convert_hubert_cmd(
+    src: Annotated[Path, typer.Argument(help="The fairseq HuBERT checkpoint, e.g. mhubert_base_vp_en_es_fr_it3.pt.")],
+    dst: Annotated[Path, typer.Argument(help="New directory for the transformers HubertModel (config.json + model.safetensors).")],
+) -> None:
+    """Convert a fairseq HuBERT checkpoint ONCE into a transformers HubertModel directory for `omni units --hubert`.
+
+    Read with torch.load(weights_only=True); the config objects such checkpoints hold (argparse.Namespace, omegaconf and fairseq config classes) are read as inert data, anything else is refused. No fairseq needed.
+
+    Example:\n
+      omni convert-hubert mhubert_base_vp_en_es_fr_it3.pt ./mhubert-hf
+    """
+    from omni_cli.train.hubert import convert_hubert
+
+    try:
+        convert_hubert(src, dst)
+    except OmniError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {dst}; pass it as --hubert")
+
+
