@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
@@ -31,7 +31,12 @@ from omni_cli.cli.shared import (
     load_pipeline,
     streaming_config,
 )
+from omni_cli.config import StreamingConfig
 from omni_cli.errors import OmniError
+
+if TYPE_CHECKING:
+    from omni_cli.data.build import BuildPlan
+    from omni_cli.evaluate.run import EvalPlan
 
 data_app = typer.Typer(help="Speech instruction data from text (the paper's InstructS2S recipe).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -142,7 +147,8 @@ def _build_plan(  # noqa: PLR0913 - one function turning the options into object
     prompts: Path | None, attempts: int, tts: str, instruction_tts: str, piper_voice: str,
     instruction_voices: tuple[str, ...] | None, response_voice: str | None, speeds: tuple[float, ...],
     hubert: Path | None, kmeans: Path | None, layer: int, device: str | None, limit: int | None, seed: int,
-):  # type: ignore[no-untyped-def]
+) -> BuildPlan:
+    """Options → a BuildPlan: the TTS engines (each voice tried once, so a wrong name fails now), the LLM writer, the units."""
     from omni_cli.data.build import LLM_CACHE_NAME, BuildPlan, Speaker
     from omni_cli.data.spoken_style import SpokenStyleWriter
     from omni_cli.data.tts import ESPEAK_INSTRUCTION_VOICES, ESPEAK_RESPONSE_VOICE, EspeakTts, PiperTts, VoicePlan
@@ -181,4 +187,134 @@ def _build_plan(  # noqa: PLR0913 - one function turning the options into object
         instructions=Speaker(engines[instruction_tts], instruction_plan),  # type: ignore[arg-type]
         responses=Speaker(engines[tts], response_plan),  # type: ignore[arg-type]
         writer=writer, rewrite=rewrite, write_all_responses=write_all, units=units, limit=limit,
+    )
+
+
+@app.command("eval")
+def eval_cmd(
+    manifest: Annotated[Optional[Path], typer.Argument(help="Spoken instructions: a manifest with id and speech per record (`omni data build` writes one).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for eval.jsonl (one line per item) and replies/ (the speech replies). Run again to continue.")] = None,
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory or preset, as for transcribe-and-reply.")] = None,
+    speech_encoder: EncoderOpt = None,
+    vocoder: VocoderOpt = None,
+    asr: Annotated[Optional[Path], typer.Option("--asr", help="Whisper (transformers directory) that transcribes the speech replies. Default: the model's speech encoder, when it holds the decoder and tokenizer.")] = None,
+    judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL of the judge LLM (key: $OMNI_LLM_API_KEY or $OPENAI_API_KEY).")] = None,
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The judge model's name (the paper: GPT-4o).")] = None,
+    judge_prompts: Annotated[Optional[Path], typer.Option("--judge-prompts", help="Folder whose judge_content.txt / judge_style.txt replace the built-in prompts.", file_okay=False)] = None,
+    mos: Annotated[bool, typer.Option("--mos/--no-mos", help="UTMOS of the speech replies, when utmos-pytorch and its weights are available.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or the comparison) as one JSON object.")] = False,
+    compare: Annotated[Optional[tuple[Path, Path]], typer.Option("--compare", help="Show two runs' eval.jsonl side by side (before and after a fine-tune), with the items that changed most.", metavar="A.jsonl B.jsonl")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="Only the first N items.")] = None,
+    precision: PrecisionOpt = Precision.auto,
+    device: DeviceOpt = None,
+    max_new_tokens: MaxNewTokensOpt = SAMPLING.max_new_tokens,
+    temperature: TemperatureOpt = SAMPLING.temperature,
+    chunk_units: ChunkUnitsOpt = STREAMING.chunk_units,
+    first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = STREAMING.first_chunk_units,
+    decode_steps: DecodeStepsOpt = DecodeSteps(STREAMING.decode_steps),
+    threads: ThreadsOpt = None,
+    yes: YesOpt = False,
+) -> None:
+    """Score a model as the paper did: reply text and speech, ASR-WER/CER of the speech against the text, latency, judge scores.
+
+    Each item's results go to OUT/eval.jsonl as they come; Ctrl-C keeps them and the same command continues.
+
+    Examples:\n
+      omni eval data/train.jsonl --out eval/base --model llama-omni-8b\n
+      omni eval data/train.jsonl --out eval/tuned --model runs/s2/final --speech-encoder ./whisper-large-v3 --vocoder ./vocoder --judge-url http://127.0.0.1:11434/v1 --judge-model llama3.1\n
+      omni eval --compare eval/base/eval.jsonl eval/tuned/eval.jsonl
+    """
+    from rich.console import Console
+
+    from omni_cli.evaluate import report
+
+    if compare is not None:
+        if manifest is not None:
+            fail("--compare takes two eval.jsonl files and no MANIFEST.")
+        try:
+            result = report.compare(report.load_results(compare[0]), report.load_results(compare[1]))
+        except OmniError as exc:
+            fail(str(exc))
+        if as_json:
+            typer.echo(report.as_json(result))
+        else:
+            report.print_comparison(result, str(compare[0]), str(compare[1]), Console())
+        return
+    if manifest is None or out is None or model is None:
+        fail("give MANIFEST, --out and --model (or --compare A.jsonl B.jsonl).")
+    if (judge_url is None) != (judge_model is None):
+        fail("--judge-url and --judge-model go together: the endpoint and the model it serves.")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file; give a folder for the results (created if missing).")
+    try:
+        plan = _eval_plan(
+            manifest, out, model, speech_encoder, vocoder, asr, judge_url, judge_model, judge_prompts, mos, limit,
+            streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value),
+            precision.value, device, yes, threads,
+        )
+        from transformers.utils import logging as transformers_logging
+
+        from omni_cli.data.progress import ItemProgress
+        from omni_cli.evaluate.run import Evaluation
+
+        transformers_logging.disable_progress_bar()  # its loading bars would tear through ours
+
+        evaluation = Evaluation(plan)
+        with ItemProgress("evaluating") as progress:
+            evaluation.on_item = progress.advance
+            rows = evaluation.run()
+    except OmniError as exc:
+        fail(str(exc), code=1)
+    except KeyboardInterrupt:
+        echo_err(f"omni: interrupted; every finished result is kept in {out}. Run the same command again to continue.")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    for note in plan.notes:
+        echo_err(f"omni: note: {note}")
+    summary = report.summarize(rows)
+    if as_json:
+        typer.echo(report.as_json(summary))
+    else:
+        Console().print(report.summary_table(summary, f"omni eval: {manifest} → {out}"))
+        echo_err(f"per item: {evaluation.path}; WER/CER normaliser: {summary['normaliser']}")
+    raise typer.Exit(1 if summary["failed"] else 0)
+
+
+def _eval_plan(  # noqa: PLR0913 - one function turning the options into objects
+    manifest: Path, out: Path, model: Path, speech_encoder: Path | None, vocoder: Path | None, asr: Path | None,
+    judge_url: str | None, judge_model: str | None, judge_prompts: Path | None, mos: bool, limit: int | None,
+    streaming: StreamingConfig, precision: str, device: str | None, yes: bool, threads: int | None,
+) -> EvalPlan:
+    """Options → an EvalPlan whose model, Whisper and UTMOS load only when their phase has work."""
+    from omni_cli.evaluate.run import EvalPlan
+    from omni_cli.llm_endpoint import AnswerCache, ChatEndpoint
+    from omni_cli.setup.prepare import prepare_model_files
+
+    confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
+    files = prepare_model_files(model, speech_encoder, vocoder, precision, device, assume_yes=yes, confirm=confirm, echo=echo_err)
+    asr_dir = None
+    if files.vocoder_dir is not None:
+        from omni_cli.evaluate.asr import choose_asr
+
+        asr_dir = choose_asr(files.speech_encoder, asr)  # checked before any reply is made
+
+    def load_asr():  # type: ignore[no-untyped-def]
+        from omni_cli.evaluate.asr import WhisperAsr
+
+        return WhisperAsr(asr_dir, device)  # type: ignore[arg-type]
+
+    def load_mos():  # type: ignore[no-untyped-def]
+        from omni_cli.evaluate.mos import UtmosScorer
+
+        return UtmosScorer(device)
+
+    judge = None
+    if judge_url is not None and judge_model is not None:
+        from omni_cli.evaluate.judge import Judge
+
+        endpoint = ChatEndpoint(judge_url, judge_model, AnswerCache(out / "judge-cache.jsonl"), temperature=0.0, max_tokens=16)
+        judge = Judge(endpoint.complete, judge_prompts)
+    return EvalPlan(
+        manifest=manifest, out=out,
+        load_pipeline=lambda: load_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes, threads=threads),
+        load_asr=load_asr if asr_dir is not None else None, load_mos=load_mos if mos else None, judge=judge, limit=limit,
     )

@@ -14,8 +14,6 @@ a second at once (the half-done item is done again on the rerun).
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +26,7 @@ from omni_cli.data.sources import SkippedRecord, TextItem, read_text_items
 from omni_cli.data.spoken_style import SpokenStyleWriter
 from omni_cli.data.tts import Synthesizer, TtsError, VoicePlan, seconds
 from omni_cli.errors import OmniError
+from omni_cli.jsonl_files import append_row, read_rows, write_rows_atomically
 from omni_cli.llm_endpoint import EndpointError, RejectedAnswer
 from omni_cli.stop_request import StopRequest
 
@@ -122,39 +121,6 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.3f} h ({seconds:.0f} s)"
 
 
-def read_journal(path: Path) -> dict[str, dict[str, Any]]:
-    """Finished records by id (a later line for an id replaces an earlier one; a line torn by a crash is skipped)."""
-    records: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and isinstance(row.get("id"), str):
-                records[row["id"]] = row
-    return records
-
-
-def append_line(path: Path, row: dict[str, Any]) -> None:
-    """Append one JSON line and push it to the disk before going on (it is what a crash must not lose)."""
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_jsonl_atomically(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write `rows` as JSONL to a temporary file and rename it over `path`: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.part")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def make_record(item: TextItem, spoken_instruction: str, response: str) -> dict[str, Any]:
     """The manifest record of an item, before its audio and units are added."""
     record: dict[str, Any] = {
@@ -218,7 +184,7 @@ class DataBuild:
         if self.plan.limit is not None:
             items = items[: self.plan.limit]
         self.out.mkdir(parents=True, exist_ok=True)
-        done = read_journal(self.journal)
+        done = read_rows(self.journal)
         summary = BuildSummary(self.manifest, total=len(items), skipped=skipped)
         failures_path = self.out / FAILURES_NAME
         failures_path.unlink(missing_ok=True)
@@ -243,7 +209,7 @@ class DataBuild:
                     except (RejectedAnswer, TtsError, OmniError) as exc:
                         self._fail(summary, failures_path, Failure(item.id, str(exc)))
                     if record is not None:
-                        append_line(self.journal, record)
+                        append_row(self.journal, record)
                         done[item.id] = record
                         appended += 1
                         if appended % MANIFEST_EVERY == 0:
@@ -257,7 +223,7 @@ class DataBuild:
 
     def _fail(self, summary: BuildSummary, path: Path, failure: Failure) -> None:
         summary.failures.append(failure)
-        append_line(path, {"id": failure.id, "reason": failure.reason})
+        append_row(path, {"id": failure.id, "reason": failure.reason})
 
     def _write_manifest(self, items: Sequence[TextItem], done: dict[str, dict[str, Any]], summary: BuildSummary) -> None:
         """The manifest: every finished item, in input order, with its audio still on disk."""
@@ -265,7 +231,7 @@ class DataBuild:
             done[item.id] for item in items
             if item.id in done and (self.out / done[item.id]["speech"]).is_file() and (self.out / done[item.id]["tgt_speech"]).is_file()
         ]
-        write_jsonl_atomically(self.manifest, rows)
+        write_rows_atomically(self.manifest, rows)
         summary.records = len(rows)
         summary.instruction_seconds = sum(float(r.get("speech_seconds", 0.0)) for r in rows)
         summary.response_seconds = sum(float(r.get("response_seconds", 0.0)) for r in rows)
