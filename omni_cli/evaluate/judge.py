@@ -16,7 +16,7 @@ from pathlib import Path
 from omni_cli.llm_endpoint import Complete, RejectedAnswer, ask_until_valid, check_prompt, fill, load_prompt
 
 CRITERIA = ("content", "style")
-_SCORE = re.compile(r"(?<![\d.])([1-5])(?:\.0)?(?![\d.])")
+_SCORE = re.compile(r"(?<![\d.])([1-5])(?:\.0)?(?!\d|\.\d)")
 
 
 def parse_score(answer: str) -> int:
