@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from omni_cli.errors import OmniError, one_line
+from omni_cli.jsonl_files import append_row, read_rows
 
 T = TypeVar("T")
 Message = dict[str, str]
@@ -49,15 +50,7 @@ class AnswerCache:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.answers: dict[str, str] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str):
-                    self.answers[row["key"]] = row["answer"]
+        self.answers = {k: row["answer"] for k, row in read_rows(self.path, key="key").items() if isinstance(row.get("answer"), str)}
 
     def get(self, key: str) -> str | None:
         """The kept answer, or None."""
@@ -67,9 +60,7 @@ class AnswerCache:
         """Keep an answer (on disk at once: a crash right after loses nothing)."""
         self.answers[key] = answer
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"key": key, "answer": answer}, ensure_ascii=False) + "\n")
-            f.flush()
+        append_row(self.path, {"key": key, "answer": answer})
 
 
 @dataclass

@@ -217,6 +217,8 @@ class DataBuild:
                     self.on_item(item.id, index + 1, len(items))
         except KeyboardInterrupt:
             summary.interrupted = True
+        except OSError as exc:  # a full disk or a folder made read-only: nothing more can be kept
+            raise OmniError(f"cannot write to {self.out} ({exc.strerror or exc}); free some space and run the same command again.") from exc
         finally:
             self._write_manifest(items, done, summary)
         return summary
