@@ -36,6 +36,8 @@ from omni_cli.errors import OmniError
 
 if TYPE_CHECKING:
     from omni_cli.data.build import BuildPlan
+    from omni_cli.evaluate.asr import WhisperAsr
+    from omni_cli.evaluate.mos import UtmosScorer
     from omni_cli.evaluate.run import EvalPlan
 
 data_app = typer.Typer(help="Speech instruction data from text (the paper's InstructS2S recipe).", no_args_is_help=True)
@@ -80,7 +82,7 @@ def _check_build_out(out: Path) -> None:
 
 @data_app.command("build")
 def data_build_cmd(
-    source: Annotated[Path, typer.Argument(help="Text instructions: JSONL of {instruction, response?}, Alpaca JSON, ShareGPT or UltraChat (first turn).")],
+    source: Annotated[Path, typer.Argument(help="Text instructions: JSONL of {instruction, response?}, Alpaca JSON, ShareGPT or UltraChat (first turn).", metavar="INPUT")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the data set: train.jsonl, audio/, the journal and caches. Run again to continue.")],
     llm_url: Annotated[Optional[str], typer.Option("--llm-url", help="OpenAI-compatible base URL (ollama, vLLM, llama.cpp, omni serve, a hosted API), e.g. http://127.0.0.1:11434/v1. Key: $OMNI_LLM_API_KEY or $OPENAI_API_KEY.")] = None,
     llm_model: Annotated[Optional[str], typer.Option("--llm-model", help="The model name the endpoint serves.")] = None,
@@ -142,7 +144,7 @@ def data_build_cmd(
     raise typer.Exit(1 if summary.failures else 0)
 
 
-def _build_plan(  # noqa: PLR0913 - one function turning the options into objects
+def _build_plan(
     source: Path, out: Path, llm_url: str | None, llm_model: str | None, rewrite: bool, write_all: bool,
     prompts: Path | None, attempts: int, tts: str, instruction_tts: str, piper_voice: str,
     instruction_voices: tuple[str, ...] | None, response_voice: str | None, speeds: tuple[float, ...],
@@ -151,28 +153,30 @@ def _build_plan(  # noqa: PLR0913 - one function turning the options into object
     """Options → a BuildPlan: the TTS engines (each voice tried once, so a wrong name fails now), the LLM writer, the units."""
     from omni_cli.data.build import LLM_CACHE_NAME, BuildPlan, Speaker
     from omni_cli.data.spoken_style import SpokenStyleWriter
-    from omni_cli.data.tts import ESPEAK_INSTRUCTION_VOICES, ESPEAK_RESPONSE_VOICE, EspeakTts, PiperTts, VoicePlan
+    from omni_cli.data.tts import ESPEAK_INSTRUCTION_VOICES, ESPEAK_RESPONSE_VOICE, EspeakTts, PiperTts, Synthesizer, VoicePlan
     from omni_cli.llm_endpoint import AnswerCache, ChatEndpoint
 
-    engines: dict[str, object] = {}
+    engines: dict[str, Synthesizer] = {}
+    piper: PiperTts | None = None
     if "espeak" in (tts, instruction_tts):
         engines["espeak"] = EspeakTts()
     if "piper" in (tts, instruction_tts):
         from omni_cli.data.voices import piper_model_path
 
-        engines["piper"] = PiperTts(piper_model_path(piper_voice, echo=echo_err))
+        engines["piper"] = piper = PiperTts(piper_model_path(piper_voice, echo=echo_err))
 
     def voices_of(engine: str, response: bool) -> tuple[str, ...]:
         if engine == "espeak":
             return (ESPEAK_RESPONSE_VOICE,) if response else ESPEAK_INSTRUCTION_VOICES
-        names = tuple(engines["piper"].voices())  # type: ignore[attr-defined]
+        assert piper is not None
+        names = tuple(piper.voices())
         return names[:1] if response else names
 
     instruction_plan = VoicePlan(instruction_voices or voices_of(instruction_tts, False), speeds, seed)
     response_plan = VoicePlan((response_voice,) if response_voice else voices_of(tts, True), (1.0,), seed)
     for engine, plan in ((instruction_tts, instruction_plan), (tts, response_plan)):
         for voice in plan.voices:  # a mistyped voice is one line now, not a failure on every item
-            engines[engine].speak("ok", voice, 1.0)  # type: ignore[attr-defined]
+            engines[engine].speak("ok", voice, 1.0)
     writer = None
     if llm_url is not None and llm_model is not None:
         endpoint = ChatEndpoint(llm_url, llm_model, AnswerCache(out / LLM_CACHE_NAME), temperature=0.7)
@@ -184,15 +188,15 @@ def _build_plan(  # noqa: PLR0913 - one function turning the options into object
         units = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device)
     return BuildPlan(
         source=source, out=out,
-        instructions=Speaker(engines[instruction_tts], instruction_plan),  # type: ignore[arg-type]
-        responses=Speaker(engines[tts], response_plan),  # type: ignore[arg-type]
+        instructions=Speaker(engines[instruction_tts], instruction_plan),
+        responses=Speaker(engines[tts], response_plan),
         writer=writer, rewrite=rewrite, write_all_responses=write_all, units=units, limit=limit,
     )
 
 
 @app.command("eval")
 def eval_cmd(
-    manifest: Annotated[Optional[Path], typer.Argument(help="Spoken instructions: a manifest with id and speech per record (`omni data build` writes one).")] = None,
+    manifest: Annotated[Optional[Path], typer.Argument(help="Spoken instructions: a manifest with id and speech per record (`omni data build` writes one).", metavar="[MANIFEST]")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for eval.jsonl (one line per item) and replies/ (the speech replies). Run again to continue.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory or preset, as for transcribe-and-reply.")] = None,
     speech_encoder: EncoderOpt = None,
@@ -279,7 +283,7 @@ def eval_cmd(
     raise typer.Exit(1 if summary["failed"] else 0)
 
 
-def _eval_plan(  # noqa: PLR0913 - one function turning the options into objects
+def _eval_plan(
     manifest: Path, out: Path, model: Path, speech_encoder: Path | None, vocoder: Path | None, asr: Path | None,
     judge_url: str | None, judge_model: str | None, judge_prompts: Path | None, mos: bool, limit: int | None,
     streaming: StreamingConfig, precision: str, device: str | None, yes: bool, threads: int | None,
@@ -297,12 +301,13 @@ def _eval_plan(  # noqa: PLR0913 - one function turning the options into objects
 
         asr_dir = choose_asr(files.speech_encoder, asr)  # checked before any reply is made
 
-    def load_asr():  # type: ignore[no-untyped-def]
+    def load_asr() -> WhisperAsr:
         from omni_cli.evaluate.asr import WhisperAsr
 
-        return WhisperAsr(asr_dir, device)  # type: ignore[arg-type]
+        assert asr_dir is not None
+        return WhisperAsr(asr_dir, device)
 
-    def load_mos():  # type: ignore[no-untyped-def]
+    def load_mos() -> UtmosScorer:
         from omni_cli.evaluate.mos import UtmosScorer
 
         return UtmosScorer(device)

@@ -220,7 +220,10 @@ class DataBuild:
         except OSError as exc:  # a full disk or a folder made read-only: nothing more can be kept
             raise OmniError(f"cannot write to {self.out} ({exc.strerror or exc}); free some space and run the same command again.") from exc
         finally:
-            self._write_manifest(items, done, summary)
+            try:
+                self._write_manifest(items, done, summary)
+            except OSError:  # the disk is full: the previous manifest stays whole, the journal has every item
+                (self.manifest.parent / f".{self.manifest.name}.part").unlink(missing_ok=True)
         return summary
 
     def _fail(self, summary: BuildSummary, path: Path, failure: Failure) -> None:
