@@ -196,7 +196,7 @@ def _build_plan(
 
 @app.command("eval")
 def eval_cmd(
-    manifest: Annotated[Optional[Path], typer.Argument(help="Spoken instructions: a manifest with id and speech per record (`omni data build` writes one).", metavar="[MANIFEST]")] = None,
+    manifest: Annotated[Optional[Path], typer.Argument(help="Spoken instructions: a manifest with id and speech per record (`omni data build` writes one).", metavar="MANIFEST")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for eval.jsonl (one line per item) and replies/ (the speech replies). Run again to continue.")] = None,
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="LLaMA-Omni checkpoint directory or preset, as for transcribe-and-reply.")] = None,
     speech_encoder: EncoderOpt = None,
