@@ -13,6 +13,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from omni_cli.model.encoder import hf_key_to_openai
+from omni_cli.tiny.whisper_tokenizer import write_tiny_whisper_tokenizer
 
 # The real 30 s window: 1500 encoder positions after the stride-2 convolution = 3000 mel frames.
 TINY_SOURCE_POSITIONS = 1500
@@ -79,6 +80,7 @@ def make_tiny_whisper(
     model = WhisperForConditionalGeneration(config).eval()
     if fmt == "hf":
         model.save_pretrained(out)
+        write_tiny_whisper_tokenizer(out, config.vocab_size, config.max_target_positions)  # the decoder can then write text, as `omni eval`'s ASR needs
         return out
 
     state: dict[str, torch.Tensor] = {}

@@ -1,0 +1,145 @@
+"""What `omni eval` prints: the summary of one run, and two runs side by side (`--compare`).
+
+Rates over many items are corpus rates (total errors over total reference words / characters);
+latency, decoding time, judge scores and UTMOS are means over the items that have them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from omni_cli.errors import OmniError
+from omni_cli.evaluate.metrics import NORMALISER, ErrorCounts, corpus_rates
+from omni_cli.jsonl_files import read_rows
+
+Row = dict[str, Any]
+# (key in the summary, what people read, lower is better)
+METRICS = (
+    ("asr_wer", "ASR-WER %", True),
+    ("asr_cer", "ASR-CER %", True),
+    ("first_audio_ms", "first audio, ms", True),
+    ("decoding_ms", "decoding time, ms", True),
+    ("content_text", "S2TIF content (1-5)", False),
+    ("style_text", "S2TIF style (1-5)", False),
+    ("content_speech", "S2SIF content (1-5)", False),
+    ("style_speech", "S2SIF style (1-5)", False),
+    ("utmos", "UTMOS (1-5)", False),
+)
+
+
+def _mean(rows: Sequence[Row], key: str) -> float | None:
+    values = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return round(sum(values) / len(values), 3) if values else None
+
+
+def summarize(rows: Sequence[Row]) -> dict[str, Any]:
+    """The run's figures: counts, corpus WER/CER, and means of the rest (None where no item has one)."""
+    counts = [
+        ErrorCounts(r["word_errors"], r["words"], r["char_errors"], r["chars"]) for r in rows if isinstance(r.get("words"), int)
+    ]
+    wer, cer = corpus_rates(counts)
+    summary: dict[str, Any] = {
+        "items": len(rows),
+        "replied": sum(1 for r in rows if "text" in r),
+        "failed": sum(1 for r in rows if "error" in r),
+        "asr_wer": None if wer is None else round(wer, 2),
+        "asr_cer": None if cer is None else round(cer, 2),
+    }
+    for key, _, _ in METRICS[2:]:
+        summary[key] = _mean(rows, key)
+    summary["normaliser"] = NORMALISER
+    return summary
+
+
+def _cell(value: Any) -> str:
+    return "—" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def summary_table(summary: dict[str, Any], title: str) -> Table:
+    """The summary as a two-column table."""
+    table = Table(title=title, show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("items (replied / failed)", f"{summary['items']} ({summary['replied']} / {summary['failed']})")
+    for key, label, _ in METRICS:
+        table.add_row(label, _cell(summary.get(key)))
+    return table
+
+
+def load_results(path: Path) -> list[Row]:
+    """The rows of an `omni eval` results file (OUT/eval.jsonl)."""
+    if not Path(path).is_file():
+        raise OmniError(f"{path} not found; give two eval.jsonl files written by `omni eval`.")
+    rows = list(read_rows(path).values())
+    if not rows:
+        raise OmniError(f"{path} holds no results; is it an eval.jsonl written by `omni eval`?")
+    return rows
+
+
+def _change(a: Row, b: Row) -> float:
+    """How much one item moved between runs: WER points plus 10 per judge point (a 1-point move is large)."""
+    total = 0.0
+    if isinstance(a.get("wer"), (int, float)) and isinstance(b.get("wer"), (int, float)):
+        total += abs(b["wer"] - a["wer"])
+    for key in ("content_text", "style_text", "content_speech", "style_speech"):
+        if isinstance(a.get(key), int) and isinstance(b.get(key), int):
+            total += 10 * abs(b[key] - a[key])
+    if a.get("text") != b.get("text"):
+        total += 1e-3  # a changed reply with equal scores still ranks above an unchanged one
+    return total
+
+
+def compare(a_rows: Sequence[Row], b_rows: Sequence[Row], top: int = 5) -> dict[str, Any]:
+    """Both runs' summaries over the items they share, and the items that changed most."""
+    a_by_id = {r["id"]: r for r in a_rows}
+    b_by_id = {r["id"]: r for r in b_rows}
+    shared = [i for i in a_by_id if i in b_by_id]
+    if not shared:
+        raise OmniError("the two runs share no item ids; compare runs over the same manifest.")
+    a_sum = summarize([a_by_id[i] for i in shared])
+    b_sum = summarize([b_by_id[i] for i in shared])
+    ranked = sorted(shared, key=lambda i: _change(a_by_id[i], b_by_id[i]), reverse=True)
+    changed = [
+        {
+            "id": i,
+            "change": round(_change(a_by_id[i], b_by_id[i]), 3),
+            **{f"{k}_a": a_by_id[i].get(k) for k in ("wer", "content_speech", "text")},
+            **{f"{k}_b": b_by_id[i].get(k) for k in ("wer", "content_speech", "text")},
+        }
+        for i in ranked[:top] if _change(a_by_id[i], b_by_id[i]) > 0
+    ]
+    return {"shared_items": len(shared), "only_a": len(a_by_id) - len(shared), "only_b": len(b_by_id) - len(shared),
+            "a": a_sum, "b": b_sum, "changed_most": changed}
+
+
+def print_comparison(result: dict[str, Any], a_name: str, b_name: str, console: Console) -> None:
+    """The comparison as two tables: metrics side by side, then the items that changed most."""
+    table = Table(title=f"{result['shared_items']} shared items")
+    for column in ("metric", f"A: {a_name}", f"B: {b_name}", "B − A"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for key, label, lower_better in METRICS:
+        a, b = result["a"].get(key), result["b"].get(key)
+        delta = "—" if a is None or b is None else f"{b - a:+.3g}" + (" better" if (b < a) == lower_better and b != a else "")
+        table.add_row(label, _cell(a), _cell(b), delta)
+    console.print(table)
+    if result["changed_most"]:
+        items = Table(title="items that changed most")
+        for column in ("id", "WER A → B", "S2SIF content A → B", "reply A", "reply B"):
+            items.add_column(column)
+        for c in result["changed_most"]:
+            items.add_row(
+                c["id"], f"{_cell(c['wer_a'])} → {_cell(c['wer_b'])}", f"{_cell(c['content_speech_a'])} → {_cell(c['content_speech_b'])}",
+                (c["text_a"] or "")[:60], (c["text_b"] or "")[:60],
+            )
+        console.print(items)
+
+
+def as_json(value: Any) -> str:
+    """One line of JSON for --json."""
+    return json.dumps(value, ensure_ascii=False)

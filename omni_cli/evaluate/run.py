@@ -1,0 +1,207 @@
+"""`omni eval MANIFEST`: each spoken instruction answered, its speech reply transcribed and scored.
+
+Per item (one JSON line in OUT/eval.jsonl): the text reply and the speech reply (OUT/replies/, never
+replacing a file), first-audio latency and decoding time (from the pipeline's events, as
+`transcribe-and-reply` measures them), the Whisper transcript of the speech reply, ASR-WER and
+ASR-CER against the text reply, UTMOS where it runs, and with a judge the content and style scores of
+the text reply (S2TIF) and of the transcript (S2SIF).
+
+The work runs in phases so only one big model is in memory at a time: replies (the omni model), then
+transcripts (Whisper), then UTMOS, then the judge. OUT/eval.jsonl is rewritten atomically after
+every item, so Ctrl-C or a crash keeps everything finished and the same command continues where it
+stopped (an item whose reply failed is tried again).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omni_cli.audio.io import load_audio
+from omni_cli.errors import OmniError, one_line
+from omni_cli.evaluate.metrics import error_counts
+from omni_cli.jsonl_files import read_rows, write_rows_atomically
+from omni_cli.llm_endpoint import EndpointError, RejectedAnswer
+
+RESULTS_NAME = "eval.jsonl"
+REPLIES_DIR = "replies"
+INSTRUCTION_FIELDS = ("instruction", "text", "question", "prompt")
+Row = dict[str, Any]
+
+
+class EvalError(OmniError):
+    """The manifest cannot be evaluated (no records, no speech paths)."""
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One spoken instruction to answer: its id, its audio, and its text when the manifest gives it."""
+
+    id: str
+    speech: Path
+    instruction: str | None
+
+
+def read_eval_items(manifest: Path) -> list[EvalItem]:
+    """The spoken instructions of a manifest (`omni data build`'s, or any with `id` and `speech`)."""
+    from omni_cli.train.data import read_manifest
+
+    items: list[EvalItem] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(read_manifest(manifest)):
+        if not isinstance(raw, dict) or not isinstance(raw.get("speech"), str):
+            raise EvalError(f"{manifest}: record {index + 1} names no 'speech' audio; each record needs id and speech.")
+        item_id = str(raw.get("id", f"#{index + 1}"))
+        if item_id in seen:
+            raise EvalError(f"{manifest}: id {item_id!r} appears twice; ids name the results, so each must be unique.")
+        seen.add(item_id)
+        speech = Path(raw["speech"]).expanduser()
+        text = next((raw[f] for f in INSTRUCTION_FIELDS if isinstance(raw.get(f), str) and raw[f].strip()), None)
+        items.append(EvalItem(item_id, speech if speech.is_absolute() else manifest.parent / speech, text))
+    if not items:
+        raise EvalError(f"{manifest} holds no records; nothing to evaluate.")
+    return items
+
+
+@dataclass
+class EvalPlan:
+    """What an evaluation runs, each heavy part made only when it has work to do."""
+
+    manifest: Path
+    out: Path
+    load_pipeline: Callable[[], Any]  # → SpeechToSpeech
+    load_asr: Callable[[], Any] | None  # → WhisperAsr; None: text replies only, nothing to transcribe
+    load_mos: Callable[[], Any] | None = None  # → UtmosScorer (MosUnavailable: left out, with a note)
+    judge: Any = None  # Judge, or None
+    limit: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+class Evaluation:
+    """Runs an EvalPlan phase by phase over the rows in OUT/eval.jsonl."""
+
+    def __init__(self, plan: EvalPlan, on_item: Callable[[str, int, int], None] | None = None) -> None:
+        self.plan = plan
+        self.on_item = on_item or (lambda item_id, done, total: None)
+        self.path = Path(plan.out) / RESULTS_NAME
+        self.items = read_eval_items(plan.manifest)[: plan.limit]
+        kept = read_rows(self.path)
+        self.rows: dict[str, Row] = {item.id: kept.get(item.id, {"id": item.id}) for item in self.items}
+
+    def save(self) -> None:
+        """Rewrite OUT/eval.jsonl with every row, in manifest order (atomically)."""
+        write_rows_atomically(self.path, [self.rows[item.id] for item in self.items])
+
+    def _phase(self, todo: Sequence[EvalItem], work: Callable[[EvalItem, Row], None]) -> None:
+        for n, item in enumerate(todo, start=1):
+            work(item, self.rows[item.id])
+            self.save()
+            self.on_item(item.id, n, len(todo))
+
+    def run(self) -> list[Row]:
+        """Every phase with work left; returns the rows (also on disk)."""
+        Path(self.plan.out).mkdir(parents=True, exist_ok=True)
+        self.save()
+        todo = [i for i in self.items if "text" not in self.rows[i.id]]
+        if todo:
+            pipeline = self.plan.load_pipeline()
+            self._phase(todo, lambda item, row: self.answer(pipeline, item, row))
+            del pipeline
+            gc.collect()
+            _free_gpu_memory()
+        self._transcribe()
+        self._score_mos()
+        if self.plan.judge is not None:
+            self._phase([i for i in self.items if self._needs_judging(self.rows[i.id])], self.judge)
+        return [self.rows[item.id] for item in self.items]
+
+    def answer(self, pipeline: Any, item: EvalItem, row: Row) -> None:
+        """The model's reply to one spoken instruction, its speech saved, its timings kept."""
+        from omni_cli.transcribe import CheckedInput, FileReply, answer_file
+
+        reply = FileReply(file=str(item.speech))
+        row.pop("error", None)
+        try:
+            answer_file(pipeline, CheckedInput(item.speech), Path(self.plan.out) / REPLIES_DIR, None, reply)
+        except (OmniError, RuntimeError) as exc:
+            row["error"] = one_line(exc)
+            return
+        row.update(
+            text=reply.text, wav=reply.wav, audio_seconds=reply.audio_seconds, tokens=reply.tokens,
+            stopped=reply.stopped, first_text_ms=reply.first_text_ms, first_audio_ms=reply.first_audio_ms,
+            decoding_ms=reply.total_ms, units=len(reply.units) if reply.units is not None else None,
+        )
+        if item.instruction is not None:
+            row["instruction"], row["instruction_from"] = item.instruction, "manifest"
+
+    def _transcribe(self) -> None:
+        todo = [
+            i for i in self.items
+            if ("wav" in self.rows[i.id] and self.rows[i.id].get("wav") and "transcript" not in self.rows[i.id])
+            or ("text" in self.rows[i.id] and "instruction" not in self.rows[i.id])
+        ]
+        if not todo:
+            return
+        if self.plan.load_asr is None:
+            self.plan.notes.append("no speech replies to transcribe (no vocoder): ASR-WER/CER left out")
+            return
+        asr = self.plan.load_asr()
+
+        def work(item: EvalItem, row: Row) -> None:
+            if "instruction" not in row:  # the manifest gives no text: the judge reads what Whisper hears
+                row["instruction"], row["instruction_from"] = asr.transcribe(load_audio(item.speech)), "asr"
+            if row.get("wav") and "transcript" not in row:
+                row["transcript"] = asr.transcribe(load_audio(row["wav"]))
+                counts = error_counts(row["text"], row["transcript"])
+                if counts is not None:
+                    row.update(
+                        wer=round(counts.wer, 2), cer=round(counts.cer, 2), word_errors=counts.word_errors,
+                        words=counts.words, char_errors=counts.char_errors, chars=counts.chars,
+                    )
+
+        self._phase(todo, work)
+        del asr
+        gc.collect()
+        _free_gpu_memory()
+
+    def _score_mos(self) -> None:
+        todo = [i for i in self.items if self.rows[i.id].get("wav") and "utmos" not in self.rows[i.id]]
+        if not todo or self.plan.load_mos is None:
+            return
+        from omni_cli.evaluate.mos import MosUnavailable
+
+        try:
+            scorer = self.plan.load_mos()
+        except MosUnavailable as exc:
+            self.plan.notes.append(str(exc))
+            return
+        self._phase(todo, lambda item, row: row.update(utmos=scorer.score(load_audio(row["wav"]))))
+
+    @staticmethod
+    def _needs_judging(row: Row) -> bool:
+        if "text" not in row or "instruction" not in row:
+            return False
+        wanted = ["content_text", "style_text"] + (["content_speech", "style_speech"] if "transcript" in row else [])
+        return any(k not in row for k in wanted)
+
+    def judge(self, item: EvalItem, row: Row) -> None:
+        """Content and style of the text reply (S2TIF) and of the speech reply's transcript (S2SIF)."""
+        sides = [("text", row["text"])] + ([("speech", row["transcript"])] if "transcript" in row else [])
+        for side, response in sides:
+            try:
+                for criterion, score in self.plan.judge.scores(row["instruction"], response).items():
+                    row[f"{criterion}_{side}"] = score
+            except EndpointError:
+                raise  # the judge is unreachable: stop, keeping every row so far
+            except RejectedAnswer as exc:
+                row[f"judge_error_{side}"] = str(exc)
+
+
+def _free_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

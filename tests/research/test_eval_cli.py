@@ -1,0 +1,81 @@
+"""`omni eval` on the tiny model through the users' code path: replies, Whisper transcripts, WER/CER, resumable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from omni_cli.cli import app
+from omni_cli.evaluate.metrics import error_counts
+
+
+@pytest.fixture()
+def manifest(tmp_path: Path, question_wavs: list[Path]) -> Path:
+    """Two spoken questions: one whose text the manifest gives, one the judge would learn from Whisper."""
+    path = tmp_path / "eval.jsonl"
+    rows = [
+        {"id": "q1", "speech": str(question_wavs[0]), "instruction": "What is the capital of France?"},
+        {"id": "q2", "speech": str(question_wavs[1])},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _model_args(tiny_model) -> list[str]:
+    return ["--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder),
+            "--vocoder", str(tiny_model.vocoder_dir), "--max-new-tokens", "12", "--device", "cpu"]
+
+
+def test_eval_answers_transcribes_scores_and_continues_without_redoing(manifest: Path, tmp_path: Path, tiny_model) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert (summary["items"], summary["replied"], summary["failed"]) == (2, 2, 0)
+    rows = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["q1", "q2"]
+    for row in rows:
+        assert Path(row["wav"]).parent == out / "replies" and Path(row["wav"]).is_file()
+        assert row["text"] and 1 <= row["tokens"] <= 12 and row["units"] > 0
+        assert 0 < row["first_audio_ms"] <= row["decoding_ms"]
+        assert isinstance(row["transcript"], str) and row["transcript"]  # the tiny Whisper's decoder wrote text
+        counts = error_counts(row["text"], row["transcript"])
+        if counts is not None:
+            assert (row["word_errors"], row["words"], row["wer"]) == (counts.word_errors, counts.words, round(counts.wer, 2))
+    assert (rows[0]["instruction"], rows[0]["instruction_from"]) == ("What is the capital of France?", "manifest")
+    assert rows[1]["instruction_from"] == "asr"
+    assert "UTMOS left out" in result.output  # utmos-pytorch is installed, but its weights cannot be fetched here
+
+    before = (out / "eval.jsonl").read_text()
+    wavs = sorted((out / "replies").iterdir())
+    again = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--no-mos"])
+    assert again.exit_code == 0, again.output
+    assert (out / "eval.jsonl").read_text() == before and sorted((out / "replies").iterdir()) == wavs
+    assert "ASR-WER %" in again.output
+
+
+def test_an_existing_reply_file_is_never_replaced(manifest: Path, tmp_path: Path, tiny_model) -> None:
+    out = tmp_path / "run"
+    (out / "replies").mkdir(parents=True)
+    mine = out / "replies" / "helpful_base_1.wav"
+    mine.write_bytes(b"my own recording")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--no-mos", "--limit", "1"])
+    assert result.exit_code == 0, result.output
+    assert mine.read_bytes() == b"my own recording"
+    assert json.loads((out / "eval.jsonl").read_text().splitlines()[0])["wav"].endswith("helpful_base_1-2.wav")
+
+
+def test_a_whisper_that_cannot_transcribe_is_refused_before_any_reply(manifest: Path, tmp_path: Path, tiny_model) -> None:
+    no_tokenizer = tmp_path / "whisper-no-tokenizer"
+    shutil.copytree(tiny_model.speech_encoder, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--asr", str(no_tokenizer)])
+    assert result.exit_code == 1 and "--asr: " in result.output and "has no tokenizer" in result.output
+    assert not (out / "replies").exists()
+    missing = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out)])
+    assert missing.exit_code == 2 and "give MANIFEST, --out and --model" in missing.output
