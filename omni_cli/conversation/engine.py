@@ -117,6 +117,9 @@ class Conversation(Replying):
     def commit(self) -> None:
         """The client ends its turn. Without turn detection: the frames since the last commit or
         clear are the question. With it: the utterance in progress ends now."""
+        flush = getattr(self._frames, "flush", None)
+        if flush is not None and self._listener is None:
+            flush()  # the end of the turn: a partial frame is its last
         self._commands.put(("commit", self.clock()))
 
     def clear(self) -> None:
@@ -434,6 +437,7 @@ class Conversation(Replying):
             self._listener.endpointer.reset()
         elif self._frames is not None:
             self._read_input(0.0)
+            self._frames.clear()  # and a partial frame
         self._input.clear()
 
     # -- used by Replying -------------------------------------------------------------

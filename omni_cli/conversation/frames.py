@@ -29,6 +29,7 @@ class FrameQueue:
         self.frame_samples = sample_rate * frame_ms // 1000
         self.frame_end_t: float | None = None
         self.dropped = 0
+        self._last_end_t: float | None = None  # when the newest sample pushed was heard
         self._splitter = FrameSplitter(self.frame_samples)
         self._frames: deque[tuple[np.ndarray, float]] = deque(maxlen=max(1, int(max_seconds * 1000 // frame_ms)))
         self._ready = threading.Condition()
@@ -41,6 +42,7 @@ class FrameQueue:
         """
         end_t = time.monotonic() if end_t is None else end_t
         with self._ready:
+            self._last_end_t = end_t
             frames = self._splitter.push(audio)
             # The newest complete frame ends where the samples still waiting begin.
             behind = self._splitter.pending / self.sample_rate
@@ -61,6 +63,16 @@ class FrameQueue:
                 return None
             frame, self.frame_end_t = self._frames.popleft()
             return frame
+
+    def flush(self) -> None:
+        """The end of a client's turn: a partial frame waiting for more audio is completed with
+        silence, so it can be read (stamped with when its last real sample was heard)."""
+        with self._ready:
+            missing = -self._splitter.pending % self.frame_samples
+            if missing and self._last_end_t is not None:
+                (frame,) = self._splitter.push(np.zeros(missing, np.float32))
+                self._frames.append((frame, self._last_end_t))
+                self._ready.notify_all()
 
     def clear(self) -> int:
         """Drop the frames waiting (and a partial one); how many whole frames were dropped."""
@@ -88,10 +100,6 @@ class InputBuffer:
     def append(self, frame: np.ndarray, end_t: float, end_stream_t: float) -> None:
         self.frames.append(frame)
         self.end_t, self.end_stream_t = end_t, end_stream_t
-
-    @property
-    def seconds(self) -> float:
-        return sum(f.size for f in self.frames) / 16000
 
     def take(self) -> np.ndarray | None:
         """The audio heard since the last take or clear (None if nothing), and start afresh."""
