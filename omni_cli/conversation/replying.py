@@ -62,6 +62,7 @@ class Replying:
     _stopping: bool
     _frames: FrameSource | None
     _spoken: SpokenQuestion
+    _stream_origin: float
     _commands: queue.SimpleQueue[tuple[object, ...]]
 
     def _init_replying(self) -> None:
@@ -276,7 +277,7 @@ class Replying:
         went_on = reply.voiced_end_stream_t is not None and (event.t - reply.voiced_end_stream_t) * 1000 <= self.settings.rejoin_ms
         if went_on:
             reply.withdrawn_at = event.t  # the user went on with the question after a long pause
-        self._emit(BargeIn(self.clock(), reply.turn, listener.clock_of(event.t), detected, stopped, event.t, went_on))
+        self._emit(BargeIn(self.clock(), reply.turn, listener.clock_of(event.t), detected, stopped, self._stream_origin + event.t, went_on))
 
     def _cut(self, reply: ReplyProgress, why: ReplyEnd) -> None:
         """Cut playback now and make generation stop at its next token."""

@@ -22,15 +22,11 @@ from omni_cli.pipeline import Done, History, TextDelta
 FRAME_MS = 30
 
 
-class Recorded:
-    """A ReplySource that notes each question and the history it was asked with, then asks `replies`
-    (`token_s`: taking at least that long per token, as a bigger model would)."""
+class Wrapping:
+    """A ReplySource around another (`replies`): the same audio rate, budget and chunk size."""
 
-    def __init__(self, replies, token_s: float = 0.0) -> None:  # noqa: ANN001 - any ReplySource
+    def __init__(self, replies) -> None:  # noqa: ANN001 - any ReplySource
         self.replies = replies
-        self.token_s = token_s
-        self.asked: list[tuple[object, list[tuple[str | None, str]]]] = []
-        self.ended: list[str] = []  # the pipeline's Done.stopped, per reply
 
     @property
     def sample_rate(self) -> int | None:
@@ -41,8 +37,19 @@ class Recorded:
         return self.replies.context_budget
 
     @property
-    def chunk_units(self) -> int:
-        return self.replies.chunk_units
+    def chunk_units(self) -> int | None:
+        return getattr(self.replies, "chunk_units", None)
+
+
+class Recorded(Wrapping):
+    """Notes each question and the history it was asked with, then asks `replies` (`token_s`:
+    taking at least that long per token, as a bigger model would)."""
+
+    def __init__(self, replies, token_s: float = 0.0) -> None:  # noqa: ANN001 - any ReplySource
+        super().__init__(replies)
+        self.token_s = token_s
+        self.asked: list[tuple[object, list[tuple[str | None, str]]]] = []
+        self.ended: list[str] = []  # the pipeline's Done.stopped, per reply
 
     def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
         self.asked.append((audio, [(h.user_text, h.reply) for h in history]))
@@ -54,22 +61,14 @@ class Recorded:
             yield event
 
 
-class OneReplyAtATime:
+class OneReplyAtATime(Wrapping):
     """A model several conversations share, answering one reply at a time: respond() blocks before
     its first event while another reply holds the model (`lock`)."""
 
     def __init__(self, replies) -> None:  # noqa: ANN001 - any ReplySource
-        self.replies = replies
+        super().__init__(replies)
         self.lock = threading.Lock()
         self.order: list[tuple[str, object]] = []  # ("start" | "end", question)
-
-    @property
-    def sample_rate(self) -> int | None:
-        return self.replies.sample_rate
-
-    @property
-    def context_budget(self) -> int:
-        return self.replies.context_budget
 
     def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
         with self.lock:

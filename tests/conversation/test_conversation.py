@@ -296,3 +296,36 @@ def test_the_conversation_knows_no_front_door() -> None:
     for module in imported:
         assert not module.startswith(("omni_cli.chat", "omni_cli.cli", "omni_cli.serve", "rich", "sounddevice")), module
         assert not module.startswith("omni_cli.audio") or module in allowed_audio, module
+
+
+def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replies, question: np.ndarray) -> None:
+    frames, events = FrameQueue(), EventQueue()
+    conversation = Conversation(make_replies(8), events, frames=frames, settings=server_vad())
+    words = question[: int(speech_bounds(question)[1] * SAMPLE_RATE)]  # cut at its last word: no silence ends the turn
+    frames_sent = words.size // FRAME * FRAME
+
+    def send_and_wait_until_heard() -> None:
+        heard_before = conversation.stream_time
+        frames.push(words)
+        deadline = time.monotonic() + 20
+        while conversation.stream_time < heard_before + frames_sent / SAMPLE_RATE - 1e-6:
+            assert time.monotonic() < deadline, "the frames sent were not heard"
+            time.sleep(0.01)
+
+    with Running(conversation, events) as running:
+        send_and_wait_until_heard()
+        conversation.commit()
+        done = running.wait_for(ReplyDone)
+        send_and_wait_until_heard()
+        conversation.clear()
+        conversation.commit()
+        error = running.wait_for(ConversationError)
+
+    assert [k for k in running.kinds() if k in ("SpeechStarted", "SpeechStopped", "QuestionCommitted")] == [
+        "SpeechStarted", "SpeechStopped", "QuestionCommitted", "SpeechStarted",
+    ]  # fmt: skip
+    committed = running.wait_for(QuestionCommitted)
+    # Ended by the commit, not by a hang-over: the question runs to the last frame sent.
+    assert committed.heard.end_of_turn_ms < HANGOVER_MS and committed.audio.size >= frames_sent * 0.8
+    np.testing.assert_array_equal(committed.audio[-FRAME:], words[frames_sent - FRAME : frames_sent])
+    assert done.reason == "budget" and error.code == "empty_input" and len(conversation.history) == 1
