@@ -436,7 +436,9 @@ def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, 
     assert len(player.played) <= chunks_before_stop + pipeline.played_tokens[1] // 2
     # The interruption is the next turn, heard whole (pre-roll included).
     assert second_user["turn"] == 2 and speech.size <= pipeline.calls[1][0].size < speech.size + RATE
-    assert len(pipeline.calls[1][1]) == 1  # the cut reply is remembered as far as it went
+    assert len(pipeline.calls[1][1]) == 1  # the cut reply is remembered as far as it went...
+    remembered = pipeline.calls[1][1][0].reply  # ... which is as far as it was heard (half of what was played, in this fake)
+    assert 0 < len(remembered) < len(first_reply["text"]) and first_reply["text"].startswith(remembered)
 
 
 def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.ndarray) -> None:
