@@ -25,9 +25,9 @@ from typer.testing import CliRunner
 
 from omni_cli.audio.devices import DeviceInfo
 from omni_cli.audio.io import load_audio
-from omni_cli.audio.vad import Endpointer, EndpointerConfig, frames
+from omni_cli.audio.vad import EndpointerConfig, frames
 from omni_cli.chat.session import ChatSession, sigint_ends_session
-from omni_cli.conversation.turns import ChatSettings, MicrophoneLost
+from omni_cli.conversation.turns import ConversationSettings, MicrophoneLost
 from omni_cli.chat.view import ChatView
 from omni_cli.cli import app
 from omni_cli.errors import AudioInputError, ConfigError
@@ -191,8 +191,8 @@ def speech(question_wavs: list[Path]) -> np.ndarray:
     return load_audio(question_wavs[0])
 
 
-def endpointer(**config: object) -> Endpointer:
-    return Endpointer(EndpointerConfig(frame_ms=FRAME_MS, **{"hangover_ms": 300, **config}))
+def endpointing(**config: object) -> EndpointerConfig:
+    return EndpointerConfig(frame_ms=FRAME_MS, **{"hangover_ms": 300, **config})
 
 
 def plain_view() -> tuple[ChatView, io.StringIO]:
@@ -211,7 +211,7 @@ def make_session(
     player: FakePlayer | None,
     barge_in: bool | None = False,
     echo: object = None,
-    endpointing: dict | None = None,
+    endpointing_config: dict | None = None,
     **settings: object,
 ) -> tuple[ChatSession, io.StringIO]:
     view, out = plain_view()
@@ -220,9 +220,10 @@ def make_session(
         view,
         SessionRecorder(tmp_path / "session"),
         mic=mic,
-        endpointer=endpointer(**(endpointing or {})) if mic is not None else None,
         player=player,
-        settings=ChatSettings(barge_in=barge_in, poll_s=0.0, mic_timeout_s=0.2, **settings),
+        settings=ConversationSettings(
+            turn_detection=endpointing(**(endpointing_config or {})), barge_in=barge_in, poll_s=0.0, mic_timeout_s=0.2, **settings
+        ),
         echo=echo,
     )
     if mic is not None and mic.on_empty is None:
@@ -435,7 +436,9 @@ def test_barge_in_during_generation_stops_player_and_generation(tmp_path: Path, 
     assert len(player.played) <= chunks_before_stop + pipeline.played_tokens[1] // 2
     # The interruption is the next turn, heard whole (pre-roll included).
     assert second_user["turn"] == 2 and speech.size <= pipeline.calls[1][0].size < speech.size + RATE
-    assert len(pipeline.calls[1][1]) == 1  # the cut reply is remembered as far as it went
+    assert len(pipeline.calls[1][1]) == 1  # the cut reply is remembered as far as it went...
+    remembered = pipeline.calls[1][1][0].reply  # ... which is as far as it was heard (half of what was played, in this fake)
+    assert 0 < len(remembered) < len(first_reply["text"]) and first_reply["text"].startswith(remembered)
 
 
 def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.ndarray) -> None:
@@ -479,7 +482,8 @@ def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, spe
     session.run_voice()
     assert pipeline.played_tokens == [40] and len(pipeline.calls) == 1
     assert player.stops == 0 and mic.cleared > speech.size // FRAME
-    assert session.listener is not None and not session.listener.endpointer.in_speech
+    listener = session.conversation.listener
+    assert listener is not None and not listener.endpointer.in_speech
 
 
 def test_ctrl_c_during_a_reply_cuts_it_saves_it_and_ends(tmp_path: Path, speech: np.ndarray) -> None:
@@ -603,12 +607,13 @@ def test_a_reply_started_at_the_pause_where_the_turn_ends_is_the_one_heard(tmp_p
     started: list[float] = []
     pipeline, player = FakePipeline(tokens=6), FakePlayer()
     mic = FakeMic(np.concatenate([silence(300), speech, silence(900)]))
-    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing=SPECULATING, speculate=True)
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing_config=SPECULATING, speculate=True)
     real_respond = pipeline.respond
 
     def respond(audio, history, should_stop=None):  # noqa: ANN001, ANN202 - FakePipeline.respond's signature
-        assert session.listener is not None
-        started.append(session.listener.endpointer.time)  # when the reply was started, in stream time
+        listener = session.conversation.listener
+        assert listener is not None
+        started.append(listener.endpointer.time)  # when the reply was started, in stream time
         return real_respond(audio, history, should_stop)
 
     pipeline.respond = respond  # type: ignore[method-assign]
@@ -631,7 +636,7 @@ def test_speaking_on_after_a_pause_drops_the_early_reply_and_keeps_one_turn(tmp_
     question = paused_speech(speech, 250)  # + the soft end of the words: ~350 ms without voice, under the hang-over
     pipeline, player = FakePipeline(tokens=6), FakePlayer()
     mic = FakeMic(np.concatenate([silence(300), question, silence(900)]))
-    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing=SPECULATING, speculate=True)
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing_config=SPECULATING, speculate=True)
     session.run_voice()
     session.close("ctrl-c")
     rows = transcript(tmp_path / "session")
@@ -650,7 +655,7 @@ def test_speech_longer_than_the_models_window_is_one_question(tmp_path: Path, sp
     long = np.concatenate([speech, speech])  # ~4.5 s, windows of 2 s here
     pipeline, player = FakePipeline(tokens=2), FakePlayer()
     mic = FakeMic(np.concatenate([silence(300), long, silence(600)]))
-    session, out = make_session(tmp_path, pipeline, mic, player, endpointing={"max_utterance_s": 2.0})
+    session, out = make_session(tmp_path, pipeline, mic, player, endpointing_config={"max_utterance_s": 2.0})
     session.run_voice()
     session.close("ctrl-c")
     rows = transcript(tmp_path / "session")
@@ -668,7 +673,7 @@ def test_a_window_cut_at_the_end_of_speech_is_answered_after_the_hangover(tmp_pa
     mic = FakeMic(np.concatenate([silence(300), speech, silence(900)]))
     # The utterance (300 ms pre-roll + the speech) is longer than the window but shorter than two.
     window_s = round((speech.size / RATE + 0.3) / 2 + 0.5, 1)
-    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing={"max_utterance_s": window_s})
+    session, _ = make_session(tmp_path, pipeline, mic, player, endpointing_config={"max_utterance_s": window_s})
     session.run_voice()
     session.close("ctrl-c")
     kinds = [r["type"] for r in transcript(tmp_path / "session")]
@@ -698,7 +703,7 @@ def test_a_reply_cut_by_a_stuck_speaker_keeps_its_latency_and_what_was_heard(tmp
     session.close("end of input")
     rows = transcript(tmp_path / "session")
     reply = next(r for r in rows if r["type"] == "assistant")
-    assert "speaker stopped taking audio" in out.getvalue() and session.player is None
+    assert "speaker stopped taking audio" in out.getvalue() and session.conversation.sink is None
     assert reply["latency_ms"] is not None and reply["latency_ms"] >= 0
     assert reply["heard_seconds"] == pytest.approx(2 * 160 / 2 / RATE)
 
@@ -886,7 +891,7 @@ def test_run_chat_wires_the_echo_canceller_or_says_why_it_is_half_duplex(
     monkeypatch.setattr(echo, "EchoCanceller", canceller)
     monkeypatch.setattr(mic_module, "Microphone", Mic)
     monkeypatch.setattr(player_module, "Player", DevicePlayer)
-    monkeypatch.setattr(chat_module, "ChatSettings", functools.partial(ChatSettings, mic_timeout_s=0.3, poll_s=0.01))
+    monkeypatch.setattr(chat_module, "ConversationSettings", functools.partial(ConversationSettings, mic_timeout_s=0.3, poll_s=0.01))
     monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: False)
     pipeline = FakePipeline(tokens=2)
     pipeline.sample_rate = RATE
@@ -922,7 +927,7 @@ def test_a_microphone_lost_mid_session_ends_or_falls_back_to_typing(
     ScriptedMicrophone.audio = np.concatenate([silence(300), speech, silence(600)])
     ScriptedMicrophone.instances = []
     monkeypatch.setattr(mic_module, "Microphone", ScriptedMicrophone)
-    monkeypatch.setattr(chat_module, "ChatSettings", functools.partial(ChatSettings, mic_timeout_s=0.3, poll_s=0.01))
+    monkeypatch.setattr(chat_module, "ConversationSettings", functools.partial(ConversationSettings, mic_timeout_s=0.3, poll_s=0.01))
     monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: terminal)
     view, out = plain_view()
     typed = iter(["typed after the mic died", None])

@@ -81,14 +81,13 @@ def test_printable_drops_control_characters_and_keeps_newlines_and_tabs() -> Non
 @pytest.mark.parametrize("live", [True, False])
 def test_chat_prints_model_text_without_control_characters(tmp_path: Path, live: bool) -> None:
     from omni_cli.chat.session import ChatSession
-    from omni_cli.conversation.turns import UserTurn
     from omni_cli.chat.transcript import SessionRecorder
 
     out = io.StringIO()
     view = ChatView(Console(file=out, force_terminal=live, width=100, color_system=None), live=live)
     view.start()
     session = ChatSession(NastyReplies(), view, SessionRecorder(tmp_path / "s"))
-    session.answer("type \x1b[31mred\x00", UserTurn(end_t=1.0, speech_end_t=1.0))
+    session.ask("type \x1b[31mred\x00")
     view.stop()
     shown = out.getvalue()
     assert "a[2Jbcde31mfgh w1 w2 w3" in shown and "type [31mred" in shown
@@ -264,7 +263,6 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
 
 def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path) -> None:
     from omni_cli.chat.session import ChatSession
-    from omni_cli.conversation.turns import UserTurn
     from omni_cli.chat.transcript import SessionRecorder
 
     class DeadSpeaker(Stream):
@@ -280,13 +278,13 @@ def test_a_typed_session_drops_a_dead_speaker_and_goes_on_as_text(tmp_path: Path
     speaker.active = False
     out = io.StringIO()
     session = ChatSession(NastyReplies(), ChatView(Console(file=out, width=300), live=False), SessionRecorder(tmp_path / "s"), player=speaker)
-    session.sound_problem = SoundWatch(None, speaker, server_problem=lambda: SERVER_GONE).problem
+    session.conversation.device_problem = SoundWatch(None, speaker, server_problem=lambda: SERVER_GONE).problem
     start = time.monotonic()
-    first = session.answer("one", UserTurn(end_t=start, speech_end_t=start))
-    now = time.monotonic()
-    second = session.answer("two", UserTurn(end_t=now, speech_end_t=now))
+    first = session.ask("one")
+    second = session.ask("two")
     assert time.monotonic() - start < 1.0
-    assert session.player is None and first.error is None and second.text
+    assert first is not None and second is not None
+    assert session.conversation.sink is None and first.error is None and second.text
     assert f"omni: {SERVER_GONE.rstrip('.')}; replies continue as text only." in out.getvalue().splitlines()
 
 

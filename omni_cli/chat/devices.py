@@ -1,5 +1,5 @@
-"""`omni chat` on real devices: open the microphone, the echo canceller and the speaker, run a
-`chat.ChatSession` on them, and close them whatever happens.
+"""`omni chat` on real devices: open the microphone (→ echo canceller → conversation) and the
+speaker, run a `chat.ChatSession` on them, and close them whatever happens.
 
 Where a device cannot be had, one line says what the session does instead: no echo canceller →
 half-duplex; no speaker → replies as text; a microphone lost mid-session → typed questions when
@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from omni_cli.audio.vad import Endpointer
-from omni_cli.chat.session import ChatSession, ReplySource, sigint_ends_session
+from omni_cli.chat.session import ChatSession, sigint_ends_session
+from omni_cli.chat.transcript import SessionRecorder
 from omni_cli.chat.view import ChatView
 from omni_cli.config import ChatOptions
+from omni_cli.conversation.ports import ReplySource
+from omni_cli.conversation.turns import ConversationSettings, MicrophoneLost
 from omni_cli.errors import AudioInputError
-from omni_cli.chat.transcript import SessionRecorder
-from omni_cli.conversation.turns import ChatSettings, MicrophoneLost
 
 if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
     from omni_cli.audio.echo import EchoCanceller
@@ -70,13 +70,13 @@ def run_chat(
         player = _open_speaker(pipeline.sample_rate, options.output_device, view, canceller)
         if canceller is not None and mic is not None and player is not None:
             canceller.set_delay_ms((player.output_latency + mic.input_latency) * 1000)
-        endpointer = Endpointer(vad_config) if mic is not None else None
-        if endpointer is not None and endpointer.model_problem:
-            view.note(f"{endpointer.model_problem} Noise may start turns.")
-        settings = ChatSettings(barge_in=barge_in, speculate=speculate)
-        session = ChatSession(pipeline, view, recorder, mic=mic, endpointer=endpointer, player=player, settings=settings, echo=canceller)
+        settings = ConversationSettings(turn_detection=vad_config if mic is not None else None, barge_in=barge_in, speculate=speculate)
+        session = ChatSession(pipeline, view, recorder, mic=mic, player=player, settings=settings, echo=canceller)
+        conversation = session.conversation
+        if conversation.turn_detection_problem:
+            view.note(f"{conversation.turn_detection_problem} Noise may start turns.")
         if mic is not None or player is not None:
-            session.sound_problem = SoundWatch(mic, player).problem
+            conversation.device_problem = SoundWatch(mic, player).problem
         recorder.event(
             "session",
             mode="text" if mic is None else "voice",
@@ -159,12 +159,14 @@ def _converse(
         session.recorder.event("error", message=str(exc))
         if mic is not None:
             mic.close()
-        session.listener = None
+        conversation = session.conversation
+        conversation.set_input(None)
         if _stdin_is_terminal() and not session.stop_requested:
             if player is not None and not player.active:  # the sound server went with the microphone
-                session.player = None
-            session.sound_problem = SoundWatch(None, session.player).problem if session.player is not None else None
-            session.view.note("going on with typed questions" + ("." if session.player is not None else ", replies as text."))
+                conversation.sink = None
+            speaker = player if conversation.sink is not None else None  # None too once a stuck speaker was dropped
+            conversation.device_problem = SoundWatch(None, speaker).problem if speaker is not None else None
+            session.view.note("going on with typed questions" + ("." if speaker is not None else ", replies as text."))
             session.run_text(read_line)
         else:
             code, reason = 1, "microphone lost"

@@ -38,11 +38,6 @@ def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
     return root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def milliseconds_since(start: float, end: float | None) -> float | None:
-    """`end - start` in milliseconds, rounded for the transcript; None when `end` never happened."""
-    return None if end is None else round((end - start) * 1000, 1)
-
-
 @dataclass(frozen=True)
 class TurnRecord:
     """A transcript line about one turn; fields that are None are left out of the line."""

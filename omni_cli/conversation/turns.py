@@ -1,10 +1,10 @@
-"""Turn-taking for `omni chat`: what the user says, heard as turns.
+"""Turn-taking: what the user says, heard as turns.
 
-`Listener` puts the microphone's frames through the endpointer (and, while a reply plays,
-watches for barge-in or drops what was heard); `SpokenQuestion` gathers the audio of the
-question being spoken across 30 s windows and across a reply the user talked over;
-`SpeculativeReply` is a reply started at a pause before the turn is known to be over;
-`UserTurn` says when a turn ended. `chat.ChatSession` uses them to answer each turn.
+`Listener` puts the input frames through the endpointer (and, while a reply plays, watches for
+barge-in or drops what was heard); `SpokenQuestion` gathers the audio of the question being
+spoken across 30 s windows and across a reply the user talked over; `SpeculativeReply` is a
+reply started at a pause before the turn is known to be over; `UserTurn` says when a turn
+ended. `engine.Conversation` uses them to answer each turn.
 """
 
 from __future__ import annotations
@@ -12,22 +12,26 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE
-from omni_cli.audio.vad import Endpointer, SpeechPause, SpeechStart
+from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
+from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
 from omni_cli.pipeline import Done, Event
 
 
 @dataclass(frozen=True)
-class ChatSettings:
-    """Turn-taking settings."""
+class ConversationSettings:
+    """Turn-taking settings, one set per conversation."""
 
+    # Turn detection: the endpointer (server VAD: webrtcvad + Silero, its hang-over `hangover_ms`
+    # and pre-roll padding `pre_roll_ms`; `pause_ms` > 0 for speculative starts), or None: the
+    # client commits its turns (commit()).
+    turn_detection: EndpointerConfig | None = field(default_factory=EndpointerConfig)
     # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
     # duplex once the echo canceller has converged, half-duplex before and without one.
     barge_in: bool | None = False
@@ -39,23 +43,11 @@ class ChatSettings:
     # Speech that interrupts a reply this soon after the end of the question goes on with it: the
     # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
     rejoin_ms: int = 1000
-    poll_s: float = 0.05  # how long a wait for the next mic frame blocks while listening or speaking
-    mic_timeout_s: float = 3.0  # no frame for this long means the microphone is gone
-    playback_margin_s: float = 3.0  # playback may lag generation by this much before the speaker counts as stuck
-
-
-class FrameSource(Protocol):
-    """What the session needs from the microphone: `Microphone` or a test double.
-
-    `frame_end_t` (time.monotonic() when the frame read last ended at the microphone) may be
-    None: the frame is then taken to have ended when it was read.
-    """
-
-    frame_end_t: float | None
-
-    def read(self, timeout: float | None = None) -> np.ndarray | None: ...
-
-    def clear(self) -> int: ...
+    poll_s: float = 0.05  # how long a wait for the next input frame (or command) blocks while listening or speaking
+    # No frame for this long means the microphone is gone (MicrophoneLost); None: no watch (a
+    # client sends audio only when it has some).
+    mic_timeout_s: float | None = 3.0
+    playback_margin_s: float = 3.0  # playback may lag generation by this much before the sink counts as stuck
 
 
 class MicrophoneLost(AudioInputError):
@@ -72,7 +64,12 @@ class Listener:
     """
 
     def __init__(
-        self, mic: FrameSource, endpointer: Endpointer, settings: ChatSettings, clock: Callable[[], float], on_first_frame: Callable[[float], None]
+        self,
+        mic: FrameSource,
+        endpointer: Endpointer,
+        settings: ConversationSettings,
+        clock: Callable[[], float],
+        on_first_frame: Callable[[float], None] | None,
     ) -> None:
         self.mic = mic
         self.endpointer = endpointer
@@ -91,9 +88,10 @@ class Listener:
         frame = self.mic.read(timeout=self.settings.poll_s if timeout is None else timeout)
         now = self.clock()
         if frame is None:
-            if now - self.last_frame_t > self.settings.mic_timeout_s:
+            limit = self.settings.mic_timeout_s
+            if limit is not None and now - self.last_frame_t > limit:
                 raise MicrophoneLost(
-                    f"the microphone stopped delivering audio for {self.settings.mic_timeout_s:.0f} s "
+                    f"the microphone stopped delivering audio for {limit:.0f} s "
                     "(unplugged, or taken by another program?); check it with `omni devices`."
                 )
             return []

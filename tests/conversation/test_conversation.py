@@ -1,0 +1,331 @@
+"""The conversation engine alone, on the tiny model: frames in through a FrameQueue, events out through an EventQueue.
+
+Real spoken questions streamed as a client would (in real time, stamped as they arrive); a sink
+that plays in real time (`PacedSink`); typed questions; commands from the test's thread while
+`run()` works on its own: commit, clear, cancel, truncate. What the history keeps is checked
+through the prompts the model is asked with (`Recorded`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from conversation_rig import FRAME_MS, OneReplyAtATime, PacedSink, Recorded, Running, silence, speak, speech_bounds
+
+from omni_cli.audio.io import SAMPLE_RATE
+from omni_cli.audio.vad import EndpointerConfig
+from omni_cli.conversation.engine import Conversation
+from omni_cli.conversation.events import (
+    BargeIn,
+    ConversationError,
+    EventQueue,
+    Listening,
+    QuestionCommitted,
+    ReplyAudio,
+    ReplyDone,
+    ReplyPlaybackStarted,
+    ReplyStarted,
+    ReplyTextDelta,
+    ReplyTruncated,
+    SpeechStarted,
+    SpeechStopped,
+)
+from omni_cli.conversation.frames import FrameQueue
+from omni_cli.conversation.turns import ConversationSettings
+
+FRAME = SAMPLE_RATE * FRAME_MS // 1000
+HANGOVER_MS = 400
+
+
+def server_vad(**settings: object) -> ConversationSettings:
+    """Turn detection on, as a server would run it for a client: no microphone watch."""
+    return ConversationSettings(turn_detection=EndpointerConfig(hangover_ms=HANGOVER_MS), mic_timeout_s=None, **settings)
+
+
+def of_turn(running: Running, kind: type, turn: int) -> list:
+    return [e for e in running.seen if isinstance(e, kind) and getattr(e, "turn", None) == turn]
+
+
+def heard_text_bounds(running: Running, turn: int, seconds: float) -> tuple[str, str]:
+    """The reply text as of the last audio chunk wholly within `seconds`, and as of the chunk playing then:
+    what was heard lies between them."""
+    deltas = of_turn(running, ReplyTextDelta, turn)
+
+    def text_at(tokens: int) -> str:
+        return "".join(d.text for d in deltas if d.tokens <= tokens)
+
+    end, before = 0.0, 0
+    for chunk in of_turn(running, ReplyAudio, turn):
+        end += chunk.audio.size / chunk.sample_rate
+        if end > seconds:
+            return text_at(before), text_at(chunk.tokens)
+        before = chunk.tokens
+    return text_at(before), text_at(before)
+
+
+@pytest.mark.slow  # a question streamed in real time (3.5 s), its reply played in real time (1.7 s)
+def test_a_spoken_question_streamed_as_frames_gives_the_turns_events_in_order(make_replies, question: np.ndarray) -> None:
+    frames, events, sink = FrameQueue(), EventQueue(), PacedSink()
+    conversation = Conversation(make_replies(), events, frames=frames, sink=sink, settings=server_vad())
+    lead = 0.3
+    sent = np.concatenate([silence(lead), question, silence(1.0)])
+    onset, end = (lead + s for s in speech_bounds(question))
+    with Running(conversation, events) as running:
+        began = time.monotonic()
+        speak(frames, sent)
+        done = running.wait_for(ReplyDone)
+        running.wait_for(Listening, where=lambda e: not e.first)
+
+    kinds = [k for k in running.kinds() if k not in ("ReplyTextDelta", "ReplyAudio")]
+    assert kinds == ["Listening", "SpeechStarted", "SpeechStopped", "QuestionCommitted", "ReplyStarted", "ReplyPlaybackStarted", "ReplyDone", "Listening"]
+    started = running.wait_for(SpeechStarted)
+    stopped = running.wait_for(SpeechStopped)
+    committed = running.wait_for(QuestionCommitted)
+    # On the clock of the frames as sent: speech began and ended where the audio says (a frame and the detectors' slack).
+    assert -0.1 < started.onset_t - (began + onset) < 0.25 and not started.continued
+    assert abs(stopped.speech_end_t - (began + end)) < 0.15
+    assert stopped.stream_t == pytest.approx(committed.heard.voiced_end_stream_t)
+    # The decision came a hang-over after the end of speech (in stream time: exact to a frame and Silero's 200 ms wait).
+    assert HANGOVER_MS <= committed.heard.end_of_turn_ms <= HANGOVER_MS + FRAME_MS + 200
+    assert committed.heard.speech_end_t == stopped.speech_end_t and committed.turn == 1 and committed.text is None
+    # The question is exactly the frames sent, from the pre-roll through the hang-over: none lost or repeated.
+    heard = committed.audio
+    assert heard is not None and heard.size % FRAME == 0 and heard.size >= question.size * 0.8
+    assert any(np.array_equal(heard, sent[k : k + heard.size]) for k in range(0, sent.size - heard.size + 1, FRAME))
+
+    # The reply: all of it heard, its parts adding up to the whole, its latency from the true end of speech.
+    chunks = of_turn(running, ReplyAudio, 1)
+    assert done.reason == "budget" and done.tokens == 40 and done.heard_seconds is None and not done.withdrawn
+    assert done.text == "".join(d.text for d in of_turn(running, ReplyTextDelta, 1)) == done.heard_text
+    np.testing.assert_array_equal(done.audio, np.concatenate([c.audio for c in chunks]))
+    np.testing.assert_array_equal(np.concatenate(sink.played), done.audio)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert done.first_audio_t == sink.first_audio_time and done.first_audio_t >= stopped.t
+    assert done.latency_ms == pytest.approx((done.first_audio_t - stopped.speech_end_t) * 1000, abs=0.1)
+    assert HANGOVER_MS < done.latency_ms < HANGOVER_MS + 1500
+    (kept,) = conversation.history.turns
+    assert kept.reply == done.text and kept.user_speech is not None and kept.user_text is None
+
+
+def test_without_turn_detection_the_client_commits_its_turns(make_replies, question_16k: list[np.ndarray]) -> None:
+    frames, events, sink = FrameQueue(), EventQueue(), PacedSink()
+    settings = ConversationSettings(turn_detection=None, mic_timeout_s=None)
+    conversation = Conversation(make_replies(20), events, frames=frames, sink=sink, settings=settings)
+    first, second = question_16k[0], question_16k[1]
+    with Running(conversation, events) as running:
+        sent_at = time.monotonic()
+        frames.push(first, end_t=sent_at)  # a whole recording at once, then the commit
+        conversation.commit()
+        running.wait_for(ReplyPlaybackStarted)
+        frames.push(second)  # sent while the reply plays: the next turn's, not dropped
+        running.wait_for(ReplyDone)
+        conversation.commit()
+        running.wait_for(ReplyDone, count=2)
+        frames.push(silence(0.5))
+        conversation.clear()
+        conversation.commit()
+        error = running.wait_for(ConversationError)
+
+    assert "SpeechStarted" not in running.kinds() and "SpeechStopped" not in running.kinds()
+    one, two = (running.wait_for(QuestionCommitted, count=k) for k in (1, 2))
+    # Each question is exactly what was sent before its commit (the last frame completed with silence).
+    np.testing.assert_array_equal(one.audio, np.concatenate([first, np.zeros(-first.size % FRAME, np.float32)]))
+    np.testing.assert_array_equal(two.audio, np.concatenate([second, np.zeros(-second.size % FRAME, np.float32)]))
+    # The turn ended where its audio did, on the client's clock; latency counts from there.
+    assert one.heard.speech_end_t == sent_at and one.heard.end_t >= sent_at and one.heard.end_of_turn_ms is None
+    assert [d.reason for d in of_turn(running, ReplyDone, 1) + of_turn(running, ReplyDone, 2)] == ["budget", "budget"]
+    assert error.code == "empty_input" and "nothing to commit" in error.message and len(conversation.history) == 2
+
+
+def test_typed_questions_are_answered_in_turn_with_their_history(make_replies) -> None:
+    recorded, events = Recorded(make_replies(12)), EventQueue()
+    conversation = Conversation(recorded, events)  # no input, no sink: text in, text (and speech events) out
+    with Running(conversation, events) as running:
+        conversation.ask_text("What is the capital of France?")
+        conversation.ask_text("   ")
+        conversation.ask_text("And of Spain?")
+        second = running.wait_for(ReplyDone, count=2)
+    first = running.wait_for(ReplyDone)
+    commits = [(e.turn, e.text) for e in running.seen if isinstance(e, QuestionCommitted)]
+    assert commits == [(1, "What is the capital of France?"), (2, "And of Spain?")]
+    assert running.wait_for(ConversationError).code == "empty_input"
+    assert recorded.asked == [
+        ("What is the capital of France?", []),
+        ("And of Spain?", [("What is the capital of France?", first.text)]),
+    ]
+    for done in (first, second):
+        assert done.reason == "budget" and done.heard_text == done.text and done.audio is not None
+        assert done.latency_ms is None and done.first_text_ms is not None and done.first_text_ms >= 0
+    assert not any(isinstance(e, (SpeechStarted, ReplyPlaybackStarted, Listening)) for e in running.seen)
+
+
+def test_cancel_mid_reply_stops_it_and_the_history_keeps_only_what_was_heard(make_replies) -> None:
+    # 60 tokens, 40 ms each: generation still runs when the cancel comes 0.6 s into playback.
+    recorded, events, sink = Recorded(make_replies(60), token_s=0.04), EventQueue(), PacedSink()
+    conversation = Conversation(recorded, events, sink=sink)
+    with Running(conversation, events) as running:
+        conversation.ask_text("Tell me a long story.")
+        running.wait_for(ReplyPlaybackStarted)
+        time.sleep(0.6)
+        cancelled_at = time.monotonic()
+        conversation.cancel()
+        done = running.wait_for(ReplyDone)
+        conversation.cancel()  # nothing left to cancel
+        assert running.wait_for(ConversationError).code == "no_reply"
+        conversation.ask_text("What happened next?")
+        running.wait_for(ReplyTextDelta, where=lambda e: e.turn == 2)  # asked: the rest is not needed
+
+    assert done.reason == "cancelled" and done.tokens < 60 and recorded.ended[0] == "interrupted"  # generation stopped too
+    assert sink.stops[0] - cancelled_at < 0.05  # the audio stopped at once, on the caller's thread
+    played = sum(c.audio.size for c in of_turn(running, ReplyAudio, 1)) / SAMPLE_RATE
+    assert 0.5 <= done.heard_seconds < played and done.audio.size == round(done.heard_seconds * SAMPLE_RATE)
+    shortest, longest = heard_text_bounds(running, 1, done.heard_seconds)
+    assert done.heard_text.startswith(shortest) and longest.startswith(done.heard_text)
+    assert 0 < len(done.heard_text) < len(done.text) and done.text.startswith(done.heard_text)
+    # The next question is asked with the reply as far as it was heard.
+    assert recorded.asked[1] == ("What happened next?", [("Tell me a long story.", done.heard_text)])
+
+
+def test_truncate_cuts_the_remembered_reply_to_what_the_client_played(make_replies) -> None:
+    recorded, events = Recorded(make_replies(40)), EventQueue()
+    conversation = Conversation(recorded, events)  # the client plays the audio itself and reports what it played
+    with Running(conversation, events) as running:
+        conversation.ask_text("Hello?")
+        done = running.wait_for(ReplyDone)
+        conversation.truncate(1, 0.5)
+        cut = running.wait_for(ReplyTruncated)
+        conversation.truncate(7, 1.0)
+        unknown = running.wait_for(ConversationError)
+        conversation.ask_text("Are you there?")
+        running.wait_for(ReplyDone, count=2)
+        conversation.truncate(1, 0.0)  # none of it played after all: it answered nothing
+        nothing = running.wait_for(ReplyTruncated, count=2)
+        conversation.ask_text("Hello again?")
+        running.wait_for(ReplyDone, count=3)
+
+    assert cut.turn == 1 and cut.heard_seconds == 0.5 and 0 < len(cut.heard_text) < len(done.text)
+    shortest, longest = heard_text_bounds(running, 1, 0.5)
+    assert cut.heard_text.startswith(shortest) and longest.startswith(cut.heard_text)
+    assert unknown.code == "unknown_turn" and unknown.turn == 7
+    second = running.wait_for(ReplyDone, count=2)
+    assert recorded.asked[1][1] == [("Hello?", cut.heard_text)]
+    assert nothing.heard_text == "" and recorded.asked[2][1] == [("Are you there?", second.text)]
+
+
+def test_two_conversations_on_one_model_take_turns_and_keep_separate_histories(make_replies) -> None:
+    model = OneReplyAtATime(make_replies(12))
+    doors = {name: (Recorded(model), EventQueue()) for name in ("a", "b")}
+    conversations = {name: Conversation(recorded, events) for name, (recorded, events) in doors.items()}
+    runs = {name: Running(conversations[name], events) for name, (_, events) in doors.items()}
+    with runs["a"], runs["b"]:
+        with model.lock:  # the model is busy elsewhere: both replies start and wait for it
+            for name, conversation in conversations.items():
+                conversation.ask_text(f"first question to {name}")
+            for run in runs.values():
+                run.wait_for(ReplyStarted)
+            time.sleep(0.2)
+            assert not any(isinstance(e, ReplyTextDelta) for run in runs.values() for e in run.seen)
+        for run in runs.values():
+            run.wait_for(ReplyDone)
+        for name, conversation in conversations.items():
+            conversation.ask_text(f"second question to {name}")
+        for run in runs.values():
+            run.wait_for(ReplyDone, count=2)
+
+    assert [kind for kind, _ in model.order] == ["start", "end"] * 4  # never two replies at once
+    for name, (recorded, _) in doors.items():
+        first = runs[name].wait_for(ReplyDone)
+        assert recorded.asked == [(f"first question to {name}", []), (f"second question to {name}", [(f"first question to {name}", first.text)])]
+        assert [h.user_text for h in conversations[name].history] == [f"first question to {name}", f"second question to {name}"]
+
+
+@pytest.mark.slow  # two questions streamed in real time (6 s), the first reply played until it is talked over
+def test_speech_during_a_reply_interrupts_it_and_is_the_next_turn(make_replies, question_16k: list[np.ndarray]) -> None:
+    recorded, frames, events, sink = Recorded(make_replies(100)), FrameQueue(), EventQueue(), PacedSink()
+    conversation = Conversation(recorded, events, frames=frames, sink=sink, settings=server_vad(barge_in=True))
+    first, second = question_16k[0], question_16k[1]
+    # One stream, as a client sends its microphone: the second question begins 1.5 s after the
+    # first ends (past the 1 s in which it would go on with the first), while the 4 s reply plays.
+    lead, gap = 0.3, 1.5
+    sent = np.concatenate([silence(lead), first, silence(gap), second, silence(1.0)])
+    second_onset = lead + first.size / SAMPLE_RATE + gap + speech_bounds(second)[0]
+    with Running(conversation, events) as running:
+        began = time.monotonic()
+        speak(frames, sent)
+        barge = running.wait_for(BargeIn, timeout=40)
+        cut = running.wait_for(ReplyDone)
+        running.wait_for(ReplyStarted, count=2, timeout=40)
+
+    assert barge.turn == 1 and not barge.goes_on
+    assert abs(barge.onset_t - (began + second_onset)) < 0.25 and 0 < barge.detected_t - barge.onset_t < 0.5
+    assert sink.stops and sink.stops[0] >= barge.detected_t and sink.stops[0] - barge.detected_t < 0.1
+    assert cut.turn == 1 and cut.reason == "interrupted" and cut.barge_in_t == barge.detected_t and not cut.withdrawn
+    played = sum(c.audio.size for c in of_turn(running, ReplyAudio, 1)) / SAMPLE_RATE
+    assert 0 < cut.heard_seconds < played and cut.audio.size == round(cut.heard_seconds * SAMPLE_RATE)
+    assert 0 < len(cut.heard_text) < len(cut.text) and cut.text.startswith(cut.heard_text)
+    # Speech began at the barge-in (announced then), and the endpointer's own start for it is a continuation.
+    starts = [e for e in running.seen if isinstance(e, SpeechStarted)]
+    assert [s.continued for s in starts] == [False, False, True]
+    assert starts[1].t <= barge.t and starts[1].onset_t == barge.onset_t
+    # The interruption is the next turn, heard whole, asked with the first reply as far as it was heard.
+    committed = running.wait_for(QuestionCommitted, count=2)
+    onset, end = speech_bounds(second)
+    assert committed.turn == 2 and committed.heard.continues is None and committed.audio.size >= (end - onset) * SAMPLE_RATE
+    assert recorded.asked[1][1] == [(None, cut.heard_text)]
+
+
+def test_the_conversation_knows_no_front_door() -> None:
+    """conversation/ sits below chat/ and serve/: it imports no front door, no rich, no device code (only audio/'s
+    endpointing, jitter buffer and file helpers)."""
+    import ast
+    from pathlib import Path
+
+    import omni_cli.conversation
+
+    allowed_audio = {"omni_cli.audio.io", "omni_cli.audio.vad", "omni_cli.audio.playback_buffer"}
+    imported: set[str] = set()
+    for path in Path(omni_cli.conversation.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module)
+            elif isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names)
+    assert "omni_cli.pipeline" in imported and "omni_cli.audio.vad" in imported  # the walk sees imports
+    for module in imported:
+        assert not module.startswith(("omni_cli.chat", "omni_cli.cli", "omni_cli.serve", "rich", "sounddevice")), module
+        assert not module.startswith("omni_cli.audio") or module in allowed_audio, module
+
+
+def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replies, question: np.ndarray) -> None:
+    frames, events = FrameQueue(), EventQueue()
+    conversation = Conversation(make_replies(8), events, frames=frames, settings=server_vad())
+    words = question[: int(speech_bounds(question)[1] * SAMPLE_RATE)]  # cut at its last word: no silence ends the turn
+    frames_sent = words.size // FRAME * FRAME
+
+    def send_and_wait_until_heard() -> None:
+        heard_before = conversation.stream_time
+        frames.push(words)
+        deadline = time.monotonic() + 20
+        while conversation.stream_time < heard_before + frames_sent / SAMPLE_RATE - 1e-6:
+            assert time.monotonic() < deadline, "the frames sent were not heard"
+            time.sleep(0.01)
+
+    with Running(conversation, events) as running:
+        send_and_wait_until_heard()
+        conversation.commit()
+        done = running.wait_for(ReplyDone)
+        send_and_wait_until_heard()
+        conversation.clear()
+        conversation.commit()
+        error = running.wait_for(ConversationError)
+
+    assert [k for k in running.kinds() if k in ("SpeechStarted", "SpeechStopped", "QuestionCommitted")] == [
+        "SpeechStarted", "SpeechStopped", "QuestionCommitted", "SpeechStarted",
+    ]  # fmt: skip
+    committed = running.wait_for(QuestionCommitted)
+    # Ended by the commit, not by a hang-over: the question runs to the last frame sent.
+    assert committed.heard.end_of_turn_ms < HANGOVER_MS and committed.audio.size >= frames_sent * 0.8
+    np.testing.assert_array_equal(committed.audio[-FRAME:], words[frames_sent - FRAME : frames_sent])
+    assert done.reason == "budget" and error.code == "empty_input" and len(conversation.history) == 1
