@@ -23,6 +23,7 @@ from omni_cli.cli.shared import (
     VocoderOpt,
     YesOpt,
     app,
+    echo_err,
     exit_fast_at_the_end,
     fail,
     load_pipeline,
@@ -85,7 +86,10 @@ def serve_cmd(
         sock = bind(host, port)  # before the model loads: a taken port is one line at once
         exit_fast_at_the_end()  # see shared.main: torch's teardown is not worth waiting for
         streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
-        pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads)
+        pipeline = load_pipeline(
+            model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads,
+            show=lambda what: echo_err(f"omni serve: {what}...") if what else None,
+        )
     except OmniError as exc:
         fail(str(exc), code=1)
     except KeyboardInterrupt:

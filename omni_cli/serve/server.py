@@ -79,5 +79,9 @@ def serve(
             super().handle_exit(sig, frame)
 
     server = Server(config)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn hands the Ctrl-C it caught back once it has shut down
+        pass
+    say("omni serve: stopped.")
     return 0

@@ -197,15 +197,15 @@ def test_concurrent_requests_take_turns_and_each_gets_its_own_reply(tiny_server,
 
 def test_a_client_that_goes_away_mid_reply_frees_the_model(tiny_server) -> None:
     client = _client(tiny_server)
-    long_request = {"model": "llama-omni", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 256, "stream": True,
-                    "modalities": ["text", "audio"], "audio": {"format": "pcm16", "voice": "alloy"}}
+    long_request = {"model": "llama-omni", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 256, "stream": True}
     start = time.monotonic()
     full = list(client.chat.completions.create(**long_request))
     full_s = time.monotonic() - start
-    assert len(full) > 20
+    assert len(full) > 100
     with httpx.stream("POST", f"{tiny_server.base_url}/chat/completions", json=long_request, timeout=60) as response:
-        next(response.iter_lines())  # the reply has started: the model is held
-    # The stream was closed after its first line: the next request gets the model at once.
+        for _ in zip(range(3), response.iter_lines()):  # the role line, then text: the model is held
+            pass
+    # The stream was closed mid-reply: the next request gets the model at once, not when the reply would have ended.
     start = time.monotonic()
     client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
-    assert time.monotonic() - start < max(0.5, full_s / 2), f"the abandoned reply held the model (a full reply takes {full_s:.2f} s)"
+    assert time.monotonic() - start < full_s / 2, f"the abandoned reply held the model (a full reply takes {full_s:.2f} s)"
