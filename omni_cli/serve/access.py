@@ -66,9 +66,12 @@ def refusal(options: ServeOptions, headers: Mapping[str, str], query: Mapping[st
 
 
 def chosen_subprotocol(headers: Mapping[str, str]) -> str | None:
-    """The subprotocol to answer a browser's WebSocket with: `realtime` when it offered it (never the key)."""
+    """The subprotocol to answer a browser's WebSocket with (a browser drops a connection offered some and
+    answered none): `realtime` when offered, else the first one that is not the key."""
     offered = [p.strip() for p in headers.get("sec-websocket-protocol", "").split(",") if p.strip()]
-    return "realtime" if "realtime" in offered else None
+    if "realtime" in offered:
+        return "realtime"
+    return next((p for p in offered if not p.startswith(KEY_SUBPROTOCOL)), None)
 
 
 def wants_beta(headers: Mapping[str, str]) -> bool:

@@ -48,7 +48,6 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
     transcripts = AudioTranscripts(options.audio_ttl_s)
     defaults = pipeline.streaming.sampling
     can_speak = pipeline.sample_rate is not None and pipeline.model.unit_decoder is not None
-    app.state.sessions = 0  # Realtime connections open now
 
     @app.middleware("http")
     async def check_access(request: Request, call_next: Any) -> Response:
@@ -108,11 +107,7 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
             await websocket.close(code=1008, reason=refused[1][:120])
             return
         await websocket.accept(subprotocol=chosen_subprotocol(websocket.headers))
-        app.state.sessions += 1
-        try:
-            await _realtime_session(websocket, options, port_factory)
-        finally:
-            app.state.sessions -= 1
+        await _realtime_session(websocket, options, port_factory)
 
     return app
 

@@ -171,7 +171,8 @@ async def collect(events: AsyncIterator[Event | Waiting | Failed], is_gone: Call
                 return event, audio, None
     finally:
         if pending is not None:
-            pending.cancel()
+            pending.cancel()  # the generator must have stopped running before it can be closed
+            await asyncio.gather(pending, return_exceptions=True)
         await iterator.aclose()
 
 

@@ -209,3 +209,31 @@ def test_a_client_that_goes_away_mid_reply_frees_the_model(tiny_server) -> None:
     start = time.monotonic()
     client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
     assert time.monotonic() - start < full_s / 2, f"the abandoned reply held the model (a full reply takes {full_s:.2f} s)"
+
+
+def test_a_request_that_must_wait_is_told_so_and_one_too_many_is_refused(tiny_pipeline) -> None:
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_session import NoConversation
+    from servers import app_server
+
+    app = create_app(ModelSlot(tiny_pipeline, max_waiting=1), ServeOptions(max_waiting=1), NoConversation)
+    long_request = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 256, "stream": True}
+    with app_server(app) as server, httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{server.base_url}/chat/completions", json=long_request) as first:
+            lines = first.iter_lines()
+            for _ in zip(range(3), lines):  # the first reply holds the model
+                pass
+            with http.stream("POST", f"{server.base_url}/chat/completions", json={**long_request, "max_tokens": 2}) as second:
+                second_lines = second.iter_lines()
+                head = [line for _, line in zip(range(3), second_lines)]  # the role line, a blank, then the notice
+                assert head[-1] == ": waiting for the model (1 reply ahead)", head
+                refused = http.post(f"{server.base_url}/chat/completions", json={**long_request, "stream": False})
+                assert refused.status_code == 503
+                assert refused.json()["error"]["code"] == "model_busy"
+                assert "the model is busy" in refused.json()["error"]["message"]
+                for _ in lines:  # the first reply goes on to its end, then the second gets the model
+                    pass
+                rest = [line for line in second_lines if line]
+            assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
