@@ -382,6 +382,10 @@ class SpeechToSpeech:
         system prompt, sampling or speaking (the pipeline's settings otherwise).
         """
         options = options or ReplyOptions()
+        room = self.streaming.sampling.max_new_tokens
+        if options.speak and self.unit_steps is not None and self.unit_steps.slot is not None and self._sampling(options).max_new_tokens > room:
+            # The speech decoder's static cache holds that many tokens' frames.
+            raise ValueError(f"a spoken reply here is at most {room} tokens (the pipeline's max_new_tokens)")
         timings = StageTimings()
         embeds, speech_now = self.prompt_embeds(audio, history, timings, options)
         # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.

@@ -220,3 +220,7 @@ def test_reply_options_change_the_prompt_and_speaking_not_the_text(tiny_loaded, 
                                                           sampling=SamplingConfig(max_new_tokens=5, ignore_stop=True), speak=False)))
     assert other[-1].tokens == 5
     assert other[-1].prompt_positions != spoken[-1].prompt_positions
+    # The speech decoder's static cache bounds a spoken reply: asking for more is refused, not overflowed.
+    static = _pipeline(tiny_loaded, vocoder, decode_steps="static")
+    with pytest.raises(ValueError, match="at most 24 tokens"):
+        next(static.respond(audio, options=ReplyOptions(sampling=SamplingConfig(max_new_tokens=25))))

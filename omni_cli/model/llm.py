@@ -75,7 +75,8 @@ def speech_turn(content: str = SPEECH_PROMPT) -> Turn:
 
 
 def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], system: str = SYSTEM_MESSAGE) -> list[int]:
-    """Render `system` (the reference's system prompt by default) + `turns` through the Llama-3 chat template and tokenize around the speech slots.
+    """Render `system` (the reference's system prompt by default) + `turns` through the Llama-3 chat
+    template and tokenize around the speech slots.
 
     Each speech slot becomes one SPEECH_TOKEN_INDEX entry, to be replaced by speech embeddings.
     Tokenization follows the reference (LLaVA's `tokenizer_image_token`): every piece is
