@@ -108,9 +108,9 @@ class ModelSlot:
         with self.hold(stop, on_wait) as pipeline:
             yield from pipeline.respond(audio, history, lambda: self._closed or stop(), options)
 
-    def for_conversation(self, on_wait: WaitNotice | None = None) -> SlotPipeline:
-        """The pipeline as one conversation sees it: its replies go through this slot."""
-        return SlotPipeline(self, on_wait)
+    def for_conversation(self, on_wait: WaitNotice | None = None, options: ReplyOptions | None = None) -> SlotPipeline:
+        """The pipeline as one conversation sees it: its replies go through this slot, with `options` by default."""
+        return SlotPipeline(self, on_wait, options)
 
     def close(self) -> None:
         """Stop taking turns: waiting ones are refused, the reply in progress stops at its next token."""
@@ -150,12 +150,14 @@ class SlotPipeline:
     """A conversation's view of the pipeline (what `chat`'s `Pipeline` protocol asks for), through a ModelSlot.
 
     `respond()` may block before its first event while other replies hold the model; `on_wait`
-    is told how many are ahead.
+    is told how many are ahead. `options` (a session's instructions, token limit, text or speech)
+    apply to every reply that does not bring its own; the session may replace them at any time.
     """
 
-    def __init__(self, slot: ModelSlot, on_wait: WaitNotice | None = None) -> None:
+    def __init__(self, slot: ModelSlot, on_wait: WaitNotice | None = None, options: ReplyOptions | None = None) -> None:
         self.slot = slot
         self.on_wait = on_wait
+        self.options = options
 
     @property
     def sample_rate(self) -> int | None:
@@ -174,4 +176,4 @@ class SlotPipeline:
 
     def respond(self, audio: Any, history: Any = (), should_stop: Callable[[], bool] | None = None, options: Any = None) -> Iterator[Event]:
         """The pipeline's `respond`, taking its turn for the model."""
-        return self.slot.respond(audio, history, should_stop, options, self.on_wait)
+        return self.slot.respond(audio, history, should_stop, options or self.options, self.on_wait)

@@ -92,10 +92,13 @@ def test_closing_stops_the_reply_in_progress_and_refuses_new_ones(tiny_pipeline)
 
 def test_a_reply_iterator_closed_early_frees_the_model(tiny_pipeline) -> None:
     slot = ModelSlot(tiny_pipeline)
-    view = slot.for_conversation()
+    from omni_cli.config import ReplyOptions, SamplingConfig
+
+    view = slot.for_conversation(options=ReplyOptions(sampling=SamplingConfig(max_new_tokens=3, ignore_stop=True), speak=False))
     assert view.sample_rate == tiny_pipeline.sample_rate and view.context_budget == tiny_pipeline.context_budget
     reply = view.respond("Hello.", [])
     next(reply)
     assert slot.busy
     reply.close()
     assert not slot.busy
+    assert list(view.respond("Hello.", []))[-1].tokens == 3  # the conversation's options apply
