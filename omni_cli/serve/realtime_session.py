@@ -12,6 +12,7 @@ turns them into Realtime events with the right item and response ids.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -187,11 +188,18 @@ class RealtimeSession:
 
 class NoConversation:
     """The port until the conversation engine is connected: the protocol runs, the client's audio is
-    received (and counted), and asking for a reply is answered with an error event."""
+    received and let go (read and dropped, so the buffer never fills), and asking for a reply is
+    answered with an error event."""
 
     def __init__(self, session: RealtimeSession) -> None:
         self.session = session
         self.config: SessionConfig | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._drain, name="omni-realtime-drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        while not self._closed.is_set():
+            self.session.audio.read(timeout=0.1)
 
     def _refuse(self) -> None:
         self.session.error("replies over /v1/realtime are not available in this version of omni serve; use /v1/chat/completions.", "not_implemented")
@@ -218,4 +226,4 @@ class NoConversation:
         pass
 
     def close(self) -> None:
-        pass
+        self._closed.set()
