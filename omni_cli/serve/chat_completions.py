@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -75,8 +76,10 @@ async def reply_events(slot: ModelSlot, request: CompletionRequest, cancelled: t
             put(Failed(str(exc), 503, "server_stopping"))
         except TurnWithdrawn:
             pass
-        except Exception as exc:  # noqa: BLE001 - one line for the client; the server goes on
-            put(Failed(f"the reply failed inside the model: {type(exc).__name__}: {exc}", 500, "model_error"))
+        except Exception as exc:  # noqa: BLE001 - one line for the client and one in the server's log; the server goes on
+            message = f"the reply failed inside the model: {type(exc).__name__}: {exc}"
+            print(f"omni serve: error: {message}", file=sys.stderr, flush=True)
+            put(Failed(message, 500, "model_error"))
         finally:
             put(end)
 
