@@ -294,6 +294,21 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class ReplyOptions:
+    """What one reply may change of the pipeline's settings (a server's requests differ from each other).
+
+    `system`: the system prompt (None: the reference's); `speech_instruction`: the text sent with a
+    spoken question (None: the reference's "Please directly answer ..."); `sampling`: None keeps the
+    pipeline's; `speak=False`: text only, the speech decoder and the vocoder do not run.
+    """
+
+    system: str | None = None
+    speech_instruction: str | None = None
+    sampling: SamplingConfig | None = None
+    speak: bool = True
+
+
+@dataclass(frozen=True)
 class StreamingConfig:
     """How a reply streams: when units go to the vocoder (every `chunk_units`, Ω, the first chunk
     possibly sooner), how much history the prompt may hold, and how decoding steps run."""
@@ -399,3 +414,28 @@ class FinetuneConfig:
         per_process = self.batch_size // world_size
         micro = max(d for d in range(1, min(self.micro_batch_size, per_process) + 1) if per_process % d == 0)
         return micro, per_process // micro
+
+
+# Addresses `omni serve` may bind without an API key: only this machine can reach them.
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `omni serve` was asked for, apart from the model and the reply settings, and its limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000  # 0: any free port (the ready line says which)
+    api_key: str | None = None
+    model_name: str = "llama-omni"  # what /v1/models lists and replies name
+    # Requests waiting for the model beyond the one being answered; more are refused (HTTP 503).
+    max_waiting: int = 8
+    max_request_bytes: int = 32 * 1024 * 1024  # a chat completion's JSON body (base64 audio is most of it)
+    max_message_bytes: int = 4 * 1024 * 1024  # one Realtime WebSocket message (~30 s of 24 kHz PCM16 in base64)
+    max_buffered_s: float = 120.0  # client audio not yet taken by the conversation (the longest question is 2 min)
+    audio_ttl_s: int = 3600  # how long a reply's audio id stays valid for a later request's history
+
+    @property
+    def loopback(self) -> bool:
+        """True when only this machine can reach the server."""
+        return self.host in LOOPBACK_HOSTS or self.host.startswith("127.")

@@ -19,10 +19,12 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from omni_cli.config import SamplingConfig, StreamingConfig
+from omni_cli.config import ReplyOptions, SamplingConfig, StreamingConfig
 from omni_cli.errors import ConfigError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
+    SPEECH_PLACEHOLDER,
+    SYSTEM_MESSAGE,
     GeneratedToken,
     IncrementalDetokenizer,
     LlmSteps,
@@ -126,6 +128,7 @@ class Done:
     # This turn's speech embeddings on the CPU (None for typed text), for the caller's history.
     user_speech: torch.Tensor | None = None
     timings: StageTimings = field(default_factory=StageTimings)
+    prompt_positions: int = 0  # the prompt's length in LLM positions (speech frames included)
 
 
 Event = TextDelta | Units | AudioChunk | Done
@@ -318,9 +321,9 @@ class SpeechToSpeech:
             outs.append(speech[0])
         return torch.cat(outs, dim=0)
 
-    def _turns(self, history: History, user: Turn, user_cost: int) -> tuple[list[Turn], list[torch.Tensor]]:
+    def _turns(self, history: History, user: Turn, user_cost: int, max_new_tokens: int) -> tuple[list[Turn], list[torch.Tensor]]:
         # Room is kept for the question and the reply itself.
-        room = self.context_budget - user_cost - self.streaming.sampling.max_new_tokens
+        room = self.context_budget - user_cost - max_new_tokens
         turns: list[Turn] = []
         speech: list[torch.Tensor] = []
         for h in history.newest_within(room):
@@ -334,25 +337,34 @@ class SpeechToSpeech:
         return turns, speech
 
     def prompt_embeds(
-        self, audio: np.ndarray | str, history: History | Sequence[HistoryTurn] = (), timings: StageTimings | None = None
+        self,
+        audio: np.ndarray | str,
+        history: History | Sequence[HistoryTurn] = (),
+        timings: StageTimings | None = None,
+        options: ReplyOptions | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One user turn's prompt as LLM input embeddings, and the turn's own speech embeddings (None for text).
 
         The prompt holds the newest earlier turns of `history` that fit the context budget; the
-        speech stages' times are added to `timings`.
+        speech stages' times are added to `timings`; `options` may change the system prompt and
+        the instruction sent with speech.
         """
         m = self.model
+        options = options or ReplyOptions()
         if not isinstance(history, History):
             history = History(history)
+        reply_room = self._sampling(options).max_new_tokens
         with torch.inference_mode():
             if isinstance(audio, str):
                 speech_now = None
-                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio))
+                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio), reply_room)
             else:
                 speech_now = self.encode_speech(audio, timings)
-                turns, speech = self._turns(history, speech_turn(), int(speech_now.shape[0]) + 32)
+                question = speech_turn() if options.speech_instruction is None else speech_turn(f"{SPEECH_PLACEHOLDER}\n{options.speech_instruction}")
+                turns, speech = self._turns(history, question, int(speech_now.shape[0]) + 32, reply_room)
                 speech.append(speech_now)
-            prompt_ids = build_prompt_ids(m.tokenizer, turns)
+            system = SYSTEM_MESSAGE if options.system is None else options.system
+            prompt_ids = build_prompt_ids(m.tokenizer, turns, system)
             return splice_speech(m.llm.get_input_embeddings(), prompt_ids, speech), speech_now
 
     def respond(
@@ -360,24 +372,39 @@ class SpeechToSpeech:
         audio: np.ndarray | str,
         history: History | Sequence[HistoryTurn] = (),
         should_stop: Callable[[], bool] | None = None,
+        options: ReplyOptions | None = None,
     ) -> Iterator[Event]:
         """Answer one user turn (16 kHz audio, or typed text) and stream the reply as events.
 
         The prompt holds the newest earlier turns of `history` that fit the context budget. The
         final Done event carries this turn's speech embeddings (None for text) so the caller can
-        keep them in its history, and the reply's stage timings.
+        keep them in its history, and the reply's stage timings. `options` changes this reply's
+        system prompt, sampling or speaking (the pipeline's settings otherwise).
         """
+        options = options or ReplyOptions()
+        room = self.streaming.sampling.max_new_tokens
+        if options.speak and self.unit_steps is not None and self.unit_steps.slot is not None and self._sampling(options).max_new_tokens > room:
+            # The speech decoder's static cache holds that many tokens' frames.
+            raise ValueError(f"a spoken reply here is at most {room} tokens (the pipeline's max_new_tokens)")
         timings = StageTimings()
-        embeds, speech_now = self.prompt_embeds(audio, history, timings)
+        embeds, speech_now = self.prompt_embeds(audio, history, timings, options)
         # Kept by callers for multi-turn history: on the CPU, so a long session does not fill the GPU.
         user_speech = None if speech_now is None else speech_now.detach().cpu()
-        yield from self._stream(embeds, should_stop, user_speech, timings)
+        yield from self._stream(embeds, should_stop, user_speech, timings, options)
+
+    def _sampling(self, options: ReplyOptions) -> SamplingConfig:
+        return options.sampling or self.streaming.sampling
 
     def _stream(
-        self, embeds: torch.Tensor, should_stop: Callable[[], bool] | None, user_speech: torch.Tensor | None, timings: StageTimings
+        self,
+        embeds: torch.Tensor,
+        should_stop: Callable[[], bool] | None,
+        user_speech: torch.Tensor | None,
+        timings: StageTimings,
+        options: ReplyOptions,
     ) -> Iterator[Event]:
         m = self.model
-        speaking = self.vocoder is not None and m.unit_decoder is not None
+        speaking = options.speak and self.vocoder is not None and m.unit_decoder is not None
         state = ReplyState(
             detok=IncrementalDetokenizer(m.tokenizer),
             unit_stream=m.unit_decoder.start_stream(self.unit_steps) if speaking else None,
@@ -385,7 +412,7 @@ class SpeechToSpeech:
             timings=timings,
         )
         stopped = "budget"
-        tokens = generate(m.llm, embeds, self.stop_ids, self.streaming.sampling, should_stop, steps=self.llm_steps)
+        tokens = generate(m.llm, embeds, self.stop_ids, self._sampling(options), should_stop, steps=self.llm_steps)
         while True:
             tok, llm_ms = self.clock.timed(next, tokens, None)
             if tok is None:  # the token budget is spent, or should_stop() ended generation before a step
@@ -413,7 +440,8 @@ class SpeechToSpeech:
             last = self._render(state, final=True)
             if last.audio.size:
                 yield last
-        yield Done(state.detok.text, state.units, time.monotonic(), state.tokens, stopped, user_speech, timings)
+        prompt_positions = int(embeds.shape[1])
+        yield Done(state.detok.text, state.units, time.monotonic(), state.tokens, stopped, user_speech, timings, prompt_positions)
 
     def _token_events(self, state: ReplyState, tok: GeneratedToken, llm_ms: float) -> Iterator[Event]:
         """One generated token's events: its text, the units its hidden state gives, and a chunk of audio once enough are pending."""

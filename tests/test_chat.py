@@ -349,8 +349,8 @@ def test_memory_reaches_the_real_pipeline_within_its_budget(tiny_loaded, tmp_pat
     prompts: list[list[int]] = []
     real_build = pipeline_module.build_prompt_ids
 
-    def spy(tokenizer, turns):  # noqa: ANN001, ANN202 - same signature as build_prompt_ids
-        ids = real_build(tokenizer, turns)
+    def spy(tokenizer, turns, *system):  # noqa: ANN001, ANN002, ANN202 - same signature as build_prompt_ids
+        ids = real_build(tokenizer, turns, *system)
         prompts.append(list(ids))
         return ids
 

@@ -13,7 +13,7 @@ from omni_cli.cli import app
 
 def test_importing_the_cli_does_not_import_torch() -> None:
     # `omni --help` and option errors must not wait for torch (seconds on a cold cache).
-    code = "import sys, omni_cli.cli; print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    code = "import sys, omni_cli.cli; print(sorted(m for m in ('torch', 'transformers', 'numpy', 'fastapi', 'uvicorn') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

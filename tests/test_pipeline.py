@@ -202,3 +202,25 @@ def test_streamed_text_adds_up_to_the_reply_with_the_reference_clean_up(
     done = events[-1]
     assert isinstance(done, Done) and done.text == "How are you? '"
     assert "".join(e.text for e in events if isinstance(e, TextDelta)) == done.text
+
+
+def test_reply_options_change_the_prompt_and_speaking_not_the_text(tiny_loaded, vocoder, question_wavs) -> None:
+    from omni_cli.config import ReplyOptions
+
+    pipe = _pipeline(tiny_loaded, vocoder)
+    audio = load_audio(question_wavs[0])
+    spoken = list(pipe.respond(audio))
+    silent = list(pipe.respond(audio, options=ReplyOptions(speak=False)))
+    # Text-only replies run neither the speech decoder nor the vocoder, and say the same words.
+    assert not any(isinstance(e, (Units, AudioChunk)) for e in silent)
+    assert any(isinstance(e, AudioChunk) for e in spoken)
+    assert silent[-1].text == spoken[-1].text and silent[-1].prompt_positions == spoken[-1].prompt_positions
+    # A system prompt and an instruction are part of the prompt; the sampling given replaces the pipeline's.
+    other = list(pipe.respond(audio, options=ReplyOptions(system="Be brief.", speech_instruction="Transcribe it.",
+                                                          sampling=SamplingConfig(max_new_tokens=5, ignore_stop=True), speak=False)))
+    assert other[-1].tokens == 5
+    assert other[-1].prompt_positions != spoken[-1].prompt_positions
+    # The speech decoder's static cache bounds a spoken reply: asking for more is refused, not overflowed.
+    static = _pipeline(tiny_loaded, vocoder, decode_steps="static")
+    with pytest.raises(ValueError, match="at most 24 tokens"):
+        next(static.respond(audio, options=ReplyOptions(sampling=SamplingConfig(max_new_tokens=25))))

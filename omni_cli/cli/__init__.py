@@ -6,7 +6,7 @@ Importing this package never imports torch.
 """
 
 # Registers the commands, in the order `omni --help` lists them: talking first.
-from omni_cli.cli import talk, models, training, research  # noqa: F401, I001
+from omni_cli.cli import talk, serve, models, training, research  # noqa: F401, I001
 from omni_cli.cli.shared import app, fail, main
 
 __all__ = ["app", "fail", "main"]

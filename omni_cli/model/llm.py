@@ -74,8 +74,9 @@ def speech_turn(content: str = SPEECH_PROMPT) -> Turn:
     return Turn("user", content, speech=True)
 
 
-def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) -> list[int]:
-    """Render system + `turns` through the Llama-3 chat template and tokenize around the speech slots.
+def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn], system: str = SYSTEM_MESSAGE) -> list[int]:
+    """Render `system` (the reference's system prompt by default) + `turns` through the Llama-3 chat
+    template and tokenize around the speech slots.
 
     Each speech slot becomes one SPEECH_TOKEN_INDEX entry, to be replaced by speech embeddings.
     Tokenization follows the reference (LLaVA's `tokenizer_image_token`): every piece is
@@ -84,7 +85,7 @@ def build_prompt_ids(tokenizer: PreTrainedTokenizerBase, turns: Sequence[Turn]) 
     with the released Llama-3 tokenizer the prompt starts with two BOS ids, exactly as the
     released weights were trained and are run by the reference.
     """
-    messages = [{"role": "system", "content": SYSTEM_MESSAGE}]
+    messages = [{"role": "system", "content": Turn("system", system).rendered()}]
     messages += [{"role": t.role, "content": t.rendered()} for t in turns]
     text = tokenizer.apply_chat_template(
         messages, chat_template=LLAMA3_CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True
