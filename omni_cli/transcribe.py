@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, read_audio_file, save_wav
+from omni_cli.audio.io import SAMPLE_RATE, AudioFile, is_silent, load_audio, read_audio_file, resample, save_wav
 from omni_cli.config import WHISPER_WINDOW_SAMPLES
 from omni_cli.errors import AudioInputError, OmniError, one_line
 from omni_cli.stop_request import StopRequest
@@ -44,6 +44,7 @@ class CheckedInput:
     path: Path
     error: str | None = None  # why it cannot be answered; None when it can
     warnings: tuple[str, ...] = ()
+    audio: AudioFile | None = None  # what a pipe brought (it cannot be read again); files are read again when answered
 
 
 @dataclass
@@ -103,7 +104,7 @@ def check_inputs(files: Sequence[Path], err: TextIO) -> list[CheckedInput]:
             continue
         for warning in audio.warnings:
             err.write(f"omni: warning: {warning}\n")
-        checked.append(CheckedInput(path, warnings=audio.warnings))
+        checked.append(CheckedInput(path, warnings=audio.warnings, audio=audio if audio.streamed else None))
     err.flush()
     return checked
 
@@ -127,7 +128,7 @@ def answer_file(
     from omni_cli.pipeline import AudioChunk, Done, TextDelta  # torch: only once there is a file to answer
 
     path = item.path
-    audio = load_audio(path)
+    audio = load_audio(path) if item.audio is None else resample(item.audio.samples, item.audio.rate)
     notes = list(item.warnings)
     windows = math.ceil(len(audio) / WHISPER_WINDOW_SAMPLES)
     if windows > 1:
