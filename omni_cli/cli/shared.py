@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -197,23 +198,44 @@ def main() -> None:
 
     After `omni chat` the process ends with os._exit once stdout and stderr are flushed: every
     file of the session is closed by then, and the interpreter's teardown (torch's modules, the
-    audio libraries' exit handlers) took 4-7 s after "session saved". Only here, never inside
-    `app` (tests run it in-process with CliRunner).
+    audio libraries' exit handlers) took 4-7 s after "session saved". After any command, a
+    Ctrl-C during that teardown ends the process at once with the command's exit status (it
+    printed "Exception ignored in atexit callback ... KeyboardInterrupt"). Only here, never
+    inside `app` (tests run it in-process with CliRunner).
     """
+    global _teardown_exit
     try:
-        app()
+        try:
+            app()
+        finally:
+            signal.signal(signal.SIGINT, _end_at_once)  # first thing once the command is over, however it ended
     except SystemExit as exc:
-        if not _exit_fast:
-            raise
         code = exc.code
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code or 0)
+        _teardown_exit = code or 0
+    except KeyboardInterrupt:  # a Ctrl-C after the command had said what it did, before the handler above took over
+        _teardown_exit = 130
+    else:
+        _teardown_exit = 0
+    if not _exit_fast:
+        raise SystemExit(_teardown_exit)
+    _flush_stdio()
+    os._exit(_teardown_exit)
 
 
+_teardown_exit = 130  # the status a Ctrl-C during the interpreter's teardown ends the process with
+
+
+def _end_at_once(signum: int, frame: object) -> None:
+    _flush_stdio()
+    os._exit(_teardown_exit)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

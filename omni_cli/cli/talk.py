@@ -97,7 +97,10 @@ def transcribe_and_reply_cmd(
     except KeyboardInterrupt:
         echo_err("omni: interrupted before any file was answered; no reply was written. Run the command again to answer them.")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    raise typer.Exit(transcribe_and_reply(pipeline, inputs, out, as_json))
+    code = transcribe_and_reply(pipeline, inputs, out, as_json)
+    if code == EXIT_INTERRUPTED:  # every reply is saved and said: whoever pressed Ctrl-C wants out, not torch's teardown
+        exit_fast_at_the_end()
+    raise typer.Exit(code)
 
 
 @app.command("chat")
