@@ -319,9 +319,7 @@ def _fetch(
                     with part.open("ab" if offset else "wb") as handle:
                         while True:
                             block = response.read(CHUNK_BYTES)
-                            if not block:
-                                break
-                            if pinned is not None and received + len(block) > pinned:  # a server that hides the size: stop at the pin
+                            if not block or (pinned is not None and received + len(block) > pinned):  # stop at a pinned size
                                 break
                             handle.write(block)
                             digest.update(block)
@@ -492,15 +490,6 @@ def download_preset(
 
 
 __all__ = [
-    "DownloadError",
-    "ChecksumError",
-    "looks_offline",
-    "sha256_of",
-    "download_url",
-    "fetch_hub_part",
-    "fetch_files",
-    "fetch_vocoder",
-    "fetch_units",
-    "download_preset",
-    "format_gb",
+    "DownloadError", "ChecksumError", "looks_offline", "sha256_of", "download_url", "fetch_hub_part", "fetch_files",
+    "fetch_vocoder", "fetch_units", "download_preset", "format_gb",
 ]
