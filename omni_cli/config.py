@@ -26,13 +26,32 @@ OMNI_MODEL_TYPES = (OMNI_MODEL_TYPE, "omni_speech_llama")
 WHISPER_WINDOW_SAMPLES = 30 * 16000
 
 
+def parse_json(text: str) -> Any:
+    """`json.loads`, whose every failure is a ValueError with a short reason.
+
+    Besides syntax errors (json.JSONDecodeError), json.loads fails on a number of more than
+    4300 digits (a ValueError advising an interpreter setting) and on nesting deeper than the
+    recursion limit (a RecursionError): both are said in a few words instead.
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as exc:
+        if "digits" not in str(exc):
+            raise
+        raise ValueError("a number too long to read (more than 4300 digits)") from None
+
+
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object from `path`, turning every failure into one readable line."""
     if not path.is_file():
         raise ConfigError(f"{path} not found: is this a {what}?")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        data = parse_json(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}); re-download the {what}.") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path} does not hold a JSON object; re-download the {what}.")

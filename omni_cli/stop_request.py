@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -29,6 +31,8 @@ class StopRequest:
         self._signals = signals
         self._announce = announce.encode() if announce else None
         self._quitting = False
+        self._holding = False
+        self._held_back = False  # a stop-at-once that came inside `held()`, raised when the block is done
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -47,11 +51,31 @@ class StopRequest:
         """For `SpeechToSpeech.respond(should_stop=...)`."""
         return self.requested
 
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """A block that must not be broken half-way (writing a file): a signal that would stop at
+        once waits for its end, then raises KeyboardInterrupt; the first one still only asks.
+
+        A KeyboardInterrupt inside a library's callback (soundfile writing through cffi) is
+        swallowed there and comes out as some other error, a traceback instead of a stop.
+        """
+        self._holding = True
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held_back:
+            self._held_back = False
+            raise KeyboardInterrupt
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._quitting:
             return
         if self.requested:
             self._quitting = True
+            if self._holding:
+                self._held_back = True
+                return
             raise KeyboardInterrupt
         self.requested = True
         if self._announce is not None:  # os.write: safe inside a signal handler, unlike print

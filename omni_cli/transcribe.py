@@ -17,14 +17,15 @@ import secrets
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 import numpy as np
 
-from omni_cli.audio.io import SAMPLE_RATE, is_silent, load_audio, read_audio_file, save_wav
+from omni_cli.audio.io import SAMPLE_RATE, AudioFile, is_silent, load_audio, read_audio_file, resample, save_wav
 from omni_cli.config import WHISPER_WINDOW_SAMPLES
 from omni_cli.errors import AudioInputError, OmniError, one_line
 from omni_cli.stop_request import StopRequest
@@ -44,6 +45,7 @@ class CheckedInput:
     path: Path
     error: str | None = None  # why it cannot be answered; None when it can
     warnings: tuple[str, ...] = ()
+    audio: AudioFile | None = None  # what a pipe brought (it cannot be read again); files are read again when answered
 
 
 @dataclass
@@ -103,7 +105,7 @@ def check_inputs(files: Sequence[Path], err: TextIO) -> list[CheckedInput]:
             continue
         for warning in audio.warnings:
             err.write(f"omni: warning: {warning}\n")
-        checked.append(CheckedInput(path, warnings=audio.warnings))
+        checked.append(CheckedInput(path, warnings=audio.warnings, audio=audio if audio.streamed else None))
     err.flush()
     return checked
 
@@ -114,20 +116,20 @@ def answer_file(
     out_dir: Path | None,
     stream_to: TextIO | None,
     reply: FileReply,
-    should_stop: Callable[[], bool] | None = None,
+    stop: StopRequest | None = None,
 ) -> None:
     """Answer one file into `reply`, filled as the reply streams.
 
     Bad input raises OmniError before anything is produced. A reply cut short (a fault in the
     model, or a second Ctrl-C) re-raises after its text and audio so far are kept; one stopped
-    by `should_stop` returns with `reply.stopped == "interrupted"`. Either way the audio goes to
-    OUT/NAME.partial.wav, never under the name of a complete reply. A reply that cannot be
-    saved raises OmniError after its text is complete.
+    by `stop` (a first Ctrl-C) returns with `reply.stopped == "interrupted"`. Either way the audio
+    goes to OUT/NAME.partial.wav, never under the name of a complete reply; a Ctrl-C during that
+    save waits for it. A reply that cannot be saved raises OmniError after its text is complete.
     """
     from omni_cli.pipeline import AudioChunk, Done, TextDelta  # torch: only once there is a file to answer
 
     path = item.path
-    audio = load_audio(path)
+    audio = load_audio(path) if item.audio is None else resample(item.audio.samples, item.audio.rate)
     notes = list(item.warnings)
     windows = math.ceil(len(audio) / WHISPER_WINDOW_SAMPLES)
     if windows > 1:
@@ -138,7 +140,7 @@ def answer_file(
     failure: BaseException | None = None
     start = time.monotonic()
     try:
-        for event in pipeline.respond(audio, should_stop=should_stop):
+        for event in pipeline.respond(audio, should_stop=stop.is_requested if stop is not None else None):
             if isinstance(event, TextDelta):
                 if reply.first_text_ms is None:
                     reply.first_text_ms = round((event.t - start) * 1000, 1)
@@ -173,7 +175,8 @@ def answer_file(
         if out_dir is not None:
             name = f"{path.stem}.wav" if complete else f"{path.stem}.partial.wav"
             try:
-                reply.wav = str(save_wav(out_dir / name, audio_out, rate, overwrite=False))
+                with stop.held() if stop is not None else nullcontext():
+                    reply.wav = str(save_wav(out_dir / name, audio_out, rate, overwrite=False))
             except OSError as exc:
                 save_error = OmniError(
                     f"{path}: could not save the spoken reply in {out_dir} ({exc.strerror or one_line(exc)}); "
@@ -222,7 +225,7 @@ def transcribe_and_reply(
                 out.flush()
             error: OmniError | None = None
             try:
-                answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c.is_requested)
+                answer_file(pipeline, item, out_dir, None if as_json else out, reply, ctrl_c)
             except KeyboardInterrupt:
                 reply.stopped = "interrupted"
             except (OmniError, RuntimeError) as exc:
@@ -252,11 +255,13 @@ def transcribe_and_reply(
                 err.write(f"  [{', '.join(details)}]\n")
                 if reply.note:
                     err.write(f"  note: {reply.note}\n")
-    remaining = [] if stopped_at is None else [item.path for item in inputs[stopped_at:] if item.error is None]
-    if not remaining:
-        return 1 if failed else 0
-    err.write(interrupted_line(cut, answered, len(inputs), out_dir, remaining) + "\n")
-    return EXIT_INTERRUPTED
+        # Still under the StopRequest: a Ctrl-C pressed again now cannot cut the line that says what was kept.
+        remaining = [] if stopped_at is None else [item.path for item in inputs[stopped_at:] if item.error is None]
+        if not remaining:
+            return 1 if failed else 0
+        err.write(interrupted_line(cut, answered, len(inputs), out_dir, remaining) + "\n")
+        err.flush()
+        return EXIT_INTERRUPTED
 
 
 def interrupted_line(cut: FileReply | None, answered: int, total: int, out_dir: Path | None, remaining: Sequence[Path]) -> str:

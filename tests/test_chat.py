@@ -394,9 +394,18 @@ def test_a_failing_turn_is_one_line_logged_and_the_session_goes_on(tmp_path: Pat
 
 
 def test_a_second_session_in_the_same_folder_is_refused(tmp_path: Path) -> None:
-    SessionRecorder(tmp_path).close()
+    first = SessionRecorder(tmp_path / "s")
+    first.event("session")
+    first.close()
     with pytest.raises(ConfigError, match="already holds a session"):
-        SessionRecorder(tmp_path)
+        SessionRecorder(tmp_path / "s")
+
+
+def test_a_session_that_never_started_leaves_nothing_behind(tmp_path: Path) -> None:
+    # Stopped before its first line (Ctrl-C while the devices open): no folder, no empty transcript to block it.
+    SessionRecorder(tmp_path / "s").close()
+    assert not (tmp_path / "s").exists()
+    SessionRecorder(tmp_path / "s").close()
 
 
 # -- barge-in, half-duplex, Ctrl-C, a lost microphone ------------------------------------------------
@@ -730,10 +739,12 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
 )
 def test_chat_flags_reach_the_session_options(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, flags: list[str], expected: dict) -> None:
     import omni_cli.chat.devices as chat_module
-    import omni_cli.cli.talk as cli_module
     import omni_cli.chat.preflight as preflight_module
+    import omni_cli.cli.talk as cli_module
+    import omni_cli.setup.prepare as prepare_module
 
     seen = []
+    monkeypatch.setattr(prepare_module, "check_model_files", lambda *args: None)
     monkeypatch.setattr(preflight_module, "preflight", lambda options: None)
     monkeypatch.setattr(cli_module, "load_pipeline", lambda *args, **kwargs: "pipeline")
     monkeypatch.setattr(chat_module, "run_chat", lambda pipeline, options, view, *rest, **kw: seen.append(options) or 0)
@@ -797,15 +808,20 @@ def test_chat_text_mode_through_the_cli_with_the_tiny_model(tiny_model, tmp_path
     assert len(transcript(session_dir)) == len(rows)
 
 
-def test_chat_without_a_microphone_says_so_before_loading_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_chat_without_a_microphone_says_so_before_loading_a_model(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model) -> None:
     import omni_cli.audio.devices as devices
+    import omni_cli.cli.talk as talk
 
     monkeypatch.setattr(devices, "list_devices", lambda: [])  # a machine without sound devices
     monkeypatch.setattr(devices, "sound_server_problem", lambda: None)
-    # The model path does not exist: the device check must come first.
-    result = CliRunner().invoke(app, ["chat", "--model", str(tmp_path / "nowhere"), "--session-dir", str(tmp_path / "s")])
+    monkeypatch.setattr(talk, "load_pipeline", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    args = ["chat", "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder), "--session-dir", str(tmp_path / "s")]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
-    assert result.output.strip() == "omni: error: no audio input device found; connect one or start a sound server, then run `omni devices`."
+    assert result.output.strip() == (
+        "omni: error: no audio input device found; connect one or start a sound server, then run `omni devices`. "
+        "To type your questions instead: omni chat --text."
+    )
     assert not (tmp_path / "s").exists()
 
 

@@ -155,10 +155,12 @@ def test_native_stderr_goes_to_the_log_and_python_errors_to_the_terminal(tmp_pat
 def test_chat_keeps_native_messages_in_the_session_folder(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     import omni_cli.cli as cli
     import omni_cli.cli.talk as talk
+    import omni_cli.setup.prepare as prepare
 
     def underrun(i: int) -> None:
         os.write(2, b"ALSA lib pcm.c:8570:(snd_pcm_recover) underrun occurred\n")  # fd 2, as libasound does
 
+    monkeypatch.setattr(prepare, "check_model_files", lambda *args: None)
     monkeypatch.setattr(talk, "load_pipeline", lambda *args, **kwargs: NastyReplies(tokens=2, during=underrun))
     session_dir = tmp_path / "s"
     args = ["chat", "--model", "tiny", "--text", "--session-dir", str(session_dir)]
@@ -329,6 +331,7 @@ def test_loading_applies_the_thread_choice_and_doctor_says_it(monkeypatch: pytes
     import omni_cli.setup.prepare as model_files
     from omni_cli.setup.doctor import WARN, check_threads
 
+    monkeypatch.setattr(model_files, "check_model_files", lambda *args: None)
     monkeypatch.setattr(model_files, "prepare_model_files", lambda *args, **kwargs: type("Files", (), {"model_dir": Path("m")})())
     monkeypatch.setattr(pipeline.SpeechToSpeech, "load", classmethod(lambda cls, *args: "loaded"))
     monkeypatch.setattr(threads, "available_cores", lambda: 4)
@@ -425,10 +428,10 @@ class PtyChat:
         os.close(self.master)
 
 
-def test_a_wrong_microphone_is_one_line_within_2_s_without_loading_torch(tmp_path: Path) -> None:
+def test_a_wrong_microphone_is_one_line_within_2_s_without_loading_torch(tmp_path: Path, tiny_model) -> None:
     """Whatever the machine has (no server here: PULSE_SERVER points nowhere), a wrong name fails before torch loads."""
     env = {**os.environ, "PULSE_SERVER": f"unix:{tmp_path / 'no-server'}"}
-    args = ["chat", "--model", str(tmp_path / "nowhere"), "--input-device", "no-such-microphone", "--session-dir", str(tmp_path / "s")]
+    args = ["chat", "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder), "--input-device", "no-such-microphone", "--session-dir", str(tmp_path / "s")]
     code = f"import sys\nfrom omni_cli.cli import app\ntry:\n    app({args!r})\nexcept SystemExit as exc:\n    print(exc.code, 'torch' in sys.modules)\n"
     start = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)

@@ -49,6 +49,7 @@ class FileServer:
 
     `unavailable` holds indices (into `requests`) of requests answered 503, as a briefly overloaded server would.
     `etag` is the validator every file is served with (None: none, as some servers); `redirect[path]` answers 302.
+    `hide_length`: no Content-Length, the body ends when the connection closes; `sent[path]` counts the bytes written.
     """
 
     files: dict[str, bytes]
@@ -59,6 +60,8 @@ class FileServer:
     if_ranges: list[str | None] = field(default_factory=list)
     etag: str | None = '"v1"'
     redirect: dict[str, str] = field(default_factory=dict)
+    hide_length: bool = False
+    sent: dict[str, int] = field(default_factory=dict)
     url: str = ""
 
     def url_of(self, name: str) -> str:
@@ -100,6 +103,17 @@ def _handler(server: FileServer) -> type[BaseHTTPRequestHandler]:
             body = data[start:]
             if server.etag:
                 self.send_header("ETag", server.etag)
+            if server.hide_length:
+                self.close_connection = True
+                self.end_headers()
+                server.sent[name] = 0
+                try:
+                    for i in range(0, len(body), 1 << 16):
+                        self.wfile.write(body[i : i + (1 << 16)])
+                        server.sent[name] += len(body[i : i + (1 << 16)])
+                except OSError:  # the client hung up
+                    pass
+                return
             self.send_header("Content-Length", str(len(body)))
             self.send_header("Accept-Ranges", "bytes")
             self.end_headers()
@@ -318,12 +332,29 @@ def test_a_wrong_checksum_or_size_is_refused_and_the_file_removed(server: FileSe
         else _pinned(server, TINY_CHECKPOINT_NAME, size=len(data) + 1)
     )
     dest = tmp_path / TINY_CHECKPOINT_NAME
-    with pytest.raises(ChecksumError, match="the file was removed") as info:
+    # A size the server announces differs from the pin: refused before the body is read.
+    said = "the file was removed" if bad == "sha256" else f"is {len(data)} bytes on the server, expected {len(data) + 1}; nothing was downloaded"
+    with pytest.raises(ChecksumError, match=said) as info:
         download_url(server.url_of(TINY_CHECKPOINT_NAME), dest, expected, console=_terminal()[0])
     assert "\n" not in str(info.value)
     if bad == "sha256":
         assert hashlib.sha256(data).hexdigest() in str(info.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_pinned_size_stops_a_download_whose_server_hides_the_length(server: FileServer, tmp_path: Path) -> None:
+    # `size = 100` pinned, a server sending 64 MB without Content-Length: stopped at the pin, not after the body.
+    server.hide_length = True
+    server.files["big.bin"] = bytes(64 << 20)
+    with pytest.raises(ChecksumError, match="big.bin is more than 100 bytes, expected 100; the download was stopped there") as info:
+        download_url(server.url_of("big.bin"), tmp_path / "big.bin", RemoteFile("big.bin", server.url_of("big.bin"), 100, None), console=_terminal()[0])
+    assert "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+    sent, deadline = -1, time.monotonic() + 10
+    while sent != server.sent["big.bin"] and time.monotonic() < deadline:  # until the server has noticed the hang-up
+        sent = server.sent["big.bin"]
+        time.sleep(0.3)
+    assert sent < 16 << 20, sent  # what the socket buffers took, not the 64 MB
 
 
 def test_a_corrupted_existing_file_is_refused_too(server: FileServer, tmp_path: Path) -> None:
@@ -353,7 +384,7 @@ def test_an_unreachable_hub_says_the_machine_looks_offline(monkeypatch: pytest.M
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
     part = get_preset("llama-omni-8b").speech_encoder
-    with pytest.raises(DownloadError, match="looks offline.*huggingface-cli download openai/whisper-large-v3 --revision 06f233f") as info:
+    with pytest.raises(DownloadError, match="looks offline.*hf download openai/whisper-large-v3 --revision 06f233f") as info:
         fetch_hub_part(part, tmp_path / "weights")
     assert "\n" not in str(info.value) and f"use --local-dir {tmp_path / 'weights'}" in str(info.value)
 

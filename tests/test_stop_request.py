@@ -31,3 +31,17 @@ def test_sigterm_is_taken_only_when_asked_for() -> None:
     assert signal.getsignal(signal.SIGTERM) is before
     with StopRequest():
         assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_at_once_inside_a_held_block_waits_for_its_end() -> None:
+    written: list[str] = []
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)  # the first asks
+        with pytest.raises(KeyboardInterrupt):
+            with stop.held():  # a file being written
+                os.kill(os.getpid(), signal.SIGINT)  # the second would stop at once: it waits
+                written.append("the whole file")
+        os.kill(os.getpid(), signal.SIGINT)  # later ones are ignored while that unwinds
+        with stop.held():
+            written.append("nothing held back now")
+    assert written == ["the whole file", "nothing held back now"]

@@ -176,6 +176,13 @@ def one_hertz_sample_rate(tmp: Path, q: Path) -> Case:
     return Case([odd], None, 0, warnings=["a sample rate of 1 Hz is implausible for speech", "read as 12.0 s"], answered=1)
 
 
+def one_sample(tmp: Path, q: Path) -> Case:
+    tiny = tmp / "in" / "tiny.wav"
+    tiny.parent.mkdir(parents=True)
+    sf.write(tiny, np.array([0.5], dtype=np.float32), 16000)
+    return Case([tiny], None, 0, warnings=["0.1 ms of audio (1 at 16000 Hz) is shorter than 0.1 s"], answered=1)
+
+
 CASES = [
     out_holds_the_input,
     same_stem_in_two_dirs,
@@ -191,6 +198,7 @@ CASES = [
     pytest.param(unreadable_input, marks=pytest.mark.skipif(not PERMISSIONS_BIND, reason="file modes do not bind root")),
     truncated_wav,
     one_hertz_sample_rate,
+    one_sample,
 ]
 
 

@@ -61,6 +61,12 @@ def within_deadline(call: Callable[[], T], what: str, seconds: float = SOUND_TIM
     if _hung is not None:
         raise SoundSystemHung(_hung)
     outcome: dict[str, Any] = {}
+    try:
+        # sounddevice points descriptor 2 at /dev/null while PortAudio starts and puts it back after:
+        # a start that never returns would leave every later error line unseen.
+        stderr_fd: int | None = os.dup(2)
+    except OSError:
+        stderr_fd = None
 
     def run() -> None:
         try:
@@ -71,6 +77,10 @@ def within_deadline(call: Callable[[], T], what: str, seconds: float = SOUND_TIM
     worker = threading.Thread(target=run, name=f"omni-audio: {what}", daemon=True)
     worker.start()
     worker.join(seconds)
+    if stderr_fd is not None:
+        if worker.is_alive():
+            os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
     if worker.is_alive():
         # PortAudio's own exit handler would wait on the blocked call forever: let the process exit.
         sounddevice = sys.modules.get("sounddevice")
@@ -287,7 +297,7 @@ def _choose_device(devices: list[DeviceInfo], spec: str | int, kind: DeviceKind)
     """
     usable = [d for d in devices if d.has(kind)]
     names = ", ".join(d.label for d in usable) or "none"
-    if isinstance(spec, int) or spec.strip().isdigit():
+    if isinstance(spec, int) or re.fullmatch(r"[0-9]+", spec.strip()):  # not str.isdigit: "²" is a digit that int() refuses
         index = int(spec)
         for d in devices:
             if d.index == index:

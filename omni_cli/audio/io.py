@@ -6,6 +6,8 @@ import errno
 import io
 import os
 import secrets
+import select
+import stat
 from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
@@ -18,6 +20,12 @@ from omni_cli.errors import AudioInputError, one_line
 SAMPLE_RATE = 16000
 # Below this no speech recording is plausible (telephone speech is 8 kHz): the header is wrong.
 MIN_SPEECH_RATE = 8000
+# Shorter than this holds no question (a word takes a few tenths of a second): answered, with a warning.
+MIN_SPEECH_SECONDS = 0.1
+# A pipe or FIFO is read whole before anything else: how long to wait for its first byte (a FIFO
+# nobody writes to would block for good), and the most it may bring.
+PIPE_FIRST_BYTE_S = 0.5
+MAX_PIPE_BYTES = 512 * 2**20
 
 
 def resample(audio: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
@@ -39,14 +47,43 @@ class AudioFile:
     samples: np.ndarray
     rate: int
     warnings: tuple[str, ...] = ()
+    streamed: bool = False  # read from a pipe or FIFO, which cannot be read again: keep these samples
+
+
+def read_pipe(path: Path, first_byte_s: float = PIPE_FIRST_BYTE_S, limit: int = MAX_PIPE_BYTES) -> bytes:
+    """Everything a pipe or FIFO (`<(cat q.wav)`, `mkfifo`) brings, read once.
+
+    A FIFO nobody writes to would block for good: nothing within `first_byte_s` is an
+    AudioInputError, as is more than `limit` bytes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO without a writer would block too
+    try:
+        ready, _, _ = select.select([fd], [], [], first_byte_s)
+        if not ready:
+            raise AudioInputError(
+                f"{path}: nothing came through this pipe within {first_byte_s:g} s (no writer?); "
+                "give an audio file, or start what writes to the pipe first."
+            )
+        os.set_blocking(fd, True)
+        chunks, total = [], 0
+        while block := os.read(fd, 1 << 20):
+            total += len(block)
+            if total > limit:
+                raise AudioInputError(f"{path}: more than {limit // 2**20} MiB came through this pipe; save the audio to a file first.")
+            chunks.append(block)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def read_audio_file(path: str | Path) -> AudioFile:
     """Read `path` (WAV, FLAC, OGG, ... any rate or channel count) as mono float32 at its own rate.
 
-    Raises AudioInputError with one line for a missing, unreadable, damaged or empty file.
-    Warns (in `warnings`) about a file shorter than its header says — a truncated copy is
-    answered from what it holds — and about a sample rate no speech is recorded at.
+    Raises AudioInputError with one line for a missing, unreadable, damaged or empty file, and
+    for a device or socket; a pipe or FIFO is read whole first (`read_pipe`). Warns (in
+    `warnings`) about a file shorter than its header says — a truncated copy is answered from
+    what it holds —, about a sample rate no speech is recorded at, and about audio shorter than
+    MIN_SPEECH_SECONDS.
     """
     path = Path(path)
     if not path.exists():
@@ -55,9 +92,15 @@ def read_audio_file(path: str | Path) -> AudioFile:
         raise AudioInputError(f"{path} is a directory; give an audio file.")
     if not os.access(path, os.R_OK):
         raise AudioInputError(f"{path}: permission denied; make the file readable (chmod +r).")
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        raise AudioInputError(f"{path} is a device or socket, not a file; give an audio file.")
+    streamed = stat.S_ISFIFO(mode)
+    data = read_pipe(path) if streamed else None
+    source: str | io.BytesIO = io.BytesIO(data) if data is not None else str(path)
     blocks: list[np.ndarray] = []
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             rate, promised = int(f.samplerate), int(f.frames)
             try:
                 # Block by block, so a decoder that fails part-way says where. (Not f.blocks():
@@ -71,15 +114,21 @@ def read_audio_file(path: str | Path) -> AudioFile:
                     "the file looks truncated or damaged; re-export or re-copy it."
                 ) from exc
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
-        raise AudioInputError(f"{path}: not a readable audio file ({one_line(exc)}); convert it to WAV or FLAC.") from exc
-    data = np.concatenate(blocks) if blocks else np.zeros((0, 1), dtype=np.float32)
-    if data.shape[0] == 0:
+        reason = one_line(exc).replace(repr(source), repr(str(path)))  # a pipe's bytes are named by their path too
+        raise AudioInputError(f"{path}: not a readable audio file ({reason}); convert it to WAV or FLAC.") from exc
+    frames = np.concatenate(blocks) if blocks else np.zeros((0, 1), dtype=np.float32)
+    if frames.shape[0] == 0:
         raise AudioInputError(f"{path}: the audio is empty (0 samples).")
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    mono = frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0]
     if not np.all(np.isfinite(mono)):
         raise AudioInputError(f"{path}: the audio holds NaN or infinite samples; re-export it.")
     warnings: list[str] = []
-    promised_seconds = _wav_promised_seconds(path, len(mono), rate) or promised / rate
+    if data is None:
+        with open(path, "rb") as file:
+            head, size = file.read(1 << 16), os.fstat(file.fileno()).st_size
+    else:
+        head, size = data[: 1 << 16], len(data)
+    promised_seconds = _wav_promised_seconds(head, size, len(mono), rate) or promised / rate
     # 2 % slack: compressed formats (MP3) only estimate their length in the header.
     if len(mono) / rate < 0.98 * promised_seconds:
         warnings.append(
@@ -91,18 +140,21 @@ def read_audio_file(path: str | Path) -> AudioFile:
             f"{path}: a sample rate of {rate} Hz is implausible for speech (below {MIN_SPEECH_RATE} Hz), so its "
             f"{len(mono)} samples are read as {len(mono) / rate:.1f} s; check how the file was written"
         )
-    return AudioFile(mono, rate, tuple(warnings))
+    if len(mono) < MIN_SPEECH_SECONDS * rate:
+        warnings.append(
+            f"{path}: {len(mono) / rate * 1000:.1f} ms of audio ({len(mono)} at {rate} Hz) is shorter than {MIN_SPEECH_SECONDS:g} s: "
+            "too short to hold a question; answering it anyway"
+        )
+    return AudioFile(mono, rate, tuple(warnings), streamed)
 
 
-def _wav_promised_seconds(path: Path, frames_held: int, rate: int) -> float | None:
-    """For a RIFF WAV, the length its `data` chunk header declares, in seconds; None for other files.
+def _wav_promised_seconds(head: bytes, size: int, frames_held: int, rate: int) -> float | None:
+    """For a RIFF WAV (its first bytes `head`, `size` bytes in all), the length its `data` chunk header
+    declares, in seconds; None for other files.
 
     libsndfile quietly shortens a truncated WAV to the bytes present, so the header is the only
     place that still says how long the recording was.
     """
-    with open(path, "rb") as f:
-        head = f.read(1 << 16)
-        size = os.fstat(f.fileno()).st_size
     if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         return None
     pos = 12

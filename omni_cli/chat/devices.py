@@ -65,8 +65,6 @@ def run_chat(
     saved = ""
     try:
         recorder = SessionRecorder(options.session_dir)
-        if native_log is not None:
-            native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
         player = _open_speaker(pipeline.sample_rate, options.output_device, view, canceller)
         if canceller is not None and mic is not None and player is not None:
             canceller.set_delay_ms((player.output_latency + mic.input_latency) * 1000)
@@ -91,6 +89,8 @@ def run_chat(
             speaker_rate=None if player is None else player.device_rate,
             speaker_latency_ms=None if player is None else round(player.output_latency * 1000, 1),
         )
+        if native_log is not None:  # the folder exists from the first transcript line on
+            native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
         view.note(f"saving this session to {options.session_dir}/")
         if barge_in is None:
             view.note("half-duplex until the echo canceller has learnt the room (a few seconds of omni speaking); then speak over omni to interrupt it.")

@@ -14,23 +14,42 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TextIO
 
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE, save_wav
+from omni_cli.destinations import unwritable_reason
 from omni_cli.errors import ConfigError
+from omni_cli.terminal import NATIVE_LOG_NAME
 
 TRANSCRIPT_NAME = "transcript.jsonl"
+TURN_WAV = re.compile(r"turn-\d{3,}-(user|reply)(-\d+)?\.wav")  # the audio files a session writes
 
 
 def refuse_used_session_dir(directory: Path) -> None:
-    """Raise ConfigError if `directory` already holds a session: never append to or overwrite another transcript."""
+    """Raise ConfigError unless a new session can be written to `directory` without touching anything there.
+
+    Refused: a file; a place nothing can be written (read-only, not writable); a folder holding
+    any file a session writes (transcript.jsonl, native.log, turn-NNN-*.wav), so another
+    session's transcript is never appended to and no turn WAV of it is replaced.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--session-dir {directory} is a file; give a folder (it is created if missing).")
     if (directory / TRANSCRIPT_NAME).exists():
         raise ConfigError(f"{directory} already holds a session ({TRANSCRIPT_NAME}); pick a new --session-dir.")
+    if directory.is_dir():
+        taken = sorted(p.name for p in directory.iterdir() if p.name == NATIVE_LOG_NAME or TURN_WAV.fullmatch(p.name))
+        if taken:
+            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+            raise ConfigError(f"{directory} already holds {taken[0]}{more}, which a session writes; pick a new --session-dir.")
+    reason = unwritable_reason(directory)
+    if reason is not None:
+        raise ConfigError(f"cannot write the session to {directory}: {reason}; pick another --session-dir.")
 
 
 def default_session_dir(root: Path = Path("omni-sessions")) -> Path:
@@ -91,25 +110,35 @@ class ReplyRecord(TurnRecord):
 class SessionRecorder:
     """Writes a session folder as it goes: transcript.jsonl plus turn-NNN-user.wav / turn-NNN-reply.wav.
 
-    Every transcript line is flushed and fsynced when written, and WAVs are written atomically,
-    so a crash loses nothing already said.
+    Nothing is written until there is something to keep: the folder and the transcript appear
+    with the first line (a session stopped while its devices open leaves nothing that would block
+    the folder's reuse). Every transcript line is flushed and fsynced when written, and WAVs are
+    written atomically and never over an existing file, so a crash loses nothing already said.
     """
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self.transcript_path = self.directory / TRANSCRIPT_NAME
         refuse_used_session_dir(self.directory)
+        self._file: TextIO | None = None
+        self._closed = False
+
+    def _open(self) -> TextIO:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.transcript_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+            # "x": a transcript that appeared since the folder was checked is never appended to. Text that
+            # cannot be UTF-8 (a lone surrogate from undecodable input) is written escaped, never lost to an error.
+            return open(self.transcript_path, "x", encoding="utf-8", errors="backslashreplace")  # noqa: SIM115 - closed in close()
         except OSError as exc:
             raise ConfigError(f"cannot write the session to {self.directory}: {exc.strerror or exc}; pick another --session-dir.") from exc
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Append one JSON line {"type": kind, "time": ..., **fields} and make it durable."""
+        """Append one JSON line {"type": kind, "time": ..., **fields} and make it durable (the first one creates the transcript)."""
         record = {"type": kind, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), **fields}
-        if self._file.closed:
+        if self._closed:
             return record
+        if self._file is None:
+            self._file = self._open()
         self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -135,10 +164,11 @@ class SessionRecorder:
 
     def save_audio(self, turn: int, role: str, audio: np.ndarray, rate: int) -> str:
         """Write turn-NNN-<role>.wav; returns its name (relative to the session folder)."""
-        path = save_wav(self.directory / f"turn-{turn:03d}-{role}.wav", audio, rate)
+        path = save_wav(self.directory / f"turn-{turn:03d}-{role}.wav", audio, rate, overwrite=False)
         return path.name
 
     def close(self) -> None:
         """Close the transcript; later events are ignored."""
-        if not self._file.closed:
+        self._closed = True
+        if self._file is not None and not self._file.closed:
             self._file.close()

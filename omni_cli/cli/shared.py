@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable
 from enum import Enum
@@ -28,6 +29,7 @@ from omni_cli.config import (
 
 if TYPE_CHECKING:
     from omni_cli.pipeline import SpeechToSpeech
+    from omni_cli.weights.model_files import ModelFiles
 
 
 
@@ -135,29 +137,35 @@ def echo_err(line: str) -> None:
 def load_pipeline(
     model: Path, speech_encoder: Path | None, vocoder: Path | None, precision: str, device: str | None,
     streaming: StreamingConfig, assume_yes: bool = False, threads: int | None = None,
-    show: Callable[[str | None], None] | None = None,
+    show: Callable[[str | None], None] | None = None, files: ModelFiles | None = None,
 ) -> SpeechToSpeech:
     """--model (a directory or a preset, downloaded after asking) → the loaded streaming pipeline, compiled if asked.
 
+    The model's files are checked before torch is imported (a wrong --model is one line at once);
+    `files`, when the caller checked them already (`check_model_files`), are not read again.
     torch gets the interactive thread count (`threads.interactive_threads`). `show(what)` is told
     each slow step as it starts (None while a download may ask and draw its own progress).
     """
+    from omni_cli.setup.prepare import check_model_files, prepare_model_files
+
+    step = show or (lambda what: None)
+    if files is None:
+        files = check_model_files(model, speech_encoder, vocoder)  # torch-free: a wrong --model is one line at once
+    if files is None:
+        step(None)  # a preset's parts are to download: its question and progress bars need the screen
+    confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
+    files = prepare_model_files(
+        model, speech_encoder, vocoder, precision, device, files=files, assume_yes=assume_yes, confirm=confirm, echo=echo_err
+    )
     from omni_cli.pipeline import (
         SpeechToSpeech,  # imports torch: the slowest step of a start
     )
-    from omni_cli.setup.prepare import prepare_model_files
     from omni_cli.threads import interactive_threads, use_threads
 
-    step = show or (lambda what: None)
     if show is not None:  # the caller shows progress; transformers' own bar inside its live display left a blank line
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-    confirm = (lambda question: typer.confirm(question, default=False)) if sys.stdin.isatty() else None
-    step(None)
-    files = prepare_model_files(
-        model, speech_encoder, vocoder, precision, device, assume_yes=assume_yes, confirm=confirm, echo=echo_err
-    )
     use_threads(interactive_threads(threads))
     step(f"loading the model from {files.model_dir}")
     pipeline = SpeechToSpeech.load(files, precision, device, streaming)
@@ -190,23 +198,44 @@ def main() -> None:
 
     After `omni chat` the process ends with os._exit once stdout and stderr are flushed: every
     file of the session is closed by then, and the interpreter's teardown (torch's modules, the
-    audio libraries' exit handlers) took 4-7 s after "session saved". Only here, never inside
-    `app` (tests run it in-process with CliRunner).
+    audio libraries' exit handlers) took 4-7 s after "session saved". After any command, a
+    Ctrl-C during that teardown ends the process at once with the command's exit status (it
+    printed "Exception ignored in atexit callback ... KeyboardInterrupt"). Only here, never
+    inside `app` (tests run it in-process with CliRunner).
     """
+    global _teardown_exit
     try:
-        app()
+        try:
+            app()
+        finally:
+            signal.signal(signal.SIGINT, _end_at_once)  # first thing once the command is over, however it ended
     except SystemExit as exc:
-        if not _exit_fast:
-            raise
         code = exc.code
         if code is not None and not isinstance(code, int):
             print(code, file=sys.stderr)
             code = 1
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code or 0)
+        _teardown_exit = code or 0
+    except KeyboardInterrupt:  # a Ctrl-C after the command had said what it did, before the handler above took over
+        _teardown_exit = 130
+    else:
+        _teardown_exit = 0
+    if not _exit_fast:
+        raise SystemExit(_teardown_exit)
+    _flush_stdio()
+    os._exit(_teardown_exit)
 
 
+_teardown_exit = 130  # the status a Ctrl-C during the interpreter's teardown ends the process with
+
+
+def _end_at_once(signum: int, frame: object) -> None:
+    _flush_stdio()
+    os._exit(_teardown_exit)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

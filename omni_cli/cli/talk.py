@@ -97,7 +97,10 @@ def transcribe_and_reply_cmd(
     except KeyboardInterrupt:
         echo_err("omni: interrupted before any file was answered; no reply was written. Run the command again to answer them.")
         raise typer.Exit(EXIT_INTERRUPTED) from None
-    raise typer.Exit(transcribe_and_reply(pipeline, inputs, out, as_json))
+    code = transcribe_and_reply(pipeline, inputs, out, as_json)
+    if code == EXIT_INTERRUPTED:  # every reply is saved and said: whoever pressed Ctrl-C wants out, not torch's teardown
+        exit_fast_at_the_end()
+    raise typer.Exit(code)
 
 
 @app.command("chat")
@@ -111,15 +114,17 @@ def chat_cmd(
     output_device: Annotated[Optional[str], typer.Option("--output-device", help="Speaker: index or (part of a) name from `omni devices`. Default: the system's.")] = None,
     text: Annotated[bool, typer.Option("--text", help="Type questions instead of speaking (replies are still spoken with --vocoder).")] = False,
     barge_in: Annotated[
-        Optional[bool],
+        bool,
         typer.Option(
-            "--barge-in/--half-duplex",
-            help="Speaking over a reply stops it and starts your next turn. Default: on once the echo canceller has "
-            "learnt the room (the first few seconds of omni speaking are half-duplex); --barge-in: always (headphones); "
-            "--half-duplex: never (what the microphone hears while omni speaks is ignored; no echo canceller).",
-            show_default=False,
+            "--barge-in",
+            help="Speaking over a reply stops it and starts your next turn, always (headphones). Default: barge-in is on "
+            "once the echo canceller has learnt the room (the first few seconds of omni speaking are half-duplex).",
         ),
-    ] = ChatOptions.barge_in,
+    ] = False,
+    half_duplex: Annotated[
+        bool,
+        typer.Option("--half-duplex", help="Never barge in: what the microphone hears while omni speaks is ignored (no echo canceller)."),
+    ] = False,
     aec: Annotated[
         bool,
         typer.Option(
@@ -158,47 +163,79 @@ def chat_cmd(
       omni chat --model ./Llama-3.1-8B-Omni --vocoder ./vocoder --half-duplex\n
       omni chat --model ./Llama-3.1-8B-Omni --text
     """
-    from omni_cli.chat.view import ChatView
-    from omni_cli.terminal import NativeStderr
-
+    if barge_in and half_duplex:
+        fail("--barge-in (interrupt omni by speaking) and --half-duplex (never) contradict each other; give one of them.")
+    if text:
+        _typed_text_decodes()
     exit_fast_at_the_end()  # see main(): tearing torch down after "session saved" took 4-7 s
-    view = ChatView()
-    # ALSA/PortAudio print to file descriptor 2 from the first device check on: into a log
-    # (the session folder's native.log), never over the screen.
-    with NativeStderr() as native_log:  # before the spinner: rich's live display wraps sys.stderr as it finds it
-        try:
-            view.loading("checking the microphone" if not text else "checking the session folder")  # before numpy, PortAudio, torch
-            from omni_cli.chat.preflight import preflight
-            from omni_cli.chat.transcript import default_session_dir
+    folder: Path | None = None
+    try:
+        from omni_cli.chat.view import ChatView
+        from omni_cli.terminal import NativeStderr
 
-            options = ChatOptions(
-                session_dir=session_dir or default_session_dir(),
-                text=text,
-                barge_in=barge_in,
-                echo_cancellation=aec,
-                input_device=input_device,
-                output_device=output_device,
-                hangover_ms=hangover_ms,
-                speculate_ms=speculate_ms,
-                vad_aggressiveness=vad_aggressiveness,
-            )
-            preflight(options)  # torch-free: a wrong device is one line within 2 s
-            view.loading("starting torch")
-            from omni_cli.chat.devices import run_chat
+        view = ChatView()
+        # ALSA/PortAudio print to file descriptor 2 from the first device check on: into a log
+        # (the session folder's native.log), never over the screen.
+        with NativeStderr() as native_log:  # before the spinner: rich's live display wraps sys.stderr as it finds it
+            try:
+                view.loading("checking the model files")  # torch-free, like everything up to "starting torch"
+                from omni_cli.setup.prepare import check_model_files
 
-            streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
-            pipeline = load_pipeline(
-                model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads, show=view.loading
-            )
-            code = run_chat(pipeline, options, view, native_log=native_log)
-        except OmniError as exc:
-            view.stop()
-            fail(str(exc))
-        finally:
-            view.stop()
-        if native_log.path is not None and native_log.captured():
-            view.note(f"messages from the native libraries (ALSA, PortAudio, ...) are in {native_log.path}")
+                files = check_model_files(model, speech_encoder, vocoder)
+                view.loading("checking the microphone" if not text else "checking the session folder")  # before PortAudio, torch
+                from omni_cli.chat.preflight import preflight
+                from omni_cli.chat.transcript import default_session_dir
+
+                folder = session_dir or default_session_dir()
+                options = ChatOptions(
+                    session_dir=folder,
+                    text=text,
+                    barge_in=True if barge_in else False if half_duplex else None,
+                    echo_cancellation=aec,
+                    input_device=input_device,
+                    output_device=output_device,
+                    hangover_ms=hangover_ms,
+                    speculate_ms=speculate_ms,
+                    vad_aggressiveness=vad_aggressiveness,
+                )
+                preflight(options)  # torch-free: a wrong device is one line within 2 s
+                view.loading("starting torch")
+                from omni_cli.chat.devices import run_chat
+
+                streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
+                pipeline = load_pipeline(
+                    model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads,
+                    show=view.loading, files=files,
+                )
+                code = run_chat(pipeline, options, view, native_log=native_log)
+            except OmniError as exc:
+                view.stop()
+                fail(str(exc))
+            finally:
+                view.stop()
+            if native_log.path is not None and native_log.captured():
+                view.note(f"messages from the native libraries (ALSA, PortAudio, ...) are in {native_log.path}")
+    except KeyboardInterrupt:  # Ctrl-C before the session took it over (loading, opening the devices): typer would exit 130 silently
+        echo_err(_interrupted(folder))
+        raise typer.Exit(130) from None
     raise typer.Exit(code)
+
+
+def _typed_text_decodes() -> None:
+    """Typed questions never fail to decode: bytes that are not text in the terminal's encoding become U+FFFD
+    (a traceback at the first non-UTF-8 byte lost the session)."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="replace")
+
+
+def _interrupted(folder: Path | None) -> str:
+    """The line for a Ctrl-C that came before the session could end itself cleanly."""
+    from omni_cli.chat.transcript import TRANSCRIPT_NAME
+
+    if folder is not None and (folder / TRANSCRIPT_NAME).is_file():
+        return f"omni: interrupted; the session so far is saved in {folder}."
+    return "omni: interrupted while starting; nothing was saved."
 
 
 @app.command("devices")

@@ -95,11 +95,18 @@ def units_cmd(
     kmeans: Annotated[Path, typer.Option("--kmeans", help="k-means centres as safetensors or .npy (convert the released pickle once with `omni convert-kmeans`).")],
     layer: Annotated[int, typer.Option("--layer", min=1, help="HuBERT layer whose features are clustered (reference: 11).")] = 11,
     device: DeviceOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists (even when it is the manifest itself).")] = False,
 ) -> None:
     """Make stage-2 unit targets from response speech: HuBERT layer features → nearest k-means centre, repeats merged."""
-    from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
+    from omni_cli.destinations import check_new_file
 
     try:
+        # Before torch: a missing source or a bad --out is one line at once, and never costs a file.
+        if not source.exists():
+            fail(f"{source} not found; give a folder of response WAVs or a manifest naming them (tgt_speech).")
+        check_new_file(out, f"--out {out}", sources=[source], force=force)
+        from omni_cli.train.units import UnitExtractor, label_units, load_kmeans_centres
+
         extractor = UnitExtractor(hubert, load_kmeans_centres(kmeans), layer=layer, device=device)
         count = label_units(source, out, extractor, on_item=lambda i, n, path: typer.echo(f"[{i}/{n}] {path}", err=True))
     except OmniError as exc:
@@ -110,7 +117,8 @@ def units_cmd(
 @app.command("convert-kmeans")
 def convert_kmeans_cmd(
     src: Annotated[Path, typer.Argument(help="The released k-means file (scikit-learn MiniBatchKMeans saved by joblib or pickle, e.g. mhubert_base_vp_en_es_fr_it3_L11_km1000.bin).")],
-    dst: Annotated[Path, typer.Argument(help="Where to write the centres (safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="Where to write the centres (safetensors); a new file, unless --force.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
 ) -> None:
     """Convert the released k-means file ONCE into safetensors holding only its centres.
 
@@ -119,9 +127,14 @@ def convert_kmeans_cmd(
     Example:\n
       omni convert-kmeans mhubert_base_vp_en_es_fr_it3_L11_km1000.bin km1000.safetensors
     """
-    from omni_cli.train.units import convert_kmeans
+    from omni_cli.destinations import check_input_file, check_new_file
 
     try:
+        # Before torch: a missing source or a destination that would replace a file is one line at once.
+        check_input_file(src, "k-means file", "download it (`omni download llama-omni-8b --units`)")
+        check_new_file(dst, f"the destination {dst}", sources=[src], force=force)
+        from omni_cli.train.units import convert_kmeans
+
         convert_kmeans(src, dst)
     except OmniError as exc:
         fail(str(exc))
@@ -131,7 +144,7 @@ def convert_kmeans_cmd(
 @app.command("convert-hubert")
 def convert_hubert_cmd(
     src: Annotated[Path, typer.Argument(help="The fairseq HuBERT checkpoint, e.g. mhubert_base_vp_en_es_fr_it3.pt.")],
-    dst: Annotated[Path, typer.Argument(help="New directory for the transformers HubertModel (config.json + model.safetensors).")],
+    dst: Annotated[Path, typer.Argument(help="A new (or empty) directory for the transformers HubertModel (config.json + model.safetensors).")],
 ) -> None:
     """Convert a fairseq HuBERT checkpoint ONCE into a transformers HubertModel directory for `omni units --hubert`.
 
@@ -140,9 +153,14 @@ def convert_hubert_cmd(
     Example:\n
       omni convert-hubert mhubert_base_vp_en_es_fr_it3.pt ./mhubert-hf
     """
-    from omni_cli.train.hubert import convert_hubert
+    from omni_cli.destinations import check_input_file, check_new_folder
 
     try:
+        # Before torch: a missing source or an unusable destination is one line at once.
+        check_input_file(src, "HuBERT checkpoint", "download it (`omni download llama-omni-8b --units`)")
+        check_new_folder(dst, f"the destination {dst}")
+        from omni_cli.train.hubert import convert_hubert
+
         convert_hubert(src, dst)
     except OmniError as exc:
         fail(str(exc))

@@ -309,13 +309,17 @@ def _fetch(
                     _keep_validator(part, _validator_of(response, url))
                 digest = _hash_prefix(part, offset)
                 total = _total_size(response, offset)
+                pinned = expected.size if expected is not None else None
+                if pinned is not None and total is not None and total != pinned:  # the server says so: fetch nothing
+                    _discard(part)
+                    raise ChecksumError(f"{label} is {total} bytes on the server, expected {pinned}; nothing was downloaded — check the URL or the preset.")
                 progress.update(task, total=total, completed=offset)
                 received = offset
                 try:
                     with part.open("ab" if offset else "wb") as handle:
                         while True:
                             block = response.read(CHUNK_BYTES)
-                            if not block:
+                            if not block or (pinned is not None and received + len(block) > pinned):  # stop at a pinned size
                                 break
                             handle.write(block)
                             digest.update(block)
@@ -325,6 +329,9 @@ def _fetch(
                     interrupted: Exception | None = exc
                 else:
                     interrupted = None
+                    if pinned is not None and block:
+                        _discard(part)
+                        raise ChecksumError(f"{label} is more than {pinned} bytes, expected {pinned}; the download was stopped there and removed — check the URL or the preset.")
                     if total is not None and received < total:
                         interrupted = ConnectionError(f"connection closed after {received} of {total} bytes")
             if interrupted is None:
@@ -385,7 +392,7 @@ def fetch_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Path
             where = f"{target}" if target is not None else f"DIR/{part.dirname}"
             raise DownloadError(
                 f"cannot reach the Hugging Face hub for {part.repo_id} ({one_line(exc)}): this machine looks offline. "
-                f"On a connected machine run `huggingface-cli download {part.repo_id} --revision {part.revision} "
+                f"On a connected machine run `hf download {part.repo_id} --revision {part.revision} "
                 f"--local-dir {part.dirname}`, copy the folder to {where} and use --local-dir {Path(where).parent}."
             ) from exc
         raise DownloadError(f"cannot download {part.repo_id}: {one_line(exc)}") from exc
@@ -483,15 +490,6 @@ def download_preset(
 
 
 __all__ = [
-    "DownloadError",
-    "ChecksumError",
-    "looks_offline",
-    "sha256_of",
-    "download_url",
-    "fetch_hub_part",
-    "fetch_files",
-    "fetch_vocoder",
-    "fetch_units",
-    "download_preset",
-    "format_gb",
+    "DownloadError", "ChecksumError", "looks_offline", "sha256_of", "download_url", "fetch_hub_part", "fetch_files",
+    "fetch_vocoder", "fetch_units", "download_preset", "format_gb",
 ]

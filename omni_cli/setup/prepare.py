@@ -1,5 +1,10 @@
 """From `--model` to files ready to load: resolve a preset or folder, offer to download what is
-missing (after checking the machine could run it), read every config once, check the GPU fit."""
+missing (after checking the machine could run it), read every config once, check the GPU fit.
+
+Everything up to the GPU-fit check runs without torch, so a wrong `--model` (a typo, a folder
+without config.json, a config that is not JSON, a broken preset) is one line within a second;
+`check_model_files` does that part alone, for commands with more to check before they load.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,26 @@ def prepare_model(
     return download_preset(preset, local_dir, echo=echo, show_licence=assume_yes)
 
 
+def _read(resolved: ResolvedModel, speech_encoder: Path | None, vocoder: Path | None) -> ModelFiles:
+    """The files of a complete model; a preset's encoder and vocoder fill `speech_encoder`/`vocoder` when not given."""
+    assert resolved.model_dir is not None  # complete models only
+    return read_model_files(
+        resolved.model_dir, speech_encoder or resolved.speech_encoder, vocoder or resolved.vocoder_dir, resolved.preset
+    )
+
+
+def check_model_files(model: str | Path, speech_encoder: Path | None = None, vocoder: Path | None = None) -> ModelFiles | None:
+    """`--model`, `--speech-encoder` and `--vocoder` checked without torch or the network, in a fraction of a second.
+
+    A checkpoint folder, or a preset whose parts are all on disk, is read (`ModelFiles`: configs,
+    safetensors headers, the encoder and vocoder found); a preset with parts still to download is
+    validated and None returned (`prepare_model_files` offers the download). Raises the one-line
+    ConfigError or CheckpointError for anything else.
+    """
+    resolved = resolve_preset(model)
+    return _read(resolved, speech_encoder, vocoder) if resolved.complete else None
+
+
 def prepare_model_files(
     model: str | Path,
     speech_encoder: Path | None = None,
@@ -56,23 +81,23 @@ def prepare_model_files(
     precision: str = "auto",
     device: str | None = None,
     *,
+    files: ModelFiles | None = None,
     assume_yes: bool = False,
     confirm: Callable[[str], bool] | None = None,
     echo: Callable[[str], None] = print,
 ) -> ModelFiles:
     """From `--model` to files ready to load: resolve, download what a preset lacks, read, check the GPU fit.
 
-    A preset's encoder and vocoder fill `speech_encoder`/`vocoder` when those are not given.
-    `confirm` asks before a download (None: nobody can answer, so a missing part is an error);
-    a download that could not run on this machine at `precision`/`device` is refused before it is offered.
+    A preset's encoder and vocoder fill `speech_encoder`/`vocoder` when those are not given;
+    `files`, from `check_model_files`, skips to the fit check. `confirm` asks before a download
+    (None: nobody can answer, so a missing part is an error); a download that could not run on
+    this machine at `precision`/`device` is refused before it is offered. Only the fit check imports torch.
     """
-    resolved: ResolvedModel = prepare_model(
-        model, precision=precision, device=device, assume_yes=assume_yes, confirm=confirm, echo=echo
-    )
-    assert resolved.model_dir is not None  # prepare_model returns complete models only
-    files = read_model_files(
-        resolved.model_dir, speech_encoder or resolved.speech_encoder, vocoder or resolved.vocoder_dir, resolved.preset
-    )
+    if files is None:
+        resolved: ResolvedModel = prepare_model(
+            model, precision=precision, device=device, assume_yes=assume_yes, confirm=confirm, echo=echo
+        )
+        files = _read(resolved, speech_encoder, vocoder)
     # A clear "try --precision 8bit" before a CUDA out-of-memory error halfway through loading.
     check_device_fits(files, precision, device)
     return files

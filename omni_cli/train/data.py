@@ -27,6 +27,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from omni_cli.audio.io import SAMPLE_RATE, load_audio
+from omni_cli.config import parse_json
 from omni_cli.errors import OmniError
 from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram
 from omni_cli.model.llm import (
@@ -118,15 +119,15 @@ def read_manifest_and_format(path: str | Path) -> tuple[list[dict[str, Any]], bo
     stripped = text.strip()
     if stripped.startswith("["):
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = parse_json(text)
+        except ValueError as exc:
             raise DatasetError(f"manifest {path} is not valid JSON ({exc}); fix the file.") from None
         return list(data), True
     if stripped.startswith("{") and "\n" in stripped:
         # One object over several lines is a pretty-printed JSON document, not JSONL.
         try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
+            whole = parse_json(text)
+        except ValueError:
             whole = None
         if isinstance(whole, dict):
             raise DatasetError(
@@ -139,9 +140,9 @@ def read_manifest_and_format(path: str | Path) -> tuple[list[dict[str, Any]], bo
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            bad_lines.append(RecordProblem(f"line {number}", f"not valid JSON ({exc.msg})"))
+            records.append(parse_json(line))
+        except ValueError as exc:
+            bad_lines.append(RecordProblem(f"line {number}", f"not valid JSON ({getattr(exc, 'msg', exc)})"))
     if bad_lines:
         raise _summary(path, bad_lines, len(records) + len(bad_lines))
     return records, False

@@ -124,7 +124,16 @@ def pickle_globals(path: Path) -> set[tuple[str, str]]:
                 raise CheckpointError(f"{path} uses a pickle protocol torch.save does not write; refusing to load it.")
 
     try:
-        if zipfile.is_zipfile(path):
+        # torch.load takes a file for a zip by its first bytes, zipfile by the directory at its end: a file
+        # where they disagree would have one pickle listed here and another one loaded.
+        with path.open("rb") as handle:
+            starts_as_zip = handle.read(4) == b"PK\x03\x04"
+        if starts_as_zip != zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"{path} is not a torch checkpoint: its zip archive does not match its start (a file made to mislead "
+                "readers?); refusing to load it."
+            )
+        if starts_as_zip:
             with zipfile.ZipFile(path) as archive:
                 for member in archive.namelist():
                     if member.endswith("data.pkl"):
@@ -188,12 +197,21 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(allowed):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - weights-only refusals, truncated zips, bad storages
-        # torch's message advises weights_only=False; keep only its reason.
-        reason = str(exc).split("WeightsUnpickler error:")[-1] if "WeightsUnpickler error:" in str(exc) else str(exc)
-        raise CheckpointError(f"{path} does not load as a HuBERT checkpoint ({one_line(ValueError(reason))}).") from exc
+        raise CheckpointError(f"{path} does not load as a HuBERT checkpoint ({refusal_reason(exc)}).") from exc
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' weights: it is not a fairseq checkpoint.")
     return ckpt
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """torch.load's reason for refusing a file, in one line, without its advice: it suggests
+    `weights_only=False` (which runs whatever the file holds) or allow-listing what the file names."""
+    text = str(exc).split("WeightsUnpickler error:")[-1].replace("Weights only load failed.", "")
+    for line in text.splitlines():
+        line = re.split(r"\s(?:Please use|Please file|Re-running|Check the documentation)", line)[0].strip()
+        if line and "weights_only" not in line:
+            return line
+    return type(exc).__name__
 
 
 def plain(value: Any) -> Any:
@@ -334,7 +352,10 @@ def convert_hubert(src: str | Path, dst: str | Path) -> Path:
     from omni_cli.train.checkpoints import write_directory
 
     # Atomic, as checkpoints are written: `dst` appears complete or not at all (an empty one is replaced).
-    return write_directory(dst, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    try:
+        return write_directory(dst, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {dst} ({exc.strerror or one_line(exc)}); choose a writable place for the new folder.") from exc
 
 
 __all__ = ["convert_hubert", "read_checkpoint", "model_settings", "hubert_config", "conv_layers", "plain", "ConfigObject"]

@@ -150,7 +150,24 @@ def read_kmeans_centres(path: str | Path) -> np.ndarray:
     centres = estimator.state.get("cluster_centers_")
     if not isinstance(centres, np.ndarray) or centres.ndim != 2 or centres.dtype.kind not in "fiu":
         raise CheckpointError(f"{path}: the k-means model has no (clusters, dim) cluster_centers_ array; it was never fitted?")
+    problem = centres_problem(centres)
+    if problem is not None:
+        raise CheckpointError(f"{path}: the k-means model {problem}; download the release's k-means file again.")
     return np.ascontiguousarray(centres, dtype=np.float32)
 
 
-__all__ = ["read_kmeans_centres", "ESTIMATORS", "NUMPY_GLOBALS", "MAX_ARRAY_BYTES"]
+def centres_problem(centres: np.ndarray) -> str | None:
+    """What makes an array unusable as k-means centres ("holds no centres", ...), or None.
+
+    Empty or NaN centres would not fail later: every frame would quietly become unit 0.
+    """
+    if centres.ndim != 2:
+        return f"is not a (clusters, dim) matrix (shape {tuple(centres.shape)})"
+    if 0 in centres.shape:
+        return f"holds no centres (shape {tuple(centres.shape)})"
+    if not np.all(np.isfinite(centres)):
+        return "holds NaN or infinite centres"
+    return None
+
+
+__all__ = ["read_kmeans_centres", "centres_problem", "ESTIMATORS", "NUMPY_GLOBALS", "MAX_ARRAY_BYTES"]

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import soundfile as sf
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import HubertModel
 
@@ -29,7 +29,7 @@ from omni_cli.audio.io import SAMPLE_RATE, load_audio
 from omni_cli.config import read_json
 from omni_cli.errors import CheckpointError, ConfigError, one_line
 from omni_cli.train.data import DatasetError, merge_repeats, read_manifest_and_format
-from omni_cli.train.kmeans_pickle import read_kmeans_centres
+from omni_cli.train.kmeans_pickle import centres_problem, read_kmeans_centres
 
 CENTRES_KEY = "cluster_centers"
 # The reference's layer: the output of HuBERT's 11th transformer layer (hidden_states[11]).
@@ -49,10 +49,15 @@ def convert_kmeans(src: str | Path, dst: str | Path) -> Path:
     if not src.is_file():
         raise CheckpointError(f"k-means file {src} not found; download it (`omni download llama-omni-8b --units`).")
     centres = read_kmeans_centres(src)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(f".{dst.name}.part")
-    save_file({CENTRES_KEY: torch.from_numpy(centres)}, str(part))
-    os.replace(part, dst)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        save_file({CENTRES_KEY: torch.from_numpy(centres)}, str(part))
+        os.replace(part, dst)
+    except (OSError, SafetensorError) as exc:  # a folder, read-only or full destination: nothing half-written stays
+        raise CheckpointError(f"cannot write {dst} ({getattr(exc, 'strerror', None) or one_line(exc)}); choose a writable file name.") from exc
+    finally:
+        part.unlink(missing_ok=True)
     return dst
 
 
@@ -74,8 +79,9 @@ def load_kmeans_centres(path: str | Path) -> torch.Tensor:
             raise CheckpointError(
                 f"{path} is not a converted k-means file ({str(exc).splitlines()[0]}); convert the released pickle with `omni convert-kmeans`."
             ) from exc
-    if centres.ndim != 2:
-        raise CheckpointError(f"{path}: centres should be a (clusters, dim) matrix, got shape {tuple(centres.shape)}.")
+    problem = centres_problem(centres.numpy())
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}; convert the release's k-means file with `omni convert-kmeans`.")
     return centres.float()
 
 
@@ -85,7 +91,13 @@ def nearest_centre(features: torch.Tensor, centres: torch.Tensor) -> torch.Tenso
 
 
 def pick_device(device: str | None) -> str:
-    """--device as given, else cuda when available, else cpu."""
+    """--device as given, else cuda when available, else cpu; a CUDA device this machine lacks is a ConfigError."""
+    if device is not None and device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if index >= count:
+            there = f"this machine has {count} CUDA GPU(s)" if count else "no CUDA GPU is visible"
+            raise ConfigError(f"--device {device} was asked for but {there}; use --device cpu (or install a CUDA build of torch).")
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -138,6 +150,14 @@ class UnitExtractor:
         self.layer = layer
         self.device = device
 
+    @property
+    def min_samples(self) -> int:
+        """The shortest 16 kHz audio HuBERT turns into a frame: its feature convolutions' receptive field (400 for mHuBERT)."""
+        field = 1
+        for kernel, stride in reversed(list(zip(self.model.config.conv_kernel, self.model.config.conv_stride))):
+            field = (field - 1) * stride + kernel
+        return field
+
     @torch.inference_mode()
     def features(self, audio: np.ndarray) -> torch.Tensor:
         """Layer features (T, D) of 16 kHz mono audio (no normalisation, as fairseq's mHuBERT base)."""
@@ -156,17 +176,21 @@ def _audio_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
 
 
-def unreadable_audio(paths: Sequence[Path]) -> list[str]:
-    """`path (reason)` for each path that is missing or whose audio header soundfile cannot read."""
+def unreadable_audio(paths: Sequence[Path], min_samples: int = 1) -> list[str]:
+    """`path (reason)` for each path that is missing, whose audio header soundfile cannot read, or
+    that holds fewer than `min_samples` samples at 16 kHz."""
     bad = []
     for path in paths:
         if not path.is_file():
             bad.append(f"{path} (no such file)")
             continue
         try:
-            sf.info(str(path))
+            info = sf.info(str(path))
         except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
             bad.append(f"{path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            continue
+        if info.frames * SAMPLE_RATE < min_samples * info.samplerate:
+            bad.append(f"{path} ({info.frames / info.samplerate * 1000:.1f} ms: shorter than the {min_samples / SAMPLE_RATE * 1000:g} ms of one HuBERT frame)")
     return bad
 
 
@@ -196,11 +220,15 @@ def label_units(
         target = "units"
     else:
         rows, as_json_list = read_manifest_and_format(source)
-        paths, missing = [], []
+        paths, missing, not_paths = [], [], []
         for i, row in enumerate(rows):
             value = next((row.get(f) for f in RESPONSE_SPEECH_FIELDS if isinstance(row, dict) and row.get(f)), None)
+            name = str(row.get("id", f"#{i}"))[:40] if isinstance(row, dict) else f"#{i}"
             if value is None:
-                missing.append(str(row.get("id", f"#{i}")) if isinstance(row, dict) else f"#{i}")
+                missing.append(name)
+                continue
+            if not isinstance(value, str):  # a number or a list where a file name belongs
+                not_paths.append(f"{name} ({json.dumps(value)[:30]})")
                 continue
             path = Path(value)
             paths.append(path if path.is_absolute() else source.parent / path)
@@ -209,11 +237,16 @@ def label_units(
                 f"{source}: records {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} name no response speech "
                 f"({' or '.join(RESPONSE_SPEECH_FIELDS)}); add it or label a directory of WAVs instead."
             )
+        if not_paths:
+            raise DatasetError(
+                f"{source}: the response speech of records {', '.join(not_paths[:10])}{' ...' if len(not_paths) > 10 else ''} "
+                "is not a file name; give each one path as a string."
+            )
         target = "tgt_units"
-    bad = unreadable_audio(paths)
+    bad = unreadable_audio(paths, extractor.min_samples)
     if bad:
         raise DatasetError(
-            f"{len(bad)} audio file(s) cannot be read: {'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; fix or remove them and rerun."
+            f"{len(bad)} audio file(s) cannot be labelled: {'; '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; fix or remove them and rerun."
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     part = out.with_name(f".{out.name}.part")

@@ -142,13 +142,17 @@ def weight_files(model_dir: Path, what: str = "checkpoint") -> list[Path]:
 
 
 def read_shapes(files: Iterable[Path]) -> Shapes:
-    """Every tensor name in the files with its shape and file, read from the headers only."""
+    """Every tensor name in the files with its shape and file, read from the headers only.
+
+    Read through numpy, not torch: the CLI checks a model folder before torch is imported (a
+    wrong --model is one line within a second), and shapes need no tensor library.
+    """
     from safetensors import SafetensorError, safe_open
 
     shapes: Shapes = {}
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as handle:
+            with safe_open(str(f), framework="numpy") as handle:
                 for key in handle.keys():
                     shapes[key] = (tuple(handle.get_slice(key).get_shape()), f)
         except (SafetensorError, OSError) as exc:

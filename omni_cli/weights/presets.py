@@ -21,8 +21,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omni_cli.errors import ConfigError
+from omni_cli.errors import ConfigError, one_line
 from omni_cli.weights.layout import CONFIG_NAME, SAFETENSORS_INDEX_NAME, VOCODER_SAFETENSORS_NAME, index_shard_names
+from omni_cli.weights.preset_values import GB, config_table, count, gigabytes, strings, table, typed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -32,7 +33,6 @@ else:  # pragma: no cover - Python 3.10
 PRESET_SUFFIX = ".toml"
 # Package data folder holding the shipped presets (not "presets/": that name is this module).
 PRESET_FOLDER = "preset_files"
-GB = 1e9  # sizes shown to people are decimal gigabytes, as download tools show them
 # Where `--local-dir` puts the vocoder and the unit-extraction files; hub parts go to their repo's name.
 VOCODER_DIRNAME = "vocoder"
 UNITS_DIRNAME = "units"
@@ -177,20 +177,6 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(PRESET_SUFFIX)] for p in folder.iterdir() if p.name.endswith(PRESET_SUFFIX))
 
 
-def _table(raw: dict[str, Any], key: str, source: str) -> dict[str, Any]:
-    value = raw.get(key)
-    if not isinstance(value, dict):
-        raise ConfigError(f"preset {source} lacks the [{key}] table; compare it with models/llama-omni-8b.toml.")
-    return value
-
-
-def _get(raw: dict[str, Any], key: str, kind: type | tuple[type, ...], source: str) -> Any:
-    value = raw.get(key)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"preset {source}: '{key}' is missing or not a {getattr(kind, '__name__', kind)}.")
-    return value
-
-
 def plain_name(name: str, where: str) -> str:
     """`name` if it is a plain file or folder name; a path (`../x`, `a/b`, `/x`) or a hidden name is refused.
 
@@ -214,38 +200,37 @@ def check_url(url: str, where: str) -> str:
 
 
 def _hub_part(raw: dict[str, Any], key: str, source: str) -> HubPart:
-    t = _table(raw, key, source)
+    t = table(raw, key, source)
     where = f"{source} [{key}]"
-    repo_id = _get(t, "repo_id", str, where)
+    repo_id = typed(t, "repo_id", str, where)
     if not _REPO_ID.fullmatch(repo_id) or repo_id.split("/")[-1] in (".", ".."):
         raise ConfigError(f"preset {where}: repo_id {repo_id!r} is not a hub repository id like 'org/name'.")
     return HubPart(
         key=key,
         repo_id=repo_id,
         revision=str(t.get("revision", "main")),
-        allow_patterns=tuple(_get(t, "allow_patterns", list, where)),
-        required_files=tuple(t.get("required_files", ["config.json"])),
-        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        allow_patterns=strings(t, "allow_patterns", where),
+        required_files=strings(t, "required_files", where, [CONFIG_NAME]),
+        approx_size_bytes=gigabytes(t, where),
         licence=str(t.get("licence", "")),
-        config=dict(t.get("config", {})),
+        config=config_table(t, where),
     )
 
 
 def _remote_files(t: dict[str, Any], where: str) -> tuple[RemoteFile, ...]:
     """The `[[files]]` entries of a part: plain names, HTTPS URLs, size and SHA-256 where pinned."""
     files = []
-    for entry in _get(t, "files", list, where):
+    for entry in typed(t, "files", list, where):
         if not isinstance(entry, dict):
             raise ConfigError(f"preset {where}: each files entry must be a table with name and url.")
-        size = entry.get("size")
         sha256 = str(entry.get("sha256") or "").lower() or None  # "": not pinned
         if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise ConfigError(f"preset {where}: sha256 {sha256!r} is not 64 hex digits.")
         files.append(
             RemoteFile(
-                name=plain_name(_get(entry, "name", str, where), where),
-                url=check_url(_get(entry, "url", str, where), f"preset {where}"),
-                size=int(size) if size else None,  # absent or 0: not pinned
+                name=plain_name(typed(entry, "name", str, where), where),
+                url=check_url(typed(entry, "url", str, where), f"preset {where}"),
+                size=count(entry, "size", where, optional=True),  # absent or 0: not pinned
                 sha256=sha256,
             )
         )
@@ -253,39 +238,39 @@ def _remote_files(t: dict[str, Any], where: str) -> tuple[RemoteFile, ...]:
 
 
 def _one_of(t: dict[str, Any], key: str, files: tuple[RemoteFile, ...], where: str) -> str:
-    name = _get(t, key, str, where)
+    name = typed(t, key, str, where)
     if name not in {f.name for f in files}:
         raise ConfigError(f"preset {where}: {key} {name!r} is not one of its files.")
     return name
 
 
 def _vocoder_part(raw: dict[str, Any], source: str) -> VocoderPart:
-    t = _table(raw, "vocoder", source)
+    t = table(raw, "vocoder", source)
     where = f"{source} [vocoder]"
     files = _remote_files(t, where)
     return VocoderPart(
-        name=plain_name(_get(t, "name", str, where), where),
+        name=plain_name(typed(t, "name", str, where), where),
         checkpoint=_one_of(t, "checkpoint", files, where),
         files=files,
-        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        approx_size_bytes=gigabytes(t, where),
         licence=str(t.get("licence", "")),
-        config=dict(t.get("config", {})),
+        config=config_table(t, where),
     )
 
 
 def _units_part(raw: dict[str, Any], source: str) -> UnitsPart | None:
     if "units" not in raw:
         return None
-    t = _table(raw, "units", source)
+    t = table(raw, "units", source)
     where = f"{source} [units]"
     files = _remote_files(t, where)
     return UnitsPart(
-        name=plain_name(_get(t, "name", str, where), where),
+        name=plain_name(typed(t, "name", str, where), where),
         hubert_checkpoint=_one_of(t, "hubert_checkpoint", files, where),
         kmeans=_one_of(t, "kmeans", files, where),
-        layer=int(_get(t, "layer", int, where)),
+        layer=count(t, "layer", where),
         files=files,
-        approx_size_bytes=int(float(_get(t, "approx_size_gb", (int, float), where)) * GB),
+        approx_size_bytes=gigabytes(t, where),
         licence=str(t.get("licence", "")),
     )
 
@@ -308,13 +293,15 @@ def load_preset(path: str | Path) -> Preset:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read preset {path} ({exc}).") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"preset {path} is not valid TOML ({exc}).") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"preset {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); save it as UTF-8.") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise ConfigError(f"preset {path} is not valid TOML ({one_line(exc)}).") from exc
     source = path.name
     return Preset(
-        name=_get(raw, "name", str, source),
+        name=typed(raw, "name", str, source),
         description=str(raw.get("description", "")),
-        chunk_units=int(_get(raw, "chunk_units", int, source)),
+        chunk_units=count(raw, "chunk_units", source),
         licence=str(raw.get("licence", "")),
         model=_model_config(_hub_part(raw, "model", source), source),
         speech_encoder=_hub_part(raw, "speech_encoder", source),
@@ -487,27 +474,8 @@ def looks_like_preset(name_or_path: str | Path) -> bool:
 
 
 __all__ = [
-    "HubPart",
-    "RemoteFile",
-    "VocoderPart",
-    "UnitsPart",
-    "Preset",
-    "ResolvedModel",
-    "preset_names",
-    "load_preset",
-    "find_preset",
-    "get_preset",
-    "omni_cache_dir",
-    "hub_cache_dir",
-    "hub_offline",
-    "vocoder_dir",
-    "units_dir",
-    "units_present",
-    "plain_name",
-    "check_url",
-    "missing_hub_files",
-    "locate_hub_part",
-    "vocoder_present",
-    "resolve_preset",
-    "looks_like_preset",
+    "GB", "HubPart", "RemoteFile", "VocoderPart", "UnitsPart", "Preset", "ResolvedModel", "preset_names", "load_preset",
+    "find_preset", "get_preset", "omni_cache_dir", "hub_cache_dir", "hub_offline", "vocoder_dir", "units_dir",
+    "units_present", "plain_name", "check_url", "missing_hub_files", "locate_hub_part", "vocoder_present",
+    "resolve_preset", "looks_like_preset",
 ]

@@ -81,6 +81,12 @@ def test_a_pulse_source_is_chosen_by_part_of_its_description_its_name_or_its_num
     assert chosen is not None and chosen.name == "Jabra Link 380 Mono"
 
 
+def test_a_number_int_cannot_read_is_a_name_not_a_traceback(desktop) -> None:
+    # "²" is a digit to str.isdigit(), but not a number int() reads: no device has that name.
+    with pytest.raises(AudioInputError, match="no input device named '²'"):
+        choose_device("²", "input")
+
+
 def test_portaudio_names_keep_their_meaning_and_errors_name_pulse_devices(desktop) -> None:
     # "alc257" and "pulse" are PortAudio's: unchanged, and no PulseAudio routing is set.
     assert find_device("alc257", "input") == 0 and find_device("pulse", "output") == 1
@@ -286,6 +292,19 @@ def test_a_dead_or_hung_sound_server_is_one_line_within_2s(private_server, how: 
     assert said in message
     seconds, torch_imported = timing.split()
     assert float(seconds) < 2.0 and torch_imported == "False"
+
+
+@pytest.mark.sound
+def test_omni_devices_on_a_hung_server_says_so_in_one_line(private_server) -> None:
+    # PortAudio's start points descriptor 2 at /dev/null until it returns, which on a hung server it never does.
+    os.kill(private_server.process.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "omni_cli.cli", "devices"], env={**os.environ, **private_server.env}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and done.stdout == ""
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("omni: error: the sound system did not answer within 1.5 s") and "seems hung" in line
+    assert time.monotonic() - started < 4.0  # start-up, the 1.5 s deadline, the exit
 
 
 @pytest.mark.sound

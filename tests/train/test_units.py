@@ -191,6 +191,8 @@ def test_a_directory_that_is_not_a_complete_hubert_is_refused(hubert_dir: Path, 
 class _CountingExtractor:
     """Stands in for UnitExtractor: one unit per 1000 samples; fails on request to simulate a crash midway."""
 
+    min_samples = 400  # mHuBERT's receptive field
+
     def __init__(self, fail_at: int | None = None) -> None:
         self.calls = 0
         self.fail_at = fail_at
