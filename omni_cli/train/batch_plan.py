@@ -63,7 +63,8 @@ class BatchPlan:
             if last != self.global_batch:
                 batch += f" (the last step of each epoch: {last})"
         resumed = f", resuming after step {self.start_step}" if self.start_step else ""
-        return f"{batch}; {self.total_steps} steps ({self.steps_per_epoch} per epoch){resumed}"
+        total = f"{self.total_steps} step{'s' if self.total_steps != 1 else ''}"
+        return f"{batch}; {total} ({self.steps_per_epoch} per epoch){resumed}"
 
 
 def plan_batches(cfg: FinetuneConfig, records: int, samples_per_process: int, world_size: int, start_step: int) -> BatchPlan:

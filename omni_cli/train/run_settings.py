@@ -2,7 +2,7 @@
 
 Each `checkpoint-N` holds `run.json`: the step it was saved at and the settings that define the
 run (batch, steps or epochs, learning rate and schedule, stage, LoRA, precision, seed ...), with
-the absolute paths of its base model, speech encoder, data and output. A resume takes all of them
+the absolute paths of its base model, speech encoder and data. A resume takes all of them
 from there: a flag that says otherwise is refused, naming it, instead of quietly training another
 run (`resumed_config`). A few settings may change on a resume: `--micro-batch-size` (it only trades
 memory for time), how often to save and how many checkpoints to keep, workers, `--report-to`.
@@ -67,7 +67,6 @@ class SavedRun:
     base_model: Path
     speech_encoder: Path
     data: Path | None = None
-    output: Path | None = None
     records: int | None = None
     records_digest: str | None = None
 
@@ -93,7 +92,6 @@ def run_file_data(
         "base_model": str(Path(base_model).resolve()),
         "speech_encoder": str(Path(speech_encoder).resolve()),
         "data": str(Path(cfg.data).resolve()),
-        "output": str(Path(cfg.output).resolve()),
         "records": len(record_ids),
         "records_digest": records_digest(record_ids),
     }
@@ -122,11 +120,11 @@ def read_saved_run(checkpoint: Path) -> SavedRun:
     if (not isinstance(settings, dict) or any(k not in settings for k in wanted) or not isinstance(step, int)
             or isinstance(step, bool) or step < 0 or not all(isinstance(raw.get(k), str) for k in ("base_model", "speech_encoder"))):
         raise _damaged(checkpoint, "is incomplete")
-    optional = {k: Path(raw[k]) if isinstance(raw.get(k), str) else None for k in ("data", "output")}
+    data = Path(raw["data"]) if isinstance(raw.get("data"), str) else None
     records = raw.get("records") if isinstance(raw.get("records"), int) else None
     digest = raw.get("records_digest") if isinstance(raw.get("records_digest"), str) else None
     return SavedRun(Path(checkpoint), step, settings, Path(raw["base_model"]), Path(raw["speech_encoder"]),
-                    optional["data"], optional["output"], records, digest)
+                    data, records, digest)
 
 
 def _legacy_saved_run(checkpoint: Path) -> SavedRun:
@@ -179,7 +177,7 @@ def _shown(name: str, value: Any) -> str:
         return flag if value else f"no {flag}"
     if name == "max_steps" and value is None:
         return "no --max-steps"
-    return f"{flag} {value}"
+    return f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}"
 
 
 def _differs(a: Any, b: Any) -> bool:
@@ -218,8 +216,8 @@ def run_config(values: dict[str, Any], given: Collection[str]) -> tuple[Finetune
     """The run the command line asks for: `values` by FinetuneConfig field, `given` the fields set on it.
 
     A new run needs --stage, --data and --output. A resume (`values["resume"]`) takes every
-    run setting, the data and the output folder from its checkpoint, refusing a given flag
-    that says otherwise (`resumed_config`).
+    run setting and the data from its checkpoint, refusing a given flag that says otherwise
+    (`resumed_config`), and goes on in the folder that holds the checkpoint.
     """
     values = dict(values)
     resume = values.get("resume")
@@ -233,7 +231,8 @@ def run_config(values: dict[str, Any], given: Collection[str]) -> tuple[Finetune
         if values.get(name) is None and name in saved.settings:
             values[name] = saved.settings[name]
     values["data"] = values.get("data") or saved.data
-    values["output"] = values.get("output") or saved.output or saved.checkpoint.parent
+    # Where the checkpoint is now (the folder may have moved since): the run goes on there.
+    values["output"] = values.get("output") or saved.checkpoint.parent
     if values["data"] is None:
         raise ConfigError(f"{saved.checkpoint} does not say which data it trained on; pass --data.")
     return resumed_config(FinetuneConfig(**values), saved, given), saved
