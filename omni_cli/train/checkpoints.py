@@ -193,7 +193,7 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
-def _read_state(checkpoint: Path) -> dict[str, Any]:
+def _read_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
     """The trainer state, loaded safely (tensors and plain types only); one line for anything else."""
     path = checkpoint / TRAINER_STATE_FILE
     if not path.is_file():
@@ -202,15 +202,18 @@ def _read_state(checkpoint: Path) -> dict[str, Any]:
         f"{path} is not a trainer state written by omni finetune (truncated or damaged?); "
         f"resume from another {CHECKPOINT_PREFIX}N folder, or start again with --model."
     )
-    state = load_weights_pickle(path, f"a {CHECKPOINT_PREFIX}N folder written by omni finetune", damaged)
+    state = load_weights_pickle(path, f"a {CHECKPOINT_PREFIX}N folder written by omni finetune", damaged, mmap=mmap)
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool):
         raise damaged
     return state
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs."""
-    state = _read_state(checkpoint)
+def load_trainer_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
+    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs.
+
+    `mmap`: map the file instead of reading it (the optimizer state of a full stage 1 is tens of GB),
+    for a look at its small entries."""
+    state = _read_state(checkpoint, mmap)
     if "format" not in state:
         raise CheckpointError(
             f"{checkpoint} was written by an earlier omni and cannot be resumed, but it is a complete model: "

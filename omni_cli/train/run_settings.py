@@ -62,6 +62,7 @@ class SavedRun:
     """What `run.json` says about the run a checkpoint belongs to."""
 
     checkpoint: Path
+    source: Path  # the file this was read from: run.json (the trainer state, for older checkpoints)
     step: int
     settings: dict[str, Any]
     base_model: Path
@@ -123,7 +124,7 @@ def read_saved_run(checkpoint: Path) -> SavedRun:
     data = Path(raw["data"]) if isinstance(raw.get("data"), str) else None
     records = raw.get("records") if isinstance(raw.get("records"), int) else None
     digest = raw.get("records_digest") if isinstance(raw.get("records_digest"), str) else None
-    return SavedRun(Path(checkpoint), step, settings, Path(raw["base_model"]), Path(raw["speech_encoder"]),
+    return SavedRun(Path(checkpoint), path, step, settings, Path(raw["base_model"]), Path(raw["speech_encoder"]),
                     data, records, digest)
 
 
@@ -131,7 +132,7 @@ def _legacy_saved_run(checkpoint: Path) -> SavedRun:
     """A checkpoint from before run.json: the same facts, from the trainer state's copy of the run's config."""
     from omni_cli.train.checkpoints import load_trainer_state  # imports torch
 
-    state = load_trainer_state(checkpoint)
+    state = load_trainer_state(checkpoint, mmap=True)
     config = state.get("config")
     if not isinstance(config, dict) or any(k not in config for k in RUN_SETTINGS if k != "lr"):
         raise CheckpointError(f"{checkpoint} does not say how its run was set up; start a new run from it with --model.")
@@ -139,8 +140,8 @@ def _legacy_saved_run(checkpoint: Path) -> SavedRun:
     settings = {k: config[k] for k in (*RUN_SETTINGS, *ADJUSTABLE_SETTINGS) if k in config}
     settings["lr"] = FinetuneConfig(stage=stage, data=Path(), output=Path(), lr=config.get("lr")).learning_rate()
     data = config.get("data")
-    return SavedRun(checkpoint, int(state["step"]), settings, Path(state["base_model"]), Path(state["speech_encoder"]),
-                    Path(data).resolve() if isinstance(data, str) else None)
+    return SavedRun(checkpoint, checkpoint / TRAINER_STATE_FILE, int(state["step"]), settings, Path(state["base_model"]),
+                    Path(state["speech_encoder"]), Path(data).resolve() if isinstance(data, str) else None)
 
 
 def _step_of(checkpoint: Path) -> int:
@@ -199,9 +200,9 @@ def resumed_config(cfg: FinetuneConfig, saved: SavedRun, given: Collection[str] 
         ours, theirs = setting(cfg, name), saved.settings[name]
         if (given is None or name in given) and _differs(ours, theirs):
             if flag is None:
-                raise ConfigError(f"{saved.checkpoint} was trained with {name} = {theirs}, this run asks for {ours}; resume with the same setting.")
+                raise ConfigError(f"{saved.source} says {name} = {theirs}, this run asks for {ours}; resume with the same setting.")
             raise ConfigError(
-                f"{_shown(name, ours)} contradicts the run being resumed ({_shown(name, theirs)} in {saved.checkpoint / RUN_FILE}); "
+                f"{_shown(name, ours)} contradicts the run being resumed ({_shown(name, theirs)} in {saved.source}); "
                 "leave it out to continue that run, or start a new run from its final/ with --model."
             )
         updates[name] = theirs
@@ -227,7 +228,7 @@ def run_config(values: dict[str, Any], given: Collection[str]) -> tuple[Finetune
             raise ConfigError(f"pass {', '.join(missing)} to start a run (or --resume a checkpoint to continue one).")
         return FinetuneConfig(**values), None
     saved = read_saved_run(find_checkpoint(Path(resume)))
-    for name in ("stage", *RUN_SETTINGS, *ADJUSTABLE_SETTINGS):
+    for name in (*RUN_SETTINGS, *ADJUSTABLE_SETTINGS):
         if values.get(name) is None and name in saved.settings:
             values[name] = saved.settings[name]
     values["data"] = values.get("data") or saved.data

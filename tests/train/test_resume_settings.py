@@ -118,6 +118,20 @@ def test_the_same_values_and_a_smaller_micro_batch_are_accepted(tiny_model, fini
         assert (resumed[name] - straight[name]).norm() <= 0.01 * (straight[name] - base[name]).norm() + 1e-7, name
 
 
+def test_a_checkpoint_from_before_run_json_resumes_with_the_settings_in_its_trainer_state(finished_run: Path, tmp_path: Path) -> None:
+    out = _crashed_after_step_3(finished_run, tmp_path / "out")
+    for point in out.glob("checkpoint-*"):
+        (point / "run.json").unlink()
+    refused = CliRunner().invoke(app, ["finetune", "--resume", str(out), "--batch-size", "4"])
+    assert refused.exit_code == 2
+    assert f"(--batch-size 2 in {out / 'checkpoint-2' / 'trainer_state.pt'})" in _one_error_line(refused)
+    result = CliRunner().invoke(app, ["finetune", "--resume", str(out)])
+    assert result.exit_code == 0, result.stderr
+    assert "global batch 2 = 1 process × 2 samples × 1 accumulation step; 6 steps (2 per epoch), resuming after step 2" in result.stderr
+    for name, tensor in saved_tensors(finished_run / "final").items():
+        torch.testing.assert_close(saved_tensors(out / "final")[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 def test_export_only_writes_the_model_of_a_checkpoint(finished_run: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["finetune", "--resume", str(finished_run / "checkpoint-4"), "--output", str(tmp_path / "at-4"),
                                       "--export-only"])
