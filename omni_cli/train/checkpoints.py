@@ -149,6 +149,11 @@ def read_trained(checkpoint: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding an inf or NaN (never saved), or None."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+
+
 def tensor_dtypes(files: Iterable[Path]) -> dict[str, torch.dtype]:
     """Each tensor's dtype in safetensors files, from the headers only (what the exported model is written in)."""
     dtypes: dict[str, torch.dtype] = {}

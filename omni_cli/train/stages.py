@@ -1,5 +1,5 @@
-"""What each stage trains: the model as a module whose forward is the stage's loss, which parameters learn,
-and the tensors a resume point and the exported model hold.
+"""What each stage trains: the model loaded for training (precision, LoRA), as a module whose forward is
+the stage's loss, which parameters learn, and the tensors a resume point and the exported model hold.
 
 Stage 1 (speech → text): the adaptor and the LLM learn (fully or with LoRA); the Whisper
 encoder and the speech decoder stay frozen. Stage 2 (text hidden states → units): only the
@@ -17,11 +17,56 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omni_cli.config import FinetuneConfig
 from omni_cli.errors import ConfigError
-from omni_cli.model.loading import OmniModel
+from omni_cli.model.loading import OmniModel, load_omni, resolve_placement
 from omni_cli.train.data import Batch, assemble_inputs, reply_hidden_states
-from omni_cli.train.lora import is_peft, merged_llm_state
+from omni_cli.train.lora import apply_lora, is_peft, merged_llm_state
 from omni_cli.weights.layout import ADAPTOR_PREFIX, DECODER_PREFIX
+from omni_cli.weights.model_files import ModelFiles
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """Mixed-precision compute dtype (None = plain fp32): weights stay fp32, matmuls run in bf16/fp16."""
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            raise ConfigError(f"--precision {precision} needs a CUDA GPU; on CPU training runs in fp32.")
+        return None
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def check_qlora_device(device: torch.device) -> None:
+    """QLoRA's 4-bit LLM needs bitsandbytes on a CUDA GPU: refuse any other device in one line."""
+    try:
+        resolve_placement("4bit", str(device))
+    except ConfigError:
+        if device.type == "cuda":
+            raise  # what is wrong with the GPU the user asked for
+        raise ConfigError(
+            f"--qlora keeps the LLM in 4 bit (bitsandbytes), which needs a CUDA GPU, but this run is on {device}; "
+            "use --lora on CPU."
+        ) from None
+
+
+def load_for_training(cfg: FinetuneConfig, files: ModelFiles, device: torch.device) -> OmniModel:
+    """The model as the run trains it: fp32 master weights (bf16/fp16 only inside autocast), or for QLoRA
+    a 4-bit LLM computing in the training precision (bf16 on GPUs that have it); LoRA adapters when asked."""
+    if cfg.qlora:
+        compute = autocast_dtype(cfg.precision, device) or torch.float32
+        omni = load_omni(files, precision="4bit", device=str(device), compute_dtype=compute)
+        # The 4-bit load puts the speech modules in the compute dtype; the trained adaptor needs
+        # fp32 master weights (half-precision updates round away, and the fp16 grad scaler
+        # refuses fp16 gradients).
+        omni.adaptor.float()
+    else:
+        omni = load_omni(files, precision="fp32", device=str(device))
+    if cfg.lora:
+        apply_lora(omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
+    return omni
 
 
 def target_count(batch: Batch, stage: int) -> int:

@@ -39,6 +39,18 @@ class TrainLog:
                 "elapsed_s": round(self.elapsed, 3)}
 
 
+@dataclass(frozen=True)
+class StepTotals:
+    """One optimizer step, all processes together: its loss (the mean per target), gradient norm and size."""
+
+    loss: float
+    grad_norm: float
+    lr: float
+    samples: int
+    positions: int  # LLM positions: prompt + speech + reply
+    seconds: float
+
+
 def _logged_step(line: str) -> int | None:
     try:
         row = json.loads(line)

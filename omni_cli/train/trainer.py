@@ -35,13 +35,14 @@ from omni_cli.config import FinetuneConfig
 from omni_cli.errors import CheckpointError, ConfigError, OmniError, one_line
 from omni_cli.model.adaptor import SpeechAdaptor
 from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH
-from omni_cli.model.loading import load_omni, load_tokenizer, resolve_placement
+from omni_cli.model.loading import load_tokenizer
 from omni_cli.stop_request import StopRequest
 from omni_cli.train.batch_plan import BatchPlan, ResumableSampler, plan_batches
 from omni_cli.train.checkpoints import (
     FINAL_DIR,
     checkpoint_dir,
     clean_stale_saves,
+    first_non_finite,
     load_trainer_state,
     prune_checkpoints,
     read_trained,
@@ -53,19 +54,21 @@ from omni_cli.train.checkpoints import (
     tensor_dtypes,
 )
 from omni_cli.train.data import Batch, DataLimits, SpeechReplyDataset, collate, load_manifest
-from omni_cli.train.distributed import Distributed, init_distributed
-from omni_cli.train.lora import apply_lora
+from omni_cli.train.distributed import Collectives, Distributed, init_distributed
 from omni_cli.train.options import TrainingFailed, check_free_space, check_options, check_output_apart, check_writable
 from omni_cli.train.run_settings import find_checkpoint, read_saved_run, records_digest, resumed_config, run_file_data
 from omni_cli.train.stages import (
     OmniForTraining,
+    autocast_dtype,
+    check_qlora_device,
     freeze_for_stage,
+    load_for_training,
     released_tensors,
     shard_for_fsdp,
     target_count,
     trainable_state,
 )
-from omni_cli.train.train_log import LossLog, TrainLog
+from omni_cli.train.train_log import LossLog, StepTotals, TrainLog
 from omni_cli.weights.layout import weight_files
 from omni_cli.weights.model_files import read_model_files
 
@@ -88,47 +91,6 @@ class FinetuneResult:
     model: OmniForTraining | None = None  # the trained model, in memory
 
 
-@dataclass(frozen=True)
-class StepTotals:
-    """One optimizer step, all processes together: its loss (the mean per target), gradient norm and size."""
-
-    loss: float
-    grad_norm: float
-    lr: float
-    samples: int
-    positions: int  # LLM positions: prompt + speech + reply
-    seconds: float
-
-
-def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision compute dtype (None = plain fp32): weights stay fp32, matmuls run in bf16/fp16."""
-    if device.type != "cuda":
-        if precision in ("bf16", "fp16"):
-            raise ConfigError(f"--precision {precision} needs a CUDA GPU; on CPU training runs in fp32.")
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _check_qlora_device(device: torch.device) -> None:
-    try:
-        resolve_placement("4bit", str(device))
-    except ConfigError:
-        if device.type == "cuda":
-            raise  # what is wrong with the GPU the user asked for
-        raise ConfigError(
-            f"--qlora keeps the LLM in 4 bit (bitsandbytes), which needs a CUDA GPU, but this run is on {device}; "
-            "use --lora on CPU."
-        ) from None
-
-
-def _first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
-
-
 class Run:
     """One fine-tuning run, phase by phase: `prepare` → `build` → `train` → `finish` (see `finetune`)."""
 
@@ -141,12 +103,7 @@ class Run:
         self.saved_step: int | None = None  # the step whose resume point is on disk, from this run
         self.exporting = False
         self.loss_log: LossLog | None = None
-        # The only tensors this run hands to collectives, reused every step and kept until the
-        # process group is destroyed. A gloo worker thread that drops the last reference to a
-        # tensor whose Python object has died must take the GIL to free that object; if the main
-        # thread is then destroying the group (holding the GIL while it joins those threads), both
-        # wait forever. A tensor Python still holds is let go without the GIL (see close()).
-        self._reduced: dict[str, torch.Tensor] = {}
+        self.collectives = Collectives()
 
     # -- prepare: options, devices, resume state, files, data, weights -------------------------
 
@@ -165,8 +122,9 @@ class Run:
             device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(device)
         self.device = device
+        self.collectives = Collectives(self.dist.world_size, device)
         if cfg.qlora:
-            _check_qlora_device(device)
+            check_qlora_device(device)
 
         self.state = load_trainer_state(self.resume_dir) if self.resume_dir else None
         # A resume point holds only the trained parts: the rest comes from the base model,
@@ -205,19 +163,7 @@ class Run:
             clean_stale_saves(self.output)
 
         seed_everything(cfg.seed)
-        # Master weights in fp32; bf16/fp16 only inside autocast (or 4-bit for QLoRA, whose frozen
-        # base computes in the training precision: bf16 on GPUs that have it).
-        if cfg.qlora:
-            compute = _autocast_dtype(cfg.precision, device) or torch.float32
-            self.omni = load_omni(files, precision="4bit", device=str(device), compute_dtype=compute)
-            # The 4-bit load puts the speech modules in the compute dtype; the trained adaptor needs
-            # fp32 master weights (half-precision updates round away, and the fp16 grad scaler
-            # refuses fp16 gradients).
-            self.omni.adaptor.float()
-        else:
-            self.omni = load_omni(files, precision="fp32", device=str(device))
-        if cfg.lora:
-            apply_lora(self.omni, cfg.lora_rank, cfg.lora_alpha, quantized=cfg.qlora)
+        self.omni = load_for_training(cfg, files, device)
 
     # -- build: what trains, the batch plan, parallelism, optimizer, schedule, resumed state -------
 
@@ -240,7 +186,7 @@ class Run:
             dataset, batch_size=self.plan.micro_batch, sampler=self.sampler, collate_fn=collate, num_workers=cfg.num_workers
         )
 
-        self.amp_dtype = _autocast_dtype(cfg.precision, device)
+        self.amp_dtype = autocast_dtype(cfg.precision, device)
         self.ddp_model: nn.Module = model
         if cfg.fsdp:
             if self.amp_dtype == torch.float16:
@@ -346,9 +292,7 @@ class Run:
         counts = [sum(target_count(b, self.cfg.stage) for b in micro),
                   sum(len(p) - 1 + self.speech_positions + len(r) for b in micro for p, r in zip(b.prompt_ids, b.reply_ids)),
                   sum(len(b.record_ids) for b in micro)]
-        totals = torch.tensor(counts, dtype=torch.float64, device=self.device)
-        if self.dist.world_size > 1:
-            totals = self._all_reduce("totals", totals)
+        totals = self.collectives.sum("totals", torch.tensor(counts, dtype=torch.float64, device=self.device))
         normaliser = (totals[0] / self.dist.world_size).to(torch.float32)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
@@ -365,8 +309,7 @@ class Run:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        if self.dist.world_size > 1:
-            loss_sum = self._all_reduce("loss", loss_sum) / self.dist.world_size
+        loss_sum = self.collectives.sum("loss", loss_sum) / self.dist.world_size
         loss_value, norm_value = float(loss_sum), float(grad_norm)
         # The gradients are the same on every process (reduced), so all stop here together.
         if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
@@ -410,28 +353,14 @@ class Run:
 
     def _agreed_to_stop(self, stop: StopRequest) -> bool:
         """Whether any process was asked to stop (torchrun forwards Ctrl-C to each at its own moment)."""
-        if self.dist.world_size == 1:
-            return stop.requested
-        flag = self._all_reduce("stop", torch.tensor([1.0 if stop.requested else 0.0], device=self.device))
-        return bool(flag.item() > 0)
+        return self.collectives.any("stop", stop.requested)
 
     def _agree(self, problem: OmniError | None) -> None:
         """Raise `problem` (found by the writing process, rank 0) on every process, so none waits for the others."""
-        if self.dist.world_size > 1:
-            flag = self._all_reduce("failed", torch.tensor([1.0 if problem else 0.0], device=self.device))
-            if problem is None and flag.item() > 0:
-                problem = TrainingFailed("process 0 stopped the run (see its message).")
+        if self.collectives.any("failed", problem is not None) and problem is None:
+            problem = TrainingFailed("process 0 stopped the run (see its message).")
         if problem is not None:
             raise problem
-
-    def _all_reduce(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """The sum of `value` over the processes, in this run's buffer `name` (see `_reduced`)."""
-        buffer = self._reduced.get(name)
-        if buffer is None:
-            buffer = self._reduced[name] = torch.empty_like(value)
-        buffer.copy_(value)
-        dist.all_reduce(buffer)
-        return buffer.clone()
 
     # -- save -------------------------------------------------------------------------------------
 
@@ -487,7 +416,7 @@ class Run:
 
     def _write(self, path: Path, what: str, tensors: dict[str, torch.Tensor], write: Callable[[], None]) -> OmniError | None:
         """Write `path` unless `tensors` hold a non-finite value; what went wrong, as one line, or None."""
-        bad = _first_non_finite(tensors)
+        bad = first_non_finite(tensors)
         if bad is not None:
             return TrainingFailed(
                 f"stopped at step {self.step}: the weights became non-finite ({bad}; the run diverged, a lower --lr usually helps); "
@@ -519,8 +448,7 @@ class Run:
 
         DDP's reducer holds the process group too: while it lives, destroy_process_group() only
         forgets the group, which is then torn down whenever the wrapper happens to be collected
-        (a hang seen once in ~20 runs: see `_reduced`). So the wrapper goes first;
-        the buffers handed to collectives are let go only once the group is gone.
+        (a hang seen once in ~20 runs: see `Collectives`). So the wrapper goes first.
         """
         if self.loss_log is not None:
             self.loss_log.close()
@@ -528,8 +456,7 @@ class Run:
             if hasattr(self, "model"):
                 self.ddp_model = self.model
             gc.collect()  # the DDP wrapper sits in reference cycles (module hooks)
-            dist.destroy_process_group()
-        self._reduced.clear()
+        self.collectives.leave()
 
 
 def finetune(
