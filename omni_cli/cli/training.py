@@ -102,7 +102,8 @@ def finetune_cmd(
 
     try:
         with TrainProgress(cfg.stage, quiet, every=log_every) as progress:
-            result = finetune(cfg, on_log=progress.show, on_start=lambda plan: progress.note(f"omni: {plan.describe()}"))
+            plan_line = (lambda plan: f"omni: exporting the model of step {plan.start_step}") if cfg.export_only else (lambda plan: f"omni: {plan.describe()}")
+            result = finetune(cfg, on_log=progress.show, on_start=lambda plan: progress.note(plan_line(plan)))
     except TrainingFailed as exc:
         fail(str(exc), code=1)
     except OmniError as exc:

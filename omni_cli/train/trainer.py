@@ -283,9 +283,9 @@ class Run:
     def _optimizer_step(self, batches: Iterator[Batch], n_micro: int) -> StepTotals:
         """Accumulate `n_micro` micro-batches and update the weights once.
 
-        Every micro-batch's loss is its summed loss over the whole global batch's targets (all
-        micro-batches, all processes), so any split of the batch gives the same update; DDP and
-        FSDP average the gradients over the processes, hence the division by the targets per process.
+        Every micro-batch's loss is its sum over its targets divided by the whole global batch's
+        number of targets (all micro-batches, all processes), so any split of the batch gives the
+        same update; DDP and FSDP average the gradients over the processes, hence the targets per process.
         """
         began = time.monotonic()
         micro = [next(batches) for _ in range(n_micro)]
@@ -312,11 +312,13 @@ class Run:
         loss_sum = self.collectives.sum("loss", loss_sum) / self.dist.world_size
         loss_value, norm_value = float(loss_sum), float(grad_norm)
         # The gradients are the same on every process (reduced), so all stop here together.
-        if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not self.scaler.is_enabled()):
+        # (Under the fp16 scaler inf gradients are expected now and then: it skips that step.)
+        what, value = ("loss", loss_value) if not math.isfinite(loss_value) else ("gradient norm", norm_value)
+        if not math.isfinite(value) and (what == "loss" or not self.scaler.is_enabled()):
             self.optimizer.zero_grad(set_to_none=True)
-            self._diverged("loss" if not math.isfinite(loss_value) else "gradient norm", loss_value if not math.isfinite(loss_value) else norm_value)
+            self._diverged(what, value)
         lr = self.scheduler.get_last_lr()[0]
-        self.scaler.step(self.optimizer)  # with the fp16 scaler, a step with inf gradients is skipped and the scale lowered
+        self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from edit_distance import edit_distance
 from omni_cli.cli import app
 
 # Answers made of words the tiny tokenizer knows; units arbitrary (no HuBERT here), at most
@@ -21,15 +22,6 @@ PAIRS = [
     ("Tell me a joke.", "Hello!", [900, 1, 2, 3]),
     ("What is the weather like?", "Sleep enough.", [8, 80, 800, 88]),
 ]
-
-
-def _edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def _replies(model: Path, wavs: list[Path], *extra: str) -> list[dict]:
@@ -62,5 +54,5 @@ def test_four_spoken_questions_overfit_through_the_cli(tiny_model, tmp_path: Pat
     assert stage2.exit_code == 0, stage2.output
     rows = _replies(tmp_path / "s2" / "final", wavs, "--vocoder", str(tiny_model.vocoder_dir))
     assert [r["text"] for r in rows] == answers
-    distances = [_edit_distance(r["units"], units) for r, (_, _, units) in zip(rows, PAIRS)]
+    distances = [edit_distance(r["units"], units) for r, (_, _, units) in zip(rows, PAIRS)]
     assert sum(distances) <= 2, distances

@@ -136,6 +136,7 @@ def test_export_only_writes_the_model_of_a_checkpoint(finished_run: Path, tmp_pa
     result = CliRunner().invoke(app, ["finetune", "--resume", str(finished_run / "checkpoint-4"), "--output", str(tmp_path / "at-4"),
                                       "--export-only"])
     assert result.exit_code == 0, result.stderr
+    assert "omni: exporting the model of step 4" in result.stderr
     exported, trained = saved_tensors(tmp_path / "at-4" / "final"), saved_tensors(finished_run / "checkpoint-4")
     for name, tensor in trained.items():
         assert torch.equal(exported[name.replace("unit_decoder.", "speech_generator.")], tensor), name

@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from edit_distance import edit_distance
 from omni_cli.cli import app
 from omni_cli.model.llm import SPEECH_INSTRUCTION
 from omni_cli.model.loading import load_omni
@@ -31,15 +32,6 @@ PAIRS = [
     ("How do I bake bread?", "Eat well.", [70, 100, 200, 300]),
     ("Tell me a joke.", "Hello!", [900, 1, 2, 3, 4, 5]),
 ]
-
-
-def _edit_distance(a: list[int], b: list[int]) -> int:
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def _chunk_means(values: list[float], chunks: int) -> list[float]:
@@ -138,7 +130,7 @@ def test_stage2_units_of_each_generated_answer_match_targets(stage2, workspace, 
     for wav, (_, answer, units) in zip(workspace["wavs"], PAIRS):
         done = _reply(pipeline, wav)
         assert done.text == answer
-        distances.append(_edit_distance(done.units, units))
+        distances.append(edit_distance(done.units, units))
     # "Near 0": on this seed all three are exact. On other seeds/CPUs the tiny decoder can stall
     # in a CTC local minimum that drops one unit of one answer; training on the reference's
     # alignment instead (hidden state one step late) gives distances of 4-5 per answer.
