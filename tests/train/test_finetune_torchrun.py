@@ -128,6 +128,21 @@ def test_ctrl_c_under_torchrun_saves_one_agreed_step_and_exits_cleanly(tiny_mode
     assert resumed.interrupted and resumed.steps == step + 1 and resumed.last_checkpoint == out / f"checkpoint-{step + 1}"
 
 
+@pytest.mark.slow  # a torchrun job of two processes that diverges at once: ~15-30 s on 2 cores
+def test_a_diverged_run_under_torchrun_stops_every_process_without_exporting(tiny_model, tmp_path: Path) -> None:
+    manifest = _stage2_manifest(tmp_path)
+    out = tmp_path / "out"
+    cmd = _torchrun(tiny_model, "--stage", "2", "--data", str(manifest), "--output", str(out), "--max-steps", "50",
+                    "--batch-size", "2", "--micro-batch-size", "1", "--lr", "1e30", "--warmup-ratio", "0", "--save-every", "0")
+    done = run_to_end(cmd, 240, env=ENV, cwd=ROOT)  # a process left waiting for the other would hang here
+    assert done.returncode != 0
+    # Each process saw the same reduced loss and stopped at the same step, before applying it.
+    stops = [line for line in done.stderr.splitlines() if line.startswith("omni: error: stopped at step ")]
+    assert len(stops) == 2 and stops[0] == stops[1], done.stderr[-3000:]
+    assert "/omni_cli/" not in done.stderr, done.stderr[-3000:]  # no traceback of ours
+    assert not (out / "final").exists()
+
+
 def test_fsdp_stage1_on_two_processes_matches_one_process_training(tiny_model, tmp_path: Path) -> None:
     t = np.arange(8000) / 16000
     records = []

@@ -175,6 +175,8 @@ FAST_REFUSALS = [
     ("resume-a-model", lambda root: ["--resume", str(_a_model(root))], "is a fine-tuned model, not a resume point"),
     ("resume-damaged-run-json", lambda root: ["--resume", str(_damaged_run_file(root))], "run.json is not readable"),
     ("lr-nan", lambda root: ["--stage", "2", "--data", "m.jsonl", "--output", "o", "--lr", "nan"], "Invalid value for '--lr'"),
+    ("lr-negative", lambda root: ["--stage", "2", "--data", "m.jsonl", "--output", "o", "--lr", "-1"], "Invalid value for '--lr'"),
+    ("warmup-nan", lambda root: ["--stage", "2", "--data", "m.jsonl", "--output", "o", "--warmup-ratio", "nan"], "Invalid value for '--warmup-ratio'"),
     ("epochs-inf", lambda root: ["--stage", "2", "--data", "m.jsonl", "--output", "o", "--epochs", "inf"], "Invalid value for '--epochs'"),
     ("output-is-the-model", lambda root: ["--stage", "2", "--data", "m.jsonl", "--model", str(_a_model(root)), "--output",
                                           str(root / "final")], "is the model"),
