@@ -55,4 +55,5 @@ def test_four_spoken_questions_overfit_through_the_cli(tiny_model, tmp_path: Pat
     rows = _replies(tmp_path / "s2" / "final", wavs, "--vocoder", str(tiny_model.vocoder_dir))
     assert [r["text"] for r in rows] == answers
     distances = [edit_distance(r["units"], units) for r, (_, _, units) in zip(rows, PAIRS)]
+    # [0, 1, 0, 0] here; untrained, each is about its target's length. A CTC local minimum may drop a unit (test_trainer.py).
     assert sum(distances) <= 2, distances
