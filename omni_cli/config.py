@@ -295,6 +295,8 @@ DECODE_MODES = ("eager", "static", "compiled")
 # libraries themselves (or the extra, from a checkout).
 QUANT_INSTALL = "pip install 'bitsandbytes>=0.43' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[quant]')"
 TRAIN_INSTALL = "pip install 'peft>=0.12' 'accelerate>=1.0' (or, in the omni checkout: pip install -e '.[train]')"
+# --report-to: where the loss log goes besides OUTPUT/train_log.jsonl.
+REPORT_TO = ("none", "tensorboard")
 # Paper values (section 4): 2e-5 for stage 1, 2e-4 for stage 2.
 DEFAULT_LR = {1: 2e-5, 2: 2e-4}
 
@@ -395,9 +397,10 @@ class FinetuneConfig:
     device: str | None = None
     save_every: int = 500
     keep_checkpoints: int = 2
-    log_every: int = 1
     num_workers: int = 0
-    resume: Path | None = None
+    resume: Path | None = None  # a run's settings come from its checkpoint (train/run_settings.py)
+    export_only: bool = False  # with `resume`: write OUTPUT/final from the checkpoint, train nothing
+    report_to: str = "none"  # or "tensorboard": the loss log also as TensorBoard events (OUTPUT/tensorboard)
     lora: bool = False
     lora_rank: int = 16
     lora_alpha: int = 32
@@ -409,8 +412,14 @@ class FinetuneConfig:
         # QLoRA is LoRA on a 4-bit LLM: asking for it asks for LoRA.
         if self.qlora:
             self.lora = True
-        if not self.epochs > 0:
-            raise ConfigError(f"--epochs must be more than 0 (a fraction such as 0.5 is fine), got {self.epochs}.")
+        if not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise ConfigError(f"--epochs must be a number more than 0 (a fraction such as 0.5 is fine), got {self.epochs}.")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a number more than 0, got {self.lr}.")
+        if not 0 <= self.warmup_ratio <= 1:
+            raise ConfigError(f"--warmup-ratio must be between 0 and 1, got {self.warmup_ratio}.")
+        if self.report_to not in REPORT_TO:
+            raise ConfigError(f"--report-to {self.report_to!r}: choose one of {', '.join(REPORT_TO)}.")
         if self.batch_size < 1 or self.micro_batch_size < 1:
             raise ConfigError("--batch-size and --micro-batch-size must be at least 1.")
 

@@ -442,6 +442,35 @@ def test_download_preset_fetches_only_the_missing_vocoder(
     assert not any(line.startswith("Licence") for line in said), "the licence is shown when the model is downloaded"
 
 
+def test_download_units_only_fetches_no_part_of_the_model(server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from release_files import fairseq_weights, write_checkpoint, write_kmeans
+    from typer.testing import CliRunner
+
+    from omni_cli.cli import app
+    from omni_cli.train.units import load_hubert, load_kmeans_centres
+
+    # Nothing of the model is on disk, and the hub is offline (conftest): fetching any of it would fail.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("OMNI_CACHE", str(tmp_path / "omni"))
+    shipped = get_preset("llama-omni-8b")
+    centres = np.random.default_rng(2).standard_normal((10, 16)).astype(np.float32)
+    server.files[shipped.units.hubert_checkpoint] = write_checkpoint(tmp_path / "m.pt", "dictconfig", fairseq_weights()).read_bytes()
+    server.files[shipped.units.kmeans] = write_kmeans(tmp_path / "km.bin", centres, "pickle-4").read_bytes()
+    text = (ROOT / "models" / "llama-omni-8b.toml").read_text()
+    for remote in shipped.units.files:
+        text = text.replace(remote.url, server.url_of(remote.name))
+    (tmp_path / "custom.toml").write_text(text)
+    result = CliRunner().invoke(app, ["download", str(tmp_path / "custom.toml"), "--units-only"])
+    assert result.exit_code == 0, result.output
+    assert sorted(name for name, _ in server.requests) == sorted(f.name for f in shipped.units.files)
+    folder = tmp_path / "omni" / "units" / shipped.units.name
+    assert result.stdout.splitlines() == [f"unit targets: omni units ... --hubert {folder / 'hubert'} --kmeans {folder / 'kmeans.safetensors'} --layer 11"]
+    assert "Downloading model" not in result.stderr and "Licence" not in result.stderr and "no CUDA GPU" not in result.stderr
+    assert load_hubert(folder / "hubert").config.num_hidden_layers == 11
+    np.testing.assert_array_equal(load_kmeans_centres(folder / "kmeans.safetensors").numpy(), centres)
+    assert not (tmp_path / "hub").exists() or not any((tmp_path / "hub").iterdir())
+
+
 def test_download_units_fetches_and_converts_mhubert_and_its_kmeans(
     server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model
 ) -> None:

@@ -256,11 +256,14 @@ class UnitDecoder(nn.Module):
         lengths: Tensor | None,
         targets: Tensor,
         target_lengths: Tensor | None = None,
+        normaliser: Tensor | None = None,
     ) -> Tensor:
         """The reference training loss: summed CTC over the batch / total target length.
 
         `targets` (B, L) hold unit ids right-padded with -100 (or anything, when
         `target_lengths` gives the lengths). Frames are max(N·factor, target length) long.
+        `normaliser` replaces the batch's own total target length (gradient accumulation
+        divides every micro-batch by the whole batch's).
         """
         if target_lengths is None:
             target_lengths = targets.ne(IGNORE_INDEX).long().sum(dim=-1)
@@ -277,6 +280,8 @@ class UnitDecoder(nn.Module):
             reduction="sum",
             zero_infinity=True,
         )
+        if normaliser is not None:
+            return loss / normaliser
         # clamp: an all-empty batch gives 0 instead of the reference's division by zero.
         return loss / target_lengths.sum().clamp(min=1)
 

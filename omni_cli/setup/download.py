@@ -458,6 +458,7 @@ def download_preset(
     cache_dir: Path | None = None,
     *,
     units: bool = False,
+    model: bool = True,
     echo: Echo = print,
     console: Console | None = None,
     show_licence: bool = True,
@@ -465,9 +466,11 @@ def download_preset(
     """Fetch every part of `preset` not on disk yet (showing the licence before the model's first download).
 
     `units`: also the optional mHuBERT + k-means part (for `omni units`), converted after download.
+    `model` False: none of the model's parts (LLM, speech encoder, vocoder), only the units part;
+    what is returned then says which model parts are missing.
     """
     resolved = resolve_preset(preset.source, local_dir, cache_dir)
-    for key in resolved.missing:
+    for key in resolved.missing if model else ():
         part = preset.part(key)
         if key == "model" and preset.licence and show_licence:
             echo(f"Licence: {preset.licence}")
@@ -484,7 +487,7 @@ def download_preset(
             echo(f"Downloading units (mHuBERT + k-means, {format_gb(preset.units.approx_size_bytes)}) ...")
             fetch_units(preset.units, folder, console=console, echo=echo)
     final = resolve_preset(preset.source, local_dir, cache_dir)
-    if final.missing:
+    if model and final.missing:
         raise DownloadError(f"after downloading, {', '.join(final.missing)} is still incomplete; run `omni doctor`.")
     return final
 

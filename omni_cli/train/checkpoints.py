@@ -2,8 +2,9 @@
 
 - `checkpoint-N/` holds only what resuming needs: the trained parameters in float32 (the
   speech decoder in stage 2; adaptor + LLM, or adaptor + LoRA adapters, in stage 1) as
-  safetensors, and `trainer_state.pt` (optimizer, schedule, step, RNG, the absolute paths of
-  the base model and speech encoder), which loads with `torch.load(weights_only=True)`.
+  safetensors, `trainer_state.pt` (optimizer, schedule, step, RNG), which loads with
+  `torch.load(weights_only=True)`, and `run.json` (the run's settings and the absolute paths of
+  its base model, speech encoder and data: `run_settings.py`).
 - `final/` is the fine-tuned model in the released layout and dtypes (config.json, tokenizer,
   every tensor), which `omni chat --model` loads; it holds no optimizer state.
 
@@ -28,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from omni_cli.errors import CheckpointError
+from omni_cli.train.run_settings import CHECKPOINT_PREFIX, RUN_FILE, TRAINER_STATE_FILE
 from omni_cli.weights.layout import (
     CONFIG_NAME,
     SAFETENSORS_INDEX_NAME,
@@ -37,7 +39,6 @@ from omni_cli.weights.layout import (
     write_shards,
 )
 
-TRAINER_STATE_FILE = "trainer_state.pt"
 # Version of what a checkpoint-N holds; 1 (no "format" key) held a complete model instead.
 STATE_FORMAT = 2
 # Files of the base model copied verbatim next to the exported weights.
@@ -49,7 +50,6 @@ COPIED_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 _TEMP_NAME = re.compile(r"\.(.+)\.(tmp|old)-(\d+)")
@@ -115,11 +115,15 @@ def save_model(tensors: dict[str, torch.Tensor], base_dir: Path, out_dir: Path, 
     return write_directory(out_dir, fill)
 
 
-def save_resume_point(trained: dict[str, torch.Tensor], trainer_state: dict[str, Any], out_dir: Path) -> Path:
-    """Write a `checkpoint-N`: the trained parameters (float32, their training names) and the trainer state."""
+def save_resume_point(
+    trained: dict[str, torch.Tensor], trainer_state: dict[str, Any], out_dir: Path, run: dict[str, Any] | None = None
+) -> Path:
+    """Write a `checkpoint-N`: the trained parameters (float32, their training names), the trainer state and `run` as run.json."""
 
     def fill(tmp: Path) -> None:
         write_shards(trained, tmp, durable=True)
+        if run is not None:
+            (tmp / RUN_FILE).write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
         with (tmp / TRAINER_STATE_FILE).open("wb") as f:
             torch.save({"format": STATE_FORMAT, **trainer_state}, f)
             f.flush()
@@ -143,6 +147,11 @@ def read_trained(checkpoint: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # safetensors raises its own error types for damaged files
             raise CheckpointError(f"{path} is not readable ({exc}); resume from another checkpoint-N.") from None
     return tensors
+
+
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding an inf or NaN (never saved), or None."""
+    return next((name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
 
 
 def tensor_dtypes(files: Iterable[Path]) -> dict[str, torch.dtype]:
@@ -204,9 +213,12 @@ def _read_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
     return state
 
 
-def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs."""
-    state = _read_state(checkpoint)
+def load_trainer_state(checkpoint: Path, mmap: bool = False) -> dict[str, Any]:
+    """A `checkpoint-N`'s trainer state, loaded safely and checked to hold what resuming needs.
+
+    `mmap`: map the file instead of reading it (the optimizer state of a full stage 1 is tens of GB),
+    for a look at its small entries."""
+    state = _read_state(checkpoint, mmap)
     if "format" not in state:
         raise CheckpointError(
             f"{checkpoint} was written by an earlier omni and cannot be resumed, but it is a complete model: "
@@ -218,11 +230,6 @@ def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint was saved at, read from its trainer state (memory-mapped: no full read)."""
-    return int(_read_state(checkpoint, mmap=True)["step"])
-
-
 def checkpoint_dir(output: Path, step: int) -> Path:
     """Where the resume point of `step` goes."""
     return Path(output) / f"{CHECKPOINT_PREFIX}{step}"
@@ -231,24 +238,6 @@ def checkpoint_dir(output: Path, step: int) -> Path:
 def _named_step(path: Path) -> int | None:
     match = _CHECKPOINT_NAME.fullmatch(path.name)
     return int(match.group(1)) if match else None
-
-
-def latest_checkpoint(path: Path) -> Path:
-    """`path` itself if it is a checkpoint, else the `checkpoint-N` under it with the most steps (from its state)."""
-    path = Path(path)
-    if (path / TRAINER_STATE_FILE).is_file():
-        return path
-    if not path.is_dir():
-        raise CheckpointError(f"--resume {path} does not exist; pass a {CHECKPOINT_PREFIX}N folder or the --output of an earlier run.")
-    if (path / CONFIG_NAME).is_file():
-        raise CheckpointError(
-            f"{path} is a fine-tuned model, not a resume point; resume from a {CHECKPOINT_PREFIX}N folder, "
-            f"or start a new run from it with --model {path}."
-        )
-    found = [p for p in path.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE_FILE).is_file()]
-    if not found:
-        raise CheckpointError(f"no checkpoint to resume under {path}; pass --resume a {CHECKPOINT_PREFIX}N directory.")
-    return max(found, key=checkpoint_step)
 
 
 def prune_checkpoints(output: Path, newest: Path, keep: int) -> list[Path]:

@@ -71,7 +71,7 @@ def test_qlora_stage1_trains_and_its_output_answers(rig: Rig, models: RandomMode
     tiny = models["tiny"]
     ran = rig.omni("finetune", "--stage", "1", "--qlora", "--lora-rank", "4", "--data", write_manifest(tmp_path, units=False),
                    "--output", tmp_path / "out", "--model", tiny.model_dir, "--speech-encoder", tiny.speech_encoder,
-                   "--max-steps", "3", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-4", "--save-every", "0",
+                   "--max-steps", "3", "--batch-size", "1", "--lr", "1e-4", "--save-every", "0",
                    "--precision", train_precision(rig), "--device", rig.device)
     figures = finished_training(ran)
     final = tmp_path / "out" / "final"
@@ -89,7 +89,7 @@ def test_stage2_trains_and_its_output_answers(rig: Rig, models: RandomModels, tm
     tiny = models["tiny"]
     ran = rig.omni("finetune", "--stage", "2", "--data", write_manifest(tmp_path, units=True), "--output", tmp_path / "out",
                    "--model", tiny.model_dir, "--speech-encoder", tiny.speech_encoder, "--max-steps", "3", "--batch-size", "1",
-                   "--grad-accum", "1", "--lr", "1e-3", "--save-every", "0", "--precision", train_precision(rig), "--device", rig.device)
+                   "--lr", "1e-3", "--save-every", "0", "--precision", train_precision(rig), "--device", rig.device)
     figures = finished_training(ran)
     final = tmp_path / "out" / "final"
     changed = changed_weights(tiny.model_dir, final)
@@ -118,10 +118,10 @@ def test_torchrun_one_process_finetunes_and_the_collective_backend_sums(rig: Rig
     tiny = models["tiny"]
     ran = torchrun(rig, HERE / "omni_probe.py", "finetune", "--stage", "2", "--data", write_manifest(tmp_path, units=True),
                    "--output", tmp_path / "out", "--model", tiny.model_dir, "--speech-encoder", tiny.speech_encoder,
-                   "--max-steps", "1", "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-3",
+                   "--max-steps", "1", "--batch-size", "1", "--lr", "1e-3",
                    "--precision", train_precision(rig), "--device", rig.device)
     figures = finished_training(ran)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["final"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["final", "train_log.jsonl"]
 
     backend = "nccl" if rig.device == "cuda" else "gloo"
     probe = torchrun(rig, HERE / "collective_probe.py", backend)

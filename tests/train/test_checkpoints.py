@@ -24,11 +24,11 @@ from omni_cli.train import checkpoints, trainer
 from omni_cli.train.checkpoints import (
     TRAINER_STATE_FILE,
     clean_stale_saves,
-    latest_checkpoint,
     load_trainer_state,
     save_model,
     save_resume_point,
 )
+from omni_cli.train.run_settings import RUN_FILE, find_checkpoint, run_file_data
 from omni_cli.train.trainer import FinetuneConfig, finetune
 from saved_tensors import saved_tensors
 
@@ -45,7 +45,7 @@ def test_ctrl_c_during_a_step_that_ends_in_a_periodic_save_writes_it_once(tiny_m
     out = tmp_path / "out"
     writes: list[Path] = []
     real_save = trainer.save_resume_point
-    monkeypatch.setattr(trainer, "save_resume_point", lambda *a: writes.append(a[-1]) or real_save(*a))
+    monkeypatch.setattr(trainer, "save_resume_point", lambda *a: writes.append(a[2]) or real_save(*a))
 
     def ctrl_c_at_2(log) -> None:
         if log.step == 2:
@@ -58,7 +58,7 @@ def test_ctrl_c_during_a_step_that_ends_in_a_periodic_save_writes_it_once(tiny_m
     assert result.interrupted and result.steps == 2 and result.unsaved is None
     assert result.last_checkpoint == out / "checkpoint-2" and writes == [out / "checkpoint-2"]
     assert load_trainer_state(result.last_checkpoint)["step"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "train_log.jsonl"]
 
 
 def test_a_second_ctrl_c_quits_at_once_keeping_the_last_checkpoint(tiny_model, tmp_path: Path, monkeypatch) -> None:
@@ -77,29 +77,31 @@ def test_a_second_ctrl_c_quits_at_once_keeping_the_last_checkpoint(tiny_model, t
     result = finetune(cfg)
     assert result.interrupted and result.steps == 2 and result.last_checkpoint == out / "checkpoint-2"
     assert result.unsaved is None  # step 2 is on disk; the half-done step 3 is simply not taken
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "train_log.jsonl"]
 
 
 def _fake_checkpoint(path: Path, step: int) -> None:
     path.mkdir(parents=True)
     torch.save({"step": step}, path / TRAINER_STATE_FILE)
+    cfg = FinetuneConfig(stage=2, data=path / "m.jsonl", output=path.parent)
+    (path / RUN_FILE).write_text(json.dumps(run_file_data(cfg, step, path / "model", path / "whisper", ["q"])))
 
 
 def test_resume_picks_the_checkpoint_with_the_most_steps_and_refuses_a_model(tmp_path: Path) -> None:
     _fake_checkpoint(tmp_path / "checkpoint-4", 4)
     _fake_checkpoint(tmp_path / "checkpoint-6", 6)
     (tmp_path / "checkpoint-9").mkdir()  # an unfinished folder without state is ignored
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
     _fake_checkpoint(tmp_path / "checkpoint-10", 3)  # the step inside counts, not the folder name
-    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
-    assert latest_checkpoint(tmp_path / "checkpoint-10") == tmp_path / "checkpoint-10"
+    assert find_checkpoint(tmp_path) == tmp_path / "checkpoint-6"
+    assert find_checkpoint(tmp_path / "checkpoint-10") == tmp_path / "checkpoint-10"
     # final/ is the exported model: resuming it is refused with what to do instead.
     (tmp_path / "final").mkdir()
     (tmp_path / "final" / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match="not a resume point.*--model"):
-        latest_checkpoint(tmp_path / "final")
+        find_checkpoint(tmp_path / "final")
     with pytest.raises(CheckpointError, match="does not exist"):
-        latest_checkpoint(tmp_path / "nowhere")
+        find_checkpoint(tmp_path / "nowhere")
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads fsync'd paths from /proc/self/fd (Linux)")
@@ -164,10 +166,11 @@ def test_resume_points_hold_only_trained_parts_and_the_export_keeps_the_base_dty
     result = finetune(cfg)
     point = tmp_path / "out" / "checkpoint-1"
     assert result.last_checkpoint == point
-    # Stage 2's resume point: the speech decoder's float32 master weights and the trainer state, nothing else.
+    # Stage 2's resume point: the speech decoder's float32 master weights, the trainer state and the run's settings.
     trained = saved_tensors(point)
     assert trained and all(k.startswith("unit_decoder.") and v.dtype == torch.float32 for k, v in trained.items())
-    assert sorted(p.name for p in point.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json", TRAINER_STATE_FILE]
+    assert sorted(p.name for p in point.iterdir()) == ["model-00001-of-00001.safetensors", "model.safetensors.index.json",
+                                                        RUN_FILE, TRAINER_STATE_FILE]
     # final/: the complete released layout in the base's dtype, no optimizer state; the frozen LLM is the base's own.
     final = result.output_dir
     assert not (final / TRAINER_STATE_FILE).exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -81,12 +82,12 @@ def test_resume_with_a_damaged_or_hostile_trainer_state(tiny_model, tmp_path: Pa
     point = _run_with_checkpoint(tiny_model, tmp_path)
     spoil(point / TRAINER_STATE_FILE)
     monkeypatch.chdir(tmp_path)
-    result = _finetune(tiny_model, tmp_path / "m.jsonl", tmp_path / "out", "--max-steps", "3", "--resume", str(point))
+    result = _finetune(tiny_model, tmp_path / "m.jsonl", tmp_path / "out", "--resume", str(point))
     assert result.exit_code == 2
     line = _one_error_line(result)
     assert expected in line and "weights_only=False" not in result.stderr, line
     assert not (tmp_path / "pwned").exists()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-1", "final"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-1", "final", "train_log.jsonl"]
 
 
 def _not_utf8(root: Path) -> list[str]:
@@ -112,7 +113,7 @@ def _qlora_on_cpu(root: Path) -> list[str]:
 @pytest.mark.parametrize("setup, code, expected, absent", [
     (_not_utf8, 2, "is not UTF-8 text (byte 0xe9", "Traceback"),
     (_units_with_a_typo, 2, "1 of 1 records cannot be used", "invalid literal"),
-    (_zero_epochs, 2, "Invalid value for '--epochs': must be more than 0", "Traceback"),
+    (_zero_epochs, 2, "Invalid value for '--epochs': must be a number more than 0", "Traceback"),
     (_qlora_on_cpu, 2, "--qlora keeps the LLM in 4 bit (bitsandbytes), which needs a CUDA GPU, but this run is on cpu", "--precision"),
 ], ids=["non-utf8-manifest", "units-typo", "epochs-0", "qlora-on-cpu"])
 def test_bad_inputs_are_refused_before_training(tiny_model, tmp_path: Path, setup: Callable, code: int, expected: str, absent: str) -> None:
@@ -151,7 +152,7 @@ def test_a_double_ctrl_c_during_a_save_leaves_no_temporary_folder(tiny_model, tm
     line = _one_error_line(result)
     assert "step 3 was not saved" in line and f"--resume {out / 'checkpoint-2'}" in line, line
     assert saves[-1].name.startswith(".checkpoint-3.tmp-")
-    assert _leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2"]
+    assert _leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "checkpoint-2", "train_log.jsonl"]
     assert load_trainer_state(out / "checkpoint-2")["step"] == 2
 
 
@@ -160,15 +161,19 @@ def test_stale_temporary_folders_are_removed_when_a_run_starts(tiny_model, tmp_p
     (out / ".checkpoint-7.tmp-999999999").mkdir(parents=True)  # a save killed long ago (no such process)
     result = _finetune(tiny_model, _manifest(tmp_path), out, "--max-steps", "1")
     assert result.exit_code == 0, result.stderr
-    assert _leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == ["final"]
+    assert _leftovers(out) == [] and sorted(p.name for p in out.iterdir()) == ["final", "train_log.jsonl"]
 
 
 def test_checkpoints_from_before_a_resume_are_pruned(tiny_model, tmp_path: Path) -> None:
-    point = _run_with_checkpoint(tiny_model, tmp_path)  # out: checkpoint-1, final
-    out = point.parent
-    result = _finetune(tiny_model, tmp_path / "m.jsonl", out, "--max-steps", "5", "--save-every", "1", "--resume", str(point))
+    out = tmp_path / "out"
+    first = _finetune(tiny_model, _manifest(tmp_path), out, "--max-steps", "5", "--save-every", "1", "--keep-checkpoints", "0")
+    assert first.exit_code == 0, first.stderr
+    for name in ("checkpoint-2", "checkpoint-3", "checkpoint-4", "final"):  # as if it stopped after saving step 1
+        shutil.rmtree(out / name)
+    point = out / "checkpoint-1"
+    result = _finetune(tiny_model, tmp_path / "m.jsonl", out, "--keep-checkpoints", "2", "--resume", str(point))
     assert result.exit_code == 0, result.stderr
     assert "resuming after step 1" in result.stderr
     # Two kept (the default), the newest: the resumed-from checkpoint-1 is pruned like the run's own.
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-4", "final"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "checkpoint-4", "final", "train_log.jsonl"]
     assert _leftovers(out) == []

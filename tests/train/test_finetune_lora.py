@@ -90,7 +90,7 @@ def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, 
 
     from omni_cli.model import loading
 
-    from omni_cli.train import trainer
+    from omni_cli.train import stages
 
     real = loading.resolve_placement
 
@@ -98,7 +98,7 @@ def test_qlora_checkpoint_is_the_original_weights_plus_the_adapters(tiny_model, 
         return loading.Placement(torch.device("cpu"), torch.float32, "4bit") if precision == "4bit" else real(precision, device)
 
     monkeypatch.setattr(loading, "resolve_placement", cpu_4bit)
-    monkeypatch.setattr(trainer, "resolve_placement", cpu_4bit)  # the --qlora device check
+    monkeypatch.setattr(stages, "resolve_placement", cpu_4bit)  # the --qlora device check
     t = np.arange(8000) / 16000
     sf.write(tmp_path / "q.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
     manifest = tmp_path / "m.jsonl"
