@@ -147,6 +147,10 @@ CASES = {
     "transcribe: config.json not JSON": Case(lambda tmp, a: ["transcribe-and-reply", _copy_question(tmp, a, "q.wav"), "--model", _model_folder(tmp, "{")], 2,
                                              "m/config.json is not valid JSON", fast=True),
     # The session folder and chat's flags.
+    "finetune: --model missing": Case(lambda tmp, a: ["finetune", "--stage", "1", "--data", _manifest(tmp, "[]"), "--output", "run", "--model", "nope"], 2,
+                                      "model directory nope does not exist", fast=True),
+    "finetune: config.json not JSON": Case(lambda tmp, a: ["finetune", "--stage", "1", "--data", _manifest(tmp, "[]"), "--output", "run",
+                                                           "--model", _model_folder(tmp, "{")], 2, "m/config.json is not valid JSON", fast=True),
     "chat: --session-dir a file": Case(lambda tmp, a: ["chat", "--model", str(a.model), "--text", "--session-dir", _file(tmp, "notes")], 2,
                                        "--session-dir notes is a file", fast=True),
     "chat: --session-dir read-only": Case(lambda tmp, a: ["chat", "--model", str(a.model), "--text", "--session-dir", "ro/s"], 2,

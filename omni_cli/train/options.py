@@ -12,6 +12,7 @@ from pathlib import Path
 from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig
 from omni_cli.errors import ConfigError, OmniError
 from omni_cli.train.run_settings import CHECKPOINT_PREFIX, SavedRun
+from omni_cli.weights.model_files import read_model_files
 
 GB = 1e9
 
@@ -97,12 +98,15 @@ def check_free_space(output: Path, checkpoint_bytes: int, model_bytes: int) -> N
 
 
 def check_run(cfg: FinetuneConfig, saved: SavedRun | None = None) -> None:
-    """Every check that needs neither torch nor the model: options, an output apart from the inputs, writable,
-    and the reporting library there (the trainer checks again, with the model's own paths)."""
+    """Every check that needs neither torch nor the model's weights: options, the model's files (configs and
+    safetensors headers), an output apart from the inputs, writable, and the reporting library there (the
+    trainer checks again, with the model's own paths)."""
     check_options(cfg)
     model = cfg.model or (saved.base_model if saved else None)
     check_output_apart(cfg.output, model=model, speech_encoder=cfg.speech_encoder, data=cfg.data,
                        checkpoint=saved.checkpoint if saved else None)
     check_writable(cfg.output)
+    if model is not None:  # a missing or broken model folder: one line now, not after torch and the data load
+        read_model_files(model, cfg.speech_encoder or (saved.speech_encoder if saved else None))
     if cfg.report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("--report-to tensorboard needs the tensorboard package: pip install tensorboard (or leave the option out).")
