@@ -163,6 +163,40 @@ def test_a_client_committed_turn_is_answered_on_response_create(stopping, stoppi
     assert committed.item_id and error.error.code == "no_turn_to_answer"
 
 
+def test_with_create_response_off_a_turn_server_vad_heard_waits_for_response_create(stopping, stopping_pipeline, question_16k) -> None:
+    server, _, _ = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        client.update(audio={"input": {"turn_detection": {"type": "server_vad", "create_response": False}}})
+        client.wait_for("session.updated")
+        client.append(_spoken(question_16k[0]))  # all at once: heard as fast as the endpointer runs
+        client.wait_for("input_audio_buffer.speech_stopped")
+        client.wait_for("input_audio_buffer.committed")
+        time.sleep(0.5)
+        assert "response.created" not in client.types()
+        client.conn.response.create()
+        done = client.wait_for("response.done")
+    assert done.response.status == "completed" and _transcript(client, done.response.id)
+
+
+def _ask(client: RealtimeClient, text: str, **response) -> None:
+    client.conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]})
+    client.conn.response.create(**({"response": response} if response else {}))
+
+
+def test_a_text_only_session_gets_text_replies(stopping, stopping_pipeline) -> None:
+    server, _, _ = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        client.update(output_modalities=["text"])
+        client.wait_for("session.updated")
+        _ask(client, "hi")
+        done = client.wait_for("response.done")
+    text = "".join(e.delta for e in client.of("response.output_text.delta"))
+    assert done.response.status == "completed" and text == _reply(stopping_pipeline, "hi", speak=False).text
+    assert not client.of("response.output_audio.delta") and done.response.output[0].content[0].text == text
+
+
 def test_instructions_are_the_system_prompt(stopping, stopping_pipeline) -> None:
     server, _, _ = stopping
     instructions = "You are a pirate. Answer in one word."
@@ -172,9 +206,8 @@ def test_instructions_are_the_system_prompt(stopping, stopping_pipeline) -> None
         client.wait_for("session.created")
         client.update(instructions=instructions)
         client.wait_for("session.updated")
-        client.conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]})
+        _ask(client, "hi")
         added = client.wait_for("conversation.item.added")
-        client.conn.response.create()
         done = client.wait_for("response.done")
     assert added.item.role == "user" and added.item.content[0].text == "hi"
     assert done.response.status == "completed"
@@ -198,19 +231,16 @@ def test_the_beta_protocol_with_the_beta_header(stopping, stopping_pipeline) -> 
 
 def test_truncate_keeps_in_the_history_only_what_the_client_played(endless, tiny_pipeline) -> None:
     server, _, ports = endless
-    ask = {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}]}
     with RealtimeClient(server.base_url) as client:
         client.wait_for("session.created")
         client.update(max_output_tokens=30)
         client.wait_for("session.updated")
-        client.conn.conversation.item.create(item=ask)
-        client.conn.response.create()
+        _ask(client, "hi")
         first = client.wait_for("response.done")
         item = first.response.output[0].id
         client.conn.conversation.item.truncate(item_id=item, content_index=0, audio_end_ms=600)
         truncated = client.wait_for("conversation.item.truncated")
-        client.conn.conversation.item.create(item=ask)
-        client.conn.response.create()
+        _ask(client, "hi")
         second = client.wait_for("response.done", count=2)
     full = _transcript(client, first.response.id)
     heard = ports[-1].conversation.history.turns[0].reply
@@ -233,8 +263,7 @@ def test_a_client_that_goes_away_mid_reply_frees_the_model_at_once(endless) -> N
     client = RealtimeClient(server.base_url).__enter__()
     try:
         client.wait_for("session.created")
-        client.conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk."}]})
-        client.conn.response.create()  # up to 256 tokens: seconds of generation on this CPU
+        _ask(client, "Talk.")  # up to 256 tokens: seconds of generation on this CPU
         client.wait_for("response.output_audio.delta")
         assert slot.busy and len(client.of("response.output_audio_transcript.delta")) < 100
     finally:
@@ -245,14 +274,34 @@ def test_a_client_that_goes_away_mid_reply_frees_the_model_at_once(endless) -> N
         time.sleep(0.01)
 
 
+def test_a_second_session_waits_its_turn_and_never_sees_the_first_one_s_history(endless, tiny_pipeline) -> None:
+    server, _, _ = endless
+    with RealtimeClient(server.base_url) as first, RealtimeClient(server.base_url) as second:
+        first.wait_for("session.created")
+        second.wait_for("session.created")
+        first.update(max_output_tokens=5)
+        _ask(first, "hi")
+        first.wait_for("response.done")  # the first session now remembers a turn
+        first.update(max_output_tokens=200)
+        _ask(first, "Talk.")
+        talking = first.wait_for("response.created", count=2).response.id
+        first.wait_for("response.output_audio_transcript.delta", where=lambda e: e.response_id == talking)  # it holds the model
+        second.update(max_output_tokens=5)
+        _ask(second, "hi")
+        waiting = second.wait_for("omni.response.waiting")
+        done = second.wait_for("response.done")
+    assert waiting.replies_ahead == 1
+    expected = _reply(tiny_pipeline, "hi", sampling=_tokens(tiny_pipeline, 5))  # no history: a fresh conversation
+    assert done.response.usage.input_tokens == expected.prompt_positions and _transcript(second, done.response.id) == expected.text
+
+
 def test_response_cancel_stops_the_reply(endless) -> None:
     server, _, _ = endless
     with RealtimeClient(server.base_url) as client:
         client.wait_for("session.created")
         client.conn.response.cancel()  # nothing to cancel yet
         assert client.wait_for("error", timeout=10).error.code == "response_cancel_not_active"
-        client.conn.conversation.item.create(item={"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Talk."}]})
-        client.conn.response.create()
+        _ask(client, "Talk.")
         client.wait_for("response.output_audio.delta")
         client.conn.response.cancel()
         done = client.wait_for("response.done")
