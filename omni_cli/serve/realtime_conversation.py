@@ -14,7 +14,7 @@ wait for it at a `ResponseGate` before they ask for the model.
 
 from __future__ import annotations
 
-import logging
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -46,8 +46,6 @@ from omni_cli.serve.response_gate import ResponseGate
 if TYPE_CHECKING:
     from omni_cli.serve.realtime_session import PortFactory, RealtimeSession
 
-log = logging.getLogger("omni.serve")
-
 # How a reply ended (the conversation's word) → response.done's status and reason.
 RESPONSE_END = {
     "completed": ("completed", None),
@@ -57,6 +55,11 @@ RESPONSE_END = {
     "error": ("failed", None),
 }
 REMEMBERED_ITEMS = 64  # replies a truncate may still name (RealtimeReplies checks the same number)
+
+
+def _log(line: str) -> None:
+    """One line in the server's log (its stderr), as chat completions' failures are."""
+    print(f"omni serve: error: {line}", file=sys.stderr, flush=True)
 
 
 def conversation_ports(slot: ModelSlot, speculate_ms: int = ChatOptions.speculate_ms) -> PortFactory:
@@ -98,7 +101,7 @@ class RealtimeConversation:
         try:
             self.conversation.run()
         except Exception as exc:  # noqa: BLE001 - the session is told; the server goes on
-            log.error("omni serve: a Realtime conversation stopped: %s", one_line(exc))
+            _log(f"a Realtime conversation stopped: {one_line(exc)}")
             self.session.error(f"the conversation stopped: {one_line(exc)}; reconnect to start a new one.", "server_error")
         finally:
             self.conversation.close()
@@ -273,6 +276,7 @@ class RealtimeConversation:
         elif event.code == "no_reply":
             self.session.error("there is no response in progress to cancel.", "response_cancel_not_active")
         elif event.code == "reply_failed":
+            _log(f"a Realtime reply failed: {event.message}")
             self.session.error(f"the reply failed: {event.message}", "reply_failed")
         else:
             self.session.error(event.message, event.code)

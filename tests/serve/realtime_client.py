@@ -80,19 +80,27 @@ class RealtimeClient:
         with self._cond:
             return [e.type for _, e in self.events]
 
-    def of(self, kind: str) -> list[Any]:
+    def of(self, kind: str, since: int = 0) -> list[Any]:
+        """The events of type `kind` so far (from the `since`-th event on)."""
         with self._cond:
-            return [e for _, e in self.events if e.type == kind]
+            return [e for _, e in self.events[since:] if e.type == kind]
 
-    def wait_for(self, kind: str, count: int = 1, timeout: float = 60.0, where: Callable[[Any], bool] = lambda e: True) -> Any:
-        """The `count`-th event of type `kind` (matching `where`), waiting up to `timeout` s. An error event
-        fails it, unless it is one a wait for "error" returned."""
+    def mark(self) -> int:
+        """How many events have come: a later `since`."""
+        with self._cond:
+            return len(self.events)
+
+    def wait_for(
+        self, kind: str, count: int = 1, timeout: float = 60.0, where: Callable[[Any], bool] = lambda e: True, since: int = 0
+    ) -> Any:
+        """The `count`-th event of type `kind` (matching `where`, from the `since`-th event on), waiting up to
+        `timeout` s. An error event fails it, unless it is one a wait for "error" returned."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
                 errors = [e for _, e in self.events if e.type == "error"]
                 assert kind == "error" or len(errors) <= self._errors_seen, f"error event: {errors[-1].error}"
-                matching = [e for _, e in self.events if e.type == kind and where(e)]
+                matching = [e for _, e in self.events[since:] if e.type == kind and where(e)]
                 if len(matching) >= count:
                     if kind == "error":
                         self._errors_seen = max(self._errors_seen, count)
@@ -106,6 +114,11 @@ class RealtimeClient:
         """When `event` arrived."""
         with self._cond:
             return next(t for t, e in self.events if e is event)
+
+    def index(self, event: Any) -> int:
+        """Where `event` came among the events."""
+        with self._cond:
+            return next(k for k, (_, e) in enumerate(self.events) if e is event)
 
     # -- what is sent ------------------------------------------------------------------------
 

@@ -114,7 +114,7 @@ def realtime_server(pipeline: Any, **options: Any) -> Iterator[tuple[RunningServ
     from omni_cli.serve.model_slot import ModelSlot
     from omni_cli.serve.realtime_conversation import RealtimeConversation
 
-    slot = ModelSlot(pipeline)
+    slot = ModelSlot(pipeline, max_waiting=options.get("max_waiting", ServeOptions.max_waiting))
     ports: list[RealtimeConversation] = []
 
     def factory(session: Any) -> RealtimeConversation:

@@ -295,6 +295,21 @@ def test_a_second_session_waits_its_turn_and_never_sees_the_first_one_s_history(
     assert done.response.usage.input_tokens == expected.prompt_positions and _transcript(second, done.response.id) == expected.text
 
 
+def test_beyond_max_waiting_a_session_s_reply_fails_with_one_line(tiny_pipeline) -> None:
+    with realtime_server(tiny_pipeline, max_waiting=0) as (server, _, _):
+        with RealtimeClient(server.base_url) as first, RealtimeClient(server.base_url) as second:
+            first.wait_for("session.created")
+            second.wait_for("session.created")
+            first.update(max_output_tokens=200)
+            _ask(first, "Talk.")
+            first.wait_for("response.output_audio_transcript.delta")  # it holds the model; none may wait
+            _ask(second, "hi")
+            error = second.wait_for("error")
+            done = second.wait_for("response.done")
+    assert error.error.code == "reply_failed" and "the model is busy" in error.error.message
+    assert done.response.status == "failed"
+
+
 def test_response_cancel_stops_the_reply(endless) -> None:
     server, _, _ = endless
     with RealtimeClient(server.base_url) as client:
