@@ -23,10 +23,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +32,9 @@ sys.path.insert(0, str(ROOT / "tests" / "serve"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
-from heard_latency import run_session  # noqa: E402
+from heard_latency import run_session, sound_server_and_tiny_model  # noqa: E402
 from realtime_client import RealtimeClient  # noqa: E402
 from servers import omni_serve  # noqa: E402
-from sound_server import start_sound_server  # noqa: E402
 from sound_session import SPEECH_FLOOR  # noqa: E402
 
 from omni_cli.audio.io import SAMPLE_RATE, load_audio  # noqa: E402
@@ -108,48 +104,29 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="keep chat's sessions and recordings in this folder")
     args = parser.parse_args()
 
-    from omni_cli.tiny.omni import make_tiny_model
-
     questions = sorted(args.questions.glob("*.wav"))
-    server, reason = start_sound_server()
-    if server is None:
-        sys.exit(f"no sound server: {reason}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="omni-served-") as tmp:
-            workdir = Path(tmp) if args.keep is None else args.keep
-            workdir.mkdir(parents=True, exist_ok=True)
-            tiny = make_tiny_model(workdir / "tiny", seed=0)
-            common = ["--max-new-tokens", str(args.max_new_tokens)]
-            for round_ in range(args.rounds):
-                load_before = os.getloadavg()
-                runs = {}
-                order = ["chat", "serve"] if round_ % 2 == 0 else ["serve", "chat"]
-                for name in order:
-                    if name == "chat":
-                        runs["chat"] = run_session(server, tiny, questions, workdir, f"chat-{round_}", common, None, args.threads)
-                    else:
-                        runs["serve"] = run_served(tiny, questions, args.max_new_tokens, args.threads)
-                served, heard = runs["serve"]["served_latency_ms"]["median"], runs["chat"]["heard_latency_ms"]["median"]
-                print(
-                    json.dumps(
-                        {
-                            "round": round_,
-                            "served_latency_ms": runs["serve"]["served_latency_ms"],
-                            "chat_heard_latency_ms": runs["chat"]["heard_latency_ms"],
-                            "served_minus_heard_ms": None if served is None or heard is None else round(served - heard, 1),
-                            "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
-                            "cpus": os.cpu_count(),
-                            "threads": args.threads,
-                            "max_new_tokens": args.max_new_tokens,
-                            "serve": runs["serve"],
-                            "chat": runs["chat"],
-                        }
-                    ),
-                    flush=True,
-                )
-    finally:
-        server.stop()
-
+    common = ["--max-new-tokens", str(args.max_new_tokens)]
+    with sound_server_and_tiny_model(args.keep, "omni-served-") as (server, workdir, tiny):
+        for round_ in range(args.rounds):
+            load_before = os.getloadavg()
+            runs = {}
+            for name in ["chat", "serve"] if round_ % 2 == 0 else ["serve", "chat"]:
+                if name == "chat":
+                    runs["chat"] = run_session(server, tiny, questions, workdir, f"chat-{round_}", common, None, args.threads)
+                else:
+                    runs["serve"] = run_served(tiny, questions, args.max_new_tokens, args.threads)
+            served, heard = runs["serve"]["served_latency_ms"]["median"], runs["chat"]["heard_latency_ms"]["median"]
+            row = {
+                "round": round_,
+                "served_latency_ms": runs["serve"]["served_latency_ms"],
+                "chat_heard_latency_ms": runs["chat"]["heard_latency_ms"],
+                "served_minus_heard_ms": None if served is None or heard is None else round(served - heard, 1),
+                "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in os.getloadavg()]},
+                "cpus": os.cpu_count(),
+                "threads": args.threads,
+                "max_new_tokens": args.max_new_tokens,
+            }
+            print(json.dumps({**row, "serve": runs["serve"], "chat": runs["chat"]}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,8 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -188,52 +190,50 @@ def _played(page) -> tuple[np.ndarray, int]:
     return played, page.evaluate("window.omniPage.ctx.sampleRate")
 
 
-def test_a_question_spoken_into_the_page_is_answered_there(stopping_pipeline, question_wavs, tmp_path) -> None:
+@contextmanager
+def _talking_page(pipeline, microphone: Path) -> Iterator[tuple[object, list]]:
+    """The page (capturing what it plays) talking, through Chromium's fake `microphone`, to the conversation on
+    `pipeline`: (the page, the sessions' conversations)."""
     from playwright.sync_api import sync_playwright
 
     executable = _chromium()
-    wav, _ = _padded_question(question_wavs[1:], tmp_path / "question.wav")
-    with realtime_server(stopping_pipeline) as (server, _, ports), sync_playwright() as playwright:
-        browser = _launch(playwright, executable, wav)
+    with realtime_server(pipeline) as (server, _, ports), sync_playwright() as playwright:
+        browser = _launch(playwright, executable, microphone)
         try:
             page = browser.new_page()
             page.goto(f"{server.page_url}?capture=1")
             page.click("#talk")
-            page.wait_for_selector("#turns li.assistant .latency", timeout=60000)
-            _wait(lambda: page.evaluate("window.omniPage.events['response.done'] || 0") >= 1, 30, "response.done")
-            text = page.inner_text("#turns li.assistant .text")
-            (kept,) = ports[-1].conversation.history.turns
-            assert text and text == kept.reply  # the reply the conversation remembers, written on the page
-            latency = int(page.inner_text("#turns li.assistant .latency").split()[1])
-            assert 0 < latency < 5000
-            scheduled_s = page.evaluate("window.omniPage.play.scheduledMs") / 1000
-            _wait(lambda: page.evaluate("window.omniPage.ctx.currentTime > window.omniPage.play.next + 0.3"), 15, "the reply to play out")
-            played, rate = _played(page)
-            loud = np.flatnonzero(np.abs(played) > 1e-3)
-            assert loud.size, "the page played nothing"
-            assert abs((loud[-1] - loud[0]) / rate - scheduled_s) < 0.1 + 0.2 * scheduled_s
-            assert page.evaluate("document.querySelector('#error').hidden")
+            yield page, ports
         finally:
             browser.close()
+
+
+def test_a_question_spoken_into_the_page_is_answered_there(stopping_pipeline, question_wavs, tmp_path) -> None:
+    wav, _ = _padded_question(question_wavs[1:], tmp_path / "question.wav")
+    with _talking_page(stopping_pipeline, wav) as (page, ports):
+        page.wait_for_selector("#turns li.assistant .latency", timeout=60000)
+        _wait(lambda: page.evaluate("window.omniPage.events['response.done'] || 0") >= 1, 30, "response.done")
+        text = page.inner_text("#turns li.assistant .text")
+        (kept,) = ports[-1].conversation.history.turns
+        assert text and text == kept.reply  # the reply the conversation remembers, written on the page
+        latency = int(page.inner_text("#turns li.assistant .latency").split()[1])
+        assert 0 < latency < 5000
+        scheduled_s = page.evaluate("window.omniPage.play.scheduledMs") / 1000
+        _wait(lambda: page.evaluate("window.omniPage.ctx.currentTime > window.omniPage.play.next + 0.3"), 15, "the reply to play out")
+        played, rate = _played(page)
+        loud = np.flatnonzero(np.abs(played) > 1e-3)
+        assert loud.size, "the page played nothing"
+        assert abs((loud[-1] - loud[0]) / rate - scheduled_s) < 0.1 + 0.2 * scheduled_s
+        assert page.evaluate("document.querySelector('#error').hidden")
 
 
 def test_a_silent_microphone_gets_no_reply(stopping_pipeline, tmp_path) -> None:
-    from playwright.sync_api import sync_playwright
-
-    executable = _chromium()
     wav = tmp_path / "silence.wav"
     sf.write(wav, np.zeros(3 * 48000, np.float32), 48000, subtype="PCM_16")
-    with realtime_server(stopping_pipeline) as (server, _, ports), sync_playwright() as playwright:
-        browser = _launch(playwright, executable, wav)
-        try:
-            page = browser.new_page()
-            page.goto(f"{server.page_url}?capture=1")
-            page.click("#talk")
-            _wait(lambda: ports and ports[-1].session.audio.received_ms > 3500, 30, "the microphone's audio")
-            time.sleep(1.0)  # a turn would have ended by now (500 ms of silence after speech)
-            events = page.evaluate("window.omniPage.events")
-            assert "input_audio_buffer.speech_started" not in events and "response.created" not in events, events
-            assert page.evaluate("document.querySelectorAll('#turns li').length") == 0
-            assert ports[-1].conversation.turns == 0
-        finally:
-            browser.close()
+    with _talking_page(stopping_pipeline, wav) as (page, ports):
+        _wait(lambda: ports and ports[-1].session.audio.received_ms > 3500, 30, "the microphone's audio")
+        time.sleep(1.0)  # a turn would have ended by now (500 ms of silence after speech)
+        events = page.evaluate("window.omniPage.events")
+        assert "input_audio_buffer.speech_started" not in events and "response.created" not in events, events
+        assert page.evaluate("document.querySelectorAll('#turns li').length") == 0
+        assert ports[-1].conversation.turns == 0

@@ -132,6 +132,21 @@ def test_speaking_over_a_reply_cancels_it_and_is_the_next_turn(endless, question
     assert sent_ms > 1000
 
 
+def test_with_interrupt_response_off_speech_over_a_reply_is_not_heard(endless, question_16k) -> None:
+    server, _, ports = endless
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        client.update(max_output_tokens=80, audio={"input": {"turn_detection": {"type": "server_vad", "interrupt_response": False}}})
+        client.wait_for("session.updated")
+        _ask(client, "Talk.")
+        client.wait_for("response.output_audio.delta")
+        client.append(_spoken(question_16k[0]))  # while the reply plays (4 s of it)
+        done = client.wait_for("response.done")
+        time.sleep(1.0)
+    assert done.response.status == "incomplete"  # it ran to its end
+    assert "input_audio_buffer.speech_started" not in client.types() and ports[-1].conversation.turns == 1
+
+
 def test_a_client_committed_turn_is_answered_on_response_create(stopping, stopping_pipeline, question_16k) -> None:
     server, _, _ = stopping
     question = question_16k[2]
