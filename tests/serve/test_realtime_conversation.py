@@ -178,6 +178,25 @@ def test_a_client_committed_turn_is_answered_on_response_create(stopping, stoppi
     assert committed.item_id and error.error.code == "no_turn_to_answer"
 
 
+def test_server_vad_s_silence_padding_and_threshold_are_the_endpointer_s(stopping, question_16k) -> None:
+    server, _, ports = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        vad = {"type": "server_vad", "silence_duration_ms": 1500, "prefix_padding_ms": 200, "threshold": 0.6}
+        client.update(audio={"input": {"turn_detection": vad}})
+        client.wait_for("session.updated")
+        client.append(_spoken(question_16k[0], tail_s=1.0))  # all at once: heard as fast as the endpointer runs
+        client.wait_for("input_audio_buffer.speech_started")
+        time.sleep(1.0)
+        assert "input_audio_buffer.speech_stopped" not in client.types()  # 1 s of silence: the default 500 ms would end it
+        client.append(np.zeros(SAMPLE_RATE, np.float32))
+        client.wait_for("input_audio_buffer.speech_stopped")
+        client.wait_for("response.done")
+    config = ports[-1].conversation.listener.endpointer.config
+    assert (config.hangover_ms, config.pre_roll_ms, config.start_threshold) == (1500, 200, 0.6)
+    assert config.keep_threshold == pytest.approx(0.42) and config.pause_ms == 150  # a draft at 150 ms, as in omni chat
+
+
 def test_with_create_response_off_a_turn_server_vad_heard_waits_for_response_create(stopping, stopping_pipeline, question_16k) -> None:
     server, _, _ = stopping
     with RealtimeClient(server.base_url) as client:
