@@ -30,7 +30,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -128,6 +131,24 @@ def paused_questions(questions: list[Path], folder: Path, pause_s: float = 0.4) 
     return paused
 
 
+@contextmanager
+def sound_server_and_tiny_model(keep: Path | None, prefix: str) -> Iterator[tuple[Any, Path, Any]]:
+    """A private PulseAudio server, a work folder (`keep`, else a temporary one) and the tiny model in it,
+    for a benchmark's sessions; exits with one line when no sound server can start."""
+    from omni_cli.tiny.omni import make_tiny_model
+
+    server, reason = start_sound_server()
+    if server is None:
+        sys.exit(f"no sound server: {reason}")
+    try:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            workdir = Path(tmp) if keep is None else keep
+            workdir.mkdir(parents=True, exist_ok=True)
+            yield server, workdir, make_tiny_model(workdir / "tiny", seed=0)
+    finally:
+        server.stop()
+
+
 def _error_ms(claimed: float | None, measured: float | None) -> float | None:
     return None if claimed is None or measured is None else round((claimed - measured) * 1000, 1)
 
@@ -149,40 +170,29 @@ def main() -> None:
     parser.add_argument("--paused", action="store_true", help="put a 400 ms pause in the middle of every question")
     args = parser.parse_args()
 
-    from omni_cli.tiny.omni import make_tiny_model
-
     questions = sorted(args.questions.glob("*.wav"))
-    server, reason = start_sound_server()
-    if server is None:
-        sys.exit(f"no sound server: {reason}")
-    try:
-        with tempfile.TemporaryDirectory(prefix="omni-heard-") as tmp:
-            workdir = Path(tmp) if args.keep is None else args.keep
-            workdir.mkdir(parents=True, exist_ok=True)
-            tiny = make_tiny_model(workdir / "tiny", seed=0)
-            if args.paused:
-                questions = paused_questions(questions, workdir / "paused")
-            common = ["--max-new-tokens", str(args.max_new_tokens)]
-            runs: list[tuple[str, list[str], Path | None]] = []
-            if args.base:
-                runs.append((f"before-{args.base}", common, export_revision(args.base, workdir / "base")))
-            runs.append(("after", common, None))
-            for variant in args.variant:
-                name, _, options = variant.partition("=")
-                runs.append((name, common + shlex.split(options), None))
-            busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
-            try:
-                for round_ in range(args.rounds):
-                    for name, extra, source in runs:
-                        threads = args.threads or None
-                        figures = run_session(server, tiny, questions, workdir, f"{name}-{round_}", extra, source, threads)
-                        print(json.dumps({**figures, "threads": threads, "load": args.load}), flush=True)
-            finally:
-                for process in busy:
-                    process.kill()
-                    process.wait()
-    finally:
-        server.stop()
+    with sound_server_and_tiny_model(args.keep, "omni-heard-") as (server, workdir, tiny):
+        if args.paused:
+            questions = paused_questions(questions, workdir / "paused")
+        common = ["--max-new-tokens", str(args.max_new_tokens)]
+        runs: list[tuple[str, list[str], Path | None]] = []
+        if args.base:
+            runs.append((f"before-{args.base}", common, export_revision(args.base, workdir / "base")))
+        runs.append(("after", common, None))
+        for variant in args.variant:
+            name, _, options = variant.partition("=")
+            runs.append((name, common + shlex.split(options), None))
+        busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+        try:
+            for round_ in range(args.rounds):
+                for name, extra, source in runs:
+                    threads = args.threads or None
+                    figures = run_session(server, tiny, questions, workdir, f"{name}-{round_}", extra, source, threads)
+                    print(json.dumps({**figures, "threads": threads, "load": args.load}), flush=True)
+        finally:
+            for process in busy:
+                process.kill()
+                process.wait()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ Turn-taking:
   kept in a `History` within the pipeline's context budget and passed back with each question.
 
 Threads: `run()` loops on one thread until stop(); generation happens there, pulled event by
-event between frames. ask_text, commit, clear, cancel, truncate, set_turn_detection and stop
-may be called from any thread (stop() also from a signal handler). No lock is held while the
+event between frames. ask_text, commit, clear, cancel, truncate, set_turn_detection, set_barge_in and
+stop may be called from any thread (stop() also from a signal handler). No lock is held while the
 model works, so respond() may block (e.g. while the model serves another conversation).
 
 Timings (time.monotonic()): a spoken turn's `speech_end_t` is the end of its last voiced frame
@@ -134,6 +134,10 @@ class Conversation(Replying):
     def set_turn_detection(self, config: EndpointerConfig | None) -> None:
         """Switch turn detection (None: client-committed turns) once no reply is in progress."""
         self._commands.put(("turn_detection", config))
+
+    def set_barge_in(self, on: bool | None) -> None:
+        """Switch barge-in (`ConversationSettings.barge_in`) from the next frame on, mid-reply too."""
+        self._commands.put(("barge_in", on))
 
     def stop(self) -> None:
         """End the conversation soon: the reply in progress is cut (cancelled), then run() returns.
@@ -251,6 +255,8 @@ class Conversation(Replying):
         elif kind == "turn_detection":
             config = command[1]
             self._deferred.append(lambda: self._switch_turn_detection(config))
+        elif kind == "barge_in":
+            self.settings = replace(self.settings, barge_in=command[1])
 
     def _emit(self, event: ConversationEvent) -> None:
         self.on_event(event)

@@ -4,7 +4,7 @@
 resamples them without seams to 16 kHz, cuts them into frames of `frame_ms` and queues each
 frame with the time its last sample reached the server (`frame_end_t`, time.monotonic()) and its
 place in the session's audio (`stream_ms`, what `audio_start_ms`/`audio_end_ms` count). It
-satisfies the conversation's `FrameSource` (`read(timeout)`, `frame_end_t`, `clear()`) and is
+satisfies the conversation's `FrameSource` (`read(timeout)`, `frame_end_t`, `clear()`, `flush()`) and is
 safe to feed from the event loop while the conversation's thread reads it.
 """
 
@@ -45,6 +45,7 @@ class ClientAudio:
         # (frame_end_t, stream_ms) of recent frames, to place a conversation's times in the session's audio.
         self._times: deque[tuple[float, int]] = deque(maxlen=self.max_frames + 1000)
         self.frame_end_t: float | None = None  # of the frame read() returned last
+        self._last_append_t: float | None = None
 
     @property
     def received_ms(self) -> int:
@@ -67,6 +68,7 @@ class ClientAudio:
                     "send audio in real time, or commit or clear it."
                 )
             self.samples_in += samples.size
+            self._last_append_t = now
             frames = self._splitter.push(self._resampler.process(samples))
             for frame in frames:
                 self.frames_in += 1
@@ -83,6 +85,18 @@ class ClientAudio:
             return None
         self.frame_end_t = heard_t
         return frame
+
+    def flush(self) -> None:
+        """The client committed its turn: a partial last frame is completed with silence so the
+        turn ends where its audio did (stamped with the last append's time)."""
+        with self._lock:
+            missing = -self._splitter.pending % self.frame_samples
+            if not missing or self._last_append_t is None:
+                return
+            (frame,) = self._splitter.push(np.zeros(missing, np.float32))
+            self.frames_in += 1
+            self._times.append((self._last_append_t, self.frames_in * self.frame_ms))
+            self._frames.put((frame, self._last_append_t))
 
     def clear(self) -> int:
         """Drop the frames not yet read (`input_audio_buffer.clear`); returns how many."""

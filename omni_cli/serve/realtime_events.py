@@ -225,16 +225,10 @@ class EventWriter:
         error = {"type": "invalid_request_error", "code": code, "message": message, "param": param, "event_id": event_id}
         return {"type": "error", "event_id": new_id("event"), "error": error}
 
-    def user_item(self, item_id: str, status: str = "completed", transcript: str | None = None) -> dict[str, Any]:
-        """A user message holding the committed audio (the audio itself is not sent back)."""
-        return {
-            "id": item_id,
-            "object": "realtime.item",
-            "type": "message",
-            "role": "user",
-            "status": status,
-            "content": [{"type": "input_audio", "transcript": transcript}],
-        }
+    def user_item(self, item_id: str, status: str = "completed", transcript: str | None = None, text: str | None = None) -> dict[str, Any]:
+        """A user message: the committed audio (not sent back), or the `text` the client typed."""
+        part = {"type": "input_audio", "transcript": transcript} if text is None else {"type": "input_text", "text": text}
+        return {"id": item_id, "object": "realtime.item", "type": "message", "role": "user", "status": status, "content": [part]}
 
     def assistant_item(self, item_id: str, status: str, transcript: str, audio: bool = True) -> dict[str, Any]:
         """The reply's message item, its transcript so far."""

@@ -6,6 +6,7 @@ Realtime events that belong to it, in the protocol's order:
 - `speech_started(t)` / `speech_stopped(t)`: `input_audio_buffer.speech_started` / `.speech_stopped`
   (`audio_start_ms` / `audio_end_ms`: where time `t` lies in the client's audio);
 - `committed()`: `input_audio_buffer.committed`, then the user item (`conversation.item.added` / `.done`);
+- `text_item(text)`: a typed user message (`conversation.item.added` / `.done`);
 - `cleared()`: `input_audio_buffer.cleared`;
 - `waiting(ahead)`: the reply waits for the model (`omni.response.waiting`, an event of omni's own);
 - `reply_started()`: `response.created`, the assistant item (`response.output_item.added`,
@@ -90,6 +91,16 @@ class RealtimeReplies:
         self._emit("input_audio_buffer.committed", item_id=item_id, previous_item_id=previous)
         self._emit("conversation.item.added", item=writer.user_item(item_id, "completed", transcript), previous_item_id=previous)
         self._emit("conversation.item.done", item=writer.user_item(item_id, "completed", transcript), previous_item_id=previous)
+        return item_id
+
+    def text_item(self, text: str) -> str:
+        """A user text message was taken as the next turn: the user item (`conversation.item.added` / `.done`); its id."""
+        item_id = new_id("item")
+        with self._lock:
+            previous, self._last_item = self._last_item, item_id
+        item = self.session.writer.user_item(item_id, "completed", text=text)
+        self._emit("conversation.item.added", item=item, previous_item_id=previous)
+        self._emit("conversation.item.done", item=item, previous_item_id=previous)
         return item_id
 
     def cleared(self) -> None:

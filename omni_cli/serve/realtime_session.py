@@ -12,7 +12,6 @@ turns them into Realtime events with the right item and response ids.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -185,45 +184,3 @@ class RealtimeSession:
             raise ClientError("conversation.item.create takes input_text parts only (speak through input_audio_buffer.append).", param="item.content")
         self._port().ask_text("\n".join(str(t) for t in texts))
 
-
-class NoConversation:
-    """The port until the conversation engine is connected: the protocol runs, the client's audio is
-    received and let go (read and dropped, so the buffer never fills), and asking for a reply is
-    answered with an error event."""
-
-    def __init__(self, session: RealtimeSession) -> None:
-        self.session = session
-        self.config: SessionConfig | None = None
-        self._closed = threading.Event()
-        threading.Thread(target=self._drain, name="omni-realtime-drain", daemon=True).start()
-
-    def _drain(self) -> None:
-        while not self._closed.is_set():
-            self.session.audio.read(timeout=0.1)
-
-    def _refuse(self) -> None:
-        self.session.error("replies over /v1/realtime are not available in this version of omni serve; use /v1/chat/completions.", "not_implemented")
-
-    def configure(self, config: SessionConfig) -> None:
-        self.config = config
-
-    def commit(self) -> None:
-        self._refuse()
-
-    def clear(self) -> None:
-        self.session.replies.cleared()
-
-    def create_response(self, instructions: str | None) -> None:
-        self._refuse()
-
-    def ask_text(self, text: str) -> None:
-        self._refuse()
-
-    def cancel(self) -> None:
-        pass
-
-    def truncate(self, item_id: str, audio_end_ms: int) -> None:
-        pass
-
-    def close(self) -> None:
-        self._closed.set()

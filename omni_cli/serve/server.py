@@ -51,11 +51,11 @@ def serve(
 
     from omni_cli.serve.app import create_app, ready_line
     from omni_cli.serve.model_slot import ModelSlot
-    from omni_cli.serve.realtime_session import NoConversation
+    from omni_cli.serve.realtime_conversation import conversation_ports
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     slot = ModelSlot(pipeline, max_waiting=options.max_waiting)
-    app = create_app(slot, options, port_factory or NoConversation)
+    app = create_app(slot, options, port_factory or conversation_ports(slot))
     config = uvicorn.Config(
         app,
         log_level="warning",

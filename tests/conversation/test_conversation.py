@@ -329,3 +329,16 @@ def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replie
     assert committed.heard.end_of_turn_ms < HANGOVER_MS and committed.audio.size >= frames_sent * 0.8
     np.testing.assert_array_equal(committed.audio[-FRAME:], words[frames_sent - FRAME : frames_sent])
     assert done.reason == "budget" and error.code == "empty_input" and len(conversation.history) == 1
+
+
+def test_barge_in_is_switched_by_a_command_from_another_thread(make_replies) -> None:
+    """A network client's session turns barge-in on and off (Realtime's interrupt_response) while the conversation runs."""
+    conversation = Conversation(make_replies(), EventQueue(), frames=FrameQueue(), settings=server_vad(barge_in=False))
+    assert not conversation.full_duplex
+    conversation.set_barge_in(True)
+    assert not conversation.full_duplex  # taken on the conversation's thread, between frames
+    conversation.run(until_idle=True)
+    assert conversation.full_duplex and conversation.settings.turn_detection is not None
+    conversation.set_barge_in(None)  # "auto" without an echo canceller: half-duplex
+    conversation.run(until_idle=True)
+    assert not conversation.full_duplex

@@ -22,7 +22,25 @@ def tiny_server(tiny_model) -> Iterator[RunningServer]:
 
 @pytest.fixture(scope="package")
 def tiny_pipeline(tiny_model):
-    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies."""
+    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies.
+    Its random weights never say they are done: every reply runs to its token limit."""
+    return _load_as_served(tiny_model)
+
+
+# A tiny random model whose replies end by themselves (the end-of-turn token after 7-10 tokens) on the
+# spoken questions and short typed ones: response.done says "completed" as for a real model.
+STOPPING_SEED = 11
+
+
+@pytest.fixture(scope="package")
+def stopping_pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny model (seed STOPPING_SEED) loaded as `omni serve` loads it, whose replies stop on their own."""
+    from omni_cli.tiny.omni import make_tiny_model
+
+    return _load_as_served(make_tiny_model(tmp_path_factory.mktemp("tiny-stopping"), seed=STOPPING_SEED))
+
+
+def _load_as_served(model):
     from omni_cli.cli.shared import streaming_config
     from omni_cli.config import CHAT_FIRST_CHUNK_UNITS, SamplingConfig, StreamingConfig
     from omni_cli.pipeline import SpeechToSpeech
@@ -31,5 +49,5 @@ def tiny_pipeline(tiny_model):
     defaults, sampling = StreamingConfig(), SamplingConfig()
     streaming = streaming_config(sampling.max_new_tokens, sampling.temperature, defaults.chunk_units, CHAT_FIRST_CHUNK_UNITS,
                                  defaults.decode_steps, defaults.context_budget)
-    files = read_model_files(tiny_model.model_dir, tiny_model.speech_encoder, tiny_model.vocoder_dir)
+    files = read_model_files(model.model_dir, model.speech_encoder, model.vocoder_dir)
     return SpeechToSpeech.load(files, "fp32", "cpu", streaming)

@@ -103,3 +103,28 @@ def app_server(app: Any) -> Iterator[RunningServer]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def realtime_server(pipeline: Any, **options: Any) -> Iterator[tuple[RunningServer, Any, list[Any]]]:
+    """`omni serve`'s app (the real conversation behind every Realtime session) over `pipeline`, under uvicorn in
+    this process: (the server, its ModelSlot, the sessions' conversations in the order they connected)."""
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_conversation import RealtimeConversation
+
+    slot = ModelSlot(pipeline, max_waiting=options.get("max_waiting", ServeOptions.max_waiting))
+    ports: list[RealtimeConversation] = []
+
+    def factory(session: Any) -> RealtimeConversation:
+        ports.append(RealtimeConversation(session, slot))
+        return ports[-1]
+
+    try:
+        with app_server(create_app(slot, ServeOptions(port=0, **options), factory)) as server:
+            yield server, slot, ports
+    finally:
+        slot.close()
+        for port in ports:
+            port.close()

@@ -215,10 +215,11 @@ def test_a_request_that_must_wait_is_told_so_and_one_too_many_is_refused(tiny_pi
     from omni_cli.config import ServeOptions
     from omni_cli.serve.app import create_app
     from omni_cli.serve.model_slot import ModelSlot
-    from omni_cli.serve.realtime_session import NoConversation
+    from omni_cli.serve.realtime_conversation import conversation_ports
     from servers import app_server
 
-    app = create_app(ModelSlot(tiny_pipeline, max_waiting=1), ServeOptions(max_waiting=1), NoConversation)
+    slot = ModelSlot(tiny_pipeline, max_waiting=1)
+    app = create_app(slot, ServeOptions(max_waiting=1), conversation_ports(slot))
     long_request = {"messages": [{"role": "user", "content": "Talk."}], "max_tokens": 256, "stream": True}
     with app_server(app) as server, httpx.Client(timeout=60) as http:
         with http.stream("POST", f"{server.base_url}/chat/completions", json=long_request) as first:

@@ -1,8 +1,10 @@
 """The page at `/` in a real headless Chromium (Debian's `chromium`, driven by Playwright), its microphone a spoken question.
 
-The server is the real app under uvicorn in this process; behind its Realtime sessions stands a
-recording port in place of the conversation engine, so the test sees exactly what reached the
-server and can make the page play a known reply. What is checked: the page loads, the fake
+The server is the real app under uvicorn in this process. End to end, behind it stands the
+conversation on the tiny model: a spoken question is answered on the page (text and played
+audio), a silent microphone is not. For the page's own behaviour, a recording port stands in for
+the conversation, so the test sees exactly what reached the server and can make the page play a
+known reply. What is checked: the page loads, the fake
 microphone's audio arrives as `input_audio_buffer.append` (its loudness follows the question's),
 the reply's text is written as it comes, its audio is played without gaps (captured in the page
 by a tap on the playback), the turn's latency is shown, and speech over the reply stops it at
@@ -14,6 +16,8 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +28,7 @@ from omni_cli.audio.io import load_audio, resample
 from omni_cli.config import ServeOptions
 from omni_cli.serve.app import create_app
 from omni_cli.serve.model_slot import ModelSlot
-from servers import app_server
+from servers import app_server, realtime_server
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -73,6 +77,20 @@ class RecordingPort:
         return len(self.frames) * 0.03
 
 
+def _launch(playwright, executable: str, microphone: Path):
+    """Headless Chromium whose microphone plays `microphone` once (then silence), media allowed without asking."""
+    return playwright.chromium.launch(
+        executable_path=executable,
+        headless=True,
+        args=[
+            "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={microphone}%noloop",
+            "--autoplay-policy=no-user-gesture-required",
+        ],
+    )
+
+
 def _padded_question(question_wavs: list[Path], out: Path) -> tuple[Path, np.ndarray]:
     """The question as Chromium's fake microphone reads it: 16-bit PCM WAV at 48 kHz, a second of silence after."""
     audio = load_audio(question_wavs[0])
@@ -103,16 +121,7 @@ def test_the_page_sends_the_microphone_and_plays_the_reply_gaplessly(tiny_pipeli
     RecordingPort.instances.clear()
     app = create_app(ModelSlot(tiny_pipeline), ServeOptions(port=0), RecordingPort)
     with app_server(app) as server, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=executable,
-            headless=True,
-            args=[
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-audio-capture={wav}%noloop",
-                "--autoplay-policy=no-user-gesture-required",
-            ],
-        )
+        browser = _launch(playwright, executable, wav)
         try:
             page = browser.new_page()
             page.goto(f"{server.page_url}?capture=1")
@@ -173,3 +182,58 @@ def test_the_page_sends_the_microphone_and_plays_the_reply_gaplessly(tiny_pipeli
             browser.close()
             for port in RecordingPort.instances:
                 port.close()
+
+
+def _played(page) -> tuple[np.ndarray, int]:
+    """What the page has played so far (its capture tap), and the rate."""
+    played = np.array(page.evaluate("Array.from(window.omniPage.captured.flatMap(b => Array.from(b)))"), dtype=np.float32)
+    return played, page.evaluate("window.omniPage.ctx.sampleRate")
+
+
+@contextmanager
+def _talking_page(pipeline, microphone: Path) -> Iterator[tuple[object, list]]:
+    """The page (capturing what it plays) talking, through Chromium's fake `microphone`, to the conversation on
+    `pipeline`: (the page, the sessions' conversations)."""
+    from playwright.sync_api import sync_playwright
+
+    executable = _chromium()
+    with realtime_server(pipeline) as (server, _, ports), sync_playwright() as playwright:
+        browser = _launch(playwright, executable, microphone)
+        try:
+            page = browser.new_page()
+            page.goto(f"{server.page_url}?capture=1")
+            page.click("#talk")
+            yield page, ports
+        finally:
+            browser.close()
+
+
+def test_a_question_spoken_into_the_page_is_answered_there(stopping_pipeline, question_wavs, tmp_path) -> None:
+    wav, _ = _padded_question(question_wavs[1:], tmp_path / "question.wav")
+    with _talking_page(stopping_pipeline, wav) as (page, ports):
+        page.wait_for_selector("#turns li.assistant .latency", timeout=60000)
+        _wait(lambda: page.evaluate("window.omniPage.events['response.done'] || 0") >= 1, 30, "response.done")
+        text = page.inner_text("#turns li.assistant .text")
+        (kept,) = ports[-1].conversation.history.turns
+        assert text and text == kept.reply  # the reply the conversation remembers, written on the page
+        latency = int(page.inner_text("#turns li.assistant .latency").split()[1])
+        assert 0 < latency < 5000
+        scheduled_s = page.evaluate("window.omniPage.play.scheduledMs") / 1000
+        _wait(lambda: page.evaluate("window.omniPage.ctx.currentTime > window.omniPage.play.next + 0.3"), 15, "the reply to play out")
+        played, rate = _played(page)
+        loud = np.flatnonzero(np.abs(played) > 1e-3)
+        assert loud.size, "the page played nothing"
+        assert abs((loud[-1] - loud[0]) / rate - scheduled_s) < 0.1 + 0.2 * scheduled_s
+        assert page.evaluate("document.querySelector('#error').hidden")
+
+
+def test_a_silent_microphone_gets_no_reply(stopping_pipeline, tmp_path) -> None:
+    wav = tmp_path / "silence.wav"
+    sf.write(wav, np.zeros(3 * 48000, np.float32), 48000, subtype="PCM_16")
+    with _talking_page(stopping_pipeline, wav) as (page, ports):
+        _wait(lambda: ports and ports[-1].session.audio.received_ms > 3500, 30, "the microphone's audio")
+        time.sleep(1.0)  # a turn would have ended by now (500 ms of silence after speech)
+        events = page.evaluate("window.omniPage.events")
+        assert "input_audio_buffer.speech_started" not in events and "response.created" not in events, events
+        assert page.evaluate("document.querySelectorAll('#turns li').length") == 0
+        assert ports[-1].conversation.turns == 0
