@@ -22,15 +22,24 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from omni_cli.serve.realtime_events import ClientError, new_id, usage
+from omni_cli.serve.client_audio import ClientAudio
+from omni_cli.serve.realtime_events import ClientError, EventWriter, SessionConfig, new_id, usage
 from omni_cli.serve.wire_audio import ReplyAudioStream, encode_pcm16
 
-if TYPE_CHECKING:
-    from omni_cli.serve.realtime_session import RealtimeSession
+
+class SessionChannel(Protocol):
+    """What the replies need of their session (`RealtimeSession`): where events go, how they are named,
+    the session's settings, and the client's audio clock."""
+
+    writer: EventWriter
+    config: SessionConfig
+    audio: ClientAudio
+
+    def emit(self, kind: str, **fields: Any) -> None: ...
 
 
 class _Reply:
@@ -47,7 +56,7 @@ class _Reply:
 class RealtimeReplies:
     """Turns one conversation's events into Realtime events for one session (thread-safe)."""
 
-    def __init__(self, session: RealtimeSession, remembered_items: int = 64) -> None:
+    def __init__(self, session: SessionChannel, remembered_items: int = 64) -> None:
         self.session = session
         self._lock = threading.Lock()
         self._user_item: str | None = None  # the user item being spoken (speech started, not yet committed)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig
 from omni_cli.errors import ConfigError, OmniError
-from omni_cli.train.run_settings import CHECKPOINT_PREFIX, SavedRun
+from omni_cli.train.run_settings import SavedRun
+from omni_cli.train.trainer_state import CHECKPOINT_PREFIX
 from omni_cli.weights.model_files import read_model_files
 
 GB = 1e9

@@ -25,12 +25,11 @@ from typing import Any
 
 from omni_cli.config import FinetuneConfig
 from omni_cli.errors import CheckpointError, ConfigError
+from omni_cli.train.trainer_state import CHECKPOINT_PREFIX, TRAINER_STATE_FILE
 from omni_cli.weights.layout import CONFIG_NAME
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1
-TRAINER_STATE_FILE = "trainer_state.pt"
-CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_NAME = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 # The settings a resume takes from its checkpoint, each with the flag that sets it (None: no flag).
@@ -130,7 +129,7 @@ def read_saved_run(checkpoint: Path) -> SavedRun:
 
 def _legacy_saved_run(checkpoint: Path) -> SavedRun:
     """A checkpoint from before run.json: the same facts, from the trainer state's copy of the run's config."""
-    from omni_cli.train.checkpoints import load_trainer_state  # imports torch
+    from omni_cli.train.trainer_state import load_trainer_state  # imports torch
 
     state = load_trainer_state(checkpoint, mmap=True)
     config = state.get("config")

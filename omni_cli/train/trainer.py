@@ -43,7 +43,6 @@ from omni_cli.train.checkpoints import (
     checkpoint_dir,
     clean_stale_saves,
     first_non_finite,
-    load_trainer_state,
     prune_checkpoints,
     read_trained,
     rng_state,
@@ -69,6 +68,7 @@ from omni_cli.train.stages import (
     trainable_state,
 )
 from omni_cli.train.train_log import LossLog, StepTotals, TrainLog
+from omni_cli.train.trainer_state import load_trainer_state
 from omni_cli.weights.layout import weight_files
 from omni_cli.weights.model_files import read_model_files
 

@@ -22,14 +22,13 @@ from omni_cli.cli import app
 from omni_cli.errors import CheckpointError, ConfigError, OmniError
 from omni_cli.train import checkpoints, trainer
 from omni_cli.train.checkpoints import (
-    TRAINER_STATE_FILE,
     clean_stale_saves,
-    load_trainer_state,
     save_model,
     save_resume_point,
 )
 from omni_cli.train.run_settings import RUN_FILE, find_checkpoint, run_file_data
 from omni_cli.train.trainer import FinetuneConfig, finetune
+from omni_cli.train.trainer_state import TRAINER_STATE_FILE, load_trainer_state
 from saved_tensors import saved_tensors
 
 

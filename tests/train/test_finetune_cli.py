@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from omni_cli.cli import app
 from omni_cli.train import checkpoints
-from omni_cli.train.checkpoints import TRAINER_STATE_FILE, load_trainer_state
+from omni_cli.train.trainer_state import TRAINER_STATE_FILE, load_trainer_state
 
 
 def _manifest(root: Path, units: object = (5, 9, 2)) -> Path:

@@ -17,7 +17,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from omni_cli.train.checkpoints import TRAINER_STATE_FILE
+from omni_cli.train.trainer_state import TRAINER_STATE_FILE
 from omni_cli.train.trainer import FinetuneConfig, finetune
 from process_group import kill_group, run_to_end
 from saved_tensors import saved_tensors

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from omni_cli.train.checkpoints import load_trainer_state
+from omni_cli.train.trainer_state import load_trainer_state
 from omni_cli.train.trainer import FinetuneConfig, Run, finetune
 from saved_tensors import saved_tensors
 

@@ -19,7 +19,7 @@ from omni_cli.model.llm import SPEECH_INSTRUCTION
 from omni_cli.model.loading import load_omni
 from omni_cli.model.vocoder_loading import load_vocoder
 from omni_cli.pipeline import Done, SpeechToSpeech
-from omni_cli.train.checkpoints import TRAINER_STATE_FILE, load_trainer_state
+from omni_cli.train.trainer_state import TRAINER_STATE_FILE, load_trainer_state
 from omni_cli.train.trainer import FinetuneConfig, finetune
 from saved_tensors import saved_tensors
 
