@@ -117,3 +117,32 @@ def question_16k(question_wavs: list[Path]) -> list[np.ndarray]:
     from omni_cli.audio.io import load_audio
 
     return [load_audio(path) for path in question_wavs]
+
+
+# -- omni serve: a real server on the tiny model (tests/serve, and the research loop's LLM steps in tests/research) --
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "serve"))  # for servers
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model):
+    """A real `omni serve` (tiny model, CPU, no key) in its own process group, killed at the end of the run."""
+    from servers import omni_serve
+
+    with omni_serve(tiny_model) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model):
+    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies."""
+    from omni_cli.cli.shared import streaming_config
+    from omni_cli.config import CHAT_FIRST_CHUNK_UNITS, SamplingConfig, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
+    from omni_cli.weights.model_files import read_model_files
+
+    defaults, sampling = StreamingConfig(), SamplingConfig()
+    streaming = streaming_config(sampling.max_new_tokens, sampling.temperature, defaults.chunk_units, CHAT_FIRST_CHUNK_UNITS,
+                                 defaults.decode_steps, defaults.context_budget)
+    files = read_model_files(tiny_model.model_dir, tiny_model.speech_encoder, tiny_model.vocoder_dir)
+    return SpeechToSpeech.load(files, "fp32", "cpu", streaming)
