@@ -142,7 +142,8 @@ def data_build_cmd(
         typer.echo("omni: interrupted; every finished item is kept. Run the same command again to continue.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     if summary.records:
-        typer.echo(f"wrote {summary.manifest}: train with `omni finetune --stage {2 if summary.with_units == summary.records else 1} --data {summary.manifest} ...`")
+        then = ", then --stage 2 from its final/" if summary.with_units == summary.records else ""
+        typer.echo(f"wrote {summary.manifest}: train with `omni finetune --stage 1 --data {summary.manifest} ...`{then}")
     else:
         typer.echo("omni: no item could be built; the reasons are above" + (f" and in {out / 'failed.jsonl'}." if summary.failures else "."), err=True)
     raise typer.Exit(1 if summary.failures else 0)
