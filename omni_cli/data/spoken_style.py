@@ -4,9 +4,9 @@ The prompts (in the paper's spirit: fillers allowed, numbers as words, brief; re
 parentheses or markdown) are text files in the package, `prompts/rewrite_instruction.txt` and
 `prompts/write_response.txt`, sent after the system prompt `prompts/system.txt` (which sets the task
 whatever the server's own default system prompt is; an empty file sends none); a file of the same
-name in `--prompts DIR` replaces one. `{instruction}` in a prompt is replaced by the text. Answers are asked for as JSON (`{"question": ...}`,
-`{"response": ...}`), but a plain-text answer is taken too, since small local models often ignore
-the form. Each answer is checked (readable characters only, no markdown or lists, length within
+name in `--prompts DIR` replaces one. `{instruction}` in a prompt is replaced by the text. Answers
+are asked for as JSON (`{"question": ...}`, `{"response": ...}`), but a plain-text answer is taken
+too, since small local models often ignore the form. Each answer is checked (readable characters only, no markdown or lists, length within
 bounds) and asked again with the reason when it fails (`ask_until_valid`).
 """
 
