@@ -31,7 +31,7 @@ def _losses(run: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run / "train_log.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.slow  # data for 2 items, 25 + 10 training steps, two evaluations: 27-65 s on 2 shared cores (load 4.5)
+@pytest.mark.slow  # data for 2 items, 25 + 10 training steps, two evaluations: 14 s on 2 cores at load 1, 27-65 s at load 4.5
 def test_text_to_an_evaluated_fine_tune_through_the_cli(tiny_model, tmp_path: Path) -> None:
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (CI installs it with .ci/sound-server.sh)")
