@@ -26,6 +26,7 @@ Message = dict[str, str]
 Complete = Callable[[Sequence[Message]], str]
 # Where the key comes from: a variable of omni's own first, then the one every OpenAI client reads.
 KEY_VARIABLES = ("OMNI_LLM_API_KEY", "OPENAI_API_KEY")
+RETRIES = 2  # the openai client's own: after a dropped connection, a timeout, 429 or 5xx
 
 
 class EndpointError(OmniError):
@@ -33,12 +34,21 @@ class EndpointError(OmniError):
 
 
 class RejectedAnswer(ValueError):
-    """An answer that fails its check; the message says why, for the retry and the failure report."""
+    """An answer that fails its check; the message says why, for the retry and the failure report.
+
+    `answer` is the answer itself once `ask_until_valid` gives up (kept with the failure, so a person
+    can see what the model wrote).
+    """
+
+    def __init__(self, reason: str, answer: str | None = None) -> None:
+        super().__init__(reason)
+        self.answer = answer
 
 
-def cache_key(model: str, messages: Sequence[Message], temperature: float, max_tokens: int) -> str:
+def cache_key(model: str, messages: Sequence[Message], temperature: float, max_tokens: int, seed: int | None = None) -> str:
     """What identifies one question: the model, the exact messages and the sampling settings."""
-    blob = json.dumps({"model": model, "messages": list(messages), "temperature": temperature, "max_tokens": max_tokens}, sort_keys=True)
+    settings = {"model": model, "messages": list(messages), "temperature": temperature, "max_tokens": max_tokens, "seed": seed}
+    blob = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
@@ -74,19 +84,24 @@ class EndpointStats:
 class ChatEndpoint:
     """Chat completions at `url` (an OpenAI-compatible base URL such as http://127.0.0.1:11434/v1) for `model`.
 
-    The key is read from the environment (KEY_VARIABLES); local servers accept any.
+    The key is read from the environment (KEY_VARIABLES); local servers accept any. `seed` goes with
+    every request (vLLM, llama.cpp, ollama and `omni serve` honour it), so a sampled answer can be
+    made again. `options` is how the command's options begin (--llm, --judge): errors name the one to change.
     """
 
     def __init__(
         self, url: str, model: str, cache: AnswerCache | None = None, *, temperature: float = 0.0,
-        max_tokens: int = 512, timeout_s: float = 120.0, key_variables: Sequence[str] = KEY_VARIABLES,
+        max_tokens: int = 512, seed: int | None = None, timeout_s: float = 120.0, options: str = "--llm",
+        key_variables: Sequence[str] = KEY_VARIABLES,
     ) -> None:
         self.url = url
         self.model = model
         self.cache = cache
         self.temperature = temperature
         self.max_tokens = max_tokens
+        self.seed = seed
         self.timeout_s = timeout_s
+        self.options = options
         self.key = next((os.environ[v] for v in key_variables if os.environ.get(v)), None)
         self.key_variables = tuple(key_variables)
         self.stats = EndpointStats()
@@ -99,12 +114,12 @@ class ChatEndpoint:
             except ImportError as exc:
                 raise EndpointError("the LLM steps need the openai package: pip install 'omni-cli[research]'.") from exc
             # Local servers take any key; the client refuses to start without one.
-            self._client = OpenAI(base_url=self.url, api_key=self.key or "none", timeout=self.timeout_s, max_retries=2)
+            self._client = OpenAI(base_url=self.url, api_key=self.key or "none", timeout=self.timeout_s, max_retries=RETRIES)
         return self._client
 
     def complete(self, messages: Sequence[Message]) -> str:
         """The assistant's answer to `messages` (from the cache when it was asked before)."""
-        key = cache_key(self.model, messages, self.temperature, self.max_tokens)
+        key = cache_key(self.model, messages, self.temperature, self.max_tokens, self.seed)
         self.stats.asked += 1
         if self.cache is not None and (kept := self.cache.get(key)) is not None:
             self.stats.cached += 1
@@ -118,16 +133,22 @@ class ChatEndpoint:
         import openai
 
         client = self._openai()
+        sampling: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens}
+        if self.seed is not None:
+            sampling["seed"] = self.seed
         try:
-            response = client.chat.completions.create(
-                model=self.model, messages=list(messages), temperature=self.temperature, max_tokens=self.max_tokens
-            )
+            response = client.chat.completions.create(model=self.model, messages=list(messages), **sampling)
+        except openai.APITimeoutError as exc:
+            raise EndpointError(
+                f"the LLM at {self.url} did not answer within {self.timeout_s:g} s ({RETRIES + 1} tries); "
+                f"a slow model needs a longer {self.options}-timeout."
+            ) from exc
         except openai.AuthenticationError as exc:
             raise EndpointError(
                 f"{self.url} refused the key ({one_line(exc)}); set {' or '.join(self.key_variables)} to a valid key."
             ) from exc
         except openai.NotFoundError as exc:
-            raise EndpointError(f"{self.url} has no model {self.model!r} ({one_line(exc)}); check --llm-model / --judge-model.") from exc
+            raise EndpointError(f"{self.url} has no model {self.model!r} ({one_line(exc)}); check {self.options}-model.") from exc
         except openai.APIConnectionError as exc:
             raise EndpointError(f"cannot reach the LLM at {self.url} ({one_line(exc)}); is the server running?") from exc
         except openai.APIError as exc:
@@ -148,20 +169,20 @@ def ask_until_valid(
     different question (a cached or greedy endpoint would otherwise repeat itself) and every
     attempt is cached on its own. Raises RejectedAnswer with the last reason after `attempts`.
     """
-    conversation = list(messages)
-    reason = "no attempt made"
+    asked = list(messages)
+    reason, answer = "no attempt made", ""
     for _ in range(max(1, attempts)):
-        answer = complete(conversation)
+        answer = complete(asked)
         try:
             return parse(answer)
         except RejectedAnswer as exc:
             reason = str(exc)
-        conversation = [
-            *conversation,
+        asked = [
+            *asked,
             {"role": "assistant", "content": answer},
             {"role": "user", "content": f"That answer cannot be used: {reason}. Answer again, following every rule above."},
         ]
-    raise RejectedAnswer(f"{reason} (after {max(1, attempts)} attempts)")
+    raise RejectedAnswer(f"{reason} (after {max(1, attempts)} attempts)", answer)
 
 
 # Prompts: text files in a package's prompts/ folder, each replaceable by a file of the same name.
@@ -181,6 +202,12 @@ def check_prompt(template: str, name: str, placeholders: tuple[str, ...]) -> Non
     missing = [p for p in placeholders if p not in template]
     if missing:
         raise OmniError(f"prompt {name} has no {' or '.join(missing)}; the text to work on goes there.")
+
+
+def conversation(system: str, user: str) -> list[Message]:
+    """The messages of one question: the system prompt (left out when blank: some chat templates refuse one), then the user's."""
+    system_turn = [{"role": "system", "content": system.strip()}] if system.strip() else []
+    return [*system_turn, {"role": "user", "content": user}]
 
 
 def fill(template: str, **values: str) -> str:

@@ -117,3 +117,26 @@ def question_16k(question_wavs: list[Path]) -> list[np.ndarray]:
     from omni_cli.audio.io import load_audio
 
     return [load_audio(path) for path in question_wavs]
+
+
+# -- omni serve: a real server on the tiny model (tests/serve, and the research loop's LLM steps in tests/research) --
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "serve"))  # for servers
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_model):
+    """A real `omni serve` (tiny model, CPU, no key) in its own process group, killed at the end of the run."""
+    from servers import omni_serve
+
+    with omni_serve(tiny_model) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_model):
+    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies.
+    Its random weights never say they are done: every reply runs to its token limit."""
+    from servers import load_as_served
+
+    return load_as_served(tiny_model)

@@ -8,6 +8,7 @@ model is written into that layout under the preset's repo ids, and its vocoder i
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -35,6 +36,21 @@ def write_snapshot(cache: Path, repo_id: str, source_dir: Path, commit: str = FA
     (repo / "refs").mkdir(exist_ok=True)
     (repo / "refs" / ref).write_text(commit)  # huggingface_hub writes the hash without a newline
     return snapshot
+
+
+def write_tree_listing(cache: Path, repo_id: str, commit: str, source_dir: Path) -> None:
+    """The listing huggingface_hub (>= 2.x) keeps of what the hub holds at a commit (`trees/<commit>.json`):
+    every file of `source_dir`, whether or not the snapshot has it. With it, a snapshot missing a file the
+    download's patterns match counts as incomplete (IncompleteSnapshotError) when looked up offline."""
+    files = {}
+    for src in sorted(Path(source_dir).rglob("*")):
+        if src.is_file():
+            data = src.read_bytes()
+            blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # git's blob id
+            files[src.relative_to(source_dir).as_posix()] = {"size": len(data), "blob_id": blob}
+    listing = Path(cache) / ("models--" + repo_id.replace("/", "--")) / "trees" / f"{commit}.json"
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    listing.write_text(json.dumps({"format_version": 1, "files": files}), encoding="utf-8")
 
 
 def install_tiny_preset(tiny_model, preset: Preset, hub_cache: Path, local_dir: Path | None = None) -> None:

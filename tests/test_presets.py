@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fake_hub_cache import FAKE_COMMIT, install_tiny_preset, write_snapshot
+from fake_hub_cache import FAKE_COMMIT, install_tiny_preset, write_snapshot, write_tree_listing
 from typer.testing import CliRunner
 
 from omni_cli.cli import app
@@ -55,7 +55,13 @@ def test_llama_omni_preset_names_the_released_parts() -> None:
     preset = get_preset(PRESET)
     assert preset.model.repo_id == "ICTNLP/Llama-3.1-8B-Omni"
     assert preset.speech_encoder.repo_id == "openai/whisper-large-v3"
-    assert set(preset.speech_encoder.allow_patterns) == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    # The encoder's weights and front end, and what transcribes the speech replies in `omni eval`: the tokenizer
+    # (fast and slow files) and the generation config, as openai/whisper-large-v3 ships them.
+    assert set(preset.speech_encoder.allow_patterns) == {
+        "config.json", "model.safetensors", "preprocessor_config.json", "generation_config.json", "tokenizer.json",
+        "tokenizer_config.json", "vocab.json", "merges.txt", "normalizer.json", "added_tokens.json", "special_tokens_map.json",
+    }
+    assert set(preset.speech_encoder.required_files) == {"config.json", "model.safetensors"}  # chat needs no tokenizer
     names = {f.name for f in preset.vocoder.files}
     assert names == {"g_00500000", "config.json"}
     assert all(f.url.endswith("/mhubert_vp_en_es_fr_it3_400k_layer11_km1000_lj/" + f.name) for f in preset.vocoder.files)
@@ -117,6 +123,24 @@ def test_incomplete_or_unreferenced_snapshots_count_as_missing(caches, tiny_mode
     assert resolved.missing == ("model", "speech_encoder", "vocoder")
     assert resolved.model_dir is resolved.speech_encoder is resolved.vocoder_dir is None
     assert resolved.missing_bytes() == sum(p.approx_size_bytes for p in preset.parts)
+
+
+def test_a_whisper_cached_before_the_preset_listed_its_tokenizer_still_runs(caches, tiny_model, question_wavs, tmp_path: Path) -> None:
+    hub, _ = caches
+    preset = get_preset(PRESET)
+    install_tiny_preset(tiny_model, preset, hub)
+    whisper = hub / "models--openai--whisper-large-v3" / "snapshots" / preset.speech_encoder.revision
+    # An older download fetched the weights and config only, and huggingface_hub listed the repository's files.
+    write_tree_listing(hub, preset.speech_encoder.repo_id, preset.speech_encoder.revision, tiny_model.speech_encoder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        (whisper / name).unlink()
+    resolved = resolve_preset(PRESET)
+    assert resolved.complete and resolved.speech_encoder == whisper  # chat and serve need no tokenizer
+    manifest = tmp_path / "eval.jsonl"
+    manifest.write_text(json.dumps({"id": "q1", "speech": str(question_wavs[0])}) + "\n")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(tmp_path / "run"), "--model", PRESET, "--device", "cpu"])
+    assert result.exit_code == 1 and "has no tokenizer" in result.output
+    assert "`omni download llama-omni-8b` fetches what is missing" in result.output and not (tmp_path / "run" / "replies").exists()
 
 
 def test_local_dir_layout(caches, tiny_model, tmp_path: Path) -> None:

@@ -88,8 +88,9 @@ def data_build_cmd(
     llm_model: Annotated[Optional[str], typer.Option("--llm-model", help="The model name the endpoint serves.")] = None,
     rewrite: Annotated[bool, typer.Option("--rewrite/--no-rewrite", help="With --llm-url: rewrite each instruction as a user would say it.")] = True,
     responses: Annotated[Responses, typer.Option("--responses", help="keep: the input's replies, the LLM writes only missing ones; write: the LLM writes every reply for speech (the paper).")] = Responses.keep,
-    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Folder whose rewrite_instruction.txt / write_response.txt replace the built-in prompts.", file_okay=False)] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Folder whose system.txt / rewrite_instruction.txt / write_response.txt replace the built-in prompts.", file_okay=False)] = None,
     attempts: Annotated[int, typer.Option("--attempts", min=1, max=10, help="Answers asked for per LLM step before the item fails (each retry says what was wrong).")] = 3,
+    llm_timeout: Annotated[float, typer.Option("--llm-timeout", min=1, help="Seconds to wait for one LLM answer (a slow local model needs more).")] = 120.0,
     tts: Annotated[Engine, typer.Option("--tts", help="Engine for the replies (one voice): espeak (offline) or piper (VITS; --piper-voice).")] = Engine.espeak,
     instruction_tts: Annotated[Engine, typer.Option("--instruction-tts", help="Engine for the instructions (several voices and speeds).")] = Engine.espeak,
     piper_voice: Annotated[str, typer.Option("--piper-voice", help="A Piper voice: a preset name (fetched and verified once), a preset .toml, or a .onnx file.")] = "en_US-ljspeech-high",
@@ -125,7 +126,7 @@ def data_build_cmd(
 
     try:
         plan = _build_plan(
-            source, out, llm_url, llm_model, rewrite, responses is Responses.write, prompts, attempts, tts.value,
+            source, out, llm_url, llm_model, rewrite, responses is Responses.write, prompts, attempts, llm_timeout, tts.value,
             instruction_tts.value, piper_voice, _names(instruction_voices), response_voice, instruction_speeds,
             hubert, kmeans, layer, device, limit, seed,
         )
@@ -140,13 +141,17 @@ def data_build_cmd(
     if summary.interrupted:
         typer.echo("omni: interrupted; every finished item is kept. Run the same command again to continue.", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
-    typer.echo(f"wrote {summary.manifest}: train with `omni finetune --stage {2 if summary.with_units == summary.records and summary.records else 1} --data {summary.manifest} ...`")
+    if summary.records:
+        then = ", then --stage 2 from its final/" if summary.with_units == summary.records else ""
+        typer.echo(f"wrote {summary.manifest}: train with `omni finetune --stage 1 --data {summary.manifest} ...`{then}")
+    else:
+        typer.echo("omni: no item could be built; the reasons are above" + (f" and in {out / 'failed.jsonl'}." if summary.failures else "."), err=True)
     raise typer.Exit(1 if summary.failures else 0)
 
 
 def _build_plan(
     source: Path, out: Path, llm_url: str | None, llm_model: str | None, rewrite: bool, write_all: bool,
-    prompts: Path | None, attempts: int, tts: str, instruction_tts: str, piper_voice: str,
+    prompts: Path | None, attempts: int, llm_timeout: float, tts: str, instruction_tts: str, piper_voice: str,
     instruction_voices: tuple[str, ...] | None, response_voice: str | None, speeds: tuple[float, ...],
     hubert: Path | None, kmeans: Path | None, layer: int, device: str | None, limit: int | None, seed: int,
 ) -> BuildPlan:
@@ -179,7 +184,8 @@ def _build_plan(
             engines[engine].speak("ok", voice, 1.0)
     writer = None
     if llm_url is not None and llm_model is not None:
-        endpoint = ChatEndpoint(llm_url, llm_model, AnswerCache(out / LLM_CACHE_NAME), temperature=0.7)
+        # Sampled, with the build's seed: the same input and seed ask the same questions (and hit the cache).
+        endpoint = ChatEndpoint(llm_url, llm_model, AnswerCache(out / LLM_CACHE_NAME), temperature=0.7, seed=seed, timeout_s=llm_timeout)
         writer = SpokenStyleWriter(endpoint.complete, prompts, attempts)
     units = None
     if hubert is not None and kmeans is not None:
@@ -204,7 +210,8 @@ def eval_cmd(
     asr: Annotated[Optional[Path], typer.Option("--asr", help="Whisper (transformers directory) that transcribes the speech replies. Default: the model's speech encoder, when it holds the decoder and tokenizer.")] = None,
     judge_url: Annotated[Optional[str], typer.Option("--judge-url", help="OpenAI-compatible base URL of the judge LLM (key: $OMNI_LLM_API_KEY or $OPENAI_API_KEY).")] = None,
     judge_model: Annotated[Optional[str], typer.Option("--judge-model", help="The judge model's name (the paper: GPT-4o).")] = None,
-    judge_prompts: Annotated[Optional[Path], typer.Option("--judge-prompts", help="Folder whose judge_content.txt / judge_style.txt replace the built-in prompts.", file_okay=False)] = None,
+    judge_prompts: Annotated[Optional[Path], typer.Option("--judge-prompts", help="Folder whose judge_system.txt / judge_content.txt / judge_style.txt replace the built-in prompts.", file_okay=False)] = None,
+    judge_timeout: Annotated[float, typer.Option("--judge-timeout", min=1, help="Seconds to wait for one judge answer.")] = 120.0,
     mos: Annotated[bool, typer.Option("--mos/--no-mos", help="UTMOS of the speech replies, when utmos-pytorch and its weights are available.")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary (or the comparison) as one JSON object.")] = False,
     compare: Annotated[Optional[tuple[Path, Path]], typer.Option("--compare", help="Show two runs' eval.jsonl side by side (before and after a fine-tune), with the items that changed most.", metavar="A.jsonl B.jsonl")] = None,
@@ -252,7 +259,7 @@ def eval_cmd(
         fail(f"--out {out} is a file; give a folder for the results (created if missing).")
     try:
         plan = _eval_plan(
-            manifest, out, model, speech_encoder, vocoder, asr, judge_url, judge_model, judge_prompts, mos, limit,
+            manifest, out, model, speech_encoder, vocoder, asr, judge_url, judge_model, judge_prompts, judge_timeout, mos, limit,
             streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value),
             precision.value, device, yes, threads,
         )
@@ -285,7 +292,7 @@ def eval_cmd(
 
 def _eval_plan(
     manifest: Path, out: Path, model: Path, speech_encoder: Path | None, vocoder: Path | None, asr: Path | None,
-    judge_url: str | None, judge_model: str | None, judge_prompts: Path | None, mos: bool, limit: int | None,
+    judge_url: str | None, judge_model: str | None, judge_prompts: Path | None, judge_timeout: float, mos: bool, limit: int | None,
     streaming: StreamingConfig, precision: str, device: str | None, yes: bool, threads: int | None,
 ) -> EvalPlan:
     """Options → an EvalPlan whose model, Whisper and UTMOS load only when their phase has work."""
@@ -316,7 +323,9 @@ def _eval_plan(
     if judge_url is not None and judge_model is not None:
         from omni_cli.evaluate.judge import Judge
 
-        endpoint = ChatEndpoint(judge_url, judge_model, AnswerCache(out / "judge-cache.jsonl"), temperature=0.0, max_tokens=16)
+        endpoint = ChatEndpoint(
+            judge_url, judge_model, AnswerCache(out / "judge-cache.jsonl"), temperature=0.0, max_tokens=16, timeout_s=judge_timeout, options="--judge"
+        )
         judge = Judge(endpoint.complete, judge_prompts)
     return EvalPlan(
         manifest=manifest, out=out,

@@ -37,6 +37,7 @@ FAILURES_NAME = "failed.jsonl"
 INSTRUCTION_AUDIO = "audio/instructions"
 RESPONSE_AUDIO = "audio/responses"
 MANIFEST_EVERY = 50
+ANSWER_KEPT = 2000  # characters of a rejected LLM answer kept in failed.jsonl
 # The user turn every record trains on: what `omni chat` and the reference always send with the speech.
 SPEECH_TURN = "<speech>\nPlease directly answer the questions in the user's speech."
 
@@ -77,10 +78,11 @@ class BuildPlan:
 
 @dataclass
 class Failure:
-    """An item that could not be built this run, and why."""
+    """An item that could not be built this run, and why (with the LLM's last answer when it was rejected)."""
 
     id: str
     reason: str
+    answer: str | None = None
 
 
 @dataclass
@@ -207,7 +209,7 @@ class DataBuild:
                     except EndpointError:
                         raise  # the LLM server is gone or refuses: every next item would fail alike
                     except (RejectedAnswer, TtsError, OmniError) as exc:
-                        self._fail(summary, failures_path, Failure(item.id, str(exc)))
+                        self._fail(summary, failures_path, Failure(item.id, str(exc), getattr(exc, "answer", None)))
                     if record is not None:
                         append_row(self.journal, record)
                         done[item.id] = record
@@ -228,7 +230,10 @@ class DataBuild:
 
     def _fail(self, summary: BuildSummary, path: Path, failure: Failure) -> None:
         summary.failures.append(failure)
-        append_row(path, {"id": failure.id, "reason": failure.reason})
+        row = {"id": failure.id, "reason": failure.reason}
+        if failure.answer is not None:
+            row["last_answer"] = failure.answer[:ANSWER_KEPT]
+        append_row(path, row)
 
     def _write_manifest(self, items: Sequence[TextItem], done: dict[str, dict[str, Any]], summary: BuildSummary) -> None:
         """The manifest: every finished item, in input order, with its audio still on disk."""

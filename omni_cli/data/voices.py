@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omni_cli.errors import ConfigError
-from omni_cli.weights.presets import RemoteFile, omni_cache_dir, plain_name
-from omni_cli.weights.presets import _remote_files as remote_files  # the [[files]] reader of the model presets
+from omni_cli.weights.presets import RemoteFile, omni_cache_dir, plain_name, read_remote_files
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +57,7 @@ def load_voice_preset(path: Path) -> VoicePreset:
         raise ConfigError(f"voice preset {where} needs name, engine and model.")
     if engine != "piper":
         raise ConfigError(f"voice preset {where}: engine {engine!r} is not one omni runs (piper).")
-    files = remote_files(raw, where)
+    files = read_remote_files(raw, where)
     if model not in {f.name for f in files}:
         raise ConfigError(f"voice preset {where}: model {model!r} is not one of its files.")
     return VoicePreset(

@@ -58,8 +58,9 @@ def choose_asr(speech_encoder: Path, asr: Path | None) -> Path:
     problem = asr_problem(speech_encoder)
     if problem:
         raise CheckpointError(
-            f"the speech encoder cannot transcribe the replies: {problem}. Pass --asr a transformers Whisper directory "
-            "(e.g. `huggingface-cli download openai/whisper-large-v3 --local-dir whisper-large-v3`)."
+            f"the speech encoder cannot transcribe the replies: {problem}. For the preset's Whisper, "
+            "`omni download llama-omni-8b` fetches what is missing; else pass --asr a transformers Whisper directory "
+            "(e.g. `hf download openai/whisper-large-v3 --local-dir whisper-large-v3`)."
         )
     return speech_encoder
 

@@ -1,7 +1,8 @@
 """What `omni eval` prints: the summary of one run, and two runs side by side (`--compare`).
 
 Rates over many items are corpus rates (total errors over total reference words / characters);
-latency, decoding time, judge scores and UTMOS are means over the items that have them.
+latency, decoding time, judge scores and UTMOS are means over the items that have them. "Text reply
+vs manifest" compares the text reply with the reply the manifest holds (the one trained on).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ Row = dict[str, Any]
 METRICS = (
     ("asr_wer", "ASR-WER %", True),
     ("asr_cer", "ASR-CER %", True),
+    ("ref_wer", "text reply vs manifest, WER %", True),
+    ("ref_exact", "text reply = manifest, % items", False),
     ("first_audio_ms", "first audio, ms", True),
     ("decoding_ms", "decoding time, ms", True),
     ("content_text", "S2TIF content (1-5)", False),
@@ -44,15 +47,20 @@ def summarize(rows: Sequence[Row]) -> dict[str, Any]:
         ErrorCounts(r["word_errors"], r["words"], r["char_errors"], r["chars"]) for r in rows if isinstance(r.get("words"), int)
     ]
     wer, cer = corpus_rates(counts)
+    with_reference = [r for r in rows if isinstance(r.get("ref_words"), int) and r["ref_words"] > 0]
+    reference_words = sum(r["ref_words"] for r in with_reference)
     summary: dict[str, Any] = {
         "items": len(rows),
         "replied": sum(1 for r in rows if "text" in r),
         "failed": sum(1 for r in rows if "error" in r),
         "asr_wer": None if wer is None else round(wer, 2),
         "asr_cer": None if cer is None else round(cer, 2),
+        "ref_wer": round(100.0 * sum(r["ref_word_errors"] for r in with_reference) / reference_words, 2) if with_reference else None,
+        "ref_exact": round(100.0 * sum(r["ref_word_errors"] == 0 for r in with_reference) / len(with_reference), 2) if with_reference else None,
     }
-    for key, _, _ in METRICS[2:]:
-        summary[key] = _mean(rows, key)
+    for key, _, _ in METRICS:
+        if key not in summary:  # the rest are means over the items that have them
+            summary[key] = _mean(rows, key)
     summary["normaliser"] = NORMALISER
     return summary
 
@@ -83,16 +91,21 @@ def load_results(path: Path) -> list[Row]:
 
 
 def _change(a: Row, b: Row) -> float:
-    """How much one item moved between runs: WER points plus 10 per judge point (a 1-point move is large)."""
+    """How much one item moved between runs: WER points (ASR and vs the manifest) plus 10 per judge point (a 1-point move is large)."""
     total = 0.0
-    if isinstance(a.get("wer"), (int, float)) and isinstance(b.get("wer"), (int, float)):
-        total += abs(b["wer"] - a["wer"])
+    for key in ("wer", "ref_wer"):
+        if isinstance(a.get(key), (int, float)) and isinstance(b.get(key), (int, float)):
+            total += abs(b[key] - a[key])
     for key in ("content_text", "style_text", "content_speech", "style_speech"):
         if isinstance(a.get(key), int) and isinstance(b.get(key), int):
             total += 10 * abs(b[key] - a[key])
     if a.get("text") != b.get("text"):
         total += 1e-3  # a changed reply with equal scores still ranks above an unchanged one
     return total
+
+
+# What the items that changed most show of each run.
+ITEM_FIELDS = ("ref_wer", "wer", "content_speech", "text")
 
 
 def compare(a_rows: Sequence[Row], b_rows: Sequence[Row], top: int = 5) -> dict[str, Any]:
@@ -109,8 +122,8 @@ def compare(a_rows: Sequence[Row], b_rows: Sequence[Row], top: int = 5) -> dict[
         {
             "id": i,
             "change": round(_change(a_by_id[i], b_by_id[i]), 3),
-            **{f"{k}_a": a_by_id[i].get(k) for k in ("wer", "content_speech", "text")},
-            **{f"{k}_b": b_by_id[i].get(k) for k in ("wer", "content_speech", "text")},
+            **{f"{k}_a": a_by_id[i].get(k) for k in ITEM_FIELDS},
+            **{f"{k}_b": b_by_id[i].get(k) for k in ITEM_FIELDS},
         }
         for i in ranked[:top] if _change(a_by_id[i], b_by_id[i]) > 0
     ]
@@ -128,13 +141,17 @@ def print_comparison(result: dict[str, Any], a_name: str, b_name: str, console: 
         delta = "—" if a is None or b is None else f"{b - a:+.3g}" + (" better" if (b < a) == lower_better and b != a else "")
         table.add_row(label, _cell(a), _cell(b), delta)
     console.print(table)
-    if result["changed_most"]:
+    changed = result["changed_most"]
+    if changed:
+        # Only the measures some item has (no judge: no S2SIF column).
+        shown = [(k, label) for k, label in (("ref_wer", "WER vs manifest"), ("wer", "ASR-WER"), ("content_speech", "S2SIF content"))
+                 if any(c[f"{k}_a"] is not None or c[f"{k}_b"] is not None for c in changed)]
         items = Table(title="items that changed most")
-        for column in ("id", "WER A → B", "S2SIF content A → B", "reply A", "reply B"):
+        for column in ("id", *(f"{label} A → B" for _, label in shown), "reply A", "reply B"):
             items.add_column(column)
-        for c in result["changed_most"]:
+        for c in changed:
             items.add_row(
-                c["id"], f"{_cell(c['wer_a'])} → {_cell(c['wer_b'])}", f"{_cell(c['content_speech_a'])} → {_cell(c['content_speech_b'])}",
+                c["id"], *(f"{_cell(c[f'{k}_a'])} → {_cell(c[f'{k}_b'])}" for k, _ in shown),
                 (c["text_a"] or "")[:60], (c["text_b"] or "")[:60],
             )
         console.print(items)

@@ -4,7 +4,9 @@ Per item (one JSON line in OUT/eval.jsonl): the text reply and the speech reply 
 replacing a file), first-audio latency and decoding time (from the pipeline's events, as
 `transcribe-and-reply` measures them), the Whisper transcript of the speech reply, ASR-WER and
 ASR-CER against the text reply, UTMOS where it runs, and with a judge the content and style scores of
-the text reply (S2TIF) and of the transcript (S2SIF).
+the text reply (S2TIF) and of the transcript (S2SIF). When the manifest holds the reply it trains on
+(`omni data build`'s do), the text reply's WER against that reply too: not one of the paper's scores,
+but on the items a model was fine-tuned on it says whether the training took.
 
 The work runs in phases so only one big model is in memory at a time: replies (the omni model), then
 transcripts (Whisper), then UTMOS, then the judge. OUT/eval.jsonl is rewritten atomically after
@@ -38,16 +40,17 @@ class EvalError(OmniError):
 
 @dataclass(frozen=True)
 class EvalItem:
-    """One spoken instruction to answer: its id, its audio, and its text when the manifest gives it."""
+    """One spoken instruction to answer: its id, its audio, its text and its reply when the manifest gives them."""
 
     id: str
     speech: Path
     instruction: str | None
+    reference: str | None = None
 
 
 def read_eval_items(manifest: Path) -> list[EvalItem]:
     """The spoken instructions of a manifest (`omni data build`'s, or any with `id` and `speech`)."""
-    from omni_cli.train.data import read_manifest
+    from omni_cli.train.data import read_manifest, reply_text
 
     items: list[EvalItem] = []
     seen: set[str] = set()
@@ -60,7 +63,7 @@ def read_eval_items(manifest: Path) -> list[EvalItem]:
         seen.add(item_id)
         speech = Path(raw["speech"]).expanduser()
         text = next((raw[f] for f in INSTRUCTION_FIELDS if isinstance(raw.get(f), str) and raw[f].strip()), None)
-        items.append(EvalItem(item_id, speech if speech.is_absolute() else manifest.parent / speech, text))
+        items.append(EvalItem(item_id, speech if speech.is_absolute() else manifest.parent / speech, text, reply_text(raw)))
     if not items:
         raise EvalError(f"{manifest} holds no records; nothing to evaluate.")
     return items
@@ -136,6 +139,11 @@ class Evaluation:
         )
         if item.instruction is not None:
             row["instruction"], row["instruction_from"] = item.instruction, "manifest"
+        if item.reference is not None:
+            row["reference"] = item.reference
+            counts = error_counts(item.reference, reply.text)
+            if counts is not None:
+                row.update(ref_wer=round(counts.wer, 2), ref_word_errors=counts.word_errors, ref_words=counts.words)
 
     def _transcribe(self) -> None:
         todo = [

@@ -214,6 +214,11 @@ def _dialogue(raw: dict[str, Any]) -> _Dialogue:
     return _Dialogue(instruction, texts[1])
 
 
+def reply_text(raw: dict[str, Any]) -> str | None:
+    """The reply a manifest record trains on (its `gpt`/`assistant` turn, or `response`); None when it has none usable."""
+    return _dialogue(raw).response
+
+
 def _audio_problem(path: Path, limits: DataLimits) -> str | None:
     """Why this audio file cannot be used, from its header (fast; the samples are read at training time)."""
     if path.is_dir():

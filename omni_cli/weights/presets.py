@@ -217,8 +217,9 @@ def _hub_part(raw: dict[str, Any], key: str, source: str) -> HubPart:
     )
 
 
-def _remote_files(t: dict[str, Any], where: str) -> tuple[RemoteFile, ...]:
-    """The `[[files]]` entries of a part: plain names, HTTPS URLs, size and SHA-256 where pinned."""
+def read_remote_files(t: dict[str, Any], where: str) -> tuple[RemoteFile, ...]:
+    """The `[[files]]` entries of a preset table (a model part, or a voice preset): plain names, HTTPS URLs,
+    size and SHA-256 where pinned; a malformed entry is a ConfigError naming `where`."""
     files = []
     for entry in typed(t, "files", list, where):
         if not isinstance(entry, dict):
@@ -247,7 +248,7 @@ def _one_of(t: dict[str, Any], key: str, files: tuple[RemoteFile, ...], where: s
 def _vocoder_part(raw: dict[str, Any], source: str) -> VocoderPart:
     t = table(raw, "vocoder", source)
     where = f"{source} [vocoder]"
-    files = _remote_files(t, where)
+    files = read_remote_files(t, where)
     return VocoderPart(
         name=plain_name(typed(t, "name", str, where), where),
         checkpoint=_one_of(t, "checkpoint", files, where),
@@ -263,7 +264,7 @@ def _units_part(raw: dict[str, Any], source: str) -> UnitsPart | None:
         return None
     t = table(raw, "units", source)
     where = f"{source} [units]"
-    files = _remote_files(t, where)
+    files = read_remote_files(t, where)
     return UnitsPart(
         name=plain_name(typed(t, "name", str, where), where),
         hubert_checkpoint=_one_of(t, "hubert_checkpoint", files, where),
@@ -417,9 +418,16 @@ def locate_hub_part(part: HubPart, local_dir: Path | None = None, cache_dir: Pat
     if local_dir is not None:
         folder = Path(local_dir) / part.dirname
     else:
+        from huggingface_hub import errors as hub_errors
+
+        incomplete = getattr(hub_errors, "IncompleteSnapshotError", ())  # huggingface_hub >= 2: the snapshot misses a file
         try:
             folder = hub_snapshot(part, cache_dir, local_files_only=True)
-        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, IncompleteSnapshotError, ...: "not cached"
+        except incomplete as exc:
+            # The snapshot lacks a file the patterns match (e.g. one a later preset added): still usable
+            # when every required file is there (checked below); `omni download` fetches the rest.
+            folder = Path(exc.snapshot_path)
+        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError, ...: "not cached"
             return None
     if not folder.is_dir() or missing_hub_files(folder, part):
         return None
@@ -476,6 +484,6 @@ def looks_like_preset(name_or_path: str | Path) -> bool:
 __all__ = [
     "GB", "HubPart", "RemoteFile", "VocoderPart", "UnitsPart", "Preset", "ResolvedModel", "preset_names", "load_preset",
     "find_preset", "get_preset", "omni_cache_dir", "hub_cache_dir", "hub_offline", "vocoder_dir", "units_dir",
-    "units_present", "plain_name", "check_url", "missing_hub_files", "locate_hub_part", "vocoder_present",
+    "units_present", "plain_name", "check_url", "read_remote_files", "missing_hub_files", "locate_hub_part", "vocoder_present",
     "resolve_preset", "looks_like_preset",
 ]

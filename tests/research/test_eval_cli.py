@@ -18,7 +18,7 @@ def manifest(tmp_path: Path, question_wavs: list[Path]) -> Path:
     """Two spoken questions: one whose text the manifest gives, one the judge would learn from Whisper."""
     path = tmp_path / "eval.jsonl"
     rows = [
-        {"id": "q1", "speech": str(question_wavs[0]), "instruction": "What is the capital of France?"},
+        {"id": "q1", "speech": str(question_wavs[0]), "instruction": "What is the capital of France?", "response": "Paris is the capital."},
         {"id": "q2", "speech": str(question_wavs[1])},
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
@@ -48,6 +48,10 @@ def test_eval_answers_transcribes_scores_and_continues_without_redoing(manifest:
             assert (row["word_errors"], row["words"], row["wer"]) == (counts.word_errors, counts.words, round(counts.wer, 2))
     assert (rows[0]["instruction"], rows[0]["instruction_from"]) == ("What is the capital of France?", "manifest")
     assert rows[1]["instruction_from"] == "asr"
+    counts = error_counts("Paris is the capital.", rows[0]["text"])  # the reply the manifest trains on, against the text reply
+    assert (rows[0]["reference"], rows[0]["ref_word_errors"], rows[0]["ref_words"]) == ("Paris is the capital.", counts.word_errors, 4)
+    assert "reference" not in rows[1] and "ref_wer" not in rows[1]
+    assert summary["ref_wer"] == round(counts.wer, 2)
     assert "UTMOS left out" in result.output  # utmos-pytorch is installed, but its weights cannot be fetched here
 
     before = (out / "eval.jsonl").read_text()

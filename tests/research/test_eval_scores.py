@@ -65,7 +65,8 @@ def test_the_judge_asks_content_and_style_with_the_papers_criteria_and_retries(t
     scores = Judge(complete).scores("what is the capital of france", "It is Paris.")
     assert scores == {"content": 4, "style": 2}
     assert "no score from 1 to 5" in asked[1][-1]["content"]  # the retry says why
-    content, style = asked[0][0]["content"], asked[2][0]["content"]
+    assert asked[0][0]["role"] == "system" and "judge" in asked[0][0]["content"]
+    content, style = asked[0][-1]["content"], asked[2][-1]["content"]
     for prompt in (content, style):
         assert "what is the capital of france" in prompt and "It is Paris." in prompt and "{response}" not in prompt
     assert "CONTENT" in content and "relevant" in content and "STYLE" in style and "lists" in style
@@ -106,3 +107,18 @@ def test_summary_counts_failures_and_leaves_out_what_no_item_has() -> None:
     summary = summarize([_row("q1", 1, 4, "x"), {"id": "q2", "error": "the model failed"}])
     assert (summary["items"], summary["replied"], summary["failed"]) == (2, 1, 1)
     assert summary["asr_wer"] == 25.0 and summary["utmos"] is None and "numbers as written" in summary["normaliser"]
+    assert summary["ref_wer"] is None and summary["ref_exact"] is None  # the manifest held no replies
+
+
+def test_the_text_reply_against_the_manifest_s_reply_is_a_corpus_rate_and_a_share_of_exact_matches() -> None:
+    rows = [
+        {"id": "q1", "text": "Paris.", "ref_word_errors": 0, "ref_words": 1},  # "paris" = "paris"
+        {"id": "q2", "text": "Eat bread.", "ref_word_errors": 1, "ref_words": 2},  # "eat well": one substitution
+        {"id": "q3", "text": "Hello", "ref_word_errors": 0, "ref_words": 1},
+        {"id": "q4", "text": "no reply in the manifest"},
+    ]
+    summary = summarize(rows)
+    assert summary["ref_wer"] == 25.0  # 1 error over 4 words, not the mean of 0, 50 and 0
+    assert summary["ref_exact"] == pytest.approx(66.67)  # 2 of the 3 items that have a manifest reply
+    counts = error_counts("Eat well.", "Eat bread.")
+    assert (counts.word_errors, counts.words) == (1, 2)

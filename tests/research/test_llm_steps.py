@@ -1,7 +1,7 @@
 """The LLM steps' logic as pure functions: prompts, answer checks, retries with the reason, the answer cache.
 
-The network round trip against a real OpenAI-compatible server (`omni serve`) is tested once that
-server exists; here the only request made is to a closed port, through the real openai client.
+The round trip against a real OpenAI-compatible server (`omni serve`) is test_llm_round_trip.py; here
+the only request made is to a closed port, through the real openai client.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def scripted(answers: list[str]):
         ("Paris (the capital) is big.", "parentheses"),
         ("Yes.", "fewer than 3"),
         ("word " * 151, "more than 150"),
+        ("The capital \ufffd\ufffd is Paris.", "not text (U+FFFD)"),  # broken UTF-8 from a model's byte tokens
+        ("The capital\x07 is Paris.", "not text (U+0007)"),
+        ("The capital is Paris.\nIt is in France.", None),
     ],
 )
 def test_replies_unfit_for_speech_are_caught(text: str, problem: str | None) -> None:
@@ -61,13 +64,13 @@ def test_a_rejected_answer_is_asked_again_with_the_reason_and_fails_after_the_at
     assert writer.respond("what's the capital of france") == "The capital of France is Paris."
     assert len(asked) == 2
     retry = asked[1]
-    assert retry[0] == asked[0][0] and retry[1] == {"role": "assistant", "content": "1. Paris\n2. Lyon"}
-    assert "it holds a list" in retry[2]["content"]  # the model is told what was wrong
+    assert retry[:2] == asked[0] and retry[2] == {"role": "assistant", "content": "1. Paris\n2. Lyon"}
+    assert "it holds a list" in retry[3]["content"]  # the model is told what was wrong
 
     complete, asked = scripted(["(a)", "(b)", "(c)", "never asked"])
-    with pytest.raises(RejectedAnswer, match=r"brackets.*after 3 attempts"):
+    with pytest.raises(RejectedAnswer, match=r"brackets.*after 3 attempts") as info:
         ask_until_valid(complete, [{"role": "user", "content": "q"}], _reject, attempts=3)
-    assert len(asked) == 3
+    assert len(asked) == 3 and info.value.answer == "(c)"  # the last answer goes with the failure
 
 
 def _reject(answer: str) -> str:
@@ -75,13 +78,17 @@ def _reject(answer: str) -> str:
 
 
 def test_the_rewrite_prompt_holds_the_instruction_and_a_prompt_file_overrides_it(tmp_path: Path) -> None:
-    complete, asked = scripted(['{"question": "so, um, how tall is mount everest?"}'] * 2)
+    complete, asked = scripted(['{"question": "so, um, how tall is mount everest?"}'] * 3)
     assert SpokenStyleWriter(complete).rewrite("Height of Mt. Everest?") == "so, um, how tall is mount everest?"
-    prompt = asked[0][0]["content"]
-    assert "Height of Mt. Everest?" in prompt and "{instruction}" not in prompt and "numbers" in prompt
+    system, user = asked[0]
+    assert system["role"] == "system" and "text-to-speech" in system["content"]  # the task, whatever the server's default
+    assert "Height of Mt. Everest?" in user["content"] and "{instruction}" not in user["content"] and "numbers" in user["content"]
     (tmp_path / "rewrite_instruction.txt").write_text("Say it aloud: {instruction}", encoding="utf-8")
     SpokenStyleWriter(complete, prompt_dir=tmp_path).rewrite("Height of Mt. Everest?")
-    assert asked[1][0]["content"] == "Say it aloud: Height of Mt. Everest?"
+    assert asked[1][1] == {"role": "user", "content": "Say it aloud: Height of Mt. Everest?"}
+    (tmp_path / "system.txt").write_text("\n", encoding="utf-8")  # a server whose chat template refuses a system turn
+    SpokenStyleWriter(complete, prompt_dir=tmp_path).rewrite("Height of Mt. Everest?")
+    assert asked[2] == [{"role": "user", "content": "Say it aloud: Height of Mt. Everest?"}]
     (tmp_path / "write_response.txt").write_text("no placeholder here", encoding="utf-8")
     with pytest.raises(Exception, match=r"write_response.txt has no \{instruction\}"):
         SpokenStyleWriter(complete, prompt_dir=tmp_path)

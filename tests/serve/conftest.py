@@ -1,39 +1,24 @@
-"""Fixtures of the serve tests: one `omni serve` subprocess on the tiny model for the whole module, and the tiny pipeline."""
+"""The serve tests import their servers from servers.py; the `tiny_server` and `tiny_pipeline` fixtures are in
+tests/conftest.py, shared with tests/research (its LLM steps talk to the same real `omni serve`)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from servers import RunningServer, omni_serve  # noqa: E402
+import pytest  # noqa: E402
+from servers import load_as_served  # noqa: E402
 
 from omni_cli.tiny.omni import TinyModelPaths  # noqa: E402
-
-
-@pytest.fixture(scope="package")
-def tiny_server(tiny_model) -> Iterator[RunningServer]:
-    """A real `omni serve` (tiny model, CPU, no key), shared by the tests that only talk to it."""
-    with omni_serve(tiny_model) as server:
-        yield server
-
-
-@pytest.fixture(scope="package")
-def tiny_pipeline(tiny_model):
-    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies.
-    Its random weights never say they are done: every reply runs to its token limit."""
-    return _load_as_served(tiny_model)
 
 
 @pytest.fixture(scope="package")
 def stopping_pipeline(tmp_path_factory: pytest.TempPathFactory, question_16k):
     """A tiny model loaded as `omni serve` loads it whose replies end by themselves after a few tokens, as a
     real model's do (`response.done` says "completed"); see `stopping_model`."""
-    return _load_as_served(stopping_model(tmp_path_factory.mktemp("tiny-stopping"), question_16k))
+    return load_as_served(stopping_model(tmp_path_factory.mktemp("tiny-stopping"), question_16k))
 
 
 def stopping_model(folder: Path, questions: list) -> TinyModelPaths:
@@ -54,7 +39,7 @@ def stopping_model(folder: Path, questions: list) -> TinyModelPaths:
     from omni_cli.tiny.omni import make_tiny_model
 
     model = make_tiny_model(folder, seed=0)
-    pipeline = _load_as_served(model)
+    pipeline = load_as_served(model)
     silence = np.zeros(16000, np.float32)
     probes = ["hi", "Hello there", *questions, *(np.concatenate([silence[:4800], q, silence]) for q in questions)]
     first_seen: list[dict[int, int]] = []
@@ -71,16 +56,3 @@ def stopping_model(folder: Path, questions: list) -> TinyModelPaths:
     config["eos_token_id"] = [*config["eos_token_id"], stop]
     config_path.write_text(json.dumps(config))
     return model
-
-
-def _load_as_served(model):
-    from omni_cli.cli.shared import streaming_config
-    from omni_cli.config import CHAT_FIRST_CHUNK_UNITS, SamplingConfig, StreamingConfig
-    from omni_cli.pipeline import SpeechToSpeech
-    from omni_cli.weights.model_files import read_model_files
-
-    defaults, sampling = StreamingConfig(), SamplingConfig()
-    streaming = streaming_config(sampling.max_new_tokens, sampling.temperature, defaults.chunk_units, CHAT_FIRST_CHUNK_UNITS,
-                                 defaults.decode_steps, defaults.context_budget)
-    files = read_model_files(model.model_dir, model.speech_encoder, model.vocoder_dir)
-    return SpeechToSpeech.load(files, "fp32", "cpu", streaming)

@@ -128,3 +128,17 @@ def realtime_server(pipeline: Any, **options: Any) -> Iterator[tuple[RunningServ
         slot.close()
         for port in ports:
             port.close()
+
+
+def load_as_served(model: Any) -> Any:
+    """The tiny model loaded as `omni serve` loads it (fp32, CPU, the serve defaults), for expected replies."""
+    from omni_cli.cli.shared import streaming_config
+    from omni_cli.config import CHAT_FIRST_CHUNK_UNITS, SamplingConfig, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
+    from omni_cli.weights.model_files import read_model_files
+
+    defaults, sampling = StreamingConfig(), SamplingConfig()
+    streaming = streaming_config(sampling.max_new_tokens, sampling.temperature, defaults.chunk_units, CHAT_FIRST_CHUNK_UNITS,
+                                 defaults.decode_steps, defaults.context_budget)
+    files = read_model_files(model.model_dir, model.speech_encoder, model.vocoder_dir)
+    return SpeechToSpeech.load(files, "fp32", "cpu", streaming)
