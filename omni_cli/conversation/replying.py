@@ -152,7 +152,7 @@ class Replying:
                 self._play_out(reply)
         except MicrophoneLost as exc:  # the input went away: the turn ends here, and so does listening
             reply.error = str(exc)
-            self._stop_sink()
+            self._stop_sink(reply)  # what was heard of it, while the sink still knows
             raise
         except Exception as exc:  # noqa: BLE001 - any fault inside the model ends this turn only
             self._fail(reply, exc)

@@ -33,7 +33,7 @@ from omni_cli.conversation.events import (
     SpeechStopped,
 )
 from omni_cli.conversation.frames import FrameQueue
-from omni_cli.conversation.turns import ConversationSettings
+from omni_cli.conversation.turns import ConversationSettings, MicrophoneLost
 
 FRAME = SAMPLE_RATE * FRAME_MS // 1000
 HANGOVER_MS = 400
@@ -329,3 +329,24 @@ def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replie
     assert committed.heard.end_of_turn_ms < HANGOVER_MS and committed.audio.size >= frames_sent * 0.8
     np.testing.assert_array_equal(committed.audio[-FRAME:], words[frames_sent - FRAME : frames_sent])
     assert done.reason == "budget" and error.code == "empty_input" and len(conversation.history) == 1
+
+
+def test_a_sound_system_gone_mid_reply_keeps_only_what_was_heard(make_replies) -> None:
+    """The devices went away 0.5 s into the reply (issue 22: the reply had no heard_seconds and its audio was all of it)."""
+    recorded, frames, events, sink = Recorded(make_replies(60), token_s=0.03), FrameQueue(), EventQueue(), PacedSink()
+    conversation = Conversation(recorded, events, frames=frames, sink=sink, settings=ConversationSettings(turn_detection=None, mic_timeout_s=None))
+
+    def problem() -> str | None:
+        started = sink.first_audio_time
+        return "the sound server went away" if started is not None and time.monotonic() - started > 0.5 else None
+
+    conversation.device_problem = problem
+    conversation.ask_text("Tell me a long story.")
+    with pytest.raises(MicrophoneLost):
+        conversation.run()
+    seen = events.drain()
+    (done,) = [e for e in seen if isinstance(e, ReplyDone)]
+    made = sum(e.audio.size for e in seen if isinstance(e, ReplyAudio)) / SAMPLE_RATE
+    assert done.reason == "error" and "sound server" in done.error
+    assert done.heard_seconds is not None and 0.5 <= done.heard_seconds < 1.0 and made > done.heard_seconds
+    assert done.audio.size == round(done.heard_seconds * SAMPLE_RATE)
