@@ -24,6 +24,41 @@ from omni_cli.audio.devices import (
 )
 from omni_cli.audio.vad import FrameSplitter
 
+class SampleClock:
+    """When each captured block ended on time.monotonic(), from the count of samples rather than
+    from when its callback happened to run.
+
+    A callback runs some time after its block was captured, and on a busy machine that delay
+    varies by tens of milliseconds; the samples themselves arrive at the device's steady rate.
+    So the stream's start is taken as the earliest (callback time − samples so far / rate) seen,
+    which is the least delayed callback, and a block ends at start + samples / rate. The start may
+    creep later by DRIFT per second (the sound card's clock against the system's).
+    """
+
+    DRIFT = 1e-4
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the start (e.g. after lost samples)."""
+        self._samples = 0
+        self._start: float | None = None
+        self._seen_t = 0.0
+
+    def block_end(self, callback_t: float, samples: int) -> float:
+        """A block of `samples` was delivered to a callback running at `callback_t`: when it ended."""
+        self._samples += samples
+        candidate = callback_t - self._samples / self.rate
+        if self._start is None:
+            self._start = candidate
+        else:
+            self._start = min(candidate, self._start + self.DRIFT * (callback_t - self._seen_t))
+        self._seen_t = callback_t
+        return self._start + self._samples / self.rate
+
+
 FrameFilter = Callable[[np.ndarray], np.ndarray]
 """Cleans one 16 kHz float32 frame in the audio callback, e.g. `EchoCanceller.process`."""
 
@@ -68,6 +103,7 @@ class Microphone:
         self._channels = 1
         self._resampler = StreamResampler(sample_rate, sample_rate)
         self._splitter = FrameSplitter(self.frame_samples)
+        self._clock = SampleClock(sample_rate)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -80,6 +116,7 @@ class Microphone:
         self._channels = channels
         self._resampler = StreamResampler(rate, self.sample_rate)
         self._splitter.reset()
+        self._clock = SampleClock(rate)
         self.device_rate = rate
         stream = open_stream(
             sd,
@@ -116,12 +153,13 @@ class Microphone:
         self.last_callback = time.monotonic()
         if status.input_overflow:
             self.overflows += 1
+            self._clock.restart()  # samples were lost: the count no longer matches the clock
         block = indata[:, 0] if self._channels == 1 else indata.mean(axis=1)
         self.deliver(block)
 
     def deliver(self, block: np.ndarray) -> None:
         """Turn one device block into 16 kHz frames on the queue (called by the audio callback)."""
-        block_end_t = time.monotonic() - self.input_latency
+        block_end_t = self._clock.block_end(time.monotonic(), block.size) - self.input_latency
         if self._resampler.passthrough and block.size == self.frame_samples and self._splitter.pending == 0:
             ready = [np.array(block, dtype=np.float32)]  # copy: PortAudio reuses its buffer
         else:

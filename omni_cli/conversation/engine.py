@@ -306,10 +306,10 @@ class Conversation(Replying):
             if spec is not None and not committed:
                 self._discarded(spec)
             if committed and spec is not None:
-                self._answer_turn(spec.question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
+                self._answer_turn(spec.question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec, event.speech_end_t)
             else:
                 question = self._spoken.audio(event.audio, event.audio_start_t)
-                self._answer_turn(question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, event.t)
+                self._answer_turn(question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, event.t, speech_end_stream_t=event.speech_end_t)
 
     def _answer_turn(
         self,
@@ -319,21 +319,24 @@ class Conversation(Replying):
         voiced_end_stream_t: float,
         audio_end_stream_t: float,
         speculation: SpeculativeReply | None = None,
+        speech_end_stream_t: float | None = None,
     ) -> None:
         """Answer the spoken turn (spanning `windows` 30 s windows) that ended at endpointer time
-        `end_stream_t`, its speech at `voiced_end_stream_t`, its audio at `audio_end_stream_t`; then listen again."""
+        `end_stream_t`, its last voiced frame at `voiced_end_stream_t` (its speech, to the sample, at
+        `speech_end_stream_t`), its audio at `audio_end_stream_t`; then listen again."""
         listener = self._listener
         assert listener is not None
+        speech_end = voiced_end_stream_t if speech_end_stream_t is None else speech_end_stream_t
         turn = UserTurn(
             end_t=listener.clock_of(end_stream_t),
-            speech_end_t=listener.clock_of(voiced_end_stream_t),
-            end_of_turn_ms=round((end_stream_t - voiced_end_stream_t) * 1000, 1),
+            speech_end_t=listener.clock_of(speech_end),
+            end_of_turn_ms=round((end_stream_t - speech_end) * 1000, 1),
             windows=windows,
             voiced_end_stream_t=voiced_end_stream_t,
             audio_end_stream_t=audio_end_stream_t,
             continues=self._spoken.take(),
         )
-        self._emit(SpeechStopped(self.clock(), turn.speech_end_t, self._stream_origin + voiced_end_stream_t))
+        self._emit(SpeechStopped(self.clock(), turn.speech_end_t, self._stream_origin + speech_end))
         self._answer(question, turn, speculation)
         listener.restart_watch()
         if not self._stopping:
@@ -423,7 +426,7 @@ class Conversation(Replying):
             self._discard_speculation()
             (end,) = [e for e in endpointer.flush() if isinstance(e, SpeechEnd)]
             question = spoken.audio(end.audio, end.audio_start_t)
-            self._answer_turn(question, len(spoken.windows) + 1, end.t, end.voiced_end_t, end.t)
+            self._answer_turn(question, len(spoken.windows) + 1, end.t, end.voiced_end_t, end.t, speech_end_stream_t=end.speech_end_t)
         elif spoken.windows:
             self._answer_turn(spoken.audio(), len(spoken.windows), endpointer.time, spoken.window_end_stream_t, spoken.window_end_stream_t)
         else:

@@ -86,9 +86,10 @@ def test_a_spoken_question_streamed_as_frames_gives_the_turns_events_in_order(ma
     # On the clock of the frames as sent: speech began and ended where the audio says (a frame and the detectors' slack).
     assert -0.1 < started.onset_t - (began + onset) < 0.25 and not started.continued
     assert abs(stopped.speech_end_t - (began + end)) < 0.15
-    assert stopped.stream_t == pytest.approx(committed.heard.voiced_end_stream_t)
-    # The decision came a hang-over after the end of speech (in stream time: exact to a frame and Silero's 200 ms wait).
-    assert HANGOVER_MS <= committed.heard.end_of_turn_ms <= HANGOVER_MS + FRAME_MS + 200
+    # The end of speech to the sample lies near the end of the last voiced frame (at most the tail searched past it).
+    assert -0.06 <= stopped.stream_t - committed.heard.voiced_end_stream_t <= 0.09
+    # The decision came a hang-over after the last voiced frame (exact to a frame and Silero's 200 ms wait).
+    assert HANGOVER_MS - 90 <= committed.heard.end_of_turn_ms <= HANGOVER_MS + FRAME_MS + 200 + 60
     assert committed.heard.speech_end_t == stopped.speech_end_t and committed.turn == 1 and committed.text is None
     # The question is exactly the frames sent, from the pre-roll through the hang-over: none lost or repeated.
     heard = committed.audio
