@@ -298,6 +298,20 @@ class Endpointer:
         """Stream time in seconds: the end of the last frame pushed."""
         return self._frames_seen * self.config.frame_ms / 1000.0
 
+    @property
+    def hangover_ms(self) -> int:
+        """The silence that ends an utterance now (config.hangover_ms unless set_hangover_ms changed it)."""
+        return self._hangover_frames * self.config.frame_ms
+
+    def set_hangover_ms(self, ms: int) -> None:
+        """End utterances after `ms` of silence from now on (at least one frame), e.g. shorter while a
+        mistaken end can be taken back."""
+        self._hangover_frames = max(1, self.config.frames_for(ms))
+
+    def skip(self) -> None:
+        """A frame was heard but not listened to (dropped): stream time goes on, the state does not change."""
+        self._frames_seen += 1
+
     def push(self, frame: bytes | np.ndarray) -> list[Event]:
         """Feed exactly one frame (int16 PCM bytes, or an int16/float array); return the events it caused."""
         audio = to_float32(frame)

@@ -209,7 +209,10 @@ class Conversation(Replying):
         """One step of listening: a frame (or the events held during a reply), or a wait for a command."""
         listener = self._listener
         if listener is not None:
-            working = self._speculation is not None and not self._speculation.done
+            short = self.settings.full_duplex_hangover_ms
+            config = listener.endpointer.config
+            listener.endpointer.set_hangover_ms(short if short is not None and self.full_duplex else config.hangover_ms)
+            working = self._speculation is not None and not self._speculation.ready
             for event in listener.next_events(timeout=0.0 if working else None):
                 self._heard(event)
                 if self._stopping:
@@ -295,7 +298,8 @@ class Conversation(Replying):
         elif isinstance(event, SpeechPause):
             if self.settings.speculate and self._speculation is None:
                 question = self._spoken.audio(event.audio, event.audio_start_t)
-                self._speculation = SpeculativeReply(self.replies.respond(question, self.history, self._should_stop), question, event)
+                events = self.replies.respond(question, self.history, self._should_stop)
+                self._speculation = SpeculativeReply(events, question, event, self._buffer.fresh())
         elif isinstance(event, SpeechEnd):
             if event.forced and len(self._spoken.windows) + 1 < self.settings.max_question_windows:
                 self._keep_window(event)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 import numpy as np
 
-from omni_cli.audio.playback_buffer import PlaybackBuffer
+from omni_cli.audio.playback_buffer import PlaybackBuffer, faded_in
 from omni_cli.audio.vad import SpeechStart
 from omni_cli.conversation.events import (
     BargeIn,
@@ -46,6 +46,11 @@ from omni_cli.conversation.turns import (
 )
 from omni_cli.errors import one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
+
+
+# A reply's first 30 ms rise from silence: heard at once, but not as a click, even when the user
+# was only pausing.
+FADE_IN_S = 0.03
 
 
 class Replying:
@@ -178,6 +183,8 @@ class Replying:
                 self._buffer.on_units(event.t, len(event.units))
             elif isinstance(event, AudioChunk):
                 if reply.cut is None and event.audio.size:
+                    if not reply.chunks:  # a soft start: a reply that turns out early is less abrupt
+                        event = replace(event, audio=faded_in(event.audio, event.sample_rate, FADE_IN_S))
                     # The sink resamples to its device as one stream: chunk by chunk would click at every boundary.
                     reply.add_chunk(event)
                     if self.sink is not None:

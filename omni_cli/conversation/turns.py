@@ -21,7 +21,8 @@ from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechPause, Speech
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
-from omni_cli.pipeline import Done, Event
+from omni_cli.audio.playback_buffer import PlaybackBuffer
+from omni_cli.pipeline import AudioChunk, Done, Event, Units
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class ConversationSettings:
     # and pre-roll padding `pre_roll_ms`; `pause_ms` > 0 for speculative starts), or None: the
     # client commits its turns (commit()).
     turn_detection: EndpointerConfig | None = field(default_factory=EndpointerConfig)
+    # In full duplex, the turn ends after this much silence instead of turn_detection.hangover_ms:
+    # a guess the user takes back by going on (within rejoin_ms the reply stops, is withdrawn, and
+    # both parts are one question). None: always the hang-over.
+    full_duplex_hangover_ms: int | None = None
     # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
     # duplex once the echo canceller has converged, half-duplex before and without one.
     barge_in: bool | None = False
@@ -139,8 +144,16 @@ class Listener:
                 return start
 
     def drop_heard(self, timeout: float) -> None:
-        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none."""
-        if self.mic.clear() == 0 and timeout > 0:
+        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none.
+
+        Stream time counts the dropped frames, so speech after the reply is timed against the question's end as heard.
+        """
+        dropped = self.mic.clear()
+        for _ in range(dropped):
+            self.endpointer.skip()
+        if dropped:  # about now (the next frame pushed puts it exactly)
+            self._anchor = (self.endpointer.time, self.clock())
+        elif timeout > 0:
             time.sleep(timeout)
         self.endpointer.reset()
 
@@ -153,10 +166,12 @@ class SpeculativeReply:
     errors are handled; a discarded reply's never surface.
     """
 
-    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
+    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause, buffer: PlaybackBuffer | None = None) -> None:
+        """`buffer`: an empty jitter buffer like the reply's; the draft is ready once it would start playing."""
         self.events = events
         self.question = question
         self.pause = pause
+        self.buffer = buffer
         self.buffered: list[Event] = []
         self.error: Exception | None = None
         self.done = False
@@ -169,8 +184,20 @@ class SpeculativeReply:
     def tokens(self) -> int:
         return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
 
-    def advance(self) -> None:
+    @property
+    def ready(self) -> bool:
+        """Enough is made to start playing the moment the turn ends: what the jitter buffer would
+        play (without one: the first audio), or the whole reply."""
         if self.done:
+            return True
+        if self.buffer is not None:
+            return self.buffer.would_play()
+        return any(isinstance(e, AudioChunk) for e in self.buffered)
+
+    def advance(self) -> None:
+        """Pull one more event, until it is ready: a draft the user talks over costs at most what
+        playing would have waited for (on a CPU, a few chunks)."""
+        if self.done or self.ready:
             return
         try:
             event = next(self.events)
@@ -182,6 +209,11 @@ class SpeculativeReply:
             return
         self.buffered.append(event)
         self.done = isinstance(event, Done)
+        if self.buffer is not None:
+            if isinstance(event, Units):
+                self.buffer.on_units(event.t, len(event.units))
+            elif isinstance(event, AudioChunk) and event.audio.size:
+                self.buffer.push(event.audio, event.sample_rate)
 
     def replay(self) -> Iterator[Event]:
         yield from self.buffered

@@ -101,6 +101,7 @@ def test_a_spoken_question_streamed_as_frames_gives_the_turns_events_in_order(ma
     assert done.reason == "budget" and done.tokens == 40 and done.heard_seconds is None and not done.withdrawn
     assert done.text == "".join(d.text for d in of_turn(running, ReplyTextDelta, 1)) == done.heard_text
     np.testing.assert_array_equal(done.audio, np.concatenate([c.audio for c in chunks]))
+    assert np.abs(chunks[0].audio[:16]).max() < 0.05 * np.abs(chunks[0].audio).max()  # a soft start: it rises from silence
     np.testing.assert_array_equal(np.concatenate(sink.played), done.audio)
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert done.first_audio_t == sink.first_audio_time and done.first_audio_t >= stopped.t
@@ -333,13 +334,13 @@ def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replie
 
 
 def test_a_sound_system_gone_mid_reply_keeps_only_what_was_heard(make_replies) -> None:
-    """The devices went away 0.5 s into the reply (issue 22: the reply had no heard_seconds and its audio was all of it)."""
+    """The devices went away 0.3 s into the reply (issue 22: the reply had no heard_seconds and its audio was all of it)."""
     recorded, frames, events, sink = Recorded(make_replies(60), token_s=0.03), FrameQueue(), EventQueue(), PacedSink()
     conversation = Conversation(recorded, events, frames=frames, sink=sink, settings=ConversationSettings(turn_detection=None, mic_timeout_s=None))
 
     def problem() -> str | None:
         started = sink.first_audio_time
-        return "the sound server went away" if started is not None and time.monotonic() - started > 0.5 else None
+        return "the sound server went away" if started is not None and time.monotonic() - started > 0.3 else None
 
     conversation.device_problem = problem
     conversation.ask_text("Tell me a long story.")
@@ -349,5 +350,5 @@ def test_a_sound_system_gone_mid_reply_keeps_only_what_was_heard(make_replies) -
     (done,) = [e for e in seen if isinstance(e, ReplyDone)]
     made = sum(e.audio.size for e in seen if isinstance(e, ReplyAudio)) / SAMPLE_RATE
     assert done.reason == "error" and "sound server" in done.error
-    assert done.heard_seconds is not None and 0.5 <= done.heard_seconds < 1.0 and made > done.heard_seconds
+    assert done.heard_seconds is not None and 0.3 <= done.heard_seconds < made
     assert done.audio.size == round(done.heard_seconds * SAMPLE_RATE)
