@@ -45,6 +45,11 @@ ERLE_DECAY = 0.99  # per 10 ms frame: a ~1 s window
 # up, so double talk can only delay it.
 CONVERGED_DB = 30.0
 MIN_FAR_S = 0.5
+# No echo path: the raw microphone stayed this far below what was played while the canceller
+# converged (a headset; loudspeakers into a microphone return 0-20 dB below). AEC3 then only
+# harms: while a reply plays it still ducks the user's first half-second as if it were echo
+# (10-40 dB), which delays barge-in by as much. So the microphone is passed through unchanged.
+NO_ECHO_DB = 40.0
 
 
 class EchoUnavailable(AudioInputError):
@@ -92,6 +97,8 @@ class EchoCanceller:
         self._energy_in = self._energy_out = 0.0  # ~1 s exponential windows while the far end is audible
         self._energy_far = 0.0  # the same window over what the speaker played
         self._converged = False
+        self.echo_return_db: float | None = None  # raw microphone under what was played when it converged
+        self.bypassed = False  # no echo path was found: the microphone passes unchanged
 
     def set_delay_ms(self, delay_ms: float) -> None:
         """Update the output + input latency hint (ms), e.g. once both streams are open."""
@@ -137,22 +144,22 @@ class EchoCanceller:
                 self._apm.set_stream_delay_ms(self._delay_ms)
                 self._apm.process_stream(self._frame_type(pcm, APM_RATE, 1, APM_FRAME))
                 cleaned = to_float32(pcm)
-                out[start : start + APM_FRAME] = cleaned
+                out[start : start + APM_FRAME] = samples[start : start + APM_FRAME] if self.bypassed else cleaned
                 self.processed_frames += 1
                 if self._far_hold > 0:
                     self._far_hold -= 1
                     heard = samples[start : start + APM_FRAME]
                     self._energy_in = ERLE_DECAY * self._energy_in + float(np.dot(heard, heard))
                     self._energy_out = ERLE_DECAY * self._energy_out + float(np.dot(cleaned, cleaned))
-                    if not self._converged and self.far_active_s >= MIN_FAR_S:
-                        self._converged = self._attenuation_db() >= CONVERGED_DB
+                    if not self._converged and self.far_active_s >= MIN_FAR_S and self._attenuation_db() >= CONVERGED_DB:
+                        self._converged = True
+                        self.echo_return_db = _db(self._energy_far, self._energy_in)
+                        self.bypassed = self.echo_return_db >= NO_ECHO_DB
         return out
 
     def _attenuation_db(self) -> float:
         """How far below what the speaker played the cleaned microphone is (dB, ~1 s window)."""
-        if self._energy_out <= 0.0:
-            return float("inf")
-        return float(10.0 * np.log10(max(self._energy_far, 1e-12) / self._energy_out))
+        return _db(self._energy_far, self._energy_out)
 
     @property
     def converged(self) -> bool:
@@ -170,6 +177,13 @@ class EchoCanceller:
             if self._energy_in <= 0.0:
                 return None
             return float(10.0 * np.log10(self._energy_in / max(self._energy_out, 1e-12)))
+
+
+def _db(reference: float, energy: float) -> float:
+    """How far (dB) `energy` lies below `reference`; infinite for silence."""
+    if energy <= 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(reference, 1e-12) / energy))
 
 
 def _load_module(settings: EchoSettings) -> tuple[Any, Any]:

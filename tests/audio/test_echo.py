@@ -197,3 +197,23 @@ def test_echo_through_a_real_sound_server_is_removed(sound_server, question_16k:
           f"mic overflows {mic.overflows}, speaker underflows {player.xruns}")
     assert erle >= 30.0  # measured 47-50 dB
     assert canceller.converged
+
+
+def test_without_an_echo_path_the_user_is_heard_at_once_over_a_reply(question_16k: list[np.ndarray]) -> None:
+    """A headset: nothing of the hiss came back, so the canceller steps aside (AEC3 would duck the user's first half-second)."""
+    hiss = np.concatenate([warm_up_sound(RATE), np.zeros(RATE // 2, np.float32)])
+    reply, user = question_16k[2][: 3 * RATE], question_16k[0]
+    far = np.concatenate([hiss, reply])
+    start = hiss.size + RATE // 2  # the user speaks half a second into the reply
+    noise = np.random.default_rng(0).normal(0, 3e-4, far.size).astype(np.float32)
+    mic = noise.copy()
+    mic[start:] += user[: far.size - start]
+    out, canceller = cancel(far, mic, 50)
+    assert canceller.converged and canceller.bypassed and canceller.echo_return_db >= 40
+    whole = mic.size // STEP * STEP  # what went through in 30 ms frames
+    np.testing.assert_array_equal(out[hiss.size : whole], mic[hiss.size : whole])
+    onset = start / RATE + np.flatnonzero(np.abs(user) > 0.02 * np.abs(user).max())[0] / RATE
+    assert 0 < speech_starts(out)[0] - onset <= 0.25  # heard as soon as on a silent speaker
+    # Loudspeakers into the microphone: the echo comes back, and the canceller stays.
+    _, with_echo = cancel(far, room_echo(far, 50, -6.0) + noise, 50)
+    assert with_echo.converged and not with_echo.bypassed and with_echo.echo_return_db < 20
