@@ -53,11 +53,13 @@ class SampleClock:
         candidate = callback_t - self._samples / self.rate
         if self._start is None:
             self._start = candidate
-        else:
+        else:  # the least delayed callback so far, allowed to creep later with the device's clock
             self._start = min(candidate, self._start + self.DRIFT * (callback_t - self._seen_t))
         self._seen_t = callback_t
         return self._start + self._samples / self.rate
 
+
+BLOCK_MS = 10
 
 FrameFilter = Callable[[np.ndarray], np.ndarray]
 """Cleans one 16 kHz float32 frame in the audio callback, e.g. `EchoCanceller.process`."""
@@ -125,8 +127,10 @@ class Microphone:
             self.device_name,
             samplerate=rate,
             channels=channels,
-            # One callback per frame when no resampling is needed: frames go straight to the queue.
-            blocksize=max(1, round(rate * self.frame_ms / 1000)),
+            # Small blocks: PortAudio (through PulseAudio) keeps two in flight, so each frame reaches
+            # the queue 20 ms after it was heard (60 ms with one 30 ms block per frame); the turn's
+            # end and a barge-in are heard that much sooner. Frames are assembled from them.
+            blocksize=max(1, round(rate * BLOCK_MS / 1000)),
             latency="low",
             callback=self._callback,
         )

@@ -85,14 +85,17 @@ def test_stream_resampler_matches_one_shot_resampling(rate_in: int, rate_out: in
 # -- the microphone's data path, with fake PortAudio ----------------------------------------
 
 
-def test_16k_device_frames_pass_through_as_copies(fake_sounddevice) -> None:
+def test_16k_device_blocks_make_frames_as_copies(fake_sounddevice) -> None:
     fake = fake_sounddevice(rates=(16000, 44100))
     with Microphone(frame_ms=30) as mic:
         (stream,) = fake.streams
-        assert mic.device_rate == 16000 and stream.settings["blocksize"] == 480
-        block = np.arange(480, dtype=np.float32)[:, None] / 480
-        stream.callback(block, 480, None, NO_STATUS)
-        block[:] = 0  # PortAudio reuses its buffer; the queued frame must not change
+        assert mic.device_rate == 16000 and stream.settings["blocksize"] == 160  # 10 ms blocks: 20 ms of input latency
+        block = np.zeros((160, 1), np.float32)
+        for k in range(3):
+            block[:, 0] = np.arange(160 * k, 160 * (k + 1), dtype=np.float32) / 480
+            stream.callback(block, 160, None, NO_STATUS)
+            block[:] = 0  # PortAudio reuses its buffer; the queued frame must not change
+            assert k == 2 or mic.read(timeout=0.01) is None  # a frame once three blocks came
         frame = mic.read(timeout=1)
         np.testing.assert_array_equal(frame, np.arange(480, dtype=np.float32) / 480)
         assert mic.read(timeout=0.01) is None
