@@ -42,9 +42,10 @@ class ConversationSettings:
     barge_in: bool | None = False
     speculate: bool = False  # start replies at the endpointer's SpeechPause events
     max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
-    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
-    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
-    barge_in_ms: int = 90
+    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): the speaker must
+    # fall silent soon after the user's onset (a reply that began in a mid-sentence pause is heard
+    # until then); the echo canceller and Silero keep it from firing on echo.
+    barge_in_ms: int = 60
     # Speech that interrupts a reply this soon after the end of the question goes on with it: the
     # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
     rejoin_ms: int = 1000
