@@ -103,6 +103,11 @@ def run_chat(
             answer_after_ms=answer_after or 0,
             speculate_ms=options.speculate_ms if speculate else 0,
             echo_warm_up=warm_up,
+            # After the hiss: converged (barge-in from the first reply), how far under it the echo came back
+            # (None: never converged), and whether the microphone passes unchanged (no echo path: a headset).
+            echo_converged=None if canceller is None else canceller.converged,
+            echo_return_db=None if canceller is None or canceller.echo_return_db is None else round(min(canceller.echo_return_db, 99.0), 1),
+            echo_bypassed=None if canceller is None else canceller.bypassed,
             microphone=None if mic is None else mic.device_name,
             microphone_rate=None if mic is None else mic.device_rate,
             speaker=None if player is None else player.device_name,
@@ -173,6 +178,7 @@ def _converse(
         else:
             session.run_text(read_line)
     except MicrophoneLost as exc:
+        session.view.status("stopped")  # with the line saying why: closing the devices may take 2 s more
         session.view.error(str(exc))
         session.recorder.event("error", message=str(exc))
         if mic is not None:

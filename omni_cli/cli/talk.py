@@ -115,7 +115,7 @@ def chat_cmd(
         typer.Option(
             "--barge-in/--half-duplex",
             help="Speaking over a reply stops it and starts your next turn. Default: on once the echo canceller has "
-            "learnt the room (the first few seconds of omni speaking are half-duplex); --barge-in: always (headphones); "
+            "learnt the room (from a soft 0.8 s hiss at the start; half-duplex until then); --barge-in: always (headphones); "
             "--half-duplex: never (what the microphone hears while omni speaks is ignored; no echo canceller).",
             show_default=False,
         ),

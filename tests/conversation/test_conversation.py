@@ -352,3 +352,40 @@ def test_a_sound_system_gone_mid_reply_keeps_only_what_was_heard(make_replies) -
     assert done.reason == "error" and "sound server" in done.error
     assert done.heard_seconds is not None and 0.3 <= done.heard_seconds < made
     assert done.audio.size == round(done.heard_seconds * SAMPLE_RATE)
+
+
+class ConvergesLate:
+    """An echo canceller that converges once `sink` has played `after_s` of the reply: half-duplex until then."""
+
+    erle_db = None
+
+    def __init__(self, sink: PacedSink, after_s: float) -> None:
+        self.sink, self.after_s = sink, after_s
+
+    @property
+    def converged(self) -> bool:
+        started = self.sink.first_audio_time
+        return started is not None and time.monotonic() - started >= self.after_s
+
+
+@pytest.mark.slow  # two questions streamed in real time (~8 s)
+def test_a_question_asked_during_the_half_duplex_start_of_a_reply_is_not_taken_for_the_previous_ones_rest(
+    make_replies, question_16k: list[np.ndarray]
+) -> None:
+    """Issue 22: the second question began 2 s into the first reply, before barge-in was on. The stream time stood
+    still while frames were dropped, so it seemed to follow the first question within a second: reply 1 was withdrawn
+    and question 2 merged into question 1."""
+    frames, events, sink = FrameQueue(), EventQueue(), PacedSink()
+    conversation = Conversation(make_replies(150), events, frames=frames, sink=sink, settings=server_vad(barge_in=None), echo=ConvergesLate(sink, 2.4))
+    first, second = question_16k[0], question_16k[1]
+    sent = np.concatenate([silence(0.3), first, silence(2.5), second, silence(1.5)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        barge = running.wait_for(BargeIn, timeout=40)
+        cut = running.wait_for(ReplyDone)
+        running.wait_for(ReplyStarted, count=2, timeout=40)
+
+    assert barge.turn == 1 and not barge.goes_on  # a new question, 2.5 s after the first one's end
+    assert cut.reason == "interrupted" and not cut.withdrawn and cut.heard_text  # reply 1 stays an answer
+    committed = running.wait_for(QuestionCommitted, count=2)
+    assert committed.heard.continues is None
