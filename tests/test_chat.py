@@ -483,7 +483,7 @@ def test_barge_in_while_the_reply_is_still_playing(tmp_path: Path, speech: np.nd
     assert any(r["type"] == "barge_in" for r in rows) and len(pipeline.calls) == 2
 
 
-def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, speech: np.ndarray) -> None:
+def test_half_duplex_takes_no_question_from_what_ended_while_replying(tmp_path: Path, speech: np.ndarray) -> None:
     holder: dict[str, FakeMic] = {}
 
     def on_token(call: int, i: int) -> None:
@@ -495,8 +495,9 @@ def test_half_duplex_drops_what_the_mic_hears_while_replying(tmp_path: Path, spe
     holder["mic"] = mic
     session, _ = make_session(tmp_path, pipeline, mic, player, barge_in=False)
     session.run_voice()
+    # Heard (stream time went on) but not taken for a question: it ended while the reply played, so it may be echo.
     assert pipeline.played_tokens == [40] and len(pipeline.calls) == 1
-    assert player.stops == 0 and mic.cleared > speech.size // FRAME
+    assert player.stops == 0 and not mic.queue and session.conversation.stream_time > 2 * speech.size / RATE
     listener = session.conversation.listener
     assert listener is not None and not listener.endpointer.in_speech
 
@@ -577,7 +578,7 @@ def test_by_default_barge_in_waits_for_a_converged_echo_canceller(tmp_path: Path
         assert next(r for r in rows if r["type"] == "full_duplex")["erle_db"] == 41.3
         assert next(r for r in rows if r["type"] == "assistant")["echo_erle_db"] == 41.3
     else:  # half-duplex: what it heard while speaking was dropped, and the reply ran to its end
-        assert mic.cleared > speech.size // FRAME and pipeline.played_tokens == [200]
+        assert len(pipeline.calls) == 1 and pipeline.played_tokens == [200]
 
 
 def test_going_on_with_the_question_right_after_the_turn_ended_withdraws_the_reply(tmp_path: Path, speech: np.ndarray) -> None:

@@ -106,6 +106,10 @@ class Conversation(Replying):
         self._speculation: SpeculativeReply | None = None
         self._spoken = SpokenQuestion()
         self._barge_in_onset: float | None = None  # stream time of the speech a barge-in announced
+        # After a half-duplex reply: until this stream time, voice may be its echo (an utterance
+        # that began during the reply counts only if its voice goes on past it); None: no such reply.
+        self._echo_until: float | None = None
+        self._reply_end_stream_t = 0.0
         self._closed = False
         self._init_replying()
         self._use_turn_detection(self.settings.turn_detection)
@@ -303,6 +307,8 @@ class Conversation(Replying):
                 events = self.replies.respond(question, self.history, self._should_stop)
                 self._speculation = SpeculativeReply(events, question, event, self._buffer.fresh())
         elif isinstance(event, SpeechEnd):
+            if self._heard_echo(event):
+                return
             if event.forced and len(self._spoken.windows) + 1 < self.settings.max_question_windows:
                 self._keep_window(event)
                 return
@@ -460,6 +466,24 @@ class Conversation(Replying):
             self._read_input(timeout)
         elif timeout > 0:
             self._handle_commands(wait=timeout)
+
+    def _after_half_duplex_reply(self) -> None:
+        """What the mic heard during a half-duplex reply: an utterance still going on is kept (the
+        user spoke over the reply; it is answered now), the rest was dropped (it may be echo)."""
+        listener = self._listener
+        if listener is not None:
+            self._reply_end_stream_t = listener.endpointer.time
+            self._echo_until = listener.keep_after_reply()
+
+    def _heard_echo(self, event: SpeechEnd) -> bool:
+        """An utterance that began during a half-duplex reply and whose voice ended within the echo's
+        tail: it may have been the reply's own voice, so it is no question (True)."""
+        until, self._echo_until = self._echo_until, None
+        if until is None or event.audio_start_t >= self._reply_end_stream_t or event.voiced_end_t > until:
+            return False
+        self._discard_speculation()
+        self._spoken = SpokenQuestion()
+        return True
 
     def _announce_barge_in(self, event: SpeechStart) -> None:
         """The speech that stopped a reply is announced now; the endpointer's own start for it later is `continued`."""

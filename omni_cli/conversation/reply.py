@@ -61,6 +61,7 @@ class ReplyProgress:
     withdrawn_at: float | None = None  # stream time of the speech that went on with the question
     error: str | None = None
     speculative: bool = False
+    heard_quietly: bool = False  # half-duplex: the mic was listened to, not for barge-in
     user_speech: Any = None  # the turn's speech embeddings from Done, kept in the history
 
     @property

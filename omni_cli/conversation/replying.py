@@ -95,6 +95,9 @@ class Replying:
     def _announce_barge_in(self, event: SpeechStart) -> None:
         raise NotImplementedError
 
+    def _after_half_duplex_reply(self) -> None:
+        raise NotImplementedError
+
     # -- state and cancel() -------------------------------------------------------------
 
     @property
@@ -170,6 +173,8 @@ class Replying:
             self._buffer.end_reply()
             self._finish(question, reply)
             self._reply = None
+            if reply.heard_quietly:
+                self._after_half_duplex_reply()
 
     def _generate(self, events: Iterator[Event], reply: ReplyProgress) -> None:
         """Stream the reply out; between events, handle commands, listen for barge-in and watch the devices."""
@@ -264,7 +269,8 @@ class Replying:
             self._drain_input_while_replying(timeout)
             return
         if not self.full_duplex:
-            listener.drop_heard(timeout)
+            listener.hear_quietly(timeout)
+            reply.heard_quietly = True
             return
         if not self._full_duplex_said and self.settings.barge_in is None:
             self._full_duplex_said = True

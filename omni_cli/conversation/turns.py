@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE
-from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechPause, SpeechStart
+from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
@@ -56,6 +56,11 @@ class ConversationSettings:
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the sink counts as stuck
 
 
+# A half-duplex reply's echo may reach the microphone this long after the reply ends (output and
+# input latency and the room): speech heard over the reply counts only if its voice goes on past it.
+ECHO_TAIL_S = 0.3
+
+
 class MicrophoneLost(AudioInputError):
     """The microphone stopped delivering audio in the middle of a session."""
 
@@ -65,7 +70,7 @@ class Listener:
 
     While listening, `next_events()` gives the events of the next frame, after those held back
     during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
-    starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
+    starts speaking and `hear_quietly()` (half-duplex) keeps what the mic heard without interrupting.
     `clock_of(stream_t)` puts an endpointer time on time.monotonic().
     """
 
@@ -144,19 +149,24 @@ class Listener:
             if start is not None:
                 return start
 
-    def drop_heard(self, timeout: float) -> None:
-        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none.
+    def hear_quietly(self, timeout: float) -> None:
+        """Half-duplex: push what the mic has (waiting up to `timeout` for a first frame), holding its
+        events, but never interrupt: much of it is our own voice. `keep_after_reply()` sorts it out."""
+        block = timeout
+        while (frame := self.mic.read(timeout=block)) is not None:
+            block = 0.0
+            self.held.extend(self._push(frame))
 
-        Stream time counts the dropped frames, so speech after the reply is timed against the question's end as heard.
-        """
-        dropped = self.mic.clear()
-        for _ in range(dropped):
-            self.endpointer.skip()
-        if dropped:  # about now (the next frame pushed puts it exactly)
-            self._anchor = (self.endpointer.time, self.clock())
-        elif timeout > 0:
-            time.sleep(timeout)
-        self.endpointer.reset()
+    def keep_after_reply(self) -> float:
+        """A half-duplex reply is over: of what was heard meanwhile, drop the utterances that ended
+        (they may have been its echo) and keep the one still going, if any (the user may have
+        spoken over the reply: answered after it). Returns the stream time until which an
+        utterance's voice may still be echo (see ECHO_TAIL_S)."""
+        ends = [k for k, event in enumerate(self.held) if isinstance(event, SpeechEnd)]
+        if ends:
+            for _ in range(ends[-1] + 1):
+                self.held.popleft()
+        return self.endpointer.time + ECHO_TAIL_S
 
 
 class SpeculativeReply:

@@ -389,3 +389,26 @@ def test_a_question_asked_during_the_half_duplex_start_of_a_reply_is_not_taken_f
     assert cut.reason == "interrupted" and not cut.withdrawn and cut.heard_text  # reply 1 stays an answer
     committed = running.wait_for(QuestionCommitted, count=2)
     assert committed.heard.continues is None
+
+
+@pytest.mark.slow  # two questions streamed in real time (~8 s)
+def test_a_question_spoken_over_a_half_duplex_reply_is_answered_after_it_whole(make_replies, question_16k: list[np.ndarray]) -> None:
+    """Half-duplex (the canceller never converged): the reply is not interrupted, but the question the user began over
+    it and went on with past its end is not lost (it was dropped before issue 22): it is the next turn, from its first word."""
+    frames, events, sink = FrameQueue(), EventQueue(), PacedSink()
+    never = ConvergesLate(sink, float("inf"))
+    conversation = Conversation(make_replies(50), events, frames=frames, sink=sink, settings=server_vad(barge_in=None), echo=never)
+    first, second = question_16k[0], question_16k[1]
+    # The reply (2 s) starts ~0.5 s after the first question; the second begins ~1 s into it and ends ~1 s after it.
+    sent = np.concatenate([silence(0.3), first, silence(1.5), second, silence(1.5)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        done = running.wait_for(ReplyDone)
+        committed = running.wait_for(QuestionCommitted, count=2, timeout=30)
+        running.wait_for(ReplyDone, count=2, timeout=30)
+
+    assert done.reason == "budget" and "BargeIn" not in running.kinds()  # half-duplex: never interrupted
+    onset, end = speech_bounds(second)
+    assert committed.audio.size >= (end - onset) * SAMPLE_RATE  # the whole second question, begun during the reply
+    heard = committed.audio[: int(1.0 * SAMPLE_RATE)]
+    assert np.abs(heard).max() > 0.02  # and its first second is speech, not the silence after the reply
