@@ -8,7 +8,10 @@ recorded. Per run, one JSON line:
 - transcript_latency_ms: what the transcript's `latency_ms` says for the same turns, and
   transcript_error_ms: transcript minus heard (≤ 60 ms wanted);
 - end_of_turn_ms: the session's end-of-turn delay after the true end (the transcript's
-  `end_of_turn_ms` where written; else the user line's `end_t` minus the true end);
+  `end_of_turn_ms` where written; else the user line's `end_t` minus the true end), and
+  where_the_time_goes_ms after it: input_ms (the deciding frame heard → acted on: device
+  blocks, queue, VAD), reply_ready_ms (→ the first audio handed to the speaker: the draft's
+  readiness and the jitter buffer's first fill), output_ms (→ heard: callback wait and output latency);
 - longest_gap_ms / gaps_over_50ms: silences inside replies after their first sound;
   speaker_underruns, mic_overflows (from the transcript's "end" line);
 - with `--pause-ms MS` (`--paused`: 400), each question is split at an inner word gap with
@@ -113,6 +116,10 @@ def run_session(
                 "first_sound_error_ms": _error_ms(reply.get("first_audio_t"), turn.first_sound),
                 "longest_gap_ms": round(turn.longest_gap_s * 1000, 1),
                 "gaps_over_50ms": turn.gaps_over_50ms,
+                # Where the time after the end of speech went (the transcript's clocks; older versions lack some).
+                "input_ms": _between(user.get("end_t"), user.get("decided_t")),
+                "reply_ready_ms": _between(user.get("decided_t"), reply.get("playback_t")),
+                "output_ms": _between(reply.get("playback_t"), reply.get("first_audio_t")),
             }
         )
     heard_ms = [t["heard_ms"] for t in turns if t["heard_ms"] is not None]
@@ -138,6 +145,9 @@ def run_session(
         "heard_latency_ms": {"median": _median(heard_ms), "max": max(heard_ms, default=None)},
         "transcript_error_ms": {"median": _median(errors), "max_abs": max((abs(e) for e in errors), default=None)},
         "end_of_turn_ms": {"median": _median([t["end_of_turn_ms"] for t in turns])},
+        # Medians: the end-of-turn decision's last frame → acted on; → the reply's first audio handed to the
+        # speaker (the draft's readiness and the jitter buffer's first fill); → heard (callback wait + output latency).
+        "where_the_time_goes_ms": {key: _median([t[key] for t in turns if t[key] is not None]) for key in ("input_ms", "reply_ready_ms", "output_ms")},
         "longest_gap_ms": max((t["longest_gap_ms"] for t in turns), default=None),
         "gaps_over_50ms": sum(t["gaps_over_50ms"] for t in turns),
         "speaker_underruns": end.get("speaker_underruns"),
@@ -167,6 +177,10 @@ def _loadavg() -> float | None:
         return round(os.getloadavg()[0], 2)
     except OSError:
         return None
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round((end - start) * 1000, 1)
 
 
 def _error_ms(claimed: float | None, measured: float | None) -> float | None:

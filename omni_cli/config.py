@@ -335,7 +335,7 @@ class ChatOptions:
     answer_after_ms: int = 200
     # Start the reply (encode, prefill, generate up to its first audio) after this much silence,
     # so that it is ready when the turn ends; dropped if you speak on. 0: off.
-    speculate_ms: int = 90
+    speculate_ms: int = 60
     vad_aggressiveness: int = 2
 
 

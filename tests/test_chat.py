@@ -737,7 +737,7 @@ def test_chat_help_documents_modes_and_ctrl_c() -> None:
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        ([], {"barge_in": None, "echo_cancellation": True, "hangover_ms": 500, "answer_after_ms": 200, "speculate_ms": 90}),
+        ([], {"barge_in": None, "echo_cancellation": True, "hangover_ms": 500, "answer_after_ms": 200, "speculate_ms": 60}),
         (["--half-duplex"], {"barge_in": False, "echo_cancellation": True}),
         (["--no-aec"], {"barge_in": None, "echo_cancellation": False}),
         (["--barge-in", "--speculate-ms", "0", "--hangover-ms", "700", "--answer-after-ms", "0"], {"barge_in": True, "speculate_ms": 0, "hangover_ms": 700, "answer_after_ms": 0}),

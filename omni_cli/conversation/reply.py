@@ -51,6 +51,7 @@ class ReplyProgress:
     voiced_end_stream_t: float | None = None  # see UserTurn
     audio_end_stream_t: float = 0.0
     played: bool = False  # some of its audio was handed to the sink
+    playback_t: float | None = None  # when its first audio was handed to the sink
     first_audio_t: float | None = None  # the first reply sample out of the sink
     heard_seconds: float | None = None  # how much was played, when it did not play to its end
     heard_cap: float | None = None  # truncate(): the client heard no more than this

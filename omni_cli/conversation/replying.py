@@ -214,6 +214,8 @@ class Replying:
         with self._sink_lock:
             if reply.cancel_requested:
                 return
+            if not reply.played:
+                reply.playback_t = self.clock()
             reply.played = True
             for chunk in chunks:
                 sink.play(chunk)
@@ -361,6 +363,7 @@ class Replying:
                 withdrawn=reply.withdrawn_at is not None,
                 echo_erle_db=self._erle() if reply.played else None,
                 error=reply.error,
+                playback_t=reply.playback_t,
             )
         )
         if reply.heard_cap is not None:
