@@ -78,12 +78,6 @@ class PlaybackBuffer:
         """True when take() would give audio now (nothing is taken)."""
         return self.started or (bool(self.held) and self.held_s >= self.wait_s())
 
-    def fresh(self) -> PlaybackBuffer:
-        """An empty buffer for another reply that knows what this one learnt (the unit rate)."""
-        buffer = PlaybackBuffer(self.chunk_units)
-        buffer.unit_s = self.unit_s
-        return buffer
-
     def take(self) -> list[np.ndarray]:
         """The chunks to play now: none while the held audio is short of wait_s(), else all held."""
         if not self.would_play():

@@ -12,8 +12,7 @@ Turn-taking:
   full duplex the turn may end after a shorter silence (`full_duplex_hangover_ms`): a guess
   the user takes back by going on (the rejoin below).
 - Speculative start: at a short pause (`SpeechPause`) the reply is started — encoded,
-  prefilled and generated into a buffer until the jitter buffer would start playing it —
-  while the hang-over runs. If the turn ends at that pause, the buffered reply goes out at
+  prefilled and generated into a buffer — while the hang-over runs. If the turn ends at that pause, the buffered reply goes out at
   once; if the user speaks on, it is dropped and the continued speech stays part of the same turn.
 - Replying (`replying.py`): text and audio go out as the pipeline yields them (audio through a
   small jitter buffer). Between events, commands are handled and the input is drained: in full
@@ -218,7 +217,7 @@ class Conversation(Replying):
             short = self.settings.full_duplex_hangover_ms
             config = listener.endpointer.config
             listener.endpointer.set_hangover_ms(short if short is not None and self.full_duplex else config.hangover_ms)
-            working = self._speculation is not None and not self._speculation.ready
+            working = self._speculation is not None and not self._speculation.done
             for event in listener.next_events(timeout=0.0 if working else None):
                 self._heard(event)
                 if self._stopping:
@@ -304,8 +303,7 @@ class Conversation(Replying):
         elif isinstance(event, SpeechPause):
             if self.settings.speculate and self._speculation is None:
                 question = self._spoken.audio(event.audio, event.audio_start_t)
-                events = self.replies.respond(question, self.history, self._should_stop)
-                self._speculation = SpeculativeReply(events, question, event, self._buffer.fresh())
+                self._speculation = SpeculativeReply(self.replies.respond(question, self.history, self._should_stop), question, event)
         elif isinstance(event, SpeechEnd):
             if self._heard_echo(event):
                 return

@@ -21,8 +21,7 @@ from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechEnd, SpeechPa
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
-from omni_cli.audio.playback_buffer import PlaybackBuffer
-from omni_cli.pipeline import AudioChunk, Done, Event, Units
+from omni_cli.pipeline import Done, Event
 
 
 @dataclass(frozen=True)
@@ -177,12 +176,10 @@ class SpeculativeReply:
     errors are handled; a discarded reply's never surface.
     """
 
-    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause, buffer: PlaybackBuffer | None = None) -> None:
-        """`buffer`: an empty jitter buffer like the reply's; the draft is ready once it would start playing."""
+    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
         self.events = events
         self.question = question
         self.pause = pause
-        self.buffer = buffer
         self.buffered: list[Event] = []
         self.error: Exception | None = None
         self.done = False
@@ -195,20 +192,10 @@ class SpeculativeReply:
     def tokens(self) -> int:
         return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
 
-    @property
-    def ready(self) -> bool:
-        """Enough is made to start playing the moment the turn ends: what the jitter buffer would
-        play (without one: the first audio), or the whole reply."""
-        if self.done:
-            return True
-        if self.buffer is not None:
-            return self.buffer.would_play()
-        return any(isinstance(e, AudioChunk) for e in self.buffered)
-
     def advance(self) -> None:
-        """Pull one more event, until it is ready: a draft the user talks over costs at most what
-        playing would have waited for (on a CPU, a few chunks)."""
-        if self.done or self.ready:
+        """Pull one more event. Called only while the user is silent: a draft they talk over cost at
+        most the silence it ran in (and its first step, the encoder and prefill, once begun)."""
+        if self.done:
             return
         try:
             event = next(self.events)
@@ -220,11 +207,6 @@ class SpeculativeReply:
             return
         self.buffered.append(event)
         self.done = isinstance(event, Done)
-        if self.buffer is not None:
-            if isinstance(event, Units):
-                self.buffer.on_units(event.t, len(event.units))
-            elif isinstance(event, AudioChunk) and event.audio.size:
-                self.buffer.push(event.audio, event.sample_rate)
 
     def replay(self) -> Iterator[Event]:
         yield from self.buffered

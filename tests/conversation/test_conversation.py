@@ -335,7 +335,7 @@ def test_with_turn_detection_a_commit_ends_the_utterance_in_progress(make_replie
 
 def test_a_sound_system_gone_mid_reply_keeps_only_what_was_heard(make_replies) -> None:
     """The devices went away 0.3 s into the reply (issue 22: the reply had no heard_seconds and its audio was all of it)."""
-    recorded, frames, events, sink = Recorded(make_replies(60), token_s=0.03), FrameQueue(), EventQueue(), PacedSink()
+    recorded, frames, events, sink = Recorded(make_replies(60)), FrameQueue(), EventQueue(), PacedSink()  # made faster than played
     conversation = Conversation(recorded, events, frames=frames, sink=sink, settings=ConversationSettings(turn_detection=None, mic_timeout_s=None))
 
     def problem() -> str | None:
