@@ -276,9 +276,9 @@ def test_spoken_turns_are_answered_with_history_and_saved(tmp_path: Path, speech
     assert [r["type"] for r in rows] == ["listening", "user", "assistant", "user", "assistant", "end"]
     user, reply = rows[1], rows[2]
     # The lines' keys, in order: what tools reading transcripts rely on.
-    assert list(user) == ["type", "time", "turn", "end_t", "speech_end_t", "end_of_turn_ms", "wav", "seconds"]
+    assert list(user) == ["type", "time", "turn", "end_t", "speech_end_t", "end_of_turn_ms", "wav", "seconds", "decided_t"]
     assert list(reply) == ["type", "time", "turn", "text", "tokens", "units", "stopped", "wav", "audio_seconds",
-                           "first_text_ms", "first_audio_t", "latency_ms"]
+                           "first_text_ms", "playback_t", "first_audio_t", "latency_ms"]
     saved, rate = sf.read(tmp_path / "session" / user["wav"], dtype="float32")
     assert rate == RATE and saved.size == first_audio.size
     np.testing.assert_allclose(saved, first_audio, atol=1 / 32768 + 1e-6)  # 16-bit WAV

@@ -24,6 +24,14 @@ from omni_cli.audio.devices import (
 )
 from omni_cli.audio.vad import FrameSplitter
 
+def _db_removed(heard: np.ndarray, cleaned: np.ndarray) -> float:
+    """How much quieter (dB) `cleaned` is than `heard`; 0 for silence."""
+    before, after = float(np.dot(heard, heard)), float(np.dot(cleaned, cleaned))
+    if before <= 1e-12:
+        return 0.0
+    return float(10.0 * np.log10(before / max(after, 1e-12)))
+
+
 class SampleClock:
     """When each captured block ended on time.monotonic(), from the count of samples rather than
     from when its callback happened to run.
@@ -98,8 +106,11 @@ class Microphone:
         self.device_name = "default"
         self.overflows = 0  # PortAudio reported lost input (the callback ran late)
         self.dropped_frames = 0  # frames discarded because nobody read the queue in time
-        self.frames: queue.Queue[tuple[np.ndarray, float]] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.frames: queue.Queue[tuple[np.ndarray, float, float | None]] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
         self.frame_end_t: float | None = None  # of the frame read() returned last
+        # Of that frame: how much quieter `clean` made it (dB; None without it). Echo the canceller
+        # removes loses 10-60 dB; the user's own voice a few dB at most: a barge-in tells them apart by it.
+        self.frame_echo_db: float | None = None
         self.clean = clean
         self.last_callback: float | None = None  # time.monotonic() of the latest audio callback (start() counts)
         self._stream: Any = None
@@ -175,10 +186,12 @@ class Microphone:
         # The last frame ends where the samples still waiting in the splitter begin.
         end_t = block_end_t - (self._splitter.pending + self.frame_samples * (len(ready) - 1)) / self.sample_rate
         for frame in ready:
+            removed_db = None
             if self.clean is not None:
-                frame = self.clean(frame)
+                heard, frame = frame, self.clean(frame)
+                removed_db = _db_removed(heard, frame)
             try:
-                self.frames.put_nowait((frame, end_t))
+                self.frames.put_nowait((frame, end_t, removed_db))
             except queue.Full:
                 self.dropped_frames += 1
             end_t += self.frame_samples / self.sample_rate
@@ -186,7 +199,7 @@ class Microphone:
     def read(self, timeout: float | None = None) -> np.ndarray | None:
         """Next frame (float32, frame_samples long), or None if none arrived within `timeout` seconds."""
         try:
-            frame, self.frame_end_t = self.frames.get(timeout=timeout)
+            frame, self.frame_end_t, self.frame_echo_db = self.frames.get(timeout=timeout)
         except queue.Empty:
             return None
         return frame

@@ -268,6 +268,7 @@ class Endpointer:
         self._undecided_run = 0  # trailing frames webrtcvad calls speech and the model not (yet)
         self._last_voiced = 0  # index of the last voiced frame in the utterance
         self._quiet_run = 0  # frames since webrtcvad last said speech
+        self.last_voiced = False  # the last frame pushed counted as voice (both stages, above the tail floor)
         self._model_warm = False
         self.last_probability = 0.0  # the model's latest speech probability (for meters and tests)
         self._splitter.reset()
@@ -325,6 +326,7 @@ class Endpointer:
         voiced = self._confirm(audio, heard) if self.speech_model is not None else heard
         index = self._frames_seen
         self._frames_seen += 1
+        self.last_voiced = False
         return self._step(audio.copy(), voiced, index, undecided=heard and not voiced)
 
     def _confirm(self, audio: np.ndarray, first_stage: bool) -> bool:
@@ -381,6 +383,7 @@ class Endpointer:
             self._onset_frame = self._last_voiced = index
             self._peak_energy = energy
             self._peak_abs = float(np.abs(audio).max())
+            self.last_voiced = True
             self._voiced, self._unvoiced_run, self._undecided_run = 1, 0, 0
             self._state = _State.ONSET
             return self._confirm_if_enough()
@@ -396,6 +399,7 @@ class Endpointer:
             self._unvoiced_run = self._undecided_run = 0
             self._last_voiced = index
             self._peak_abs = max(self._peak_abs, float(np.abs(audio).max()))
+            self.last_voiced = True
         else:
             self._unvoiced_run += 1
             self._undecided_run = self._undecided_run + 1 if undecided else 0

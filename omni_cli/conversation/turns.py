@@ -55,6 +55,10 @@ class ConversationSettings:
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the sink counts as stuck
 
 
+# A frame counts toward a barge-in only if the echo canceller took less than this out of it: the
+# user's voice loses a few dB (AEC3 ducks it a little while the reply plays), residual echo of the
+# reply 10 dB or more (what is left of it passed the canceller, but most of it did not).
+NEAR_END_DB = 6.0
 # A half-duplex reply's echo may reach the microphone this long after the reply ends (output and
 # input latency and the room): speech heard over the reply counts only if its voice goes on past it.
 ECHO_TAIL_S = 0.3
@@ -87,6 +91,10 @@ class Listener:
         self.clock = clock
         self.on_first_frame: Callable[[float], None] | None = on_first_frame
         self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
+        # While replying: voice in a row that the echo canceller left almost whole, and the
+        # endpointer's start of the speech it belongs to (when it was confirmed before that).
+        self._near_voiced_s = 0.0
+        self._speech_start: SpeechStart | None = None
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
         self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
 
@@ -129,7 +137,8 @@ class Listener:
     def speech_start(self, timeout: float) -> SpeechStart | None:
         """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
 
-        Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
+        Speech counts as started after `settings.barge_in_ms` of voice in a row that the echo
+        canceller left almost whole (NEAR_END_DB: not its residual echo), before the endpointer's own
         SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
         listening loop.
         """
@@ -141,12 +150,20 @@ class Listener:
                 return None
             events = self._push(frame)
             self.held.extend(events)
-            start = next((e for e in events if isinstance(e, SpeechStart)), None)
-            onset = self.endpointer.onset
-            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
-                start = SpeechStart(t=onset[0])
-            if start is not None:
-                return start
+            endpointer = self.endpointer
+            self._speech_start = next((e for e in events if isinstance(e, SpeechStart)), self._speech_start)
+            if endpointer.last_voiced:  # the user's voice, or echo the canceller left?
+                removed = getattr(self.mic, "frame_echo_db", None)
+                near = removed is None or removed < NEAR_END_DB
+                self._near_voiced_s = self._near_voiced_s + endpointer.config.frame_ms / 1000 if near else 0.0
+            elif not endpointer.in_speech and endpointer.onset is None:
+                self._near_voiced_s, self._speech_start = 0.0, None
+            if self._near_voiced_s * 1000 >= self.settings.barge_in_ms:
+                onset = endpointer.onset
+                start = SpeechStart(t=onset[0]) if onset is not None else self._speech_start
+                if start is not None:
+                    self._near_voiced_s = 0.0
+                    return start
 
     def hear_quietly(self, timeout: float) -> None:
         """Half-duplex: push what the mic has (waiting up to `timeout` for a first frame), holding its
