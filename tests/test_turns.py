@@ -72,8 +72,8 @@ def barge_in_after(frames: list[tuple[bool, float | None]]) -> float | None:
 
     mic = EchoedMic(frames)
     endpointer = Endpointer(EndpointerConfig(speech_model=False), is_speech=lambda pcm, rate: max(pcm) > 0)
-    listener = Listener(mic, endpointer, ConversationSettings(barge_in_ms=60), lambda: 0.0, None)
-    start = listener.speech_start(timeout=0.0)
+    listener = Listener(mic, endpointer, ConversationSettings(barge_in_ms=60), lambda: 0.0, None)  # 2 frames
+    start = listener.speech_start(timeout=0.0, echo_left=True)
     return None if start is None else round(endpointer.time, 3)
 
 
@@ -86,5 +86,7 @@ def test_barge_in_hears_the_users_voice_not_the_echo_the_canceller_left() -> Non
     assert barge_in_after(silence + [(True, None)] * 5) == 0.21  # no canceller (a client's audio)
     # Echo, then the user over it (the endpointer already in speech from the echo): 60 ms of their voice.
     assert barge_in_after(silence + [(True, 25.0)] * 10 + [(True, 1.0)] * 3) == 0.51
-    # The user's voice must come in a row: echo in between starts the count again.
+    # The user's voice, ducked in one frame of three by the canceller: heard, a frame later.
+    assert barge_in_after(silence + [(True, 3.0), (True, 20.0), (True, 3.0), (True, 4.0)]) == 0.27
+    # As much echo as voice: no barge-in.
     assert barge_in_after(silence + [(True, 1.0), (True, 25.0)] * 6 + [(False, 0.0)] * 10) is None

@@ -38,6 +38,7 @@ from omni_cli.conversation.reply import ReplyProgress, milliseconds_since
 from omni_cli.conversation.turns import (
     ContinuedQuestion,
     ConversationSettings,
+    GOOD_ERLE_DB,
     Listener,
     MicrophoneLost,
     SpeculativeReply,
@@ -278,7 +279,9 @@ class Replying:
             self._full_duplex_said = True
             self._emit(FullDuplexOn(self.clock(), reply.turn, self._erle()))
         if reply.cut is None:
-            start = listener.speech_start(timeout)
+            erle = self.echo.erle_db if self.echo is not None else None
+            echo_left = self.echo is not None and (erle is None or erle < GOOD_ERLE_DB)
+            start = listener.speech_start(timeout, echo_left)
             if start is not None:
                 self._barge_in(reply, listener, start)
 
