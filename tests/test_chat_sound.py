@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -245,6 +246,27 @@ def count(rows: list[dict], kind: str) -> int:
     return sum(r["type"] == kind for r in rows)
 
 
+@contextmanager
+def open_speakers(sound_server, delay_ms: int, echo_db: float) -> Iterator[None]:
+    """Within the block, the speaker is looped back into the microphone `delay_ms` later at `echo_db`."""
+    module = sound_server.pactl("load-module", "module-loopback", "source=omni_out.monitor", f"sink={MIC_SINK}", f"latency_msec={delay_ms}").strip()
+    try:
+        sound_server.pactl("set-sink-input-volume", sink_input_of(sound_server, module), f"{10 ** (echo_db / 20):.4f}")  # a linear factor
+        yield
+    finally:
+        sound_server.pactl("unload-module", module)
+
+
+def talk_over_a_reply(sound_server, chat: InProcessChat, question: Path, replies_before: int, after_s: float) -> float:
+    """Once the next reply plays, wait `after_s`, then speak `question` into the microphone; when it was started."""
+    chat.wait_for("the reply", lambda rows: count(rows, "user") > replies_before and chat.sessions[0].replying, 10)
+    time.sleep(after_s)
+    spoken_over = time.monotonic()
+    assert sound_server.play_into_mic(question).wait(15) == 0
+    chat.wait_for("its answer", lambda rows: count(rows, "assistant") >= replies_before + 2, 30)
+    return spoken_over
+
+
 def sink_input_of(sound_server, module: str, timeout: float = 5.0) -> str:
     """The index of the sink input (playback stream) a loaded module owns."""
     deadline = time.monotonic() + timeout
@@ -275,9 +297,7 @@ def test_on_open_speakers_omni_hears_you_over_its_own_echo(
             return cleaned
 
     monkeypatch.setattr(echo, "EchoCanceller", Tapped)
-    module = sound_server.pactl("load-module", "module-loopback", "source=omni_out.monitor", f"sink={MIC_SINK}", f"latency_msec={delay_ms}").strip()
-    try:
-        sound_server.pactl("set-sink-input-volume", sink_input_of(sound_server, module), f"{10 ** (echo_db / 20):.4f}")  # a linear factor
+    with open_speakers(sound_server, delay_ms, echo_db):
         chat = InProcessChat(monkeypatch, SpokenReplies(spoken_lines.replies), tmp_path / "session")
         try:
             for turn, question in enumerate(spoken_lines.questions[:5], start=1):
@@ -285,15 +305,9 @@ def test_on_open_speakers_omni_hears_you_over_its_own_echo(
                 chat.wait_for(f"reply {turn}", lambda rows, turn=turn: count(rows, "assistant") >= turn, 30)
                 time.sleep(0.4)  # the echo's tail
             assert sound_server.play_into_mic(spoken_lines.questions[5]).wait(15) == 0
-            chat.wait_for("the sixth reply", lambda rows: any(r["type"] == "assistant" for r in rows) and chat.sessions[0].replying, 10)
-            time.sleep(1.5)  # well into the reply: talk over it
-            spoken_over = time.monotonic()
-            assert sound_server.play_into_mic(question_wavs[0]).wait(15) == 0
-            chat.wait_for("its answer", lambda rows: count(rows, "assistant") >= 7, 30)
+            spoken_over = talk_over_a_reply(sound_server, chat, question_wavs[0], replies_before=5, after_s=1.5)  # well into it
         finally:
             chat.stop()
-    finally:
-        sound_server.pactl("unload-module", module)
 
     rows = chat.rows()
     replies = [r for r in rows if r["type"] == "assistant"]
@@ -338,21 +352,13 @@ def test_on_open_speakers_a_question_one_second_into_the_first_reply_interrupts_
     delay_ms: int, echo_db: float,
 ) -> None:  # fmt: skip
     """Full duplex from the first word: the warm-up hiss taught the canceller the room before any reply."""
-    module = sound_server.pactl("load-module", "module-loopback", "source=omni_out.monitor", f"sink={MIC_SINK}", f"latency_msec={delay_ms}").strip()
-    try:
-        sound_server.pactl("set-sink-input-volume", sink_input_of(sound_server, module), f"{10 ** (echo_db / 20):.4f}")
+    with open_speakers(sound_server, delay_ms, echo_db):
         chat = InProcessChat(monkeypatch, SpokenReplies(spoken_lines.replies), tmp_path / "session")
         try:
             assert sound_server.play_into_mic(spoken_lines.questions[0]).wait(15) == 0
-            chat.wait_for("the first reply", lambda rows: count(rows, "user") >= 1 and chat.sessions[0].replying, 10)
-            time.sleep(1.0)  # one second into the first reply (6.5 s long): talk over it
-            spoken_over = time.monotonic()
-            assert sound_server.play_into_mic(question_wavs[0]).wait(15) == 0
-            chat.wait_for("its answer", lambda rows: count(rows, "assistant") >= 2, 30)
+            spoken_over = talk_over_a_reply(sound_server, chat, question_wavs[0], replies_before=0, after_s=1.0)  # of 6.5 s
         finally:
             chat.stop()
-    finally:
-        sound_server.pactl("unload-module", module)
     rows = chat.rows()
     session = rows[0]
     replies = [r for r in rows if r["type"] == "assistant"]
