@@ -73,7 +73,9 @@ def barge_in_after(frames: list[tuple[bool, float | None]]) -> float | None:
     mic = EchoedMic(frames)
     endpointer = Endpointer(EndpointerConfig(speech_model=False), is_speech=lambda pcm, rate: max(pcm) > 0)
     listener = Listener(mic, endpointer, ConversationSettings(barge_in_ms=60), lambda: 0.0, None)  # 2 frames
-    start = listener.speech_start(timeout=0.0, echo_left=True)
+    start = None
+    while mic.frames and start is None:  # a few frames at a time, as a reply's loop hears them
+        start = listener.speech_start(timeout=0.0, echo_left=True)
     return None if start is None else round(endpointer.time, 3)
 
 

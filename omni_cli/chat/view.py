@@ -170,7 +170,9 @@ class ChatView:
             line.append(f"  {detail}", style="dim")
         self._status = line
         if self.live_mode:
-            self._refresh()
+            # Drawn now: a line printed next (an error) redraws the live region as last drawn, which
+            # the 12-a-second refresh may not have caught up with (it showed "speaking" below it).
+            self._refresh(now=True)
         elif state != self._state and state in ("listening", "typing") and not self._plain_reply_open:
             self.console.print(line, highlight=False)
         self._state = state
@@ -223,6 +225,6 @@ class ChatView:
         parts = [t for t in (self._user, self._reply) if t is not None]
         return Group(*parts, self._status)
 
-    def _refresh(self) -> None:
+    def _refresh(self, now: bool = False) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.update(self._render(), refresh=now)

@@ -12,14 +12,17 @@ Turn-taking:
   full duplex the turn may end after a shorter silence (`full_duplex_hangover_ms`): a guess
   the user takes back by going on (the rejoin below).
 - Speculative start: at a short pause (`SpeechPause`) the reply is started — encoded,
-  prefilled and generated into a buffer — while the hang-over runs. If the turn ends at that pause, the buffered reply goes out at
-  once; if the user speaks on, it is dropped and the continued speech stays part of the same turn.
+  prefilled and generated into a buffer — while the hang-over runs. If the turn ends at that
+  pause, the buffered reply goes out at once; if the user speaks on, it is dropped and the
+  continued speech stays part of the same turn.
 - Replying (`replying.py`): text and audio go out as the pipeline yields them (audio through a
   small jitter buffer). Between events, commands are handled and the input is drained: in full
   duplex, speech (`barge_in_ms` of it) stops the reply (barge-in) and becomes the next turn — or,
   when it began within `rejoin_ms` of the question's last word, goes on with that question (the
   reply is withdrawn, both parts are asked as one). In half-duplex (no echo canceller, or one
-  that has not converged yet) what was heard while replying is dropped (its time still counts).
+  that has not converged yet) what is heard while replying never interrupts: an utterance the
+  user goes on with past the reply (and its echo's tail) is answered after it, whole; one that
+  ended during the reply is dropped (it may have been the reply's echo).
 - Long speech: the model hears 30 s at a time; at each 30 s the utterance is kept and listening
   goes on: the windows that follow are appended to the same question (up to `max_question_windows`).
 - Memory: finished turns (speech embeddings or text, and the reply as far as it was heard) are

@@ -64,6 +64,10 @@ class ConversationSettings:
 # ducks the user where the echo is louder). A voiced frame that lost more takes one back.
 NEAR_END_DB = 12.0
 GOOD_ERLE_DB = 30.0
+# While replying, at most this many frames are heard at a time, so that the reply's state (full
+# duplex switched on, a cancel, the devices) is looked at again between them even when frames come
+# as fast as they are heard.
+FRAMES_A_STEP = 8
 # A half-duplex reply's echo may reach the microphone this long after the reply ends (output and
 # input latency and the room): speech heard over the reply counts only if its voice goes on past it.
 ECHO_TAIL_S = 0.3
@@ -96,8 +100,8 @@ class Listener:
         self.clock = clock
         self.on_first_frame: Callable[[float], None] | None = on_first_frame
         self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
-        # While replying: voice that the echo canceller left almost whole (net), and the
-        # endpointer's start of the speech it belongs to (when it was confirmed before that).
+        # While replying: voice that the echo canceller left almost whole (net). The endpointer's
+        # start of the utterance in progress (None outside one): a barge-in may come late in it.
         self._near_voiced_s = 0.0
         self._speech_start: SpeechStart | None = None
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
@@ -126,6 +130,8 @@ class Listener:
 
     def _push(self, frame: np.ndarray) -> list[VadEvent]:
         events = self.endpointer.push(frame)
+        for event in events:  # the start of the utterance in progress, for a barge-in that comes later in it
+            self._speech_start = event if isinstance(event, SpeechStart) else None if isinstance(event, SpeechEnd) else self._speech_start
         ended = self.mic.frame_end_t
         self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
         return events
@@ -149,7 +155,7 @@ class Listener:
         listening loop.
         """
         block = timeout
-        while True:
+        for _ in range(FRAMES_A_STEP):
             frame = self.mic.read(timeout=block)
             block = 0.0
             if frame is None:
@@ -157,26 +163,29 @@ class Listener:
             events = self._push(frame)
             self.held.extend(events)
             endpointer = self.endpointer
-            self._speech_start = next((e for e in events if isinstance(e, SpeechStart)), self._speech_start)
             if endpointer.last_voiced:  # the user's voice, or echo the canceller left?
                 removed = getattr(self.mic, "frame_echo_db", None)
                 step = endpointer.config.frame_ms / 1000
                 near = not echo_left or removed is None or removed < NEAR_END_DB
                 self._near_voiced_s = self._near_voiced_s + step if near else max(0.0, self._near_voiced_s - step)
             elif not endpointer.in_speech and endpointer.onset is None:
-                self._near_voiced_s, self._speech_start = 0.0, None
+                self._near_voiced_s = 0.0
             if self._near_voiced_s * 1000 >= self.settings.barge_in_ms:
                 onset = endpointer.onset
                 start = SpeechStart(t=onset[0]) if onset is not None else self._speech_start
                 if start is not None:
                     self._near_voiced_s = 0.0
                     return start
+        return None
 
     def hear_quietly(self, timeout: float) -> None:
         """Half-duplex: push what the mic has (waiting up to `timeout` for a first frame), holding its
         events, but never interrupt: much of it is our own voice. `keep_after_reply()` sorts it out."""
         block = timeout
-        while (frame := self.mic.read(timeout=block)) is not None:
+        for _ in range(FRAMES_A_STEP):
+            frame = self.mic.read(timeout=block)
+            if frame is None:
+                return
             block = 0.0
             self.held.extend(self._push(frame))
 
