@@ -364,9 +364,14 @@ class ChatOptions:
     # 500: the shortest hang-over that cut no question at a 400 ms mid-sentence pause
     # (benchmarks/turn_taking.py); the reply is prepared during it (speculate_ms).
     hangover_ms: int = 500
-    # Start the reply (encode, prefill, generate) after this much silence, while the hang-over
-    # runs; it is heard only if the turn ends there, and dropped if you speak on. 0: off.
-    speculate_ms: int = 150
+    # In full duplex the turn ends after this much silence: a person answers ~200 ms after the
+    # other stops. A guess that can be taken back: speech within ConversationSettings.rejoin_ms
+    # stops the reply and goes on with the question (benchmarks/heard_latency.py --pause-ms
+    # measures what a mid-sentence pause costs). 0: the hang-over always.
+    answer_after_ms: int = 200
+    # Start the reply (encode, prefill, generate up to its first audio) after this much silence,
+    # so that it is ready when the turn ends; dropped if you speak on. 0: off.
+    speculate_ms: int = 60
     vad_aggressiveness: int = 2
 
 

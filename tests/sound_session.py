@@ -208,9 +208,9 @@ class HeardTurn:
         return None if self.first_sound is None else (self.first_sound - self.speech_end) * 1000
 
 
-def heard_turns(mic: Recording, speaker: Recording) -> list[HeardTurn]:
-    """Each question heard on the microphone with its reply as the speaker played it."""
-    questions = utterances(mic)
+def heard_turns(mic: Recording, speaker: Recording, min_silence_s: float = 0.8) -> list[HeardTurn]:
+    """Each question heard on the microphone (sound parted by at least `min_silence_s`) with its reply as the speaker played it."""
+    questions = utterances(mic, min_silence_s)
     turns = []
     for k, (_, end) in enumerate(questions):
         until = questions[k + 1][0] if k + 1 < len(questions) else speaker.time(speaker.audio.size)

@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -112,9 +113,10 @@ def test_the_latency_heard_is_the_latency_recorded(spoken_session: SimpleNamespa
         heard_latency_median_ms=statistics.median(heard),
         heard_latency_max_ms=max(heard),
     )
-    assert max(abs(e) for e in errors) <= 60
-    # The hang-over (500 ms), at most a frame, and at most the 200 ms wait for Silero on a soft ending.
-    assert all(500 <= ms <= 500 + 30 + 200 for ms in end_of_turn)
+    assert max(abs(e) for e in errors) <= 20
+    # Full duplex from the start (the warm-up hiss): 200 ms of silence, within a frame of the voiced end (the end of
+    # speech to the sample lies up to 90 ms past it), and at most the 200 ms wait for Silero on a soft ending.
+    assert all(200 - 90 <= ms <= 200 + 30 + 200 for ms in end_of_turn)
 
 
 def test_replies_play_without_gaps(spoken_session: SimpleNamespace, capsys, record_property) -> None:
@@ -244,6 +246,27 @@ def count(rows: list[dict], kind: str) -> int:
     return sum(r["type"] == kind for r in rows)
 
 
+@contextmanager
+def open_speakers(sound_server, delay_ms: int, echo_db: float) -> Iterator[None]:
+    """Within the block, the speaker is looped back into the microphone `delay_ms` later at `echo_db`."""
+    module = sound_server.pactl("load-module", "module-loopback", "source=omni_out.monitor", f"sink={MIC_SINK}", f"latency_msec={delay_ms}").strip()
+    try:
+        sound_server.pactl("set-sink-input-volume", sink_input_of(sound_server, module), f"{10 ** (echo_db / 20):.4f}")  # a linear factor
+        yield
+    finally:
+        sound_server.pactl("unload-module", module)
+
+
+def talk_over_a_reply(sound_server, chat: InProcessChat, question: Path, replies_before: int, after_s: float) -> float:
+    """Once the next reply plays, wait `after_s`, then speak `question` into the microphone; when it was started."""
+    chat.wait_for("the reply", lambda rows: count(rows, "user") > replies_before and chat.sessions[0].replying, 10)
+    time.sleep(after_s)
+    spoken_over = time.monotonic()
+    assert sound_server.play_into_mic(question).wait(15) == 0
+    chat.wait_for("its answer", lambda rows: count(rows, "assistant") >= replies_before + 2, 30)
+    return spoken_over
+
+
 def sink_input_of(sound_server, module: str, timeout: float = 5.0) -> str:
     """The index of the sink input (playback stream) a loaded module owns."""
     deadline = time.monotonic() + timeout
@@ -274,9 +297,7 @@ def test_on_open_speakers_omni_hears_you_over_its_own_echo(
             return cleaned
 
     monkeypatch.setattr(echo, "EchoCanceller", Tapped)
-    module = sound_server.pactl("load-module", "module-loopback", "source=omni_out.monitor", f"sink={MIC_SINK}", f"latency_msec={delay_ms}").strip()
-    try:
-        sound_server.pactl("set-sink-input-volume", sink_input_of(sound_server, module), f"{10 ** (echo_db / 20):.4f}")  # a linear factor
+    with open_speakers(sound_server, delay_ms, echo_db):
         chat = InProcessChat(monkeypatch, SpokenReplies(spoken_lines.replies), tmp_path / "session")
         try:
             for turn, question in enumerate(spoken_lines.questions[:5], start=1):
@@ -284,15 +305,9 @@ def test_on_open_speakers_omni_hears_you_over_its_own_echo(
                 chat.wait_for(f"reply {turn}", lambda rows, turn=turn: count(rows, "assistant") >= turn, 30)
                 time.sleep(0.4)  # the echo's tail
             assert sound_server.play_into_mic(spoken_lines.questions[5]).wait(15) == 0
-            chat.wait_for("the sixth reply", lambda rows: any(r["type"] == "assistant" for r in rows) and chat.sessions[0].replying, 10)
-            time.sleep(1.5)  # well into the reply: talk over it
-            spoken_over = time.monotonic()
-            assert sound_server.play_into_mic(question_wavs[0]).wait(15) == 0
-            chat.wait_for("its answer", lambda rows: count(rows, "assistant") >= 7, 30)
+            spoken_over = talk_over_a_reply(sound_server, chat, question_wavs[0], replies_before=5, after_s=1.5)  # well into it
         finally:
             chat.stop()
-    finally:
-        sound_server.pactl("unload-module", module)
 
     rows = chat.rows()
     replies = [r for r in rows if r["type"] == "assistant"]
@@ -330,11 +345,50 @@ def test_on_open_speakers_omni_hears_you_over_its_own_echo(
     assert 0 < stopped_ms <= 400
 
 
+@pytest.mark.slow  # ~15 s of real-time conversation per case
+@pytest.mark.parametrize(("delay_ms", "echo_db"), [(30, 0.0), (150, -6.0)])
+def test_on_open_speakers_a_question_one_second_into_the_first_reply_interrupts_it(
+    sound_server, spoken_lines, question_wavs: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys, record_property,
+    delay_ms: int, echo_db: float,
+) -> None:  # fmt: skip
+    """Full duplex from the first word: the warm-up hiss taught the canceller the room before any reply."""
+    with open_speakers(sound_server, delay_ms, echo_db):
+        chat = InProcessChat(monkeypatch, SpokenReplies(spoken_lines.replies), tmp_path / "session")
+        try:
+            assert sound_server.play_into_mic(spoken_lines.questions[0]).wait(15) == 0
+            spoken_over = talk_over_a_reply(sound_server, chat, question_wavs[0], replies_before=0, after_s=1.0)  # of 6.5 s
+        finally:
+            chat.stop()
+    rows = chat.rows()
+    session = rows[0]
+    replies = [r for r in rows if r["type"] == "assistant"]
+    users = [r for r in rows if r["type"] == "user"]
+    (barge_in,) = [r for r in rows if r["type"] == "barge_in"]
+    onset = spoken_over + true_bounds(load_audio(question_wavs[0]))[0]
+    stopped_ms = (barge_in["stopped_t"] - onset) * 1000
+    report(
+        capsys,
+        record_property,
+        f"echo {delay_ms} ms at {echo_db:+.0f} dB: first reply interrupted, speaker silent {stopped_ms:.0f} ms after the question's onset; "
+        f"echo returned {session.get('echo_return_db')} dB under the hiss",
+        first_reply_barge_in_silent_ms=round(stopped_ms, 1),
+    )
+    assert session["echo_warm_up"] is True
+    assert barge_in["turn"] == 1 and not barge_in["goes_on_with_the_question"]
+    assert replies[0]["stopped"] == "interrupted" and 0 < replies[0]["heard_seconds"] < 3.0
+    # While the user is still speaking. Slower than once the canceller has heard seconds of speech (≤ 400 ms, above):
+    # this early AEC3 ducks the user's voice under the reply for a while (measured 0.21-1.34 s here, median ~0.5 s).
+    question_s = float(np.diff(true_bounds(load_audio(question_wavs[0])))[0])
+    assert 0 < stopped_ms < question_s * 1000
+    # ... and the question is answered whole (2.2 s of speech, pre-roll and the silence after it).
+    assert len(users) == 2 and users[1]["seconds"] > 1.5 and replies[1]["stopped"] == "eos"
+
+
 @pytest.mark.slow  # 30 s of noise in real time
 def test_noise_and_music_start_no_turn_but_quiet_speech_does(sound_server, question_wavs: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    noises = np.concatenate([at_dbfs(NOISES[name](10.0, seed=1), -20.0) for name in ("white", "pink", "music")])
+    noises = np.concatenate([at_dbfs(NOISES[name](5.0, seed=1), level) for level in (-20.0, -10.0) for name in ("white", "pink", "music")])
     sf.write(tmp_path / "noise.wav", noises, RATE, subtype="FLOAT")
-    sf.write(tmp_path / "quiet.wav", at_dbfs(load_audio(question_wavs[1]), -30.0), RATE, subtype="FLOAT")
+    sf.write(tmp_path / "quiet.wav", at_dbfs(load_audio(question_wavs[1]), -40.0), RATE, subtype="FLOAT")
     chat = InProcessChat(monkeypatch, SpokenReplies([np.zeros(RATE // 10, np.float32)]), tmp_path / "session")
     try:
         assert sound_server.play_into_mic(tmp_path / "noise.wav").wait(40) == 0

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -94,6 +95,22 @@ def test_chat_prints_model_text_without_control_characters(tmp_path: Path, live:
     for control in CONTROLS[:-1] if live else CONTROLS:  # rich's live display moves the cursor with CR itself
         assert control not in shown
     assert transcript(tmp_path / "s")[-1]["text"] == NASTY  # the transcript keeps what the model said
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_typed_question_shows_once(monkeypatch: pytest.MonkeyPatch, terminal: bool) -> None:
+    """On a terminal the echoed "you> ..." line (two rows here) is taken away: the turn shows it as "you [1]: ..." (issue 22)."""
+    from omni_cli.chat.view import ERASE_LINE_ABOVE
+
+    typed = "what is the tallest mountain in europe and how high is it"  # 63 columns with the prompt: two rows of 40
+    monkeypatch.setattr("builtins.input", lambda *args: typed)
+    out = io.StringIO()
+    view = ChatView(Console(file=out, force_terminal=terminal, width=40, color_system=None), live=False)
+    assert view.prompt("you> ") == typed
+    erased = out.getvalue().split("you> ", 1)[1]
+    assert erased == (ERASE_LINE_ABOVE * 2 if terminal else "")
+    view.user_typed(1, typed)
+    assert out.getvalue().count(typed[:20]) == 1  # the terminal's echo is not in what omni writes; the turn is
 
 
 def test_transcribe_stdout_strips_control_characters_and_json_escapes_them(tmp_path: Path) -> None:
@@ -470,7 +487,8 @@ def test_chat_shows_what_it_loads_within_1_s_and_exits_within_1_s_of_session_sav
 
 @pytest.mark.sound
 @pytest.mark.slow  # a private sound server, torch and the tiny model in a child process, one spoken question: ~10 s
-def test_killing_the_sound_server_mid_reply_is_one_line_and_the_session_is_kept(tiny_model, question_wavs, tmp_path: Path, capsys) -> None:
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGSTOP"])  # the sound server dies, or hangs
+def test_killing_the_sound_server_mid_reply_is_one_line_and_the_session_is_kept(tiny_model, question_wavs, tmp_path: Path, capsys, how: str) -> None:
     from sound_server import start_sound_server
 
     server, reason = start_sound_server()  # its own: the shared one must outlive this test
@@ -485,9 +503,10 @@ def test_killing_the_sound_server_mid_reply_is_one_line_and_the_session_is_kept(
         server.play_into_mic(question_wavs[0])
         chat.wait_for("● speaking", timeout=30)  # the status (a note also says "omni speaking")
         time.sleep(0.3)
-        server.process.kill()
+        server.process.send_signal(getattr(signal, how))
         killed, at_kill = time.monotonic(), len(chat.raw)
         said = chat.wait_for("sound server", timeout=5, since=at_kill)
+        at_said = chat.raw.index(b"sound server", at_kill)
         moved_on = chat.wait_for("typing", timeout=5, since=at_kill)  # the status after the fault: typed questions
         after_kill = chat.text(at_kill)
         chat.type(b"\x04")
@@ -501,14 +520,20 @@ def test_killing_the_sound_server_mid_reply_is_one_line_and_the_session_is_kept(
     assert code == 0
     assert said - killed < 2.0 and first_output < 1.0 and chat.exited - saved < 1.0
     assert len([line for line in after_kill.splitlines() if "sound server" in line]) == 1
-    assert moved_on - killed < 2.0 and re.findall(r"● (\w+)", after_kill)[-1] == "typing"  # "● speaking" is gone
+    # Typed questions once the devices let go: at once when the server died, after their 2 s timeout when it hangs.
+    assert moved_on - killed < (2.0 if how == "SIGKILL" else 4.0) and re.findall(r"● (\w+)", after_kill)[-1] == "typing"
+    # "● speaking" went with the error line, not when the devices had let go (2 s later on a hung server).
+    assert "speaking" not in re.findall(r"● (\w+)", chat.text(at_said))
 
-    rows = transcript(session_dir)
+    rows = [r for r in transcript(session_dir) if r["type"] not in ("speculative_reply_dropped", "full_duplex")]
     assert [r["type"] for r in rows] == ["session", "listening", "user", "assistant", "error", "end"]
     assert "sound server" in rows[3]["error"] and rows[3]["text"]
     for row in rows[2:4]:
         audio, _ = sf.read(session_dir / row["wav"], dtype="float32")
         assert audio.size > 0
+    # The reply's WAV holds what was heard of it, as long as its heard_seconds says (issue 22: all 4.5 s of it).
+    reply, _ = sf.read(session_dir / rows[3]["wav"], dtype="float32")
+    assert 0 < rows[3]["heard_seconds"] < 3.0 and reply.size == pytest.approx(rows[3]["heard_seconds"] * 16000, abs=2)
     native = (session_dir / "native.log").read_text(errors="replace")
     terminal = chat.text()
     for marker in ("ALSA lib", "Expression '", "pa_linux_alsa", "PaAlsa"):

@@ -73,8 +73,25 @@ def test_audio_lines_from_devices_or_their_absence() -> None:
     mic_only = check_audio(lambda: [_device(0, "USB Mic", 1, 0)])
     assert [(c.name, c.status) for c in mic_only] == [("audio input", OK), ("audio output", MISSING)]
     assert "USB Mic" in mic_only[0].detail
-    both = check_audio(lambda: [_device(0, "USB Mic", 1, 0), _device(1, "Speakers", 0, 2)])
-    assert [c.status for c in both] == [OK, OK]
+    devices = lambda: [_device(0, "USB Mic", 1, 0), _device(1, "Speakers", 0, 2)]  # noqa: E731
+    both = check_audio(devices, output_latency=lambda: 0.02)
+    assert [(c.name, c.status) for c in both] == [("audio input", OK), ("audio output", OK), ("audio latency", OK)]
+    assert both[2].detail.startswith("20 ms from omni's audio to the default speaker")
+    (slow,) = [c for c in check_audio(devices, output_latency=lambda: 0.2) if c.name == "audio latency"]
+    assert slow.status == WARN and "200 ms" in slow.detail and "every reply is heard that much later" in slow.detail
+
+    def hung() -> float:
+        raise AudioInputError("the sound system did not answer within 1.5 s while opening the speaker")
+
+    (unknown,) = [c for c in check_audio(devices, output_latency=hung) if c.name == "audio latency"]
+    assert unknown.status == WARN and "did not answer" in unknown.detail
+
+
+@pytest.mark.sound
+def test_the_output_latency_is_what_the_sound_server_gives_omnis_stream(sound_server) -> None:
+    from omni_cli.audio.player import output_latency
+
+    assert output_latency() == pytest.approx(0.03, abs=0.005)  # 15 ms blocks: two of them in flight
 
 
 def test_present_weights_are_ok_and_a_corrupt_shard_fails(caches, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:

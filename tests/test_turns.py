@@ -44,3 +44,51 @@ def test_speech_other_than_the_one_that_went_on_drops_the_continued_question() -
     assert spoken.continued is None
     np.testing.assert_array_equal(spoken.audio(ramp(6, 1), tail_start_t=6.0), ramp(6, 1))
     assert spoken.take() is None
+
+
+class EchoedMic:
+    """Frames of voice (loud) or silence, each with how much the echo canceller took out of it."""
+
+    def __init__(self, frames: list[tuple[bool, float | None]]) -> None:
+        self.frames = list(frames)
+        self.frame_end_t: float | None = None
+        self.frame_echo_db: float | None = None
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        if not self.frames:
+            return None
+        loud, self.frame_echo_db = self.frames.pop(0)
+        return np.full(480, 0.3 if loud else 0.0, np.float32)
+
+    def clear(self) -> int:
+        n, self.frames = len(self.frames), []
+        return n
+
+
+def barge_in_after(frames: list[tuple[bool, float | None]]) -> float | None:
+    """Seconds of frames heard until a barge-in (None: none)."""
+    from omni_cli.audio.vad import Endpointer, EndpointerConfig
+    from omni_cli.conversation.turns import ConversationSettings, Listener
+
+    mic = EchoedMic(frames)
+    endpointer = Endpointer(EndpointerConfig(speech_model=False), is_speech=lambda pcm, rate: max(pcm) > 0)
+    listener = Listener(mic, endpointer, ConversationSettings(barge_in_ms=60), lambda: 0.0, None)  # 2 frames
+    start = None
+    while mic.frames and start is None:  # a few frames at a time, as a reply's loop hears them
+        start = listener.speech_start(timeout=0.0, echo_left=True)
+    return None if start is None else round(endpointer.time, 3)
+
+
+def test_barge_in_hears_the_users_voice_not_the_echo_the_canceller_left() -> None:
+    """Issue 22, full duplex from the first word: residual echo (the canceller took 10-60 dB out) is voice to the VAD
+    but never stops the reply; the user's voice (a few dB taken out, or no canceller) does, after 60 ms of it."""
+    silence = [(False, 0.0)] * 5
+    assert barge_in_after(silence + [(True, 25.0)] * 30) is None  # 0.9 s of echo's residue
+    assert barge_in_after(silence + [(True, 2.0)] * 5) == 0.21  # the user: 2 frames of voice
+    assert barge_in_after(silence + [(True, None)] * 5) == 0.21  # no canceller (a client's audio)
+    # Echo, then the user over it (the endpointer already in speech from the echo): 60 ms of their voice.
+    assert barge_in_after(silence + [(True, 25.0)] * 10 + [(True, 1.0)] * 3) == 0.51
+    # The user's voice, ducked in one frame of three by the canceller: heard, a frame later.
+    assert barge_in_after(silence + [(True, 3.0), (True, 20.0), (True, 3.0), (True, 4.0)]) == 0.27
+    # As much echo as voice: no barge-in.
+    assert barge_in_after(silence + [(True, 1.0), (True, 25.0)] * 6 + [(False, 0.0)] * 10) is None

@@ -10,9 +10,11 @@ in, each from its own audio callback, as WebRTC expects:
   come back cleaned.
 
 AEC3 finds the echo delay itself (a few hundred ms of range); `delay_ms` (output + input
-latency) is only its starting hint. It adapts during the first 2-5 s of reply speech and stays
-converged while the room does not change, so keep one canceller for a whole session, and
-until `converged`, treat what the mic hears during a reply as echo (half-duplex).
+latency) is only its starting hint. It adapts within a second of broadband sound (a second or
+more of speech) and stays converged while the room does not change, so keep one canceller for a
+whole session, and until `converged` (measured: the echo left far below what is played), treat
+what the mic hears during a reply as echo (half-duplex). `warm_up_sound()` is a short soft hiss
+a front door can play at the start so that the canceller has converged before the first reply.
 Where the module cannot load, `EchoCanceller()` raises `EchoUnavailable` with one line, and
 the caller falls back to half-duplex (not listening while it speaks).
 """
@@ -35,10 +37,19 @@ APM_FRAME = APM_RATE // 100  # WebRTC processes exactly 10 ms at a time
 FAR_AUDIBLE_ENERGY = APM_FRAME * 10 ** (-60 / 10)
 ECHO_HOLD_FRAMES = 30  # its echo can arrive up to 300 ms later (output + input latency + room)
 ERLE_DECAY = 0.99  # per 10 ms frame: a ~1 s window
-# Seconds of audible far end after which AEC3 has converged: measured 2-5 s of reply speech
-# (benchmarks/echo_cancellation.py; 2-4 s through PulseAudio in real time). Before, it removes
-# only 19-36 dB of a speech echo, and the VAD can hear the rest; after, 44-50 dB.
-CONVERGED_S = 5
+# Converged (listening while omni speaks is safe) once the cleaned microphone is CONVERGED_DB below
+# what the speaker plays, over the last ~1 s of at least MIN_FAR_S of audible far end: the echo
+# left is then far below a voice's level (speech echo: 19-36 dB below in AEC3's first 2 s, 44-50
+# dB once converged; benchmarks/echo_cancellation.py). Measured, not assumed after a fixed time:
+# no echo at all (a headset) converges at once; a user speaking meanwhile keeps the cleaned level
+# up, so double talk can only delay it.
+CONVERGED_DB = 30.0
+MIN_FAR_S = 0.5
+# No echo path: the raw microphone stayed this far below what was played while the canceller
+# converged (a headset; loudspeakers into a microphone return 0-20 dB below). AEC3 then only
+# harms: while a reply plays it still ducks the user's first half-second as if it were echo
+# (10-40 dB), which delays barge-in by as much. So the microphone is passed through unchanged.
+NO_ECHO_DB = 40.0
 
 
 class EchoUnavailable(AudioInputError):
@@ -84,6 +95,10 @@ class EchoCanceller:
         self.far_active_s = 0.0
         self._far_hold = 0  # 10 ms frames the echo of the last audible reference may still arrive
         self._energy_in = self._energy_out = 0.0  # ~1 s exponential windows while the far end is audible
+        self._energy_far = 0.0  # the same window over what the speaker played
+        self._converged = False
+        self.echo_return_db: float | None = None  # raw microphone under what was played when it converged
+        self.bypassed = False  # no echo path was found: the microphone passes unchanged
 
     def set_delay_ms(self, delay_ms: float) -> None:
         """Update the output + input latency hint (ms), e.g. once both streams are open."""
@@ -111,9 +126,11 @@ class EchoCanceller:
             for frame in self._splitter.push(self._resampler.process(samples)):
                 self._apm.process_reverse_stream(self._frame_type(bytearray(to_pcm16(frame)), APM_RATE, 1, APM_FRAME))
                 self.reference_frames += 1
-                if float(np.dot(frame, frame)) > FAR_AUDIBLE_ENERGY:
+                energy = float(np.dot(frame, frame))
+                if energy > FAR_AUDIBLE_ENERGY:
                     self.far_active_s += APM_FRAME / APM_RATE
                     self._far_hold = ECHO_HOLD_FRAMES
+                    self._energy_far = ERLE_DECAY * self._energy_far + energy
 
     def process(self, frame: np.ndarray) -> np.ndarray:
         """Clean microphone audio: 16 kHz mono, a whole number of 10 ms frames (float32 or int16) → float32."""
@@ -127,21 +144,30 @@ class EchoCanceller:
                 self._apm.set_stream_delay_ms(self._delay_ms)
                 self._apm.process_stream(self._frame_type(pcm, APM_RATE, 1, APM_FRAME))
                 cleaned = to_float32(pcm)
-                out[start : start + APM_FRAME] = cleaned
+                out[start : start + APM_FRAME] = samples[start : start + APM_FRAME] if self.bypassed else cleaned
                 self.processed_frames += 1
                 if self._far_hold > 0:
                     self._far_hold -= 1
                     heard = samples[start : start + APM_FRAME]
                     self._energy_in = ERLE_DECAY * self._energy_in + float(np.dot(heard, heard))
                     self._energy_out = ERLE_DECAY * self._energy_out + float(np.dot(cleaned, cleaned))
+                    if not self._converged and self.far_active_s >= MIN_FAR_S and self._attenuation_db() >= CONVERGED_DB:
+                        self._converged = True
+                        self.echo_return_db = _db(self._energy_far, self._energy_in)
+                        self.bypassed = self.echo_return_db >= NO_ECHO_DB
         return out
+
+    def _attenuation_db(self) -> float:
+        """How far below what the speaker played the cleaned microphone is (dB, ~1 s window)."""
+        return _db(self._energy_far, self._energy_out)
 
     @property
     def converged(self) -> bool:
-        """True once enough reply audio was played for the echo to be removed (see CONVERGED_S).
+        """True once the echo left in the cleaned microphone was measured far below what was
+        played (see CONVERGED_DB); it stays True for the session.
 
         Before that, treat speech heard while the reply plays as echo (half-duplex)."""
-        return self.far_active_s >= CONVERGED_S
+        return self._converged
 
     @property
     def erle_db(self) -> float | None:
@@ -151,6 +177,13 @@ class EchoCanceller:
             if self._energy_in <= 0.0:
                 return None
             return float(10.0 * np.log10(self._energy_in / max(self._energy_out, 1e-12)))
+
+
+def _db(reference: float, energy: float) -> float:
+    """How far (dB) `energy` lies below `reference`; infinite for silence."""
+    if energy <= 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(max(reference, 1e-12) / energy))
 
 
 def _load_module(settings: EchoSettings) -> tuple[Any, Any]:
@@ -175,3 +208,21 @@ def _load_module(settings: EchoSettings) -> tuple[Any, Any]:
     except Exception as exc:  # noqa: BLE001 - the native runtime's errors are not typed
         raise EchoUnavailable(f"echo cancellation unavailable: cannot start WebRTC's audio processing ({one_line(exc)}).") from exc
     return apm, AudioFrame
+
+
+def warm_up_sound(rate: int, seconds: float = 0.8, dbfs: float = -24.0, seed: int = 0) -> np.ndarray:
+    """A soft hiss (pink noise at `dbfs` RMS, 100 ms fades) to play when a session starts: broadband
+    sound the canceller learns the room from in well under a second (speech takes seconds), so the
+    first reply can already be interrupted."""
+    n = int(rate * seconds)
+    spectrum = np.fft.rfft(np.random.default_rng(seed).standard_normal(n))
+    f = np.fft.rfftfreq(n, 1 / rate)
+    spectrum[1:] /= np.sqrt(f[1:])
+    spectrum[0] = 0
+    noise = np.fft.irfft(spectrum, n)
+    noise *= 10 ** (dbfs / 20) / np.sqrt(np.mean(np.square(noise)))
+    fade = min(n // 2, int(rate * 0.1))
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(fade) / fade)
+    noise[:fade] *= ramp
+    noise[n - fade :] *= ramp[::-1]
+    return noise.astype(np.float32)

@@ -24,6 +24,51 @@ from omni_cli.audio.devices import (
 )
 from omni_cli.audio.vad import FrameSplitter
 
+def _db_removed(heard: np.ndarray, cleaned: np.ndarray) -> float:
+    """How much quieter (dB) `cleaned` is than `heard`; 0 for silence."""
+    before, after = float(np.dot(heard, heard)), float(np.dot(cleaned, cleaned))
+    if before <= 1e-12:
+        return 0.0
+    return float(10.0 * np.log10(before / max(after, 1e-12)))
+
+
+class SampleClock:
+    """When each captured block ended on time.monotonic(), from the count of samples rather than
+    from when its callback happened to run.
+
+    A callback runs some time after its block was captured, and on a busy machine that delay
+    varies by tens of milliseconds; the samples themselves arrive at the device's steady rate.
+    So the stream's start is taken as the earliest (callback time − samples so far / rate) seen,
+    which is the least delayed callback, and a block ends at start + samples / rate. The start may
+    creep later by DRIFT per second (the sound card's clock against the system's).
+    """
+
+    DRIFT = 1e-4
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget the start (e.g. after lost samples)."""
+        self._samples = 0
+        self._start: float | None = None
+        self._seen_t = 0.0
+
+    def block_end(self, callback_t: float, samples: int) -> float:
+        """A block of `samples` was delivered to a callback running at `callback_t`: when it ended."""
+        self._samples += samples
+        candidate = callback_t - self._samples / self.rate
+        if self._start is None:
+            self._start = candidate
+        else:  # the least delayed callback so far, allowed to creep later with the device's clock
+            self._start = min(candidate, self._start + self.DRIFT * (callback_t - self._seen_t))
+        self._seen_t = callback_t
+        return self._start + self._samples / self.rate
+
+
+BLOCK_MS = 10
+
 FrameFilter = Callable[[np.ndarray], np.ndarray]
 """Cleans one 16 kHz float32 frame in the audio callback, e.g. `EchoCanceller.process`."""
 
@@ -33,7 +78,8 @@ class Microphone:
 
     Use as a context manager; `read()` returns the next frame or None on timeout, and sets
     `frame_end_t`: time.monotonic() when that frame's last sample reached the microphone
-    (its callback's time less the input latency), so stream times can be put on the clock.
+    (from the count of samples since the stream's start, see SampleClock), so stream times can
+    be put on the clock.
     `device` is an index, a (partial) device name, or None for the system default.
     `device_rate` forces the rate the device is opened at (normally chosen automatically).
     Overflows (the device or our queue could not keep up) are counted, never raised.
@@ -60,14 +106,18 @@ class Microphone:
         self.device_name = "default"
         self.overflows = 0  # PortAudio reported lost input (the callback ran late)
         self.dropped_frames = 0  # frames discarded because nobody read the queue in time
-        self.frames: queue.Queue[tuple[np.ndarray, float]] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
+        self.frames: queue.Queue[tuple[np.ndarray, float, float | None]] = queue.Queue(maxsize=max(1, int(max_queue_s * 1000 / frame_ms)))
         self.frame_end_t: float | None = None  # of the frame read() returned last
+        # Of that frame: how much quieter `clean` made it (dB; None without it). Echo the canceller
+        # removes loses 10-60 dB; the user's own voice a few dB at most: a barge-in tells them apart by it.
+        self.frame_echo_db: float | None = None
         self.clean = clean
         self.last_callback: float | None = None  # time.monotonic() of the latest audio callback (start() counts)
         self._stream: Any = None
         self._channels = 1
         self._resampler = StreamResampler(sample_rate, sample_rate)
         self._splitter = FrameSplitter(self.frame_samples)
+        self._clock = SampleClock(sample_rate)
 
     # -- opening ----------------------------------------------------------------------
 
@@ -80,6 +130,7 @@ class Microphone:
         self._channels = channels
         self._resampler = StreamResampler(rate, self.sample_rate)
         self._splitter.reset()
+        self._clock = SampleClock(rate)
         self.device_rate = rate
         stream = open_stream(
             sd,
@@ -88,8 +139,10 @@ class Microphone:
             self.device_name,
             samplerate=rate,
             channels=channels,
-            # One callback per frame when no resampling is needed: frames go straight to the queue.
-            blocksize=max(1, round(rate * self.frame_ms / 1000)),
+            # Small blocks: PortAudio (through PulseAudio) keeps two in flight, so each frame reaches
+            # the queue 20 ms after it was heard (60 ms with one 30 ms block per frame); the turn's
+            # end and a barge-in are heard that much sooner. Frames are assembled from them.
+            blocksize=max(1, round(rate * BLOCK_MS / 1000)),
             latency="low",
             callback=self._callback,
         )
@@ -116,12 +169,16 @@ class Microphone:
         self.last_callback = time.monotonic()
         if status.input_overflow:
             self.overflows += 1
+            self._clock.restart()  # samples were lost: the count no longer matches the clock
         block = indata[:, 0] if self._channels == 1 else indata.mean(axis=1)
         self.deliver(block)
 
     def deliver(self, block: np.ndarray) -> None:
         """Turn one device block into 16 kHz frames on the queue (called by the audio callback)."""
-        block_end_t = time.monotonic() - self.input_latency
+        # Not less the reported input latency: that is the typical callback's delay, and the least
+        # delayed one the clock keeps came right after its samples (checked against a recording of
+        # the microphone through PulseAudio: subtracting it put frames 20-26 ms early).
+        block_end_t = self._clock.block_end(time.monotonic(), block.size)
         if self._resampler.passthrough and block.size == self.frame_samples and self._splitter.pending == 0:
             ready = [np.array(block, dtype=np.float32)]  # copy: PortAudio reuses its buffer
         else:
@@ -129,10 +186,12 @@ class Microphone:
         # The last frame ends where the samples still waiting in the splitter begin.
         end_t = block_end_t - (self._splitter.pending + self.frame_samples * (len(ready) - 1)) / self.sample_rate
         for frame in ready:
+            removed_db = None
             if self.clean is not None:
-                frame = self.clean(frame)
+                heard, frame = frame, self.clean(frame)
+                removed_db = _db_removed(heard, frame)
             try:
-                self.frames.put_nowait((frame, end_t))
+                self.frames.put_nowait((frame, end_t, removed_db))
             except queue.Full:
                 self.dropped_frames += 1
             end_t += self.frame_samples / self.sample_rate
@@ -140,7 +199,7 @@ class Microphone:
     def read(self, timeout: float | None = None) -> np.ndarray | None:
         """Next frame (float32, frame_samples long), or None if none arrived within `timeout` seconds."""
         try:
-            frame, self.frame_end_t = self.frames.get(timeout=timeout)
+            frame, self.frame_end_t, self.frame_echo_db = self.frames.get(timeout=timeout)
         except queue.Empty:
             return None
         return frame

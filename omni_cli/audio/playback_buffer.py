@@ -74,9 +74,13 @@ class PlaybackBuffer:
         missing = max(0, self.chunk_units - self._pending_units)
         return min(missing * unit_s * self.MARGIN + self.SLACK_S, self.MAX_WAIT_S)
 
+    def would_play(self) -> bool:
+        """True when take() would give audio now (nothing is taken)."""
+        return self.started or (bool(self.held) and self.held_s >= self.wait_s())
+
     def take(self) -> list[np.ndarray]:
         """The chunks to play now: none while the held audio is short of wait_s(), else all held."""
-        if not self.started and (not self.held or self.held_s < self.wait_s()):
+        if not self.would_play():
             return []
         return self.release()
 
@@ -90,3 +94,14 @@ class PlaybackBuffer:
         """Remember this reply's unit rate for the next one's first chunk."""
         if self._units_timed >= self.MIN_UNITS:
             self.unit_s = self.current_unit_s()
+
+
+def faded_in(audio: np.ndarray, rate: int, seconds: float) -> np.ndarray:
+    """`audio` with its first `seconds` raised from silence (a half cosine): a reply's soft start."""
+    n = min(audio.size, int(rate * seconds))
+    if n == 0:
+        return audio
+    ramp = 0.5 - 0.5 * np.cos(np.pi * np.arange(n) / n)
+    out = audio.astype(np.float32, copy=True)
+    out[:n] *= ramp.astype(np.float32)
+    return out

@@ -18,6 +18,10 @@ import numpy as np
 
 from omni_cli.audio.devices import StreamResampler, close_stream, load_sounddevice, open_stream, stream_settings
 
+# Through PulseAudio, PortAudio keeps two blocks in flight: 15 ms blocks give 30 ms of output
+# latency (20 ms blocks: 40 ms). 10 ms blocks underflow there (the stream falls silent) unless
+# the latency asked for is raised to 30 ms, and even then some blocks come late.
+BLOCK_MS = 15
 
 
 class Player:
@@ -38,7 +42,7 @@ class Player:
         self,
         device: str | int | None = None,
         sample_rate: int = 16000,
-        block_ms: int = 20,
+        block_ms: int = BLOCK_MS,
         device_rate: int | None = None,
         latency: str | float = "low",
         on_first_audio: Callable[[float], None] | None = None,
@@ -270,3 +274,13 @@ class Player:
                         self._idle.set()
                 finally:
                     self._producer_lock.release()
+
+
+def output_latency(device: str | int | None = None, sample_rate: int = 16000) -> float:
+    """Seconds from handing audio to the output device until it is heard, as the device reports it
+    for omni's stream (opened briefly, silent); raises AudioInputError with one line when it cannot open."""
+    player = Player(device=device, sample_rate=sample_rate).start()
+    try:
+        return player.output_latency
+    finally:
+        player.close()

@@ -29,6 +29,12 @@ VAD_FRAME_MS = (10, 20, 30)
 
 # How long the end of a turn waits for the model to confirm what webrtcvad hears as speech.
 UNDECIDED_WAIT_MS = 200
+# The end of speech inside the frames around the last voiced one: the last sample louder than
+# this fraction of the utterance's peak (a soft ending's fricative or breath counts) and than the
+# noise, looked for
+# at most TAIL_SEARCH_MS past the last voiced frame (so room noise cannot drag it on).
+SPEECH_END_FLOOR = 0.02
+TAIL_SEARCH_MS = 90
 
 SpeechClassifier = Callable[[bytes, int], bool]
 """(16-bit little-endian PCM frame, sample rate) -> is the frame speech."""
@@ -117,6 +123,7 @@ class SpeechPause:
     audio: np.ndarray
     voiced_end_t: float
     audio_start_t: float = 0.0
+    speech_end_t: float | None = None  # the end of speech to the sample (see SpeechEnd)
 
 
 @dataclass(frozen=True)
@@ -126,8 +133,10 @@ class SpeechEnd:
     `audio` is the whole utterance as float32: pre-roll, speech, and the trailing hangover.
     `forced` is True when max_utterance_s cut it while speech went on.
     `audio_start_t` is the stream time (s) of audio[0].
-    `voiced_end_t` is the stream time (s) where the last voiced frame ended: the true end of
-    the user's speech (within a frame), from which the latency a user feels is measured.
+    `voiced_end_t` is the stream time (s) where the last voiced frame ended (frame-exact: a
+    later utterance is compared with it). `speech_end_t` is the true end of the user's speech,
+    to the sample: the last sample above SPEECH_END_FLOOR of the utterance's peak in and just
+    after that frame. The latency a user feels is measured from it.
     """
 
     t: float
@@ -135,6 +144,7 @@ class SpeechEnd:
     forced: bool = False
     audio_start_t: float = 0.0
     voiced_end_t: float = 0.0
+    speech_end_t: float | None = None
 
 
 Event = SpeechStart | SpeechPause | SpeechEnd
@@ -252,11 +262,13 @@ class Endpointer:
         self._onset_frame = 0
         self._utterance_start = 0
         self._peak_energy = 0.0
+        self._peak_abs = 0.0  # the loudest sample of a voiced frame in the utterance
         self._voiced = 0
         self._unvoiced_run = 0
         self._undecided_run = 0  # trailing frames webrtcvad calls speech and the model not (yet)
         self._last_voiced = 0  # index of the last voiced frame in the utterance
         self._quiet_run = 0  # frames since webrtcvad last said speech
+        self.last_voiced = False  # the last frame pushed counted as voice (both stages, above the tail floor)
         self._model_warm = False
         self.last_probability = 0.0  # the model's latest speech probability (for meters and tests)
         self._splitter.reset()
@@ -287,6 +299,20 @@ class Endpointer:
         """Stream time in seconds: the end of the last frame pushed."""
         return self._frames_seen * self.config.frame_ms / 1000.0
 
+    @property
+    def hangover_ms(self) -> int:
+        """The silence that ends an utterance now (config.hangover_ms unless set_hangover_ms changed it)."""
+        return self._hangover_frames * self.config.frame_ms
+
+    def set_hangover_ms(self, ms: int) -> None:
+        """End utterances after `ms` of silence from now on (at least one frame), e.g. shorter while a
+        mistaken end can be taken back."""
+        self._hangover_frames = max(1, self.config.frames_for(ms))
+
+    def skip(self) -> None:
+        """A frame was heard but not listened to (dropped): stream time goes on, the state does not change."""
+        self._frames_seen += 1
+
     def push(self, frame: bytes | np.ndarray) -> list[Event]:
         """Feed exactly one frame (int16 PCM bytes, or an int16/float array); return the events it caused."""
         audio = to_float32(frame)
@@ -300,6 +326,7 @@ class Endpointer:
         voiced = self._confirm(audio, heard) if self.speech_model is not None else heard
         index = self._frames_seen
         self._frames_seen += 1
+        self.last_voiced = False
         return self._step(audio.copy(), voiced, index, undecided=heard and not voiced)
 
     def _confirm(self, audio: np.ndarray, first_stage: bool) -> bool:
@@ -355,6 +382,8 @@ class Endpointer:
             self._utterance.append(audio)
             self._onset_frame = self._last_voiced = index
             self._peak_energy = energy
+            self._peak_abs = float(np.abs(audio).max())
+            self.last_voiced = True
             self._voiced, self._unvoiced_run, self._undecided_run = 1, 0, 0
             self._state = _State.ONSET
             return self._confirm_if_enough()
@@ -369,6 +398,8 @@ class Endpointer:
             self._voiced += 1
             self._unvoiced_run = self._undecided_run = 0
             self._last_voiced = index
+            self._peak_abs = max(self._peak_abs, float(np.abs(audio).max()))
+            self.last_voiced = True
         else:
             self._unvoiced_run += 1
             self._undecided_run = self._undecided_run + 1 if undecided else 0
@@ -394,9 +425,24 @@ class Endpointer:
                     audio=np.concatenate(self._utterance),
                     voiced_end_t=self._frame_time(self._last_voiced + 1),
                     audio_start_t=self._frame_time(self._utterance_start),
+                    speech_end_t=self._speech_end_t(),
                 )
             ]
         return []
+
+    def _speech_end_t(self) -> float:
+        """Stream time of the last sample above SPEECH_END_FLOOR of the peak (and the noise), from the
+        frame before the last voiced one to TAIL_SEARCH_MS past it (the voiced frame's end when none is)."""
+        # From the frame before the last voiced one (which noise may have kept voiced) on.
+        first = max(0, self._last_voiced - self._utterance_start - 1)
+        tail_frames = self.config.frames_for(TAIL_SEARCH_MS)
+        tail = np.concatenate(self._utterance[first : first + 2 + tail_frames])
+        # Above the room's noise too: 5 × the RMS of the utterance's quietest frame.
+        noise = min(float(np.sqrt(np.mean(np.square(f)))) for f in self._utterance)
+        loud = np.flatnonzero(np.abs(tail) > max(SPEECH_END_FLOOR * self._peak_abs, 5 * noise))
+        if not loud.size:
+            return self._frame_time(self._last_voiced + 1)
+        return self._frame_time(self._utterance_start + first) + (int(loud[-1]) + 1) / self.config.sample_rate
 
     def _confirm_if_enough(self) -> list[Event]:
         if self._voiced < self._min_speech_frames:
@@ -421,6 +467,7 @@ class Endpointer:
             forced=forced,
             audio_start_t=self._frame_time(self._utterance_start),
             voiced_end_t=self._frame_time(self._last_voiced + 1),
+            speech_end_t=self._speech_end_t(),
         )
         self._utterance = []
         self._state = _State.SILENCE

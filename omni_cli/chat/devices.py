@@ -8,6 +8,7 @@ stdin is a terminal, else the end of the session.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,8 @@ from omni_cli.config import ChatOptions
 from omni_cli.conversation.ports import ReplySource
 from omni_cli.conversation.turns import ConversationSettings, MicrophoneLost
 from omni_cli.errors import AudioInputError
+
+ECHO_TAIL_S = 0.2  # after the warm-up hiss, its echo may still reach the microphone
 
 if TYPE_CHECKING:  # the devices are imported when run_chat opens them, not with this module
     from omni_cli.audio.echo import EchoCanceller
@@ -43,6 +46,7 @@ def run_chat(
     (exit code 1) unless stdin is a terminal, where the session goes on with typed questions.
     `native_log`, when given, moves into the session folder once it exists.
     """
+    from omni_cli.audio.echo import warm_up_sound
     from omni_cli.audio.mic import Microphone
     from omni_cli.audio.vad import EndpointerConfig
     from omni_cli.audio.watch import SoundWatch
@@ -50,6 +54,7 @@ def run_chat(
 
     read_line = read_line or (lambda: view.prompt("you> "))
     speculate = not options.text and 0 < options.speculate_ms < options.hangover_ms
+    answer_after = options.answer_after_ms if 0 < options.answer_after_ms < options.hangover_ms else None
     vad_config = EndpointerConfig(
         hangover_ms=options.hangover_ms, aggressiveness=options.vad_aggressiveness, pause_ms=options.speculate_ms if speculate else 0
     )
@@ -66,9 +71,20 @@ def run_chat(
     try:
         recorder = SessionRecorder(options.session_dir)
         player = _open_speaker(pipeline.sample_rate, options.output_device, view, canceller)
+        warm_up = canceller is not None and mic is not None and player is not None and barge_in is None
         if canceller is not None and mic is not None and player is not None:
             canceller.set_delay_ms((player.output_latency + mic.input_latency) * 1000)
-        settings = ConversationSettings(turn_detection=vad_config if mic is not None else None, barge_in=barge_in, speculate=speculate)
+            if warm_up:  # a soft hiss the canceller learns the room from: the first reply can be interrupted
+                player.play(warm_up_sound(player.sample_rate))
+                player.wait_idle(timeout=3.0)
+                time.sleep(ECHO_TAIL_S)
+                mic.clear()  # the hiss is not a question
+        settings = ConversationSettings(
+            turn_detection=vad_config if mic is not None else None,
+            full_duplex_hangover_ms=answer_after,
+            barge_in=barge_in,
+            speculate=speculate,
+        )
         session = ChatSession(pipeline, view, recorder, mic=mic, player=player, settings=settings, echo=canceller)
         conversation = session.conversation
         if conversation.turn_detection_problem:
@@ -82,7 +98,14 @@ def run_chat(
             echo_cancellation=canceller is not None,
             echo_delay_ms=None if canceller is None else canceller.delay_ms,
             hangover_ms=options.hangover_ms,
+            answer_after_ms=answer_after or 0,
             speculate_ms=options.speculate_ms if speculate else 0,
+            echo_warm_up=warm_up,
+            # After the hiss: converged (barge-in from the first reply), how far under it the echo came back
+            # (None: never converged), and whether the microphone passes unchanged (no echo path: a headset).
+            echo_converged=None if canceller is None else canceller.converged,
+            echo_return_db=None if canceller is None or canceller.echo_return_db is None else round(min(canceller.echo_return_db, 99.0), 1),
+            echo_bypassed=None if canceller is None else canceller.bypassed,
             microphone=None if mic is None else mic.device_name,
             microphone_rate=None if mic is None else mic.device_rate,
             speaker=None if player is None else player.device_name,
@@ -92,7 +115,7 @@ def run_chat(
         if native_log is not None:  # the folder exists from the first transcript line on
             native_log.keep_in(options.session_dir / NATIVE_LOG_NAME)
         view.note(f"saving this session to {options.session_dir}/")
-        if barge_in is None:
+        if barge_in is None and not canceller.converged:
             view.note("half-duplex until the echo canceller has learnt the room (a few seconds of omni speaking); then speak over omni to interrupt it.")
         view.start()
         with sigint_ends_session(session):
@@ -155,6 +178,7 @@ def _converse(
         else:
             session.run_text(read_line)
     except MicrophoneLost as exc:
+        session.view.status("stopped")  # with the line saying why: closing the devices may take 2 s more
         session.view.error(str(exc))
         session.recorder.event("error", message=str(exc))
         if mic is not None:

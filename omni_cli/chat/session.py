@@ -187,6 +187,7 @@ class ChatSession:
             end_of_turn_ms=heard.end_of_turn_ms,
             windows=heard.windows if heard.windows > 1 else None,
             continues=heard.continues,
+            decided_t=None if event.text is not None else round(event.t, 4),
         )
         if event.text is not None:
             self.view.user_typed(event.turn, event.text)
@@ -218,6 +219,7 @@ class ChatSession:
             stopped=STOPPED[event.reason],
             heard_seconds=event.heard_seconds,
             first_text_ms=event.first_text_ms,
+            playback_t=None if event.playback_t is None else round(event.playback_t, 4),
             first_audio_t=None if event.first_audio_t is None else round(event.first_audio_t, 4),
             latency_ms=event.latency_ms,
             speculative=event.speculative or None,

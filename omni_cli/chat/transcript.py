@@ -82,6 +82,7 @@ class UserRecord(TurnRecord):
     seconds: float | None = None
     windows: int | None = None  # a question longer than the model's 30 s window: how many it spans
     continues: int | None = None  # this question goes on with that turn's (whose reply was withdrawn); the WAV holds both
+    decided_t: float | None = None  # spoken: when omni acted on the end of the turn (end_t is when its last frame was heard)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,7 @@ class ReplyRecord(TurnRecord):
     audio_seconds: float | None = None  # the WAV's length: what was heard, for a reply cut short
     heard_seconds: float | None = None  # a reply cut short (barge-in, Ctrl-C, a fault): how much of it was played
     first_text_ms: float | None = None  # from the end of the user's speech (or Enter) to the first text on screen
+    playback_t: float | None = None  # when the reply's first audio was handed to the speaker's queue
     first_audio_t: float | None = None  # when the reply's first sample came out of the speaker (handed to the device + its latency)
     latency_ms: float | None = None  # from the end of the user's speech (or Enter) to first_audio_t: what the user waited
     speculative: bool | None = None  # started at a pause in the user's speech, before the turn was over

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from rich.cells import cell_len
 from rich.console import Console, Group
 from rich.live import Live
 from rich.spinner import Spinner
@@ -25,7 +26,11 @@ from omni_cli.terminal import printable
 if TYPE_CHECKING:  # for the annotation only: importing the view loads no audio code
     from omni_cli.audio.devices import DeviceInfo
 
-STATUS_STYLES = {"listening": "green", "hearing": "bold green", "thinking": "yellow", "speaking": "cyan", "replying": "cyan", "typing": "green"}
+ERASE_LINE_ABOVE = "\x1b[1A\x1b[2K"  # cursor up one line, clear it
+
+STATUS_STYLES = {
+    "listening": "green", "hearing": "bold green", "thinking": "yellow", "speaking": "cyan", "replying": "cyan", "typing": "green", "stopped": "red",
+}  # fmt: skip
 
 
 def devices_table(devices: Sequence[DeviceInfo]) -> Table:
@@ -104,7 +109,13 @@ class ChatView:
             live.stop()
             self._live = None
         try:
-            return self.console.input(prompt)
+            line = self.console.input(prompt)
+            if self.console.is_terminal and line.strip():
+                # The terminal echoed "you> ..."; the turn shows it as "you [n]: ...": take the echo away.
+                rows = max(1, -(-cell_len(prompt + line) // max(1, self.console.width)))
+                self.console.file.write(ERASE_LINE_ABOVE * rows)
+                self.console.file.flush()
+            return line
         except EOFError:
             return None
         finally:
@@ -159,7 +170,9 @@ class ChatView:
             line.append(f"  {detail}", style="dim")
         self._status = line
         if self.live_mode:
-            self._refresh()
+            # Drawn now: a line printed next (an error) redraws the live region as last drawn, which
+            # the 12-a-second refresh may not have caught up with (it showed "speaking" below it).
+            self._refresh(now=True)
         elif state != self._state and state in ("listening", "typing") and not self._plain_reply_open:
             self.console.print(line, highlight=False)
         self._state = state
@@ -212,6 +225,6 @@ class ChatView:
         parts = [t for t in (self._user, self._reply) if t is not None]
         return Group(*parts, self._status)
 
-    def _refresh(self) -> None:
+    def _refresh(self, now: bool = False) -> None:
         if self._live is not None:
-            self._live.update(self._render())
+            self._live.update(self._render(), refresh=now)

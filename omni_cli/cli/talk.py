@@ -118,7 +118,7 @@ def chat_cmd(
         typer.Option(
             "--barge-in",
             help="Speaking over a reply stops it and starts your next turn, always (headphones). Default: barge-in is on "
-            "once the echo canceller has learnt the room (the first few seconds of omni speaking are half-duplex).",
+            "once the echo canceller has learnt the room (from a soft 0.8 s hiss at the start; half-duplex until then).",
         ),
     ] = False,
     half_duplex: Annotated[
@@ -138,7 +138,15 @@ def chat_cmd(
     temperature: TemperatureOpt = SAMPLING.temperature,
     chunk_units: ChunkUnitsOpt = STREAMING.chunk_units,
     first_chunk_units: Annotated[int, typer.Option(min=1, help="Units in the first chunk: smaller = first sound sooner.")] = CHAT_FIRST_CHUNK_UNITS,
-    hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms.")] = ChatOptions.hangover_ms,
+    hangover_ms: Annotated[int, typer.Option(min=30, help="Silence that ends your turn, in ms (half-duplex; see --answer-after-ms).")] = ChatOptions.hangover_ms,
+    answer_after_ms: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="While omni can hear you over itself (full duplex), answer after this much silence; if you go on, the "
+            "reply stops and what you say joins the question. 0: wait --hangover-ms.",
+        ),
+    ] = ChatOptions.answer_after_ms,
     speculate_ms: Annotated[
         int,
         typer.Option(
@@ -195,6 +203,7 @@ def chat_cmd(
                     input_device=input_device,
                     output_device=output_device,
                     hangover_ms=hangover_ms,
+                    answer_after_ms=answer_after_ms,
                     speculate_ms=speculate_ms,
                     vad_aggressiveness=vad_aggressiveness,
                 )

@@ -8,7 +8,9 @@ network) are front doors to it; neither keeps a copy of it.
 
 Turn-taking:
 - Turn detection (a setting): the endpointer hears the user's turns (`Listener`), or, without
-  it, the client commits them (`commit()`: the frames since the last commit or clear).
+  it, the client commits them (`commit()`: the frames since the last commit or clear). In
+  full duplex the turn may end after a shorter silence (`full_duplex_hangover_ms`): a guess
+  the user takes back by going on (the rejoin below).
 - Speculative start: at a short pause (`SpeechPause`) the reply is started — encoded,
   prefilled and generated into a buffer — while the hang-over runs. If the turn ends at that
   pause, the buffered reply goes out at once; if the user speaks on, it is dropped and the
@@ -18,7 +20,9 @@ Turn-taking:
   duplex, speech (`barge_in_ms` of it) stops the reply (barge-in) and becomes the next turn — or,
   when it began within `rejoin_ms` of the question's last word, goes on with that question (the
   reply is withdrawn, both parts are asked as one). In half-duplex (no echo canceller, or one
-  that has not converged yet) what was heard while replying is dropped.
+  that has not converged yet) what is heard while replying never interrupts: an utterance the
+  user goes on with past the reply (and its echo's tail) is answered after it, whole; one that
+  ended during the reply is dropped (it may have been the reply's echo).
 - Long speech: the model hears 30 s at a time; at each 30 s the utterance is kept and listening
   goes on: the windows that follow are appended to the same question (up to `max_question_windows`).
 - Memory: finished turns (speech embeddings or text, and the reply as far as it was heard) are
@@ -104,6 +108,10 @@ class Conversation(Replying):
         self._speculation: SpeculativeReply | None = None
         self._spoken = SpokenQuestion()
         self._barge_in_onset: float | None = None  # stream time of the speech a barge-in announced
+        # After a half-duplex reply: until this stream time, voice may be its echo (an utterance
+        # that began during the reply counts only if its voice goes on past it); None: no such reply.
+        self._echo_until: float | None = None
+        self._reply_end_stream_t = 0.0
         self._closed = False
         self._init_replying()
         self._use_turn_detection(self.settings.turn_detection)
@@ -213,6 +221,9 @@ class Conversation(Replying):
         """One step of listening: a frame (or the events held during a reply), or a wait for a command."""
         listener = self._listener
         if listener is not None:
+            short = self.settings.full_duplex_hangover_ms
+            config = listener.endpointer.config
+            listener.endpointer.set_hangover_ms(short if short is not None and self.full_duplex else config.hangover_ms)
             working = self._speculation is not None and not self._speculation.done
             for event in listener.next_events(timeout=0.0 if working else None):
                 self._heard(event)
@@ -303,6 +314,8 @@ class Conversation(Replying):
                 question = self._spoken.audio(event.audio, event.audio_start_t)
                 self._speculation = SpeculativeReply(self.replies.respond(question, self.history, self._should_stop), question, event)
         elif isinstance(event, SpeechEnd):
+            if self._heard_echo(event):
+                return
             if event.forced and len(self._spoken.windows) + 1 < self.settings.max_question_windows:
                 self._keep_window(event)
                 return
@@ -312,10 +325,10 @@ class Conversation(Replying):
             if spec is not None and not committed:
                 self._discarded(spec)
             if committed and spec is not None:
-                self._answer_turn(spec.question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec)
+                self._answer_turn(spec.question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, spec.pause.t, spec, event.speech_end_t)
             else:
                 question = self._spoken.audio(event.audio, event.audio_start_t)
-                self._answer_turn(question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, event.t)
+                self._answer_turn(question, len(self._spoken.windows) + 1, event.t, event.voiced_end_t, event.t, speech_end_stream_t=event.speech_end_t)
 
     def _answer_turn(
         self,
@@ -325,21 +338,24 @@ class Conversation(Replying):
         voiced_end_stream_t: float,
         audio_end_stream_t: float,
         speculation: SpeculativeReply | None = None,
+        speech_end_stream_t: float | None = None,
     ) -> None:
         """Answer the spoken turn (spanning `windows` 30 s windows) that ended at endpointer time
-        `end_stream_t`, its speech at `voiced_end_stream_t`, its audio at `audio_end_stream_t`; then listen again."""
+        `end_stream_t`, its last voiced frame at `voiced_end_stream_t` (its speech, to the sample, at
+        `speech_end_stream_t`), its audio at `audio_end_stream_t`; then listen again."""
         listener = self._listener
         assert listener is not None
+        speech_end = voiced_end_stream_t if speech_end_stream_t is None else speech_end_stream_t
         turn = UserTurn(
             end_t=listener.clock_of(end_stream_t),
-            speech_end_t=listener.clock_of(voiced_end_stream_t),
-            end_of_turn_ms=round((end_stream_t - voiced_end_stream_t) * 1000, 1),
+            speech_end_t=listener.clock_of(speech_end),
+            end_of_turn_ms=round((end_stream_t - speech_end) * 1000, 1),
             windows=windows,
             voiced_end_stream_t=voiced_end_stream_t,
             audio_end_stream_t=audio_end_stream_t,
             continues=self._spoken.take(),
         )
-        self._emit(SpeechStopped(self.clock(), turn.speech_end_t, self._stream_origin + voiced_end_stream_t))
+        self._emit(SpeechStopped(self.clock(), turn.speech_end_t, self._stream_origin + speech_end))
         self._answer(question, turn, speculation)
         listener.restart_watch()
         if not self._stopping:
@@ -429,7 +445,7 @@ class Conversation(Replying):
             self._discard_speculation()
             (end,) = [e for e in endpointer.flush() if isinstance(e, SpeechEnd)]
             question = spoken.audio(end.audio, end.audio_start_t)
-            self._answer_turn(question, len(spoken.windows) + 1, end.t, end.voiced_end_t, end.t)
+            self._answer_turn(question, len(spoken.windows) + 1, end.t, end.voiced_end_t, end.t, speech_end_stream_t=end.speech_end_t)
         elif spoken.windows:
             self._answer_turn(spoken.audio(), len(spoken.windows), endpointer.time, spoken.window_end_stream_t, spoken.window_end_stream_t)
         else:
@@ -457,6 +473,24 @@ class Conversation(Replying):
             self._read_input(timeout)
         elif timeout > 0:
             self._handle_commands(wait=timeout)
+
+    def _after_half_duplex_reply(self) -> None:
+        """What the mic heard during a half-duplex reply: an utterance still going on is kept (the
+        user spoke over the reply; it is answered now), the rest was dropped (it may be echo)."""
+        listener = self._listener
+        if listener is not None:
+            self._reply_end_stream_t = listener.endpointer.time
+            self._echo_until = listener.keep_after_reply()
+
+    def _heard_echo(self, event: SpeechEnd) -> bool:
+        """An utterance that began during a half-duplex reply and whose voice ended within the echo's
+        tail: it may have been the reply's own voice, so it is no question (True)."""
+        until, self._echo_until = self._echo_until, None
+        if until is None or event.audio_start_t >= self._reply_end_stream_t or event.voiced_end_t > until:
+            return False
+        self._discard_speculation()
+        self._spoken = SpokenQuestion()
+        return True
 
     def _announce_barge_in(self, event: SpeechStart) -> None:
         """The speech that stopped a reply is announced now; the endpointer's own start for it later is `continued`."""

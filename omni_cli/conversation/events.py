@@ -173,6 +173,7 @@ class ReplyDone:
     withdrawn: bool = False  # the user went on with the question: not an answer to anything
     echo_erle_db: float | None = None  # the echo canceller's echo removal, when the reply played
     error: str | None = None  # one line, for reason "error"
+    playback_t: float | None = None  # when its first audio was handed to the sink (first_audio_t: when heard)
 
 
 @dataclass(frozen=True)

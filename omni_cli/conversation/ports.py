@@ -38,8 +38,10 @@ class FrameSource(Protocol):
 
     `Microphone`, or `FrameQueue` for frames a client sends. `frame_end_t` (time.monotonic() when
     the frame read last ended, as heard) may be None: the frame is then taken to have ended when
-    it was read. `read()` returns None when no frame came within `timeout`; `clear()` drops
-    what is waiting and says how many frames it dropped. Optional, `flush()`: complete a partial
+    it was read. Optional, `frame_echo_db`: how much an echo canceller took out of that frame
+    (dB; None or absent: no canceller), so that barge-in can tell the user's voice from residual
+    echo. `read()` returns None when no frame came within `timeout`; `clear()` drops what is
+    waiting and says how many frames it dropped. Optional, `flush()`: complete a partial
     frame (called by commit(), from the caller's thread, so the end of a turn can be read).
     """
 

@@ -51,6 +51,7 @@ class ReplyProgress:
     voiced_end_stream_t: float | None = None  # see UserTurn
     audio_end_stream_t: float = 0.0
     played: bool = False  # some of its audio was handed to the sink
+    playback_t: float | None = None  # when its first audio was handed to the sink
     first_audio_t: float | None = None  # the first reply sample out of the sink
     heard_seconds: float | None = None  # how much was played, when it did not play to its end
     heard_cap: float | None = None  # truncate(): the client heard no more than this
@@ -61,6 +62,7 @@ class ReplyProgress:
     withdrawn_at: float | None = None  # stream time of the speech that went on with the question
     error: str | None = None
     speculative: bool = False
+    heard_quietly: bool = False  # half-duplex: the mic was listened to, not for barge-in
     user_speech: Any = None  # the turn's speech embeddings from Done, kept in the history
 
     @property

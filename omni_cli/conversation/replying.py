@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 import numpy as np
 
-from omni_cli.audio.playback_buffer import PlaybackBuffer
+from omni_cli.audio.playback_buffer import PlaybackBuffer, faded_in
 from omni_cli.audio.vad import SpeechStart
 from omni_cli.conversation.events import (
     BargeIn,
@@ -38,6 +38,7 @@ from omni_cli.conversation.reply import ReplyProgress, milliseconds_since
 from omni_cli.conversation.turns import (
     ContinuedQuestion,
     ConversationSettings,
+    GOOD_ERLE_DB,
     Listener,
     MicrophoneLost,
     SpeculativeReply,
@@ -46,6 +47,11 @@ from omni_cli.conversation.turns import (
 )
 from omni_cli.errors import one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
+
+
+# A reply's first 30 ms rise from silence: heard at once, but not as a click, even when the user
+# was only pausing.
+FADE_IN_S = 0.03
 
 
 class Replying:
@@ -88,6 +94,9 @@ class Replying:
         raise NotImplementedError
 
     def _announce_barge_in(self, event: SpeechStart) -> None:
+        raise NotImplementedError
+
+    def _after_half_duplex_reply(self) -> None:
         raise NotImplementedError
 
     # -- state and cancel() -------------------------------------------------------------
@@ -152,7 +161,7 @@ class Replying:
                 self._play_out(reply)
         except MicrophoneLost as exc:  # the input went away: the turn ends here, and so does listening
             reply.error = str(exc)
-            self._stop_sink()
+            self._stop_sink(reply)  # what was heard of it, while the sink still knows
             raise
         except Exception as exc:  # noqa: BLE001 - any fault inside the model ends this turn only
             self._fail(reply, exc)
@@ -165,6 +174,8 @@ class Replying:
             self._buffer.end_reply()
             self._finish(question, reply)
             self._reply = None
+            if reply.heard_quietly:
+                self._after_half_duplex_reply()
 
     def _generate(self, events: Iterator[Event], reply: ReplyProgress) -> None:
         """Stream the reply out; between events, handle commands, listen for barge-in and watch the devices."""
@@ -178,6 +189,8 @@ class Replying:
                 self._buffer.on_units(event.t, len(event.units))
             elif isinstance(event, AudioChunk):
                 if reply.cut is None and event.audio.size:
+                    if not reply.chunks:  # a soft start: a reply that turns out early is less abrupt
+                        event = replace(event, audio=faded_in(event.audio, event.sample_rate, FADE_IN_S))
                     # The sink resamples to its device as one stream: chunk by chunk would click at every boundary.
                     reply.add_chunk(event)
                     if self.sink is not None:
@@ -202,6 +215,8 @@ class Replying:
         with self._sink_lock:
             if reply.cancel_requested:
                 return
+            if not reply.played:
+                reply.playback_t = self.clock()
             reply.played = True
             for chunk in chunks:
                 sink.play(chunk)
@@ -257,13 +272,16 @@ class Replying:
             self._drain_input_while_replying(timeout)
             return
         if not self.full_duplex:
-            listener.drop_heard(timeout)
+            listener.hear_quietly(timeout)
+            reply.heard_quietly = True
             return
         if not self._full_duplex_said and self.settings.barge_in is None:
             self._full_duplex_said = True
             self._emit(FullDuplexOn(self.clock(), reply.turn, self._erle()))
         if reply.cut is None:
-            start = listener.speech_start(timeout)
+            erle = self.echo.erle_db if self.echo is not None else None
+            echo_left = self.echo is not None and (erle is None or erle < GOOD_ERLE_DB)
+            start = listener.speech_start(timeout, echo_left)
             if start is not None:
                 self._barge_in(reply, listener, start)
 
@@ -348,6 +366,7 @@ class Replying:
                 withdrawn=reply.withdrawn_at is not None,
                 echo_erle_db=self._erle() if reply.played else None,
                 error=reply.error,
+                playback_t=reply.playback_t,
             )
         )
         if reply.heard_cap is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from omni_cli.audio.io import SAMPLE_RATE
-from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechPause, SpeechStart
+from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
 from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
@@ -32,13 +32,19 @@ class ConversationSettings:
     # and pre-roll padding `pre_roll_ms`; `pause_ms` > 0 for speculative starts), or None: the
     # client commits its turns (commit()).
     turn_detection: EndpointerConfig | None = field(default_factory=EndpointerConfig)
+    # In full duplex, the turn ends after this much silence instead of turn_detection.hangover_ms:
+    # a guess the user takes back by going on (within rejoin_ms the reply stops, is withdrawn, and
+    # both parts are one question). None: always the hang-over.
+    full_duplex_hangover_ms: int | None = None
     # True: full duplex (speaking over a reply interrupts it); False: half-duplex; None: full
     # duplex once the echo canceller has converged, half-duplex before and without one.
     barge_in: bool | None = False
     speculate: bool = False  # start replies at the endpointer's SpeechPause events
     max_question_windows: int = 4  # 30 s windows appended into one question before it is answered anyway
-    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): within 400 ms of
-    # the user's onset the speaker must be silent; the echo canceller and Silero keep it from firing on echo.
+    # Voice that stops a reply. Shorter than a turn's start (min_speech_ms, 200): the speaker must
+    # fall silent soon after the user's onset (a reply that began in a mid-sentence pause is heard
+    # until then); the echo canceller and Silero keep it from firing on echo (60 ms let residual
+    # echo through on open speakers now and then).
     barge_in_ms: int = 90
     # Speech that interrupts a reply this soon after the end of the question goes on with it: the
     # question had a pause longer than the hang-over. The reply is withdrawn and both parts are one question.
@@ -50,6 +56,23 @@ class ConversationSettings:
     playback_margin_s: float = 3.0  # playback may lag generation by this much before the sink counts as stuck
 
 
+# While the echo canceller is not yet removing a reply's echo well (its ERLE under GOOD_ERLE_DB:
+# right after the warm-up, before it has learnt speech), a voiced frame counts toward a barge-in
+# only if the canceller took less than NEAR_END_DB out of it.
+# Measured on speech echo at 0 and -6 dB (after the warm-up): 95 % of echo-only frames lose more
+# (median 43-46 dB), 70-75 % of the user's frames during double talk lose less (median 4 dB: AEC3
+# ducks the user where the echo is louder). A voiced frame that lost more takes one back.
+NEAR_END_DB = 12.0
+GOOD_ERLE_DB = 30.0
+# While replying, at most this many frames are heard at a time, so that the reply's state (full
+# duplex switched on, a cancel, the devices) is looked at again between them even when frames come
+# as fast as they are heard.
+FRAMES_A_STEP = 8
+# A half-duplex reply's echo may reach the microphone this long after the reply ends (output and
+# input latency and the room): speech heard over the reply counts only if its voice goes on past it.
+ECHO_TAIL_S = 0.3
+
+
 class MicrophoneLost(AudioInputError):
     """The microphone stopped delivering audio in the middle of a session."""
 
@@ -59,7 +82,7 @@ class Listener:
 
     While listening, `next_events()` gives the events of the next frame, after those held back
     during a reply. While replying, `speech_start()` (barge-in) drains the queue until the user
-    starts speaking and `drop_heard()` (half-duplex) throws away what the mic heard.
+    starts speaking and `hear_quietly()` (half-duplex) keeps what the mic heard without interrupting.
     `clock_of(stream_t)` puts an endpointer time on time.monotonic().
     """
 
@@ -77,6 +100,10 @@ class Listener:
         self.clock = clock
         self.on_first_frame: Callable[[float], None] | None = on_first_frame
         self.held: deque[VadEvent] = deque()  # endpointer events heard while replying, for the listening loop
+        # While replying: voice that the echo canceller left almost whole (net). The endpointer's
+        # start of the utterance in progress (None outside one): a barge-in may come late in it.
+        self._near_voiced_s = 0.0
+        self._speech_start: SpeechStart | None = None
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
         self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
 
@@ -103,6 +130,8 @@ class Listener:
 
     def _push(self, frame: np.ndarray) -> list[VadEvent]:
         events = self.endpointer.push(frame)
+        for event in events:  # the start of the utterance in progress, for a barge-in that comes later in it
+            self._speech_start = event if isinstance(event, SpeechStart) else None if isinstance(event, SpeechEnd) else self._speech_start
         ended = self.mic.frame_end_t
         self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
         return events
@@ -116,33 +145,60 @@ class Listener:
         """Count the microphone's silence from now (frames are not watched during a reply)."""
         self.last_frame_t = self.clock()
 
-    def speech_start(self, timeout: float) -> SpeechStart | None:
+    def speech_start(self, timeout: float, echo_left: bool = False) -> SpeechStart | None:
         """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
 
         Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
-        SpeechStart (min_speech_ms) when that is shorter. Every endpointer event is held for the
+        SpeechStart (min_speech_ms) when that is shorter. `echo_left`: the echo canceller is not yet
+        removing the reply's echo well, so only voice it left almost whole counts (NEAR_END_DB: not
+        its residual echo; net of voiced frames it did not). Every endpointer event is held for the
         listening loop.
         """
         block = timeout
-        while True:
+        for _ in range(FRAMES_A_STEP):
             frame = self.mic.read(timeout=block)
             block = 0.0
             if frame is None:
                 return None
             events = self._push(frame)
             self.held.extend(events)
-            start = next((e for e in events if isinstance(e, SpeechStart)), None)
-            onset = self.endpointer.onset
-            if start is None and onset is not None and onset[1] * 1000 >= self.settings.barge_in_ms:
-                start = SpeechStart(t=onset[0])
-            if start is not None:
-                return start
+            endpointer = self.endpointer
+            if endpointer.last_voiced:  # the user's voice, or echo the canceller left?
+                removed = getattr(self.mic, "frame_echo_db", None)
+                step = endpointer.config.frame_ms / 1000
+                near = not echo_left or removed is None or removed < NEAR_END_DB
+                self._near_voiced_s = self._near_voiced_s + step if near else max(0.0, self._near_voiced_s - step)
+            elif not endpointer.in_speech and endpointer.onset is None:
+                self._near_voiced_s = 0.0
+            if self._near_voiced_s * 1000 >= self.settings.barge_in_ms:
+                onset = endpointer.onset
+                start = SpeechStart(t=onset[0]) if onset is not None else self._speech_start
+                if start is not None:
+                    self._near_voiced_s = 0.0
+                    return start
+        return None
 
-    def drop_heard(self, timeout: float) -> None:
-        """Half-duplex: what the mic hears now is (mostly) our own voice; drop it, or wait `timeout` if there was none."""
-        if self.mic.clear() == 0 and timeout > 0:
-            time.sleep(timeout)
-        self.endpointer.reset()
+    def hear_quietly(self, timeout: float) -> None:
+        """Half-duplex: push what the mic has (waiting up to `timeout` for a first frame), holding its
+        events, but never interrupt: much of it is our own voice. `keep_after_reply()` sorts it out."""
+        block = timeout
+        for _ in range(FRAMES_A_STEP):
+            frame = self.mic.read(timeout=block)
+            if frame is None:
+                return
+            block = 0.0
+            self.held.extend(self._push(frame))
+
+    def keep_after_reply(self) -> float:
+        """A half-duplex reply is over: of what was heard meanwhile, drop the utterances that ended
+        (they may have been its echo) and keep the one still going, if any (the user may have
+        spoken over the reply: answered after it). Returns the stream time until which an
+        utterance's voice may still be echo (see ECHO_TAIL_S)."""
+        ends = [k for k, event in enumerate(self.held) if isinstance(event, SpeechEnd)]
+        if ends:
+            for _ in range(ends[-1] + 1):
+                self.held.popleft()
+        return self.endpointer.time + ECHO_TAIL_S
 
 
 class SpeculativeReply:
@@ -170,6 +226,8 @@ class SpeculativeReply:
         return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
 
     def advance(self) -> None:
+        """Pull one more event. Called only while the user is silent: a draft they talk over cost at
+        most the silence it ran in (and its first step, the encoder and prefill, once begun)."""
         if self.done:
             return
         try:

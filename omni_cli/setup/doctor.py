@@ -125,12 +125,15 @@ def check_threads() -> Check:
     return Check(OK, "torch threads", f"{line}; change with --threads or OMP_NUM_THREADS")
 
 
-def check_audio(list_devices: Callable[[], list] | None = None) -> list[Check]:
-    """PortAudio and input/output devices, needed only by `omni chat` (optional)."""
+def check_audio(list_devices: Callable[[], list] | None = None, output_latency: Callable[[], float] | None = None) -> list[Check]:
+    """PortAudio and input/output devices, needed only by `omni chat` (optional), and the output
+    latency the default speaker gives omni's stream (part of every reply's latency)."""
     from omni_cli.errors import AudioInputError
 
     if list_devices is None:
         from omni_cli.audio.devices import list_devices
+    if output_latency is None:
+        from omni_cli.audio.player import output_latency
     try:
         devices = list_devices()
     except AudioInputError as exc:
@@ -144,7 +147,27 @@ def check_audio(list_devices: Callable[[], list] | None = None) -> list[Check]:
         else:
             chosen = default or usable[0]
             checks.append(Check(OK, f"audio {kind}", f"{len(usable)} device(s), default: {chosen.name}"))
+    if any(d.has("output") for d in devices):
+        checks.append(_check_output_latency(output_latency))
     return checks
+
+
+# Above this, the speaker alone takes a large share of a reply's latency (omni aims at 60 ms
+# from the end-of-turn decision to the first sample heard).
+SLOW_OUTPUT_MS = 60
+
+
+def _check_output_latency(output_latency: Callable[[], float]) -> Check:
+    from omni_cli.errors import AudioInputError
+
+    try:
+        ms = output_latency() * 1000
+    except AudioInputError as exc:
+        return Check(WARN, "audio latency", f"the default speaker could not be opened to measure it: {exc}")
+    line = f"{ms:.0f} ms from omni's audio to the default speaker (its reported output latency)"
+    if ms > SLOW_OUTPUT_MS:
+        return Check(WARN, "audio latency", f"{line}: every reply is heard that much later; a wired or USB device is usually faster than Bluetooth")
+    return Check(OK, "audio latency", line)
 
 
 def _safetensors_headers(files: list[Path]) -> None:

@@ -15,7 +15,7 @@ from scipy.signal import resample_poly
 
 from signals import level_db, room_echo
 
-from omni_cli.audio.echo import APM_FRAME, CONVERGED_S, EchoCanceller, EchoSettings, EchoUnavailable
+from omni_cli.audio.echo import APM_FRAME, EchoCanceller, EchoSettings, EchoUnavailable, warm_up_sound
 from omni_cli.audio.mic import Microphone
 from omni_cli.audio.vad import Endpointer, SpeechStart
 
@@ -85,6 +85,32 @@ def speech_starts(audio: np.ndarray) -> list[float]:
     """Stream times (s) at which the default endpointer confirms speech (SpeechStart is emitted)."""
     endpointer = Endpointer()
     return [(i + 1) * STEP / RATE for i in range(audio.size // STEP) for e in endpointer.push(audio[i * STEP : (i + 1) * STEP]) if isinstance(e, SpeechStart)]
+
+
+def converged_after(far: np.ndarray, mic: np.ndarray, delay_ms: int = 50) -> float | None:
+    """Seconds into the streams when the canceller says it has converged (None: it never did)."""
+    canceller = EchoCanceller(EchoSettings(delay_ms=delay_ms))
+    for k in range(mic.size // STEP):
+        canceller.play_reference(far[k * STEP : (k + 1) * STEP])
+        canceller.process(mic[k * STEP : (k + 1) * STEP])
+        if canceller.converged:
+            return (k + 1) * STEP / RATE
+    return None
+
+
+@pytest.mark.parametrize(("delay_ms", "echo_db"), [(30, 0.0), (150, -6.0)])
+def test_the_warm_up_hiss_makes_the_canceller_converge_and_double_talk_does_not(question_16k, delay_ms: int, echo_db: float) -> None:
+    """Convergence is measured (the echo left 30 dB under what was played), not assumed after 5 s of reply."""
+    hiss = np.concatenate([warm_up_sound(RATE), np.zeros(RATE // 2, np.float32)])
+    room_noise = np.random.default_rng(0).normal(0, 3e-4, hiss.size).astype(np.float32)
+    assert converged_after(hiss, room_echo(hiss, delay_ms, echo_db) + room_noise, delay_ms) <= 0.8  # within the hiss
+    assert converged_after(hiss, room_noise) <= 0.8  # no echo at all (a headset): nothing to wait for
+    # The user talking over it (no echo, their voice as loud as the hiss or louder): never taken for converged.
+    user = np.resize(question_16k[0], hiss.size) * 0.5
+    assert converged_after(hiss, user + room_noise) is None
+    # Reply speech alone gets there too, later.
+    reply = np.concatenate(question_16k[1:])[: 4 * RATE]
+    assert converged_after(reply, room_echo(reply, delay_ms, echo_db), delay_ms) is not None
 
 
 def test_frames_must_be_whole_10ms_pieces() -> None:
@@ -163,7 +189,7 @@ def test_echo_through_a_real_sound_server_is_removed(sound_server, question_16k:
         sound_server.pactl("unload-module", module)
     out = np.concatenate(cleaned)
     heard = np.concatenate(raw)[: out.size]
-    converged = slice(CONVERGED_S * RATE, 8 * RATE)
+    converged = slice(5 * RATE, 8 * RATE)  # from 5 s on: AEC3 has had seconds of reply speech
     assert level_db(heard[converged]) > -30.0  # the echo really reached the mic
     erle = level_db(heard[converged]) - level_db(out[converged])
     per_s = [level_db(heard[i : i + RATE]) - level_db(out[i : i + RATE]) for i in range(0, out.size - RATE + 1, RATE)]
@@ -171,3 +197,23 @@ def test_echo_through_a_real_sound_server_is_removed(sound_server, question_16k:
           f"mic overflows {mic.overflows}, speaker underflows {player.xruns}")
     assert erle >= 30.0  # measured 47-50 dB
     assert canceller.converged
+
+
+def test_without_an_echo_path_the_user_is_heard_at_once_over_a_reply(question_16k: list[np.ndarray]) -> None:
+    """A headset: nothing of the hiss came back, so the canceller steps aside (AEC3 would duck the user's first half-second)."""
+    hiss = np.concatenate([warm_up_sound(RATE), np.zeros(RATE // 2, np.float32)])
+    reply, user = question_16k[2][: 3 * RATE], question_16k[0]
+    far = np.concatenate([hiss, reply])
+    start = hiss.size + RATE // 2  # the user speaks half a second into the reply
+    noise = np.random.default_rng(0).normal(0, 3e-4, far.size).astype(np.float32)
+    mic = noise.copy()
+    mic[start:] += user[: far.size - start]
+    out, canceller = cancel(far, mic, 50)
+    assert canceller.converged and canceller.bypassed and canceller.echo_return_db >= 40
+    whole = mic.size // STEP * STEP  # what went through in 30 ms frames
+    np.testing.assert_array_equal(out[hiss.size : whole], mic[hiss.size : whole])
+    onset = start / RATE + np.flatnonzero(np.abs(user) > 0.02 * np.abs(user).max())[0] / RATE
+    assert 0 < speech_starts(out)[0] - onset <= 0.25  # heard as soon as on a silent speaker
+    # Loudspeakers into the microphone: the echo comes back, and the canceller stays.
+    _, with_echo = cancel(far, room_echo(far, 50, -6.0) + noise, 50)
+    assert with_echo.converged and not with_echo.bypassed and with_echo.echo_return_db < 20

@@ -188,7 +188,7 @@ def test_device_without_16k_gets_resampled_audio(fake_sounddevice) -> None:
         player.play(chunk[3000:])
         assert player.wait_idle(timeout=0) is False  # nothing rendered yet
         out = []
-        for _ in range(30):
+        for _ in range(600 // player.block_ms):  # 0.6 s of blocks: the whole chunk
             buffer = np.zeros((stream.settings["blocksize"], 1), np.float32)
             stream.callback(buffer, buffer.shape[0], None, NO_STATUS)
             out.append(buffer[:, 0].copy())
