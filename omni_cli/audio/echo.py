@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler
+from omni_cli.audio.stream_resampler import StreamResampler
 from omni_cli.audio.vad import FrameSplitter, to_float32, to_pcm16
 from omni_cli.errors import AudioInputError, one_line
 

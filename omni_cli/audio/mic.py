@@ -15,13 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import (
-    StreamResampler,
-    close_stream,
-    load_sounddevice,
-    open_stream,
-    stream_settings,
-)
+from omni_cli.audio.devices import close_stream, load_sounddevice, open_stream, stream_settings
+from omni_cli.audio.stream_resampler import StreamResampler
 from omni_cli.audio.vad import FrameSplitter
 
 def _db_removed(heard: np.ndarray, cleaned: np.ndarray) -> float:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler, close_stream, load_sounddevice, open_stream, stream_settings
+from omni_cli.audio.devices import close_stream, load_sounddevice, open_stream, stream_settings
+from omni_cli.audio.stream_resampler import StreamResampler
 
 # Through PulseAudio, PortAudio keeps two blocks in flight: 15 ms blocks give 30 ms of output
 # latency (20 ms blocks: 40 ms). 10 ms blocks underflow there (the stream falls silent) unless

@@ -18,7 +18,7 @@ from collections import deque
 
 import numpy as np
 
-from omni_cli.audio.devices import StreamResampler
+from omni_cli.audio.stream_resampler import StreamResampler
 from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.audio.vad import FrameSplitter
 from omni_cli.serve.wire_audio import PCM16_RATE, BadAudio, decode_base64, pcm16_samples

@@ -15,7 +15,7 @@ import io
 import numpy as np
 import soundfile as sf
 
-from omni_cli.audio.devices import StreamResampler
+from omni_cli.audio.stream_resampler import StreamResampler
 from omni_cli.audio.io import SAMPLE_RATE, resample
 from omni_cli.audio.vad import to_float32, to_pcm16
 from omni_cli.errors import AudioInputError

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy.signal import resample_poly
 
-from omni_cli.audio.devices import StreamResampler, find_device, list_devices, load_sounddevice
+from omni_cli.audio.devices import find_device, list_devices, load_sounddevice
+from omni_cli.audio.stream_resampler import StreamResampler
 from omni_cli.audio.mic import Microphone
 from omni_cli.audio.vad import Endpointer, SpeechEnd, SpeechStart
 from omni_cli.errors import AudioInputError

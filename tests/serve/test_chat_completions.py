@@ -197,18 +197,24 @@ def test_concurrent_requests_take_turns_and_each_gets_its_own_reply(tiny_server,
 
 def test_a_client_that_goes_away_mid_reply_frees_the_model(tiny_server) -> None:
     client = _client(tiny_server)
-    long_request = {"model": "llama-omni", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 256, "stream": True}
+    long_request = {"model": "llama-omni", "messages": [{"role": "user", "content": "Talk."}], "max_tokens": 1024, "stream": True}
+
+    def short_request_s() -> float:
+        start = time.monotonic()
+        client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
+        return time.monotonic() - start
+
+    idle_s = short_request_s()  # what a short request costs on a free model (a busy machine makes it vary)
     start = time.monotonic()
     full = list(client.chat.completions.create(**long_request))
     full_s = time.monotonic() - start
-    assert len(full) > 100
+    assert len(full) > 500
     with httpx.stream("POST", f"{tiny_server.base_url}/chat/completions", json=long_request, timeout=60) as response:
         for _ in zip(range(3), response.iter_lines()):  # the role line, then text: the model is held
             pass
     # The stream was closed mid-reply: the next request gets the model at once, not when the reply would have ended.
-    start = time.monotonic()
-    client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
-    assert time.monotonic() - start < full_s / 2, f"the abandoned reply held the model (a full reply takes {full_s:.2f} s)"
+    waited_s = short_request_s() - idle_s
+    assert waited_s < full_s / 4, f"the abandoned reply held the model {waited_s:.2f} s (a full reply takes {full_s:.2f} s)"
 
 
 def test_a_request_that_must_wait_is_told_so_and_one_too_many_is_refused(tiny_pipeline) -> None:

@@ -20,7 +20,7 @@ from realtime_client import RATE, RealtimeClient, delta_samples, pcm16_base64  #
 from servers import realtime_server  # noqa: E402
 
 from omni_cli.audio.io import SAMPLE_RATE, resample  # noqa: E402
-from omni_cli.config import ReplyOptions  # noqa: E402
+from omni_cli.config import ChatOptions, ReplyOptions  # noqa: E402
 from omni_cli.pipeline import Done, HistoryTurn  # noqa: E402
 from omni_cli.serve.client_audio import ClientAudio  # noqa: E402
 from omni_cli.serve.client_playback import ClientPlayback  # noqa: E402
@@ -194,7 +194,8 @@ def test_server_vad_s_silence_padding_and_threshold_are_the_endpointer_s(stoppin
         client.wait_for("response.done")
     config = ports[-1].conversation.listener.endpointer.config
     assert (config.hangover_ms, config.pre_roll_ms, config.start_threshold) == (1500, 200, 0.6)
-    assert config.keep_threshold == pytest.approx(0.42) and config.pause_ms == 150  # a draft at 150 ms, as in omni chat
+    # A draft after omni chat's --speculate-ms of silence, as in omni chat.
+    assert config.keep_threshold == pytest.approx(0.42) and config.pause_ms == ChatOptions.speculate_ms
 
 
 def test_with_create_response_off_a_turn_server_vad_heard_waits_for_response_create(stopping, stopping_pipeline, question_16k) -> None:
