@@ -269,6 +269,7 @@ class Endpointer:
         self._last_voiced = 0  # index of the last voiced frame in the utterance
         self._quiet_run = 0  # frames since webrtcvad last said speech
         self.last_voiced = False  # the last frame pushed counted as voice (both stages, above the tail floor)
+        self.last_heard = False  # webrtcvad heard speech in the last frame pushed (the first stage alone)
         self._model_warm = False
         self.last_probability = 0.0  # the model's latest speech probability (for meters and tests)
         self._splitter.reset()
@@ -326,7 +327,7 @@ class Endpointer:
         voiced = self._confirm(audio, heard) if self.speech_model is not None else heard
         index = self._frames_seen
         self._frames_seen += 1
-        self.last_voiced = False
+        self.last_voiced, self.last_heard = False, heard
         return self._step(audio.copy(), voiced, index, undecided=heard and not voiced)
 
     def _confirm(self, audio: np.ndarray, first_stage: bool) -> bool:
