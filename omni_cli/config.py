@@ -463,6 +463,9 @@ class ServeOptions:
     model_name: str = "llama-omni"  # what /v1/models lists and replies name
     # Requests waiting for the model beyond the one being answered; more are refused (HTTP 503).
     max_waiting: int = 8
+    # Realtime sessions with barge-in on answer after this much silence, as `omni chat` does (0: the
+    # session's silence_duration_ms); going on within a second withdraws the reply (ChatOptions).
+    answer_after_ms: int = ChatOptions.answer_after_ms
     max_request_bytes: int = 32 * 1024 * 1024  # a chat completion's JSON body (base64 audio is most of it)
     max_message_bytes: int = 4 * 1024 * 1024  # one Realtime WebSocket message (~30 s of 24 kHz PCM16 in base64)
     max_buffered_s: float = 120.0  # client audio not yet taken by the conversation (the longest question is 2 min)

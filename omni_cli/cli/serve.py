@@ -60,6 +60,16 @@ def serve_cmd(
     max_waiting: Annotated[
         int, typer.Option("--max-waiting", min=0, help="Replies that may wait for the model (one is generated at a time); more are refused.")
     ] = SERVE.max_waiting,
+    answer_after_ms: Annotated[
+        int,
+        typer.Option(
+            "--answer-after-ms",
+            min=0,
+            help="Realtime sessions with barge-in on (interrupt_response) answer after this much silence, as omni chat does; "
+            "if the user goes on within a second, the reply is cancelled and what they say joins the question. "
+            "0: wait the session's silence_duration_ms.",
+        ),
+    ] = SERVE.answer_after_ms,
     max_new_tokens: MaxNewTokensOpt = SAMPLING.max_new_tokens,
     temperature: TemperatureOpt = SAMPLING.temperature,
     chunk_units: ChunkUnitsOpt = STREAMING.chunk_units,
@@ -77,7 +87,9 @@ def serve_cmd(
       omni serve --model llama-omni-8b\n
       OMNI_API_KEY=secret omni serve --model llama-omni-8b --host 0.0.0.0 --port 8000
     """
-    options = ServeOptions(host=host, port=port, api_key=api_key or None, model_name=model_name, max_waiting=max_waiting)
+    options = ServeOptions(
+        host=host, port=port, api_key=api_key or None, model_name=model_name, max_waiting=max_waiting, answer_after_ms=answer_after_ms
+    )
     if not options.loopback and options.api_key is None:
         fail(f"--host {host} lets other machines in: also pass --api-key KEY (or set OMNI_API_KEY), or keep the default --host 127.0.0.1.")
     from omni_cli.serve.server import bind, serve

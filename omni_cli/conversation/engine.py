@@ -29,7 +29,7 @@ Turn-taking:
   kept in a `History` within the pipeline's context budget and passed back with each question.
 
 Threads: `run()` loops on one thread until stop(); generation happens there, pulled event by
-event between frames. ask_text, commit, clear, cancel, truncate, set_turn_detection, set_barge_in and
+event between frames. ask_text, commit, clear, cancel, truncate, set_turn_detection, set_duplex and
 stop may be called from any thread (stop() also from a signal handler). No lock is held while the
 model works, so respond() may block (e.g. while the model serves another conversation).
 
@@ -143,9 +143,9 @@ class Conversation(Replying):
         """Switch turn detection (None: client-committed turns) once no reply is in progress."""
         self._commands.put(("turn_detection", config))
 
-    def set_barge_in(self, on: bool | None) -> None:
-        """Switch barge-in (`ConversationSettings.barge_in`) from the next frame on, mid-reply too."""
-        self._commands.put(("barge_in", on))
+    def set_duplex(self, barge_in: bool | None, early_end_ms: int | None = None) -> None:
+        """Switch `ConversationSettings.barge_in` and `full_duplex_hangover_ms` from the next frame on, mid-reply too."""
+        self._commands.put(("duplex", barge_in, early_end_ms))
 
     def stop(self) -> None:
         """End the conversation soon: the reply in progress is cut (cancelled), then run() returns.
@@ -221,9 +221,8 @@ class Conversation(Replying):
         """One step of listening: a frame (or the events held during a reply), or a wait for a command."""
         listener = self._listener
         if listener is not None:
-            short = self.settings.full_duplex_hangover_ms
-            config = listener.endpointer.config
-            listener.endpointer.set_hangover_ms(short if short is not None and self.full_duplex else config.hangover_ms)
+            short, config = self.settings.full_duplex_hangover_ms, listener.endpointer.config
+            listener.endpointer.set_hangover_ms(min(short, config.hangover_ms) if short is not None and self.full_duplex else config.hangover_ms)
             working = self._speculation is not None and not self._speculation.done
             for event in listener.next_events(timeout=0.0 if working else None):
                 self._heard(event)
@@ -266,8 +265,8 @@ class Conversation(Replying):
         elif kind == "turn_detection":
             config = command[1]
             self._deferred.append(lambda: self._switch_turn_detection(config))
-        elif kind == "barge_in":
-            self.settings = replace(self.settings, barge_in=command[1])
+        elif kind == "duplex":
+            self.settings = replace(self.settings, barge_in=command[1], full_duplex_hangover_ms=command[2])
 
     def _emit(self, event: ConversationEvent) -> None:
         self.on_event(event)

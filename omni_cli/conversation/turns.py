@@ -32,7 +32,7 @@ class ConversationSettings:
     # and pre-roll padding `pre_roll_ms`; `pause_ms` > 0 for speculative starts), or None: the
     # client commits its turns (commit()).
     turn_detection: EndpointerConfig | None = field(default_factory=EndpointerConfig)
-    # In full duplex, the turn ends after this much silence instead of turn_detection.hangover_ms:
+    # In full duplex, the turn ends after this much silence when turn_detection.hangover_ms is longer:
     # a guess the user takes back by going on (within rejoin_ms the reply stops, is withdrawn, and
     # both parts are one question). None: always the hang-over.
     full_duplex_hangover_ms: int | None = None

@@ -40,7 +40,7 @@ from omni_cli.errors import one_line
 from omni_cli.pipeline import Done, Event, History
 from omni_cli.serve.client_playback import ClientPlayback
 from omni_cli.serve.model_slot import ModelSlot, TurnWithdrawn
-from omni_cli.serve.realtime_events import SessionConfig
+from omni_cli.serve.realtime_events import SessionConfig, TurnDetection
 from omni_cli.serve.response_gate import ResponseGate
 
 if TYPE_CHECKING:
@@ -62,19 +62,31 @@ def _log(line: str) -> None:
     print(f"omni serve: error: {line}", file=sys.stderr, flush=True)
 
 
-def conversation_ports(slot: ModelSlot, speculate_ms: int = ChatOptions.speculate_ms) -> PortFactory:
+def conversation_ports(
+    slot: ModelSlot, speculate_ms: int = ChatOptions.speculate_ms, answer_after_ms: int = ChatOptions.answer_after_ms
+) -> PortFactory:
     """The port factory `omni serve` uses: each Realtime session gets its own conversation over `slot`."""
-    return lambda session: RealtimeConversation(session, slot, speculate_ms)
+    return lambda session: RealtimeConversation(session, slot, speculate_ms, answer_after_ms)
 
 
 class RealtimeConversation:
     """One session's conversation, on its own thread; every method returns at once (thread-safe)."""
 
-    def __init__(self, session: RealtimeSession, slot: ModelSlot, speculate_ms: int = ChatOptions.speculate_ms) -> None:
-        """`speculate_ms`: a reply is drafted after this much of a pause (as `omni chat --speculate-ms`; 0: never)."""
+    def __init__(
+        self,
+        session: RealtimeSession,
+        slot: ModelSlot,
+        speculate_ms: int = ChatOptions.speculate_ms,
+        answer_after_ms: int = ChatOptions.answer_after_ms,
+    ) -> None:
+        """`speculate_ms`: a reply is drafted after this much of a pause (as `omni chat --speculate-ms`; 0: never).
+        `answer_after_ms`: with barge-in on (`interrupt_response`) and the default `silence_duration_ms`, the
+        turn ends after this much silence, and the reply is withdrawn if the user goes on within a second (as
+        `omni chat --answer-after-ms`; 0: never). A `silence_duration_ms` the client sets is kept as given."""
         self.session = session
         self.slot = slot
         self.speculate_ms = speculate_ms
+        self.answer_after_ms = answer_after_ms
         pipeline = slot.pipeline
         self.can_speak = pipeline.sample_rate is not None and pipeline.model.unit_decoder is not None
         self.view = slot.for_conversation(on_wait=session.replies.waiting)
@@ -90,7 +102,14 @@ class RealtimeConversation:
         config = session.config
         self._endpointer = self._turn_detection(config)
         self._barge_in = self._interrupts(config)
-        settings = ConversationSettings(turn_detection=self._endpointer, barge_in=self._barge_in, speculate=speculate_ms > 0, mic_timeout_s=None)
+        self._early_end_ms = self._answer_after(config)
+        settings = ConversationSettings(
+            turn_detection=self._endpointer,
+            barge_in=self._barge_in,
+            speculate=speculate_ms > 0,
+            mic_timeout_s=None,
+            full_duplex_hangover_ms=self._early_end_ms,
+        )
         sink = ClientPlayback(session.replies, pipeline.sample_rate) if self.can_speak and pipeline.sample_rate else None
         self.conversation = Conversation(_SessionReplies(self), self._on_event, frames=session.audio, sink=sink, settings=settings)
         self._apply(config)
@@ -125,6 +144,14 @@ class RealtimeConversation:
             pause_ms=self.speculate_ms if drafts else 0,
         )
 
+    def _answer_after(self, config: SessionConfig) -> int | None:
+        """The earlier turn end for this session (full duplex only): omni's guess while the client keeps
+        server VAD's default silence; a silence_duration_ms it sets is honoured as given."""
+        detection = config.turn_detection
+        if detection is None or not self.answer_after_ms or detection.silence_duration_ms != TurnDetection.silence_duration_ms:
+            return None
+        return self.answer_after_ms
+
     @staticmethod
     def _interrupts(config: SessionConfig) -> bool:
         return config.turn_detection is not None and config.turn_detection.interrupt_response
@@ -148,10 +175,10 @@ class RealtimeConversation:
         if endpointer != self._endpointer:
             self._endpointer = endpointer
             self.conversation.set_turn_detection(endpointer)
-        barge_in = self._interrupts(config)
-        if barge_in != self._barge_in:
-            self._barge_in = barge_in
-            self.conversation.set_barge_in(barge_in)
+        duplex = (self._interrupts(config), self._answer_after(config))
+        if duplex != (self._barge_in, self._early_end_ms):
+            self._barge_in, self._early_end_ms = duplex
+            self.conversation.set_duplex(*duplex)
 
     # -- the client's requests ------------------------------------------------------------------
 

@@ -55,7 +55,7 @@ def serve(
 
     say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     slot = ModelSlot(pipeline, max_waiting=options.max_waiting)
-    app = create_app(slot, options, port_factory or conversation_ports(slot))
+    app = create_app(slot, options, port_factory or conversation_ports(slot, answer_after_ms=options.answer_after_ms))
     config = uvicorn.Config(
         app,
         log_level="warning",

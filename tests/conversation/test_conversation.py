@@ -337,11 +337,11 @@ def test_barge_in_is_switched_by_a_command_from_another_thread(make_replies) -> 
     """A network client's session turns barge-in on and off (Realtime's interrupt_response) while the conversation runs."""
     conversation = Conversation(make_replies(), EventQueue(), frames=FrameQueue(), settings=server_vad(barge_in=False))
     assert not conversation.full_duplex
-    conversation.set_barge_in(True)
+    conversation.set_duplex(True)
     assert not conversation.full_duplex  # taken on the conversation's thread, between frames
     conversation.run(until_idle=True)
     assert conversation.full_duplex and conversation.settings.turn_detection is not None
-    conversation.set_barge_in(None)  # "auto" without an echo canceller: half-duplex
+    conversation.set_duplex(None)  # "auto" without an echo canceller: half-duplex
     conversation.run(until_idle=True)
     assert not conversation.full_duplex
 

@@ -198,6 +198,19 @@ def test_server_vad_s_silence_padding_and_threshold_are_the_endpointer_s(stoppin
     assert config.keep_threshold == pytest.approx(0.42) and config.pause_ms == ChatOptions.speculate_ms
 
 
+def test_with_barge_in_on_and_the_default_silence_a_turn_is_answered_after_omni_chat_s_short_pause(stopping, question_16k) -> None:
+    """As in `omni chat`: 350 ms of silence after the question (under the protocol's 500 ms) is enough
+    for an answer while barge-in is on; the user going on would withdraw it (tested in the conversation)."""
+    server, _, ports = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        client.append(_spoken(question_16k[0], tail_s=0.35))
+        client.wait_for("input_audio_buffer.speech_stopped")
+        client.wait_for("response.done")
+    end = ports[-1].conversation.listener.endpointer
+    assert end.hangover_ms == end.config.frames_for(ChatOptions.answer_after_ms) * end.config.frame_ms and end.config.hangover_ms == 500
+
+
 def test_with_create_response_off_a_turn_server_vad_heard_waits_for_response_create(stopping, stopping_pipeline, question_16k) -> None:
     server, _, _ = stopping
     with RealtimeClient(server.base_url) as client:
