@@ -310,6 +310,13 @@ class Endpointer:
         mistaken end can be taken back."""
         self._hangover_frames = max(1, self.config.frames_for(ms))
 
+    def set_pre_roll_ms(self, ms: int) -> None:
+        """Keep `ms` of audio before an utterance's first voiced frame from now on (config.pre_roll_ms
+        until changed); Silero still warms up on config.pre_roll_ms of it."""
+        frames = self.config.frames_for(ms)
+        if frames != self._pre_roll.maxlen:
+            self._pre_roll = deque(self._pre_roll, maxlen=frames)
+
     def skip(self) -> None:
         """A frame was heard but not listened to (dropped): stream time goes on, the state does not change."""
         self._frames_seen += 1
@@ -342,7 +349,7 @@ class Endpointer:
             return False
         if not self._model_warm:
             self.speech_model.reset()
-            for earlier in self._pre_roll:
+            for earlier in list(self._pre_roll)[len(self._pre_roll) - self._pre_roll_frames :]:
                 self.speech_model.push(earlier)
             self._model_warm = True
         self.last_probability = self.speech_model.push(audio)

@@ -71,6 +71,10 @@ FRAMES_A_STEP = 8
 # A half-duplex reply's echo may reach the microphone this long after the reply ends (output and
 # input latency and the room): speech heard over the reply counts only if its voice goes on past it.
 ECHO_TAIL_S = 0.3
+# While replying in full duplex, this much audio is kept before the user's first voiced frame:
+# early in a session the canceller ducks the user's voice under a loud echo (0.2-1.3 s measured
+# at 0 dB, 30 ms), so a barge-in is heard late; the question then still has its first words.
+BARGE_IN_PRE_ROLL_MS = 1500
 
 
 class MicrophoneLost(AudioInputError):
@@ -104,6 +108,7 @@ class Listener:
         # start of the utterance in progress (None outside one): a barge-in may come late in it.
         self._near_voiced_s = 0.0
         self._speech_start: SpeechStart | None = None
+        self._barged_in = False  # a barge-in's utterance has not ended yet: it keeps BARGE_IN_PRE_ROLL_MS
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
         self._anchor = (0.0, self.last_frame_t)  # (endpointer time, clock time) at the end of the last frame pushed
 
@@ -112,6 +117,9 @@ class Listener:
         default poll_s); raises MicrophoneLost."""
         if self.held:
             return [self.held.popleft()]
+        endpointer = self.endpointer
+        if not self._barged_in and endpointer.onset is None and not endpointer.in_speech:  # never while an utterance may take it
+            endpointer.set_pre_roll_ms(endpointer.config.pre_roll_ms)
         frame = self.mic.read(timeout=self.settings.poll_s if timeout is None else timeout)
         now = self.clock()
         if frame is None:
@@ -132,6 +140,7 @@ class Listener:
         events = self.endpointer.push(frame)
         for event in events:  # the start of the utterance in progress, for a barge-in that comes later in it
             self._speech_start = event if isinstance(event, SpeechStart) else None if isinstance(event, SpeechEnd) else self._speech_start
+            self._barged_in = self._barged_in and not isinstance(event, SpeechEnd)
         ended = self.mic.frame_end_t
         self._anchor = (self.endpointer.time, self.clock() if ended is None else ended)
         return events
@@ -155,6 +164,7 @@ class Listener:
         listening loop.
         """
         block = timeout
+        self.endpointer.set_pre_roll_ms(max(BARGE_IN_PRE_ROLL_MS, self.endpointer.config.pre_roll_ms))
         for _ in range(FRAMES_A_STEP):
             frame = self.mic.read(timeout=block)
             block = 0.0
@@ -174,7 +184,7 @@ class Listener:
                 onset = endpointer.onset
                 start = SpeechStart(t=onset[0]) if onset is not None else self._speech_start
                 if start is not None:
-                    self._near_voiced_s = 0.0
+                    self._near_voiced_s, self._barged_in = 0.0, True
                     return start
         return None
 

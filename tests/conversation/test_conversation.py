@@ -469,3 +469,23 @@ def test_a_converged_canceller_is_not_taken_for_a_new_one_while_the_user_speaks(
         speak(frames, sent)
         barge = running.wait_for(BargeIn, timeout=20)
     assert barge.turn == 1 and 0 < barge.detected_t - barge.onset_t < 0.5
+
+
+@pytest.mark.slow  # two questions streamed in real time (~8 s)
+def test_a_barge_in_heard_late_keeps_the_first_words_of_the_question(make_replies, question_16k: list[np.ndarray]) -> None:
+    """Early in a session the canceller can duck the user's voice under a loud echo for up to ~1.3 s: the barge-in
+    came late and the question lost its first words (its turn began 0.3 s before the late onset). While replying,
+    1.5 s of audio is kept before the onset, so what the canceller let through of those words is in the question."""
+    frames, events, sink = FrameQueue(), EventQueue(), PacedSink()
+    conversation = Conversation(make_replies(100), events, frames=frames, sink=sink, settings=server_vad(barge_in=True))
+    first, second = question_16k[0], question_16k[1]
+    onset, end = speech_bounds(second)
+    ducked = second.copy()
+    cut = int((onset + 0.8) * SAMPLE_RATE)
+    ducked[:cut] *= 0.01  # -40 dB: nothing the voice detector hears, but still the words
+    sent = np.concatenate([silence(0.3), first, silence(1.5), ducked, silence(1.0)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        running.wait_for(BargeIn, timeout=20)
+        committed = running.wait_for(QuestionCommitted, count=2, timeout=30)
+    assert committed.audio.size >= (end - onset) * SAMPLE_RATE  # from the question's first word, not 0.3 s before the late onset
