@@ -393,12 +393,13 @@ def test_noise_and_music_start_no_turn_but_quiet_speech_does(sound_server, quest
     try:
         assert sound_server.play_into_mic(tmp_path / "noise.wav").wait(40) == 0
         time.sleep(0.7)  # a hang-over
+        # No turn, and noise did not even make omni think (no draft started and dropped).
         assert [r["type"] for r in chat.rows()] == ["session", "listening"], chat.out.getvalue()
         assert sound_server.play_into_mic(tmp_path / "quiet.wav").wait(15) == 0
         rows = chat.wait_for("the quiet question", lambda rows: count(rows, "user") == 1, 10)
     finally:
         chat.stop()
-    assert count(rows, "speculative_reply_dropped") == 0  # noise did not even make omni think
+    # (A draft dropped now is the quiet question's own pause: drafts start after 60 ms of silence.)
     user = next(r for r in rows if r["type"] == "user")
     assert 1.5 < user["seconds"] < 4.5
 
