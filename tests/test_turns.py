@@ -65,7 +65,7 @@ class EchoedMic:
         return n
 
 
-def barge_in_after(frames: list[tuple[bool, float | None]]) -> float | None:
+def barge_in_after(frames: list[tuple[bool, float | None]], echo_left: bool = True, going_on: bool = False) -> float | None:
     """Seconds of frames heard until a barge-in (None: none)."""
     from omni_cli.audio.vad import Endpointer, EndpointerConfig
     from omni_cli.conversation.turns import ConversationSettings, Listener
@@ -75,7 +75,7 @@ def barge_in_after(frames: list[tuple[bool, float | None]]) -> float | None:
     listener = Listener(mic, endpointer, ConversationSettings(barge_in_ms=60), lambda: 0.0, None)  # 2 frames
     start = None
     while mic.frames and start is None:  # a few frames at a time, as a reply's loop hears them
-        start = listener.speech_start(timeout=0.0, echo_left=True)
+        start = listener.speech_start(timeout=0.0, echo_left=echo_left, going_on=going_on)
     return None if start is None else round(endpointer.time, 3)
 
 
@@ -92,3 +92,15 @@ def test_barge_in_hears_the_users_voice_not_the_echo_the_canceller_left() -> Non
     assert barge_in_after(silence + [(True, 3.0), (True, 20.0), (True, 3.0), (True, 4.0)]) == 0.27
     # As much echo as voice: no barge-in.
     assert barge_in_after(silence + [(True, 1.0), (True, 25.0)] * 6 + [(False, 0.0)] * 10) is None
+
+
+def test_voice_that_goes_on_with_the_question_stops_the_reply_after_one_frame() -> None:
+    """A reply begun in the user's pause is heard until the barge-in: when voice would go on with the question
+    (within rejoin_ms of its last word) and the canceller has converged, one frame it left whole is enough."""
+    silence = [(False, 0.0)] * 5
+    assert barge_in_after(silence + [(True, 2.0)] * 5, echo_left=False, going_on=True) == 0.18  # one frame
+    assert barge_in_after(silence + [(True, None)] * 5, echo_left=False, going_on=True) == 0.18  # no canceller
+    assert barge_in_after(silence + [(True, 2.0)] * 5, echo_left=False) == 0.21  # a new turn: barge_in_ms
+    assert barge_in_after(silence + [(True, 2.0)] * 5, echo_left=True, going_on=True) == 0.21  # not converged yet
+    # Residual echo (a frame the canceller took 25 dB out of) is not the user going on: barge_in_ms as ever.
+    assert barge_in_after(silence + [(True, 25.0)] + [(False, 0.0)] * 10, echo_left=False, going_on=True) is None

@@ -82,7 +82,10 @@ class AudioSink(Protocol):
 
 
 class EchoState(Protocol):
-    """What the conversation reads from the echo canceller: `EchoCanceller` or a test double."""
+    """What the conversation reads from the echo canceller: `EchoCanceller` or a test double.
+
+    Optional, `bypassed`: True when no echo path was found (nothing played reaches the microphone).
+    """
 
     @property
     def converged(self) -> bool: ...

@@ -280,9 +280,14 @@ class Replying:
             self._full_duplex_said = True
             self._emit(FullDuplexOn(self.clock(), reply.turn, self._erle()))
         if reply.cut is None:
-            start = listener.speech_start(timeout, self._echo_left(listener))
+            start = listener.speech_start(timeout, self._echo_left(listener), self._would_go_on(reply, listener))
             if start is not None:
                 self._barge_in(reply, listener, start)
+
+    def _would_go_on(self, reply: ReplyProgress, listener: Listener) -> bool:
+        """True while speech starting now would go on with the reply's question (within rejoin_ms of its last word)."""
+        end = reply.voiced_end_stream_t
+        return end is not None and (listener.endpointer.time - end) * 1000 <= self.settings.rejoin_ms
 
     def _echo_left(self, listener: Listener) -> bool:
         """True while the canceller is not yet removing the reply's echo well (ERLE under GOOD_ERLE_DB).
@@ -292,7 +297,7 @@ class Replying:
         barge-in and had the voice that AEC3 partly ducked discounted (the reply stopped 0.5 s after
         the user began, not 0.25, in 3 of 7 trials with the echo as loud as the voice).
         """
-        if self.echo is None:
+        if self.echo is None or getattr(self.echo, "bypassed", False):  # bypassed: no echo reaches the microphone
             return False
         endpointer = listener.endpointer
         if not (endpointer.in_speech or endpointer.onset is not None or endpointer.last_heard):

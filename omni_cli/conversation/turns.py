@@ -75,6 +75,11 @@ ECHO_TAIL_S = 0.3
 # early in a session the canceller ducks the user's voice under a loud echo (0.2-1.3 s measured
 # at 0 dB, 30 ms), so a barge-in is heard late; the question then still has its first words.
 BARGE_IN_PRE_ROLL_MS = 1500
+# Voice that stops a reply while it would go on with the question (within rejoin_ms of its last
+# word: the reply most likely began in a pause of the user's), once the canceller has converged and
+# counting only frames it left almost whole (NEAR_END_DB): one frame instead of barge_in_ms. Each
+# such false start was heard ~100 ms after the user went on before the reply stopped (90 ms of voice).
+GOING_ON_BARGE_IN_MS = 30
 
 
 class MicrophoneLost(AudioInputError):
@@ -107,6 +112,7 @@ class Listener:
         # While replying: voice that the echo canceller left almost whole (net). The endpointer's
         # start of the utterance in progress (None outside one): a barge-in may come late in it.
         self._near_voiced_s = 0.0
+        self._clear_voiced_s = 0.0  # the same, counting only voiced frames in a row the canceller left almost whole
         self._speech_start: SpeechStart | None = None
         self._barged_in = False  # a barge-in's utterance has not ended yet: it keeps BARGE_IN_PRE_ROLL_MS
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
@@ -154,14 +160,15 @@ class Listener:
         """Count the microphone's silence from now (frames are not watched during a reply)."""
         self.last_frame_t = self.clock()
 
-    def speech_start(self, timeout: float, echo_left: bool = False) -> SpeechStart | None:
+    def speech_start(self, timeout: float, echo_left: bool = False, going_on: bool = False) -> SpeechStart | None:
         """Barge-in: push what the mic has (waiting up to `timeout` for a first frame) until speech starts.
 
         Speech counts as started after `settings.barge_in_ms` of voice, before the endpointer's own
         SpeechStart (min_speech_ms) when that is shorter. `echo_left`: the echo canceller is not yet
         removing the reply's echo well, so only voice it left almost whole counts (NEAR_END_DB: not
-        its residual echo; net of voiced frames it did not). Every endpointer event is held for the
-        listening loop.
+        its residual echo; net of voiced frames it did not). `going_on`: voice now would go on with
+        the question, so GOING_ON_BARGE_IN_MS of voice the canceller left whole is enough (unless
+        `echo_left`). Every endpointer event is held for the listening loop.
         """
         block = timeout
         self.endpointer.set_pre_roll_ms(max(BARGE_IN_PRE_ROLL_MS, self.endpointer.config.pre_roll_ms))
@@ -176,15 +183,19 @@ class Listener:
             if endpointer.last_voiced:  # the user's voice, or echo the canceller left?
                 removed = getattr(self.mic, "frame_echo_db", None)
                 step = endpointer.config.frame_ms / 1000
-                near = not echo_left or removed is None or removed < NEAR_END_DB
+                whole = removed is None or removed < NEAR_END_DB
+                near = not echo_left or whole
                 self._near_voiced_s = self._near_voiced_s + step if near else max(0.0, self._near_voiced_s - step)
+                self._clear_voiced_s = self._clear_voiced_s + step if whole else 0.0
             elif not endpointer.in_speech and endpointer.onset is None:
-                self._near_voiced_s = 0.0
-            if self._near_voiced_s * 1000 >= self.settings.barge_in_ms:
+                self._near_voiced_s = self._clear_voiced_s = 0.0
+            quick = going_on and not echo_left and self._clear_voiced_s * 1000 >= GOING_ON_BARGE_IN_MS
+            if quick or self._near_voiced_s * 1000 >= self.settings.barge_in_ms:
                 onset = endpointer.onset
                 start = SpeechStart(t=onset[0]) if onset is not None else self._speech_start
                 if start is not None:
-                    self._near_voiced_s, self._barged_in = 0.0, True
+                    self._near_voiced_s = self._clear_voiced_s = 0.0
+                    self._barged_in = True
                     return start
         return None
 

@@ -489,3 +489,49 @@ def test_a_barge_in_heard_late_keeps_the_first_words_of_the_question(make_replie
         running.wait_for(BargeIn, timeout=20)
         committed = running.wait_for(QuestionCommitted, count=2, timeout=30)
     assert committed.audio.size >= (end - onset) * SAMPLE_RATE  # from the question's first word, not 0.3 s before the late onset
+
+
+class CountingQueue(FrameQueue):
+    """A FrameQueue that counts the frames the conversation has read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_count = 0
+
+    def read(self, timeout: float | None = None) -> np.ndarray | None:
+        frame = super().read(timeout)
+        self.read_count += frame is not None
+        return frame
+
+
+class BypassedCanceller:
+    """A canceller that found no echo path (headphones, or a speaker the microphone does not hear)."""
+
+    converged, bypassed, erle_db = True, True, 0.5
+
+
+@pytest.mark.slow  # a question with a long pause streamed in real time (~7 s)
+@pytest.mark.parametrize("echo", [None, BypassedCanceller()], ids=["no-canceller", "bypassed-canceller"])
+def test_a_reply_begun_in_the_users_pause_stops_at_their_first_word(make_replies, question_16k: list[np.ndarray], echo: object) -> None:
+    """Issue 22: a reply that began in a pause was heard ~100 ms longer than needed once the user went on (90 ms of
+    voice before the barge-in). Voice that goes on with the question (within rejoin_ms) stops it after one frame,
+    and the reply is withdrawn."""
+    frames, events = CountingQueue(), EventQueue()
+    read_at_barge_in: list[int] = []
+
+    def on_event(event: object) -> None:
+        if isinstance(event, BargeIn):
+            read_at_barge_in.append(frames.read_count)
+        events(event)
+
+    settings = server_vad(barge_in=True, full_duplex_hangover_ms=200)
+    conversation = Conversation(make_replies(100), on_event, frames=frames, sink=PacedSink(), settings=settings, echo=echo)
+    first, second = question_16k[0], question_16k[1]
+    (_, first_end), (second_onset, _) = speech_bounds(first), speech_bounds(second)
+    sent = np.concatenate([silence(0.3), first[: int(first_end * SAMPLE_RATE)], silence(0.8), second[int(second_onset * SAMPLE_RATE) :], silence(1.0)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        barge = running.wait_for(BargeIn, timeout=20)
+    assert barge.turn == 1 and barge.goes_on
+    heard_s = read_at_barge_in[0] * FRAME_MS / 1000  # the stream time when the barge-in was decided
+    assert heard_s - barge.stream_t == pytest.approx(FRAME_MS / 1000, abs=1e-6)  # its first voiced frame
