@@ -18,8 +18,9 @@ Turn-taking:
 - Replying (`replying.py`): text and audio go out as the pipeline yields them (audio through a
   small jitter buffer). Between events, commands are handled and the input is drained: in full
   duplex, speech (`barge_in_ms` of it) stops the reply (barge-in) and becomes the next turn — or,
-  when it began within `rejoin_ms` of the question's last word, goes on with that question (the
-  reply is withdrawn, both parts are asked as one). In half-duplex (no echo canceller, or one
+  when it began within `rejoin_ms` of the question's last word (one frame is enough then), goes on
+  with that question (the reply is withdrawn, both parts are asked as one; if that voice never
+  becomes speech, the question is asked again). In half-duplex (no echo canceller, or one
   that has not converged yet) what is heard while replying never interrupts: an utterance the
   user goes on with past the reply (and its echo's tail) is answered after it, whole; one that
   ended during the reply is dropped (it may have been the reply's echo).
@@ -229,7 +230,7 @@ class Conversation(Replying):
                 if self._stopping:
                     break
             self._follow_speculation()
-            self._answer_windows_if_quiet()
+            self._answer_what_was_left()
         elif self._frames is not None:
             self._read_input(self.settings.poll_s)
         else:
@@ -366,16 +367,21 @@ class Conversation(Replying):
         self._spoken.keep_window(event.audio, event.t)
         self._emit(StillListening(self.clock(), self._spoken.seconds, len(self._spoken.windows)))
 
-    def _answer_windows_if_quiet(self) -> None:
-        """A question cut at 30 s whose speaker then fell silent: answer what was said."""
-        listener = self._listener
-        spoken = self._spoken
-        if not spoken.windows or listener is None or listener.endpointer.in_speech:
+    def _answer_what_was_left(self) -> None:
+        """Once the user is quiet, answer a question left waiting: one cut at the model's 30 s window
+        (after the hang-over), or one whose reply was withdrawn for voice that never became speech (a
+        cough, a click: the endpointer dropped its onset), asked again as it was rather than lost."""
+        listener, spoken = self._listener, self._spoken
+        if listener is None or listener.held or listener.endpointer.in_speech or listener.endpointer.onset is not None:
             return
-        endpointer = listener.endpointer
-        if endpointer.time - spoken.window_end_stream_t < endpointer.config.hangover_ms / 1000:
-            return
-        self._answer_turn(spoken.audio(), len(spoken.windows), endpointer.time, spoken.window_end_stream_t, spoken.window_end_stream_t)
+        now, continued = listener.endpointer.time, spoken.continued
+        if spoken.windows:
+            end = spoken.window_end_stream_t
+            if now - end >= listener.endpointer.config.hangover_ms / 1000:
+                self._answer_turn(spoken.audio(), len(spoken.windows), now, end, end)
+        elif continued is not None:
+            end = continued.audio_end_stream_t
+            self._answer_turn(spoken.audio(), 1, now, end if continued.voiced_end_stream_t is None else continued.voiced_end_stream_t, end)
 
     def _follow_speculation(self) -> None:
         """While the hang-over runs: drop the speculative reply if the user went on, else let it work one step."""

@@ -357,7 +357,7 @@ class Replying:
         heard_text = reply.heard_text()
         if reply.withdrawn_at is not None and not isinstance(question, str):
             # Not an answer to anything: the next turn asks this question again, with its rest.
-            self._spoken.go_on_with(ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at))
+            self._spoken.go_on_with(ContinuedQuestion(question, reply.audio_end_stream_t, reply.turn, reply.withdrawn_at, reply.voiced_end_stream_t))
         elif reply.error is None and heard_text:
             entry = HistoryTurn(user_speech=reply.user_speech, user_text=question if isinstance(question, str) else None, reply=heard_text)
             self.history.append(entry)

@@ -297,6 +297,7 @@ class ContinuedQuestion:
     audio_end_stream_t: float  # endpointer time where `audio` ends
     turn: int
     onset_stream_t: float  # where the speech that goes on with it began
+    voiced_end_stream_t: float | None = None  # where its last word ended
 
 
 class SpokenQuestion:

@@ -535,3 +535,28 @@ def test_a_reply_begun_in_the_users_pause_stops_at_their_first_word(make_replies
     assert barge.turn == 1 and barge.goes_on
     heard_s = read_at_barge_in[0] * FRAME_MS / 1000  # the stream time when the barge-in was decided
     assert heard_s - barge.stream_t == pytest.approx(FRAME_MS / 1000, abs=1e-6)  # its first voiced frame
+
+
+@pytest.mark.slow  # a question, a pause and a cough streamed in real time (~5 s)
+def test_a_reply_withdrawn_for_a_cough_is_asked_again_not_lost(make_replies, question_16k: list[np.ndarray]) -> None:
+    """A reply that began in the user's pause is withdrawn when voice goes on with the question; when that voice
+    never becomes speech (a cough, a click: shorter than min_speech_ms), the question was dropped and never
+    answered. It is asked again, whole."""
+    frames, events = FrameQueue(), EventQueue()
+    detection = EndpointerConfig(hangover_ms=HANGOVER_MS, speech_model=False)  # webrtcvad alone: a short burst is voice
+    settings = ConversationSettings(turn_detection=detection, mic_timeout_s=None, barge_in=True, full_duplex_hangover_ms=200)
+    conversation = Conversation(make_replies(100), events, frames=frames, sink=PacedSink(), settings=settings)
+    question = question_16k[0]
+    onset, end = speech_bounds(question)
+    spoken = question[: int(end * SAMPLE_RATE)]
+    loudest = int(np.argmax(np.abs(question))) // FRAME * FRAME
+    cough = question[loudest - FRAME : loudest + 3 * FRAME]  # 120 ms of voice
+    sent = np.concatenate([silence(0.3), spoken, silence(0.7), cough, silence(2.0)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        barge = running.wait_for(BargeIn, timeout=20)
+        again = running.wait_for(QuestionCommitted, count=2, timeout=20)
+        done = running.wait_for(ReplyDone, count=2, timeout=30)
+    assert barge.turn == 1 and barge.goes_on
+    assert again.heard.continues == 1 and again.audio.size >= (end - onset) * SAMPLE_RATE  # the whole question
+    assert done.turn == 2 and not done.withdrawn
