@@ -280,14 +280,14 @@ class Replying:
             self._full_duplex_said = True
             self._emit(FullDuplexOn(self.clock(), reply.turn, self._erle()))
         if reply.cut is None:
-            start = listener.speech_start(timeout, self._echo_left(listener), self._would_go_on(reply, listener))
+            start = listener.speech_start(timeout, self._echo_left(listener), self._goes_on(reply, listener.endpointer.time))
             if start is not None:
                 self._barge_in(reply, listener, start)
 
-    def _would_go_on(self, reply: ReplyProgress, listener: Listener) -> bool:
-        """True while speech starting now would go on with the reply's question (within rejoin_ms of its last word)."""
+    def _goes_on(self, reply: ReplyProgress, stream_t: float) -> bool:
+        """True if speech beginning at endpointer time `stream_t` goes on with the reply's question (within rejoin_ms of its last word)."""
         end = reply.voiced_end_stream_t
-        return end is not None and (listener.endpointer.time - end) * 1000 <= self.settings.rejoin_ms
+        return end is not None and (stream_t - end) * 1000 <= self.settings.rejoin_ms
 
     def _echo_left(self, listener: Listener) -> bool:
         """True while the canceller is not yet removing the reply's echo well (ERLE under GOOD_ERLE_DB).
@@ -311,7 +311,7 @@ class Replying:
         silent = self.sink.silent_time() if self.sink is not None and reply.played else None
         stopped = silent if silent is not None else self.clock()
         reply.barge_in_t = detected
-        went_on = reply.voiced_end_stream_t is not None and (event.t - reply.voiced_end_stream_t) * 1000 <= self.settings.rejoin_ms
+        went_on = self._goes_on(reply, event.t)
         if went_on:
             reply.withdrawn_at = event.t  # the user went on with the question after a long pause
         self._emit(BargeIn(self.clock(), reply.turn, listener.clock_of(event.t), detected, stopped, self._stream_origin + event.t, went_on))

@@ -112,7 +112,7 @@ class Listener:
         # While replying: voice that the echo canceller left almost whole (net). The endpointer's
         # start of the utterance in progress (None outside one): a barge-in may come late in it.
         self._near_voiced_s = 0.0
-        self._clear_voiced_s = 0.0  # the same, counting only voiced frames in a row the canceller left almost whole
+        self._clear_voiced_s = 0.0  # voice the canceller left almost whole since its last voiced frame it did not
         self._speech_start: SpeechStart | None = None
         self._barged_in = False  # a barge-in's utterance has not ended yet: it keeps BARGE_IN_PRE_ROLL_MS
         self.last_frame_t = clock()  # when a frame last came (or the watch was restarted)
