@@ -178,6 +178,12 @@ class History:
         if self.budget is not None:
             self.turns = self.newest_within(self.budget)
 
+    def copy(self) -> History:
+        """The same turns in a list of its own: a reply built on another thread reads the copy while this one changes."""
+        twin = History(budget=self.budget)
+        twin.turns = list(self.turns)
+        return twin
+
     def newest_within(self, positions: int) -> list[HistoryTurn]:
         """The newest turns whose positions add up to at most `positions`, oldest first."""
         kept: list[HistoryTurn] = []

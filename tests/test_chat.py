@@ -56,14 +56,17 @@ class FakePipeline:
     """Replies word by word: a TextDelta and Units per token, an AudioChunk every `chunk_every` tokens.
 
     `on_token(call, i)` runs after each token (tests inject mic frames or Ctrl-C there);
-    `fail_on_call` makes that call raise after its first tokens, as a model fault would.
+    `fail_on_call` makes that call raise after its first tokens, as a model fault would. Each
+    next token takes `token_s` (a fast GPU's pace): the model runs on its own thread, and what
+    on_token set off (a barge-in, a Ctrl-C) is acted on meanwhile, as with a real model.
     """
 
     sample_rate: int | None = None  # text only: run_chat opens no speaker
     context_budget = 4096
 
-    def __init__(self, tokens: int = 6, chunk_every: int = 2, on_token: Callable[[int, int], None] | None = None) -> None:
+    def __init__(self, tokens: int = 6, chunk_every: int = 2, on_token: Callable[[int, int], None] | None = None, token_s: float = 0.01) -> None:
         self.tokens = tokens
+        self.token_s = token_s
         self.chunk_every = chunk_every
         self.on_token = on_token
         self.fail_on_call: int | None = None
@@ -91,6 +94,7 @@ class FakePipeline:
                 yield AudioChunk(chunk, time.monotonic(), i // self.chunk_every, RATE, tokens=n)
             if self.on_token is not None:
                 self.on_token(call, i)
+            time.sleep(self.token_s)  # the next token's work; should_stop() is looked at before it is kept
             if should_stop is not None and should_stop():
                 stopped = "interrupted"
                 break

@@ -47,13 +47,14 @@ def transcript(session_dir: Path) -> list[dict]:
 
 
 class NastyReplies:
-    """A ReplySource whose text holds control characters; `during(i)` runs after token i (e.g. a native write to fd 2)."""
+    """A ReplySource whose text holds control characters; `during(i)` runs after token i (e.g. a native write to fd 2).
+    Each next token takes `token_s`, so what `during` set off is acted on first, as with a real model."""
 
     sample_rate: int | None = None
     context_budget = 4096
 
-    def __init__(self, tokens: int = 4, during: Callable[[int], None] | None = None) -> None:
-        self.tokens, self.during = tokens, during
+    def __init__(self, tokens: int = 4, during: Callable[[int], None] | None = None, token_s: float = 0.01) -> None:
+        self.tokens, self.during, self.token_s = tokens, during, token_s
         self.produced = 0
 
     def respond(self, audio: np.ndarray | str, history: object = None, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
@@ -65,6 +66,7 @@ class NastyReplies:
             yield TextDelta(NASTY if i == 0 else f" w{i}", 0.0)
             if self.during is not None:
                 self.during(i)
+            time.sleep(self.token_s)
             if should_stop is not None and should_stop():
                 break
         yield Done(NASTY, [], 0.0, self.produced, "eos", None)
@@ -261,7 +263,7 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
             self.closed = True
 
     microphones: list[DyingMicrophone] = []
-    replies = NastyReplies(tokens=50, during=lambda i: setattr(microphones[0], "active", i < 2))
+    replies = NastyReplies(tokens=50, during=lambda i: setattr(microphones[0], "active", i < 2), token_s=0.05)
     monkeypatch.setattr(mic_module, "Microphone", DyingMicrophone)
     monkeypatch.setattr(watch_module, "sound_server_problem", lambda timeout=1.0: SERVER_GONE)
     monkeypatch.setattr(chat_module, "_stdin_is_terminal", lambda: False)
@@ -271,7 +273,7 @@ def test_the_sound_server_gone_mid_reply_ends_listening_with_one_line(monkeypatc
     code = run_chat(replies, ChatOptions(session_dir=tmp_path / "s", hangover_ms=300, speculate_ms=0), view)
 
     assert code == 1 and microphones[0].closed
-    assert replies.produced == 4  # the stream stopped while the 4th token was made: the reply ends right after it
+    assert replies.produced == 3  # the stream stopped after the 3rd token: no other is made (the 4th would take 50 ms)
     rows = transcript(tmp_path / "s")
     assert [r["type"] for r in rows] == ["session", "listening", "user", "assistant", "error", "end"]
     assert rows[3]["stopped"] == "error" and rows[3]["error"] == SERVER_GONE and rows[4]["message"] == SERVER_GONE

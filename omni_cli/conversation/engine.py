@@ -29,8 +29,10 @@ Turn-taking:
 - Memory: finished turns (speech embeddings or text, and the reply as far as it was heard) are
   kept in a `History` within the pipeline's context budget and passed back with each question.
 
-Threads: `run()` loops on one thread until stop(); generation happens there, pulled event by
-event between frames. ask_text, commit, clear, cancel, truncate, set_turn_detection, set_duplex and
+Threads: `run()` loops on one thread until stop(), listening; replies are generated on the
+conversation's model thread (`generation.ModelThread`) and their events taken between frames,
+so a model step never holds up the microphone. Each reply gets a copy of the history as it was
+when the reply began. ask_text, commit, clear, cancel, truncate, set_turn_detection, set_duplex and
 stop may be called from any thread (stop() also from a signal handler). No lock is held while the
 model works, so respond() may block (e.g. while the model serves another conversation).
 
@@ -68,6 +70,10 @@ from omni_cli.conversation.ports import AudioSink, EchoState, FrameSource, Reply
 from omni_cli.conversation.replying import Replying
 from omni_cli.conversation.turns import ConversationSettings, Listener, SpeculativeReply, SpokenQuestion, UserTurn
 from omni_cli.pipeline import History
+
+# At the end, how long to wait for the model thread's last step (a stopped reply ends at its next
+# token), so the process does not exit in the middle of one.
+STOP_WAIT_S = 5.0
 
 
 class Conversation(Replying):
@@ -217,6 +223,8 @@ class Conversation(Replying):
             self._stopping = True
         finally:
             self._discard_speculation()
+            if self._stopping:
+                self._model_thread.wait_idle(STOP_WAIT_S)
 
     def _listen_once(self) -> None:
         """One step of listening: a frame (or the events held during a reply), or a wait for a command."""
@@ -224,8 +232,7 @@ class Conversation(Replying):
         if listener is not None:
             short, config = self.settings.full_duplex_hangover_ms, listener.endpointer.config
             listener.endpointer.set_hangover_ms(min(short, config.hangover_ms) if short is not None and self.full_duplex else config.hangover_ms)
-            working = self._speculation is not None and not self._speculation.done
-            for event in listener.next_events(timeout=0.0 if working else None):
+            for event in listener.next_events():
                 self._heard(event)
                 if self._stopping:
                     break
@@ -312,7 +319,7 @@ class Conversation(Replying):
         elif isinstance(event, SpeechPause):
             if self.settings.speculate and self._speculation is None:
                 question = self._spoken.audio(event.audio, event.audio_start_t)
-                self._speculation = SpeculativeReply(self.replies.respond(question, self.history, self._should_stop), question, event)
+                self._speculation = SpeculativeReply(self._start_reply(question), question, event)
         elif isinstance(event, SpeechEnd):
             if self._heard_echo(event):
                 return
@@ -396,14 +403,14 @@ class Conversation(Replying):
         spec.advance()
 
     def _discarded(self, spec: SpeculativeReply) -> None:
-        spec.discard()
+        spec.close()
         self.drafts_dropped += 1
         self._emit(DraftDropped(self.clock(), round((spec.pause.t - spec.voiced_end_t) * 1000, 1), spec.tokens))
 
     def _discard_speculation(self) -> None:
         spec, self._speculation = self._speculation, None
         if spec is not None:
-            spec.discard()
+            spec.close()
 
     # -- client-committed turns -------------------------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 import numpy as np
 
@@ -33,6 +33,7 @@ from omni_cli.conversation.events import (
     ReplyTruncated,
     SpeakerDropped,
 )
+from omni_cli.conversation.generation import Generation, ModelThread
 from omni_cli.conversation.ports import AudioSink, EchoState, FrameSource, ReplySource
 from omni_cli.conversation.reply import ReplyProgress, milliseconds_since
 from omni_cli.conversation.turns import (
@@ -48,6 +49,10 @@ from omni_cli.conversation.turns import (
 from omni_cli.errors import one_line
 from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
 
+
+# How long the conversation's thread waits for the model's next event before it listens again:
+# the microphone's frames are taken within this of their arrival while the model works.
+LISTEN_STEP_S = 0.01
 
 # A reply's first 30 ms rise from silence: heard at once, but not as a click, even when the user
 # was only pausing.
@@ -79,6 +84,7 @@ class Replying:
         self._full_duplex_said = False
         self._quiet_erle: float | None = None  # the canceller's ERLE when last measured without the user speaking
         self._kept: dict[int, tuple[HistoryTurn, ReplyProgress]] = {}  # turn → its history entry, for truncate()
+        self._model_thread = ModelThread()
 
     # -- provided by Conversation ------------------------------------------------------
 
@@ -128,6 +134,12 @@ class Replying:
                 sink.stop()
         self._commands.put(("wake",))
 
+    def _start_reply(self, question: np.ndarray | str) -> Generation:
+        """Answer `question` on the model thread, from the history as it is now (truncate() may
+        change it on this thread while the prompt is being built there)."""
+        history = self.history.copy()
+        return self._model_thread.start(lambda stop: self.replies.respond(question, history, stop), self._should_stop)
+
     def _should_stop(self) -> bool:
         reply = self._reply
         return self._stopping or (reply is not None and (reply.cut is not None or reply.cancel_requested))
@@ -155,9 +167,9 @@ class Replying:
             self._emit(QuestionCommitted(self.clock(), reply.turn, heard, audio=question))
         self._emit(ReplyStarted(self.clock(), reply.turn, reply.speculative))
         self._buffer.start_reply()
+        source = speculation if speculation is not None else self._start_reply(question)
         try:
-            events = speculation.replay() if speculation is not None else self.replies.respond(question, self.history, self._should_stop)
-            self._generate(events, reply)
+            self._generate(source, reply)
             if reply.cut is None and reply.error is None:
                 self._play_out(reply)
         except MicrophoneLost as exc:  # the input went away: the turn ends here, and so does listening
@@ -172,33 +184,20 @@ class Replying:
             reply.cut = reply.cut or "cancelled"
             self._stop_sink(reply)
         finally:
+            source.close()  # stopped, failed or over: the model thread is free for the next reply
             self._buffer.end_reply()
             self._finish(question, reply)
             self._reply = None
             if reply.heard_quietly:
                 self._after_half_duplex_reply()
 
-    def _generate(self, events: Iterator[Event], reply: ReplyProgress) -> None:
-        """Stream the reply out; between events, handle commands, listen for barge-in and watch the devices."""
-        for event in events:
-            reply.count(event)
-            if isinstance(event, TextDelta):
-                reply.add_text(event, self.clock())
-                self._emit(ReplyTextDelta(self.clock(), reply.turn, event.text, reply.tokens))
-            elif isinstance(event, Units):
-                reply.units += len(event.units)
-                self._buffer.on_units(event.t, len(event.units))
-            elif isinstance(event, AudioChunk):
-                if reply.cut is None and event.audio.size:
-                    if not reply.chunks:  # a soft start: a reply that turns out early is less abrupt
-                        event = replace(event, audio=faded_in(event.audio, event.sample_rate, FADE_IN_S))
-                    # The sink resamples to its device as one stream: chunk by chunk would click at every boundary.
-                    reply.add_chunk(event)
-                    if self.sink is not None:
-                        self._buffer.push(event.audio, event.sample_rate)
-                    self._emit(ReplyAudio(self.clock(), reply.turn, event.audio, event.sample_rate, event.index, reply.tokens))
-            elif isinstance(event, Done):
-                reply.take_done(event)
+    def _generate(self, source: Generation | SpeculativeReply, reply: ReplyProgress) -> None:
+        """Stream the reply out as the model thread makes it; meanwhile, and between its events,
+        handle commands, listen for barge-in and watch the devices."""
+        while not source.finished:
+            event = source.get(LISTEN_STEP_S)
+            if event is not None:
+                self._take(event, reply)
             if reply.cut is None:
                 self._play(reply, self._buffer.take())
             self._listen_while_replying(reply, timeout=0.0)
@@ -206,6 +205,27 @@ class Replying:
             self._handle_commands()
             if (self._stopping or reply.cancel_requested) and reply.cut is None:
                 self._cut(reply, "cancelled")
+
+    def _take(self, event: Event, reply: ReplyProgress) -> None:
+        """One of the reply's events: its text to the front door, its audio to the jitter buffer."""
+        reply.count(event)
+        if isinstance(event, TextDelta):
+            reply.add_text(event, self.clock())
+            self._emit(ReplyTextDelta(self.clock(), reply.turn, event.text, reply.tokens))
+        elif isinstance(event, Units):
+            reply.units += len(event.units)
+            self._buffer.on_units(event.t, len(event.units))
+        elif isinstance(event, AudioChunk):
+            if reply.cut is None and event.audio.size:
+                if not reply.chunks:  # a soft start: a reply that turns out early is less abrupt
+                    event = replace(event, audio=faded_in(event.audio, event.sample_rate, FADE_IN_S))
+                # The sink resamples to its device as one stream: chunk by chunk would click at every boundary.
+                reply.add_chunk(event)
+                if self.sink is not None:
+                    self._buffer.push(event.audio, event.sample_rate)
+                self._emit(ReplyAudio(self.clock(), reply.turn, event.audio, event.sample_rate, event.index, reply.tokens))
+        elif isinstance(event, Done):
+            reply.take_done(event)
 
     def _play(self, reply: ReplyProgress, chunks: list[np.ndarray]) -> None:
         sink = self.sink

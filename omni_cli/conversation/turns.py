@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,9 +19,10 @@ import numpy as np
 from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.audio.vad import Endpointer, EndpointerConfig, SpeechEnd, SpeechPause, SpeechStart
 from omni_cli.audio.vad import Event as VadEvent
+from omni_cli.conversation.generation import Generation
 from omni_cli.conversation.ports import FrameSource
 from omni_cli.errors import AudioInputError
-from omni_cli.pipeline import Done, Event
+from omni_cli.pipeline import Event
 
 
 @dataclass(frozen=True)
@@ -225,16 +226,19 @@ class Listener:
 class SpeculativeReply:
     """A reply started at a pause in the user's speech, before the turn is known to be over.
 
-    `advance()` pulls one event into a buffer; `replay()` gives the buffered events, then the
-    rest. An exception from the model is kept and raised by replay(), where a committed reply's
-    errors are handled; a discarded reply's never surface.
+    It is generated on the model thread (`generation`) while the conversation listens on.
+    `advance()` takes what it has made so far; once the turn is committed, `get()` hands out
+    those events, then the rest, as `Generation.get` does. An exception from the model is kept
+    and raised by get(), where a committed reply's errors are handled; a discarded reply's never
+    surface.
     """
 
-    def __init__(self, events: Iterator[Event], question: np.ndarray, pause: SpeechPause) -> None:
-        self.events = events
+    def __init__(self, generation: Generation, question: np.ndarray, pause: SpeechPause) -> None:
+        self.generation = generation
         self.question = question
         self.pause = pause
         self.buffered: list[Event] = []
+        self._replayed = 0  # buffered events get() has handed out
         self.error: Exception | None = None
         self.done = False
 
@@ -247,32 +251,37 @@ class SpeculativeReply:
         return max((getattr(e, "tokens", 0) for e in self.buffered), default=0)
 
     def advance(self) -> None:
-        """Pull one more event. Called only while the user is silent: a draft they talk over cost at
-        most the silence it ran in (and its first step, the encoder and prefill, once begun)."""
-        if self.done:
-            return
-        try:
-            event = next(self.events)
-        except StopIteration:
-            self.done = True
-            return
-        except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
-            self.error, self.done = exc, True
-            return
-        self.buffered.append(event)
-        self.done = isinstance(event, Done)
+        """Take the events made so far (without waiting). Voice that goes on with the question
+        discards the draft, so it costs at most the silence it ran in (and the step it was in)."""
+        while not self.done:
+            try:
+                event = self.generation.get(0.0)
+            except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
+                self.error, self.done = exc, True
+                return
+            if event is None:
+                self.done = self.generation.finished
+                return
+            self.buffered.append(event)
 
-    def replay(self) -> Iterator[Event]:
-        yield from self.buffered
+    @property
+    def finished(self) -> bool:
+        """All its events were handed out by get() (or its error raised)."""
+        return self._replayed >= len(self.buffered) and self.error is None and self.generation.finished
+
+    def get(self, timeout: float) -> Event | None:
+        """The committed reply's next event: the buffered ones first, then the model's (see `Generation.get`)."""
+        if self._replayed < len(self.buffered):
+            self._replayed += 1
+            return self.buffered[self._replayed - 1]
         if self.error is not None:
-            raise self.error
-        if not self.done:
-            yield from self.events
+            error, self.error = self.error, None
+            raise error
+        return self.generation.get(timeout)
 
-    def discard(self) -> None:
-        close = getattr(self.events, "close", None)
-        if close is not None:
-            close()  # generation stops; its caches are freed
+    def close(self) -> None:
+        """Stop generating (at the model's next step): the draft was dropped, or its reply is over."""
+        self.generation.close()
 
 
 @dataclass(frozen=True)

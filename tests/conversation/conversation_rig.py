@@ -17,7 +17,7 @@ from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.conversation.engine import Conversation
 from omni_cli.conversation.events import ConversationEvent, EventQueue
 from omni_cli.conversation.frames import FrameQueue
-from omni_cli.pipeline import Done, History, TextDelta
+from omni_cli.pipeline import AudioChunk, Done, History, TextDelta
 
 FRAME_MS = 30
 
@@ -59,6 +59,24 @@ class Recorded(Wrapping):
             if isinstance(event, Done):
                 self.ended.append(event.stopped)
             yield event
+
+
+class StallsAfterFirstAudio(Wrapping):
+    """Asks `replies`, then spends `stall_s` on the step after its first audio chunk (a slow vocoder
+    chunk, a slow GPU), stopping early only when told to, as a model does at its next step."""
+
+    def __init__(self, replies, stall_s: float) -> None:  # noqa: ANN001 - any ReplySource
+        super().__init__(replies)
+        self.stall_s = stall_s
+
+    def respond(self, audio: np.ndarray | str, history: History, should_stop: Callable[[], bool] | None = None) -> Iterator[object]:
+        stalled = False
+        for event in self.replies.respond(audio, history, should_stop):
+            yield event
+            if isinstance(event, AudioChunk) and not stalled:
+                stalled, end = True, time.monotonic() + self.stall_s
+                while time.monotonic() < end and not (should_stop is not None and should_stop()):
+                    time.sleep(0.005)
 
 
 class OneReplyAtATime(Wrapping):

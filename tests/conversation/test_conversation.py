@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conversation_rig import FRAME_MS, OneReplyAtATime, PacedSink, Recorded, Running, silence, speak, speech_bounds
+from conversation_rig import FRAME_MS, OneReplyAtATime, PacedSink, Recorded, Running, StallsAfterFirstAudio, silence, speak, speech_bounds
 
 from omni_cli.audio.io import SAMPLE_RATE
 from omni_cli.audio.vad import EndpointerConfig
@@ -535,6 +535,25 @@ def test_a_reply_begun_in_the_users_pause_stops_at_their_first_word(make_replies
     assert barge.turn == 1 and barge.goes_on
     heard_s = read_at_barge_in[0] * FRAME_MS / 1000  # the stream time when the barge-in was decided
     assert heard_s - barge.stream_t == pytest.approx(FRAME_MS / 1000, abs=1e-6)  # its first voiced frame
+
+
+def test_the_user_going_on_is_heard_while_the_model_is_busy(make_replies, question_16k: list[np.ndarray]) -> None:
+    """The model's steps used to run on the listening thread: a user who went on while one ran (a
+    vocoder chunk: ~100 ms on a CPU) was heard only when it ended, and the reply played on
+    meanwhile. Here a step takes 3 s; the barge-in comes within a few frames of the user's voice."""
+    frames, events = FrameQueue(), EventQueue()
+    replies = StallsAfterFirstAudio(make_replies(100), stall_s=3.0)
+    conversation = Conversation(replies, events, frames=frames, sink=PacedSink(), settings=server_vad(barge_in=True, full_duplex_hangover_ms=200))
+    first, second = question_16k[0], question_16k[1]
+    (_, first_end), (second_onset, _) = speech_bounds(first), speech_bounds(second)
+    sent = np.concatenate([silence(0.3), first[: int(first_end * SAMPLE_RATE)], silence(0.8), second[int(second_onset * SAMPLE_RATE) :], silence(1.0)])
+    with Running(conversation, events) as running:
+        speak(frames, sent)
+        barge = running.wait_for(BargeIn, timeout=20)
+        first_audio = of_turn(running, ReplyAudio, 1)[0]
+    assert barge.turn == 1 and barge.goes_on
+    assert barge.onset_t - first_audio.t > 0.2  # the user went on while the model was in its long step
+    assert barge.detected_t - barge.onset_t < FRAME_MS / 1000 + 0.1  # the first voiced frame, taken as it came
 
 
 @pytest.mark.slow  # a question, a pause and a cough streamed in real time (~5 s)
