@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -257,6 +259,8 @@ def eval_cmd(
         fail("--judge-url and --judge-model go together: the endpoint and the model it serves.")
     if out.exists() and not out.is_dir():
         fail(f"--out {out} is a file; give a folder for the results (created if missing).")
+    from omni_cli.evaluate.run import OtherRun
+
     try:
         plan = _eval_plan(
             manifest, out, model, speech_encoder, vocoder, asr, judge_url, judge_model, judge_prompts, judge_timeout, mos, limit,
@@ -274,6 +278,8 @@ def eval_cmd(
         with ItemProgress("evaluating") as progress:
             evaluation.on_item = progress.advance
             rows = evaluation.run()
+    except OtherRun as exc:
+        fail(str(exc))
     except OmniError as exc:
         fail(str(exc), code=1)
     except KeyboardInterrupt:
@@ -296,7 +302,7 @@ def _eval_plan(
     streaming: StreamingConfig, precision: str, device: str | None, yes: bool, threads: int | None,
 ) -> EvalPlan:
     """Options → an EvalPlan whose model, Whisper and UTMOS load only when their phase has work."""
-    from omni_cli.evaluate.run import EvalPlan
+    from omni_cli.evaluate.run import EvalPlan, path_identity
     from omni_cli.llm_endpoint import AnswerCache, ChatEndpoint
     from omni_cli.setup.prepare import prepare_model_files
 
@@ -327,8 +333,21 @@ def _eval_plan(
             judge_url, judge_model, AnswerCache(out / "judge-cache.jsonl"), temperature=0.0, max_tokens=16, timeout_s=judge_timeout, options="--judge"
         )
         judge = Judge(endpoint.complete, judge_prompts)
+    prompts = json.dumps([judge.system, judge.templates], sort_keys=True) if judge is not None else ""
+    # What makes the rows: a rerun with other weights, sampling, judge or manifest must not continue them.
+    identity = {
+        "manifest": str(manifest.expanduser().resolve()),
+        "model": path_identity(files.model_dir),
+        "speech_encoder": path_identity(files.speech_encoder),
+        "vocoder": path_identity(files.vocoder_dir),
+        "asr": path_identity(asr_dir),
+        "sampling": {"max_new_tokens": streaming.sampling.max_new_tokens, "temperature": streaming.sampling.temperature},
+        # The judge is its model and prompts, not its address (as for the answer cache): a moved server is the same judge.
+        "judge": None if judge is None else {"model": judge_model, "prompts": hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16]},
+    }
     return EvalPlan(
         manifest=manifest, out=out,
         load_pipeline=lambda: load_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes, threads=threads),
         load_asr=load_asr if asr_dir is not None else None, load_mos=load_mos if mos else None, judge=judge, limit=limit,
+        identity=identity,
     )

@@ -83,3 +83,38 @@ def test_a_whisper_that_cannot_transcribe_is_refused_before_any_reply(manifest: 
     assert not (out / "replies").exists()
     missing = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out)])
     assert missing.exit_code == 2 and "give MANIFEST, --out and --model" in missing.output
+
+
+def test_a_run_with_another_model_sampling_or_manifest_is_refused_and_an_edited_item_is_redone(
+    manifest: Path, tmp_path: Path, tiny_model
+) -> None:
+    out = tmp_path / "run"
+    args = ["eval", str(manifest), "--out", str(out), "--no-mos", "--limit", "1"]
+    first = CliRunner().invoke(app, [*args, *_model_args(tiny_model)])
+    assert first.exit_code == 0, first.output
+    before = (out / "eval.jsonl").read_text()
+
+    other_model = tmp_path / "other-omni"  # the same weights elsewhere: another checkpoint for all omni can tell
+    shutil.copytree(tiny_model.model_dir, other_model)
+    other_args = _model_args(tiny_model)
+    other_args[1] = str(other_model)
+    refused = CliRunner().invoke(app, [*args, *other_args])
+    assert refused.exit_code == 2, refused.output
+    assert "holds results of another run" in refused.output and f"now {other_model.resolve()}" in refused.output
+    assert "give a new --out" in refused.output and "Traceback" not in refused.output
+    assert (out / "eval.jsonl").read_text() == before  # the base model's rows are not shown as the other's
+
+    sampled = CliRunner().invoke(app, [*args, *_model_args(tiny_model)[:-4], "--max-new-tokens", "5", "--device", "cpu"])
+    assert sampled.exit_code == 2 and "sampling" in sampled.output, sampled.output
+    elsewhere = tmp_path / "copy.jsonl"
+    shutil.copy(manifest, elsewhere)
+    moved = CliRunner().invoke(app, ["eval", str(elsewhere), *args[2:], *_model_args(tiny_model)])
+    assert moved.exit_code == 2 and "manifest: was" in moved.output, moved.output
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["response"] = "Paris, of course."  # the item changed: its row is made again, not kept
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    redone = CliRunner().invoke(app, [*args, *_model_args(tiny_model)])
+    assert redone.exit_code == 0, redone.output
+    row = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
+    assert row["reference"] == "Paris, of course." and len(list((out / "replies").iterdir())) == 2
