@@ -73,11 +73,15 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 
 
 def _check_build_out(out: Path) -> None:
-    """--out is new, empty, or an earlier build's folder (continued): never a folder of other files."""
+    """--out is new, empty, or an earlier build's folder (continued): never a folder of other files,
+    and somewhere a folder can be made and written (not under a file, not /proc)."""
     from omni_cli.data.build import JOURNAL_NAME, MANIFEST_NAME
+    from omni_cli.destinations import check_writable_folder
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder for the data set (created if missing).")
+    try:
+        check_writable_folder(out, "--out", "the data set (created if missing)")
+    except OmniError as exc:
+        fail(str(exc))
     if out.is_dir() and any(out.iterdir()) and not ((out / JOURNAL_NAME).is_file() or (out / MANIFEST_NAME).is_file()):
         fail(f"--out {out} holds other files; give a new or empty folder, or the folder of an earlier build to continue it.")
 
@@ -257,8 +261,12 @@ def eval_cmd(
         fail("give MANIFEST, --out and --model (or --compare A.jsonl B.jsonl).")
     if (judge_url is None) != (judge_model is None):
         fail("--judge-url and --judge-model go together: the endpoint and the model it serves.")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder for the results (created if missing).")
+    from omni_cli.destinations import check_writable_folder
+
+    try:  # before the model loads: a file, a path under a file or /proc is one line, not a traceback later
+        check_writable_folder(out, "--out", "the results (created if missing)")
+    except OmniError as exc:
+        fail(str(exc))
     from omni_cli.evaluate.run import OtherRun
 
     try:

@@ -206,3 +206,13 @@ def test_an_item_whose_input_changed_is_built_again_into_new_files(tmp_path: Pat
     assert [(r["id"], r["instruction"]) for r in rows] == [("colour", "Name a warm colour.")]
     unchanged = runner.invoke(app, ["data", "build", str(other), "--out", str(out)])
     assert "(0 made in this run)" in unchanged.output, unchanged.output
+
+
+@pytest.mark.parametrize("where, message", [("under-a-file", "cannot be created: "), ("proc", "is not writable (")])
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path: Path, where: str, message: str) -> None:
+    source = _input(tmp_path / "in.jsonl", QUESTIONS[:1])
+    out = source / "sub" if where == "under-a-file" else Path("/proc/omni-test")
+    result = CliRunner().invoke(app, ["data", "build", str(source), "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output and "choose" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1

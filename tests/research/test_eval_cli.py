@@ -118,3 +118,12 @@ def test_a_run_with_another_model_sampling_or_manifest_is_refused_and_an_edited_
     assert redone.exit_code == 0, redone.output
     row = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
     assert row["reference"] == "Paris, of course." and len(list((out / "replies").iterdir())) == 2
+
+
+@pytest.mark.parametrize("where, message", [("under-a-file", "cannot be created: "), ("proc", "is not writable (")])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_model_loads(manifest: Path, tiny_model, where: str, message: str) -> None:
+    out = manifest / "sub" if where == "under-a-file" else Path("/proc/omni-test")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--no-mos", "--limit", "1"])
+    assert result.exit_code == 2 and message in result.output and "choose" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1
