@@ -46,6 +46,7 @@ data_app = typer.Typer(help="Speech instruction data from text (the paper's Inst
 app.add_typer(data_app, name="data")
 
 EXIT_INTERRUPTED = 130
+MAX_FAILURES_SHOWN = 20  # failed items listed on the terminal; eval.jsonl / failed.jsonl hold them all
 
 
 class Engine(str, Enum):
@@ -301,6 +302,12 @@ def eval_cmd(
     else:
         Console().print(report.summary_table(summary, f"omni eval: {manifest} → {out}"))
         echo_err(f"per item: {evaluation.path}; WER/CER normaliser: {summary['normaliser']}")
+    # Which items failed and why, on the terminal (as `data build` says it), not only in eval.jsonl.
+    failed = [row for row in rows if "error" in row]
+    for row in failed[:MAX_FAILURES_SHOWN]:
+        echo_err(f"failed: {row['id']}: {row['error']}")
+    if len(failed) > MAX_FAILURES_SHOWN:
+        echo_err(f"failed: ... and {len(failed) - MAX_FAILURES_SHOWN} more (all in {evaluation.path})")
     raise typer.Exit(1 if summary["failed"] else 0)
 
 

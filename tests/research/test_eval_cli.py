@@ -127,3 +127,13 @@ def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_model_loads(manif
     assert result.exit_code == 2 and message in result.output and "choose" in result.output, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_each_failed_item_is_named_with_its_reason(tmp_path: Path, question_wavs: list[Path], tiny_model) -> None:
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "gone", "speech": str(tmp_path / "no-such.wav")}, {"id": "q1", "speech": str(question_wavs[0])}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(tmp_path / "run"), *_model_args(tiny_model), "--no-mos"])
+    assert result.exit_code == 1, result.output
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith("failed: gone: ") and "no-such.wav" in failed[0], result.stderr
