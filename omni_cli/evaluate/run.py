@@ -150,7 +150,7 @@ def read_eval_items(manifest: Path) -> list[EvalItem]:
 
     items: list[EvalItem] = []
     seen: set[str] = set()
-    for index, raw in enumerate(read_manifest(manifest)):
+    for index, raw in enumerate(read_manifest(manifest, option="MANIFEST", before="evaluating")):
         if not isinstance(raw, dict) or not isinstance(raw.get("speech"), str):
             raise EvalError(f"{manifest}: record {index + 1} names no 'speech' audio; each record needs id and speech.")
         item_id = str(raw.get("id", f"#{index + 1}"))

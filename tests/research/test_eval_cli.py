@@ -137,3 +137,11 @@ def test_each_failed_item_is_named_with_its_reason(tmp_path: Path, question_wavs
     assert result.exit_code == 1, result.output
     failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
     assert len(failed) == 1 and failed[0].startswith("failed: gone: ") and "no-such.wav" in failed[0], result.stderr
+
+
+def test_a_malformed_manifest_line_is_reported_for_evaluating_not_training(tmp_path: Path, question_wavs: list[Path], tiny_model) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "q1", "speech": str(question_wavs[0])}) + "\n{not json\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(tmp_path / "run"), *_model_args(tiny_model)])
+    assert result.exit_code == 1 and "fix or remove them before evaluating" in result.output, result.output
+    assert "training" not in result.output and "line 2: not valid JSON" in result.output
