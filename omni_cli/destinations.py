@@ -9,6 +9,7 @@ written (read-only, not a folder). Imports nothing heavy: the CLI calls it befor
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,3 +80,25 @@ def check_input_file(path: Path, what: str, hint: str) -> None:
         raise ConfigError(f"{what} {path} not found; {hint}.")
     if path.is_dir():
         raise ConfigError(f"{what} {path} is a folder, not a file; {hint}.")
+
+
+def check_writable_folder(folder: Path, option: str, what: str) -> None:
+    """Refuse `folder` (given as `option`, e.g. "--out") as a folder for `what`, before any work: a file,
+    a path under a file, or a place where no file can be made (read-only, /proc). Raises ConfigError.
+
+    A file is really made and removed, so what access() cannot tell (pseudo file systems, root on a
+    read-only mount) is caught too. `omni finetune --output`, `omni data build --out` and `omni eval --out` share it.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {folder} is a file; give a folder for {what}.")
+    existing = _nearest_existing(folder)
+    if not existing.is_dir():
+        raise ConfigError(f"{option} {folder} cannot be created: {existing} is a file, not a folder; choose another {option}.")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".omni-write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"{option} {folder} is not writable ({exc.strerror or type(exc).__name__} in {existing}); choose a folder you can write to."
+        ) from None

@@ -45,3 +45,14 @@ def write_rows_atomically(path: Path, rows: Sequence[dict[str, Any]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write one JSON document the same way: readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    with tmp.open("w", encoding="utf-8") as f:
+        f.write(json.dumps(value, ensure_ascii=False, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

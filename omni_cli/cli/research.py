@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -44,6 +46,7 @@ data_app = typer.Typer(help="Speech instruction data from text (the paper's Inst
 app.add_typer(data_app, name="data")
 
 EXIT_INTERRUPTED = 130
+MAX_FAILURES_SHOWN = 20  # failed items listed on the terminal; eval.jsonl / failed.jsonl hold them all
 
 
 class Engine(str, Enum):
@@ -71,11 +74,15 @@ def _names(value: str | None) -> tuple[str, ...] | None:
 
 
 def _check_build_out(out: Path) -> None:
-    """--out is new, empty, or an earlier build's folder (continued): never a folder of other files."""
+    """--out is new, empty, or an earlier build's folder (continued): never a folder of other files,
+    and somewhere a folder can be made and written (not under a file, not /proc)."""
     from omni_cli.data.build import JOURNAL_NAME, MANIFEST_NAME
+    from omni_cli.destinations import check_writable_folder
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder for the data set (created if missing).")
+    try:
+        check_writable_folder(out, "--out", "the data set (created if missing)")
+    except OmniError as exc:
+        fail(str(exc))
     if out.is_dir() and any(out.iterdir()) and not ((out / JOURNAL_NAME).is_file() or (out / MANIFEST_NAME).is_file()):
         fail(f"--out {out} holds other files; give a new or empty folder, or the folder of an earlier build to continue it.")
 
@@ -255,8 +262,14 @@ def eval_cmd(
         fail("give MANIFEST, --out and --model (or --compare A.jsonl B.jsonl).")
     if (judge_url is None) != (judge_model is None):
         fail("--judge-url and --judge-model go together: the endpoint and the model it serves.")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file; give a folder for the results (created if missing).")
+    from omni_cli.destinations import check_writable_folder
+
+    try:  # before the model loads: a file, a path under a file or /proc is one line, not a traceback later
+        check_writable_folder(out, "--out", "the results (created if missing)")
+    except OmniError as exc:
+        fail(str(exc))
+    from omni_cli.evaluate.run import OtherRun
+
     try:
         plan = _eval_plan(
             manifest, out, model, speech_encoder, vocoder, asr, judge_url, judge_model, judge_prompts, judge_timeout, mos, limit,
@@ -274,6 +287,8 @@ def eval_cmd(
         with ItemProgress("evaluating") as progress:
             evaluation.on_item = progress.advance
             rows = evaluation.run()
+    except OtherRun as exc:
+        fail(str(exc))
     except OmniError as exc:
         fail(str(exc), code=1)
     except KeyboardInterrupt:
@@ -287,6 +302,12 @@ def eval_cmd(
     else:
         Console().print(report.summary_table(summary, f"omni eval: {manifest} → {out}"))
         echo_err(f"per item: {evaluation.path}; WER/CER normaliser: {summary['normaliser']}")
+    # Which items failed and why, on the terminal (as `data build` says it), not only in eval.jsonl.
+    failed = [row for row in rows if "error" in row]
+    for row in failed[:MAX_FAILURES_SHOWN]:
+        echo_err(f"failed: {row['id']}: {row['error']}")
+    if len(failed) > MAX_FAILURES_SHOWN:
+        echo_err(f"failed: ... and {len(failed) - MAX_FAILURES_SHOWN} more (all in {evaluation.path})")
     raise typer.Exit(1 if summary["failed"] else 0)
 
 
@@ -296,7 +317,7 @@ def _eval_plan(
     streaming: StreamingConfig, precision: str, device: str | None, yes: bool, threads: int | None,
 ) -> EvalPlan:
     """Options → an EvalPlan whose model, Whisper and UTMOS load only when their phase has work."""
-    from omni_cli.evaluate.run import EvalPlan
+    from omni_cli.evaluate.run import EvalPlan, path_identity
     from omni_cli.llm_endpoint import AnswerCache, ChatEndpoint
     from omni_cli.setup.prepare import prepare_model_files
 
@@ -327,8 +348,21 @@ def _eval_plan(
             judge_url, judge_model, AnswerCache(out / "judge-cache.jsonl"), temperature=0.0, max_tokens=16, timeout_s=judge_timeout, options="--judge"
         )
         judge = Judge(endpoint.complete, judge_prompts)
+    prompts = json.dumps([judge.system, judge.templates], sort_keys=True) if judge is not None else ""
+    # What makes the rows: a rerun with other weights, sampling, judge or manifest must not continue them.
+    identity = {
+        "manifest": str(manifest.expanduser().resolve()),
+        "model": path_identity(files.model_dir),
+        "speech_encoder": path_identity(files.speech_encoder),
+        "vocoder": path_identity(files.vocoder_dir),
+        "asr": path_identity(asr_dir),
+        "sampling": {"max_new_tokens": streaming.sampling.max_new_tokens, "temperature": streaming.sampling.temperature},
+        # The judge is its model and prompts, not its address (as for the answer cache): a moved server is the same judge.
+        "judge": None if judge is None else {"model": judge_model, "prompts": hashlib.sha256(prompts.encode("utf-8")).hexdigest()[:16]},
+    }
     return EvalPlan(
         manifest=manifest, out=out,
         load_pipeline=lambda: load_pipeline(model, speech_encoder, vocoder, precision, device, streaming, assume_yes=yes, threads=threads),
         load_asr=load_asr if asr_dir is not None else None, load_mos=load_mos if mos else None, judge=judge, limit=limit,
+        identity=identity,
     )

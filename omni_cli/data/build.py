@@ -5,7 +5,9 @@ written by the LLM, both spoken (TTS), the reply's units (HuBERT + k-means throu
 extractor, optional), and one manifest record in the format `omni finetune --stage 1/2` reads.
 
 Everything finished is kept. OUT/items.jsonl is the journal: a record is appended (and flushed to
-disk) the moment its item is done, and a rerun skips what it holds; LLM answers are cached in
+disk) the moment its item is done, and a rerun skips what it holds for the same input (an item whose
+instruction or reply changed in the input, or that another input gives under the same id, is built
+again, into new audio files: an existing file is never replaced); LLM answers are cached in
 OUT/llm-cache.jsonl, so a rerun pays for none twice. The manifest OUT/train.jsonl is rewritten
 from the journal atomically (a temporary file renamed over it) at the end, at Ctrl-C and every
 MANIFEST_EVERY items, so it is never half-written. The first Ctrl-C stops after the current item,
@@ -93,6 +95,7 @@ class BuildSummary:
     total: int = 0  # items the input offers (after --limit)
     records: int = 0  # items in the manifest
     built: int = 0  # of which made in this run
+    changed: int = 0  # of which built again because their input changed since an earlier run
     failures: list[Failure] = field(default_factory=list)
     skipped: list[SkippedRecord] = field(default_factory=list)
     instruction_seconds: float = 0.0
@@ -103,7 +106,8 @@ class BuildSummary:
     def lines(self) -> list[str]:
         """The summary for people, one fact a line."""
         out = [
-            f"{self.records} of {self.total} items in {self.manifest} ({self.built} made in this run)",
+            f"{self.records} of {self.total} items in {self.manifest} ({self.built} made in this run"
+            + (f", {self.changed} of them again because the input changed" if self.changed else "") + ")",
             f"speech: {_hours(self.instruction_seconds)} of instructions, {_hours(self.response_seconds)} of replies",
             f"unit targets: {self.with_units} of {self.records} items"
             + ("" if self.with_units == self.records else " (stage 2 needs them: rerun with --hubert and --kmeans)"),
@@ -139,6 +143,17 @@ def make_record(item: TextItem, spoken_instruction: str, response: str) -> dict[
     return record
 
 
+def made_from(record: dict[str, Any], item: TextItem, write_all_responses: bool) -> bool:
+    """Whether a journal record was built from this input item: its instruction and, when the reply
+    comes from the input (not written by the LLM), its reply. A record that was not is built again."""
+    from omni_cli.train.data import reply_text
+
+    if record.get("source_instruction", record.get("instruction")) != item.instruction:
+        return False
+    reply_from_input = item.response is not None and not write_all_responses
+    return not reply_from_input or reply_text(record) == item.response
+
+
 class DataBuild:
     """Runs a BuildPlan item by item, keeping each finished item on disk."""
 
@@ -165,8 +180,9 @@ class DataBuild:
         record = make_record(item, instruction, response)
         question, record["instruction_voice"], record["instruction_speed"] = self.plan.instructions.speak(item.id, instruction)
         reply, record["response_voice"], _ = self.plan.responses.speak(item.id, response)
-        save_wav(self.out / record["speech"], question, SAMPLE_RATE)
-        save_wav(self.out / record["tgt_speech"], reply, SAMPLE_RATE)
+        # Never over an existing file (an earlier version of this item, or a file of the user's): the next free name.
+        for key, audio in (("speech", question), ("tgt_speech", reply)):
+            record[key] = save_wav(self.out / record[key], audio, SAMPLE_RATE, overwrite=False).relative_to(self.out).as_posix()
         record["speech_seconds"] = round(seconds(question), 3)
         record["response_seconds"] = round(seconds(reply), 3)
         if self.plan.units is not None:
@@ -198,10 +214,12 @@ class DataBuild:
                         summary.interrupted = True
                         break
                     record = done.get(item.id)
+                    changed = record is not None and not made_from(record, item, self.plan.write_all_responses)
                     try:
-                        if record is None:
+                        if record is None or changed:
                             record = self.build_item(item)
                             summary.built += 1
+                            summary.changed += changed
                         elif self.plan.units is not None and "tgt_units" not in record:
                             record = self.add_units(record)
                         else:

@@ -17,7 +17,6 @@ from rich.table import Table
 
 from omni_cli.errors import OmniError
 from omni_cli.evaluate.metrics import NORMALISER, ErrorCounts, corpus_rates
-from omni_cli.jsonl_files import read_rows
 
 Row = dict[str, Any]
 # (key in the summary, what people read, lower is better)
@@ -80,14 +79,42 @@ def summary_table(summary: dict[str, Any], title: str) -> Table:
     return table
 
 
+# Keys of a training manifest's records, which `omni eval`'s rows never hold: given one, say so.
+MANIFEST_KEYS = ("speech", "conversations", "tgt_speech", "tgt_units", "messages")
+
+
 def load_results(path: Path) -> list[Row]:
-    """The rows of an `omni eval` results file (OUT/eval.jsonl)."""
-    if not Path(path).is_file():
+    """The rows of an `omni eval` results file (OUT/eval.jsonl); OmniError (one line) for a file that is not one."""
+    path = Path(path)
+    hint = "give the eval.jsonl that `omni eval` wrote in its --out folder"
+    if not path.is_file():
         raise OmniError(f"{path} not found; give two eval.jsonl files written by `omni eval`.")
-    rows = list(read_rows(path).values())
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise OmniError(f"{path} is not UTF-8 text, so not an `omni eval` result; {hint}.") from None
+    rows: list[Row] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("id"), str):
+            raise OmniError(f"{path} line {number} is not a result of `omni eval` (a JSON object with an id); {hint}.")
+        found = [k for k in MANIFEST_KEYS if k in row]
+        if found:
+            raise OmniError(f"{path} is a training manifest (its records hold {found[0]!r}), not an `omni eval` result; {hint}.")
+        rows.append(row)
     if not rows:
         raise OmniError(f"{path} holds no results; is it an eval.jsonl written by `omni eval`?")
     return rows
+
+
+def finished(row: Row) -> bool:
+    """Whether the run answered this item (an unfinished row holds only its id, a failed one an error)."""
+    return "text" in row
 
 
 def _change(a: Row, b: Row) -> float:
@@ -109,12 +136,16 @@ ITEM_FIELDS = ("ref_wer", "wer", "content_speech", "text")
 
 
 def compare(a_rows: Sequence[Row], b_rows: Sequence[Row], top: int = 5) -> dict[str, Any]:
-    """Both runs' summaries over the items they share, and the items that changed most."""
-    a_by_id = {r["id"]: r for r in a_rows}
-    b_by_id = {r["id"]: r for r in b_rows}
+    """Both runs' summaries over the items finished in both (replied to; an unfinished or failed item
+    would weigh on one side only), and the items that changed most."""
+    a_by_id = {r["id"]: r for r in a_rows if finished(r)}
+    b_by_id = {r["id"]: r for r in b_rows if finished(r)}
     shared = [i for i in a_by_id if i in b_by_id]
     if not shared:
-        raise OmniError("the two runs share no item ids; compare runs over the same manifest.")
+        raise OmniError(
+            "the two runs have no item finished in both; compare runs over the same manifest, each run to its end "
+            "(the same `omni eval` command continues one)."
+        )
     a_sum = summarize([a_by_id[i] for i in shared])
     b_sum = summarize([b_by_id[i] for i in shared])
     ranked = sorted(shared, key=lambda i: _change(a_by_id[i], b_by_id[i]), reverse=True)
@@ -127,13 +158,19 @@ def compare(a_rows: Sequence[Row], b_rows: Sequence[Row], top: int = 5) -> dict[
         }
         for i in ranked[:top] if _change(a_by_id[i], b_by_id[i]) > 0
     ]
+    # only_a / only_b: items finished in one run but not in the other (left out of both summaries).
     return {"shared_items": len(shared), "only_a": len(a_by_id) - len(shared), "only_b": len(b_by_id) - len(shared),
+            "unfinished_a": len(a_rows) - len(a_by_id), "unfinished_b": len(b_rows) - len(b_by_id),
             "a": a_sum, "b": b_sum, "changed_most": changed}
 
 
 def print_comparison(result: dict[str, Any], a_name: str, b_name: str, console: Console) -> None:
     """The comparison as two tables: metrics side by side, then the items that changed most."""
-    table = Table(title=f"{result['shared_items']} shared items")
+    left_out = result["only_a"] + result["only_b"]
+    table = Table(
+        title=f"{result['shared_items']} items finished in both runs"
+        + (f" ({result['only_a']} more in A, {result['only_b']} more in B, left out)" if left_out else "")
+    )
     for column in ("metric", f"A: {a_name}", f"B: {b_name}", "B − A"):
         table.add_column(column, justify="left" if column == "metric" else "right")
     for key, label, lower_better in METRICS:

@@ -11,12 +11,17 @@ but on the items a model was fine-tuned on it says whether the training took.
 The work runs in phases so only one big model is in memory at a time: replies (the omni model), then
 transcripts (Whisper), then UTMOS, then the judge. OUT/eval.jsonl is rewritten atomically after
 every item, so Ctrl-C or a crash keeps everything finished and the same command continues where it
-stopped (an item whose reply failed is tried again).
+stopped (an item whose reply failed is tried again). OUT/eval-run.json records what made the rows (the
+manifest, the model's, encoder's, vocoder's and Whisper's weight files, the sampling, the judge): a
+run with other ones is refused rather than mixing its rows with theirs, and a row whose manifest item
+changed (its speech, instruction or reply) is made again.
 """
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +30,11 @@ from typing import Any
 from omni_cli.audio.io import load_audio
 from omni_cli.errors import OmniError, one_line
 from omni_cli.evaluate.metrics import error_counts
-from omni_cli.jsonl_files import read_rows, write_rows_atomically
+from omni_cli.jsonl_files import read_rows, write_json_atomically, write_rows_atomically
 from omni_cli.llm_endpoint import EndpointError, RejectedAnswer
 
 RESULTS_NAME = "eval.jsonl"
+RUN_NAME = "eval-run.json"  # what made the rows of eval.jsonl (see RunIdentity)
 REPLIES_DIR = "replies"
 INSTRUCTION_FIELDS = ("instruction", "text", "question", "prompt")
 Row = dict[str, Any]
@@ -36,6 +42,96 @@ Row = dict[str, Any]
 
 class EvalError(OmniError):
     """The manifest cannot be evaluated (no records, no speech paths)."""
+
+
+class OtherRun(EvalError):
+    """--out holds the results of a run with another model, vocoder, Whisper, judge or manifest."""
+
+
+# What must be the same for a rerun to continue a run's rows, and how a difference is named.
+IDENTITY_PARTS = {
+    "manifest": "manifest", "model": "model", "speech_encoder": "speech encoder", "vocoder": "vocoder",
+    "asr": "Whisper for transcripts", "sampling": "sampling", "judge": "judge",
+}
+
+
+def path_identity(path: Path | None) -> dict[str, Any] | None:
+    """Where a checkpoint is and the size and modification time of each of its files: a copy trained
+    again or replaced in place differs, while reading the same files again does not."""
+    if path is None:
+        return None
+    path = Path(path).expanduser().resolve()
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else []
+    stats = {}
+    for file in files:
+        st = file.stat()
+        stats[file.name] = [st.st_size, st.st_mtime_ns]
+    return {"path": str(path), "files": stats}
+
+
+def describe_identity_part(part: str, old: Any, new: Any) -> str:
+    """One difference for people: "model: was runs/s1/final, now runs/s2/final"."""
+    name = IDENTITY_PARTS.get(part, part)
+    if isinstance(old, dict) and isinstance(new, dict) and "path" in old and old.get("path") == new.get("path"):
+        return f"{name}: {new['path']} has changed since"
+    if part == "judge" and isinstance(old, dict) and isinstance(new, dict) and old.get("model") == new.get("model"):
+        return f"{name}: its prompts have changed"
+
+    def shown(value: Any) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, dict) and "path" in value:
+            return str(value["path"])
+        if isinstance(value, dict) and "model" in value:
+            return str(value["model"])
+        if isinstance(value, dict):
+            return " ".join(f"{k}={v}" for k, v in sorted(value.items()))
+        return str(value)
+
+    return f"{name}: was {shown(old)}, now {shown(new)}"
+
+
+def check_same_run(out: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """Refuse (OtherRun, one line) when OUT's rows were made by another model, vocoder, Whisper,
+    sampling, judge or manifest; returns what OUT/eval-run.json should now hold.
+
+    A judge may be added to a run that had none (its rows get scores) and left out of a rerun (its
+    scores stay); two different judges never mix.
+    """
+    out = Path(out)
+    saved_path = out / RUN_NAME
+    if not saved_path.is_file():
+        if read_rows(out / RESULTS_NAME):
+            # Rows from an omni that did not record what made them: they cannot be told apart from another model's.
+            raise OtherRun(
+                f"--out {out} holds results that do not say which model made them; give a new --out, or remove {out} to start over."
+            )
+        return identity
+    try:
+        saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict):
+        raise OtherRun(f"{saved_path} is not readable; give a new --out, or remove {out} to start over.")
+    differ = []
+    for part in IDENTITY_PARTS:
+        old, new = saved.get(part), identity.get(part)
+        if part == "judge" and (old is None or new is None):
+            continue
+        if old != new:
+            differ.append(describe_identity_part(part, old, new))
+    if differ:
+        raise OtherRun(
+            f"--out {out} holds results of another run ({'; '.join(differ)}); "
+            f"give a new --out for this run, or remove {out} to start over."
+        )
+    return {**identity, "judge": identity.get("judge") or saved.get("judge")}
+
+
+def item_key(item: EvalItem) -> str:
+    """What a row was made from: the speech path, the instruction and the reply the manifest gives."""
+    text = json.dumps([str(item.speech), item.instruction, item.reference], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -54,7 +150,7 @@ def read_eval_items(manifest: Path) -> list[EvalItem]:
 
     items: list[EvalItem] = []
     seen: set[str] = set()
-    for index, raw in enumerate(read_manifest(manifest)):
+    for index, raw in enumerate(read_manifest(manifest, option="MANIFEST", before="evaluating")):
         if not isinstance(raw, dict) or not isinstance(raw.get("speech"), str):
             raise EvalError(f"{manifest}: record {index + 1} names no 'speech' audio; each record needs id and speech.")
         item_id = str(raw.get("id", f"#{index + 1}"))
@@ -81,6 +177,7 @@ class EvalPlan:
     judge: Any = None  # Judge, or None
     limit: int | None = None
     notes: list[str] = field(default_factory=list)
+    identity: dict[str, Any] | None = None  # what makes the rows (check_same_run); None: not checked
 
 
 class Evaluation:
@@ -91,8 +188,15 @@ class Evaluation:
         self.on_item = on_item or (lambda item_id, done, total: None)
         self.path = Path(plan.out) / RESULTS_NAME
         self.items = read_eval_items(plan.manifest)[: plan.limit]
+        self.identity = check_same_run(Path(plan.out), plan.identity) if plan.identity is not None else None
         kept = read_rows(self.path)
-        self.rows: dict[str, Row] = {item.id: kept.get(item.id, {"id": item.id}) for item in self.items}
+        self.rows: dict[str, Row] = {}
+        for item in self.items:
+            row = kept.get(item.id)
+            # A row made from another version of its item (speech, instruction or reply edited) is made again.
+            if row is None or row.get("item") != item_key(item):
+                row = {"id": item.id, "item": item_key(item)}
+            self.rows[item.id] = row
 
     def save(self) -> None:
         """Rewrite OUT/eval.jsonl with every row, in manifest order (atomically)."""
@@ -107,6 +211,8 @@ class Evaluation:
     def run(self) -> list[Row]:
         """Every phase with work left; returns the rows (also on disk)."""
         Path(self.plan.out).mkdir(parents=True, exist_ok=True)
+        if self.identity is not None:  # before any row: rows never exist without what made them
+            write_json_atomically(Path(self.plan.out) / RUN_NAME, self.identity)
         self.save()
         todo = [i for i in self.items if "text" not in self.rows[i.id]]
         if todo:

@@ -97,18 +97,23 @@ class DataLimits:
     unit_frames_per_token: int | None = None  # the speech decoder's upsampling; None: not checked
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """The raw records of a JSON list or JSONL manifest (a record that is not an object stays, to be reported)."""
-    return read_manifest_and_format(path)[0]
+def read_manifest(path: str | Path, *, option: str = "--data", before: str = "training") -> list[dict[str, Any]]:
+    """The raw records of a JSON list or JSONL manifest (a record that is not an object stays, to be reported).
+
+    `option` and `before` word the errors for the command reading it: "pass --data ...", "... before training".
+    """
+    return read_manifest_and_format(path, option=option, before=before)[0]
 
 
-def read_manifest_and_format(path: str | Path) -> tuple[list[dict[str, Any]], bool]:
+def read_manifest_and_format(
+    path: str | Path, *, option: str = "--data", before: str = "training"
+) -> tuple[list[dict[str, Any]], bool]:
     """`read_manifest`'s records, and True when the file is a JSON list (to write it back in its own format)."""
     path = Path(path)
     if path.is_dir():
-        raise DatasetError(f"manifest {path} is a directory; pass --data a JSON or JSONL manifest file.")
+        raise DatasetError(f"manifest {path} is a directory; pass {option} a JSON or JSONL manifest file.")
     if not path.is_file():
-        raise DatasetError(f"manifest {path} not found; pass --data a JSON or JSONL manifest.")
+        raise DatasetError(f"manifest {path} not found; pass {option} a JSON or JSONL manifest.")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -144,7 +149,7 @@ def read_manifest_and_format(path: str | Path) -> tuple[list[dict[str, Any]], bo
         except ValueError as exc:
             bad_lines.append(RecordProblem(f"line {number}", f"not valid JSON ({getattr(exc, 'msg', exc)})"))
     if bad_lines:
-        raise _summary(path, bad_lines, len(records) + len(bad_lines))
+        raise _summary(path, bad_lines, len(records) + len(bad_lines), before)
     return records, False
 
 
@@ -334,9 +339,9 @@ def validate_records(
     return records, problems
 
 
-def _summary(source: Path, problems: Sequence[RecordProblem], total: int) -> DatasetError:
+def _summary(source: Path, problems: Sequence[RecordProblem], total: int, before: str = "training") -> DatasetError:
     bad_ids = {p.record_id for p in problems}
-    lines = [f"{source}: {len(bad_ids)} of {total} records cannot be used; fix or remove them before training:"]
+    lines = [f"{source}: {len(bad_ids)} of {total} records cannot be used; fix or remove them before {before}:"]
     lines += [f"  {p}" for p in problems[:MAX_PROBLEMS_SHOWN]]
     if len(problems) > MAX_PROBLEMS_SHOWN:
         lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more problems")

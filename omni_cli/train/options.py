@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from omni_cli.config import TRAIN_PRECISIONS, FinetuneConfig
+from omni_cli.destinations import check_writable_folder
 from omni_cli.errors import ConfigError, OmniError
 from omni_cli.train.run_settings import SavedRun
 from omni_cli.train.trainer_state import CHECKPOINT_PREFIX
@@ -73,17 +73,7 @@ def _nearest_existing(path: Path) -> Path:
 
 def check_writable(output: Path) -> None:
     """`--output` can be created and written: a folder (or a path under one) where a file can be made."""
-    output = Path(output)
-    if output.exists() and not output.is_dir():
-        raise ConfigError(f"--output {output} is a file; give a folder for the checkpoints and the fine-tuned model.")
-    existing = _nearest_existing(output)
-    if not existing.is_dir():
-        raise ConfigError(f"--output {output} cannot be created: {existing} is a file, not a folder; choose another --output.")
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".omni-write-test-"):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--output {output} is not writable ({exc.strerror or type(exc).__name__} in {existing}); choose a folder you can write to.") from None
+    check_writable_folder(output, "--output", "the checkpoints and the fine-tuned model")
 
 
 def check_free_space(output: Path, checkpoint_bytes: int, model_bytes: int) -> None:

@@ -179,3 +179,40 @@ def test_refusals_before_any_work(tmp_path: Path) -> None:
         result = runner.invoke(app, ["data", "build", str(source), *args])
         assert result.exit_code in (1, 2) and message in result.output, (args, result.output)
     assert sorted(p.name for p in busy.iterdir()) == ["thesis.tex"]
+
+
+def test_an_item_whose_input_changed_is_built_again_into_new_files(tmp_path: Path) -> None:
+    source, out = _input(tmp_path / "in.jsonl", QUESTIONS[:2]), tmp_path / "data"
+    runner = CliRunner()
+    first = runner.invoke(app, ["data", "build", str(source), "--out", str(out)])
+    assert first.exit_code == 0, first.output
+    old = {r["id"]: r for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())}
+    old_reply = (out / old["paris"]["tgt_speech"]).read_bytes()
+
+    edited = [{**QUESTIONS[0], "response": "Paris, the city of light."}, QUESTIONS[1]]
+    again = runner.invoke(app, ["data", "build", str(_input(source, edited)), "--out", str(out)])
+    assert again.exit_code == 0, again.output
+    assert "1 made in this run, 1 of them again because the input changed" in again.output
+    rows = {r["id"]: r for r in map(json.loads, (out / "train.jsonl").read_text().splitlines())}
+    assert rows["paris"]["conversations"][1]["value"] == "Paris, the city of light."
+    assert rows["paris"]["tgt_speech"] != old["paris"]["tgt_speech"]  # new files: the earlier ones are never replaced
+    assert (out / old["paris"]["tgt_speech"]).read_bytes() == old_reply
+    assert rows["colour"] == old["colour"]  # unchanged items are kept, as after Ctrl-C
+
+    other = _input(tmp_path / "other.jsonl", [{"id": "colour", "instruction": "Name a warm colour.", "response": "Orange is warm."}])
+    replaced = runner.invoke(app, ["data", "build", str(other), "--out", str(out)])
+    assert replaced.exit_code == 0 and "1 made in this run" in replaced.output, replaced.output
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["instruction"]) for r in rows] == [("colour", "Name a warm colour.")]
+    unchanged = runner.invoke(app, ["data", "build", str(other), "--out", str(out)])
+    assert "(0 made in this run)" in unchanged.output, unchanged.output
+
+
+@pytest.mark.parametrize("where, message", [("under-a-file", "cannot be created: "), ("proc", "is not writable (")])
+def test_an_out_that_cannot_be_a_folder_is_one_line(tmp_path: Path, where: str, message: str) -> None:
+    source = _input(tmp_path / "in.jsonl", QUESTIONS[:1])
+    out = source / "sub" if where == "under-a-file" else Path("/proc/omni-test")
+    result = CliRunner().invoke(app, ["data", "build", str(source), "--out", str(out)])
+    assert result.exit_code == 2 and message in result.output and "choose" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1

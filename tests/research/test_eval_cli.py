@@ -83,3 +83,65 @@ def test_a_whisper_that_cannot_transcribe_is_refused_before_any_reply(manifest: 
     assert not (out / "replies").exists()
     missing = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out)])
     assert missing.exit_code == 2 and "give MANIFEST, --out and --model" in missing.output
+
+
+def test_a_run_with_another_model_sampling_or_manifest_is_refused_and_an_edited_item_is_redone(
+    manifest: Path, tmp_path: Path, tiny_model
+) -> None:
+    out = tmp_path / "run"
+    args = ["eval", str(manifest), "--out", str(out), "--no-mos", "--limit", "1"]
+    first = CliRunner().invoke(app, [*args, *_model_args(tiny_model)])
+    assert first.exit_code == 0, first.output
+    before = (out / "eval.jsonl").read_text()
+
+    other_model = tmp_path / "other-omni"  # the same weights elsewhere: another checkpoint for all omni can tell
+    shutil.copytree(tiny_model.model_dir, other_model)
+    other_args = _model_args(tiny_model)
+    other_args[1] = str(other_model)
+    refused = CliRunner().invoke(app, [*args, *other_args])
+    assert refused.exit_code == 2, refused.output
+    assert "holds results of another run" in refused.output and f"now {other_model.resolve()}" in refused.output
+    assert "give a new --out" in refused.output and "Traceback" not in refused.output
+    assert (out / "eval.jsonl").read_text() == before  # the base model's rows are not shown as the other's
+
+    sampled = CliRunner().invoke(app, [*args, *_model_args(tiny_model)[:-4], "--max-new-tokens", "5", "--device", "cpu"])
+    assert sampled.exit_code == 2 and "sampling" in sampled.output, sampled.output
+    elsewhere = tmp_path / "copy.jsonl"
+    shutil.copy(manifest, elsewhere)
+    moved = CliRunner().invoke(app, ["eval", str(elsewhere), *args[2:], *_model_args(tiny_model)])
+    assert moved.exit_code == 2 and "manifest: was" in moved.output, moved.output
+
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+    rows[0]["response"] = "Paris, of course."  # the item changed: its row is made again, not kept
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    redone = CliRunner().invoke(app, [*args, *_model_args(tiny_model)])
+    assert redone.exit_code == 0, redone.output
+    row = json.loads((out / "eval.jsonl").read_text().splitlines()[0])
+    assert row["reference"] == "Paris, of course." and len(list((out / "replies").iterdir())) == 2
+
+
+@pytest.mark.parametrize("where, message", [("under-a-file", "cannot be created: "), ("proc", "is not writable (")])
+def test_an_out_that_cannot_be_a_folder_is_one_line_before_the_model_loads(manifest: Path, tiny_model, where: str, message: str) -> None:
+    out = manifest / "sub" if where == "under-a-file" else Path("/proc/omni-test")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(out), *_model_args(tiny_model), "--no-mos", "--limit", "1"])
+    assert result.exit_code == 2 and message in result.output and "choose" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_each_failed_item_is_named_with_its_reason(tmp_path: Path, question_wavs: list[Path], tiny_model) -> None:
+    manifest = tmp_path / "m.jsonl"
+    rows = [{"id": "gone", "speech": str(tmp_path / "no-such.wav")}, {"id": "q1", "speech": str(question_wavs[0])}]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(tmp_path / "run"), *_model_args(tiny_model), "--no-mos"])
+    assert result.exit_code == 1, result.output
+    failed = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed) == 1 and failed[0].startswith("failed: gone: ") and "no-such.wav" in failed[0], result.stderr
+
+
+def test_a_malformed_manifest_line_is_reported_for_evaluating_not_training(tmp_path: Path, question_wavs: list[Path], tiny_model) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"id": "q1", "speech": str(question_wavs[0])}) + "\n{not json\n", encoding="utf-8")
+    result = CliRunner().invoke(app, ["eval", str(manifest), "--out", str(tmp_path / "run"), *_model_args(tiny_model)])
+    assert result.exit_code == 1 and "fix or remove them before evaluating" in result.output, result.output
+    assert "training" not in result.output and "line 2: not valid JSON" in result.output

@@ -122,3 +122,29 @@ def test_the_text_reply_against_the_manifest_s_reply_is_a_corpus_rate_and_a_shar
     assert summary["ref_exact"] == pytest.approx(66.67)  # 2 of the 3 items that have a manifest reply
     counts = error_counts("Eat well.", "Eat bread.")
     assert (counts.word_errors, counts.words) == (1, 2)
+
+
+def test_compare_counts_only_items_finished_in_both_runs(tmp_path: Path) -> None:
+    a = _rows(tmp_path / "a.jsonl", [_row(f"q{i}", 1, 3, "ok") for i in range(30)])
+    # B stopped after 5 items: the other 25 are unfinished rows (only their id), one more failed.
+    b = _rows(tmp_path / "b.jsonl", [_row(f"q{i}", 0, 5, "fine") for i in range(5)] + [{"id": "q5", "error": "no audio"}]
+              + [{"id": f"q{i}"} for i in range(6, 30)])
+    shown = CliRunner().invoke(app, ["eval", "--compare", str(a), str(b)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "5 items finished in both runs (25 more in A, 0 more in B, left out)" in shown.output
+    result = json.loads(CliRunner().invoke(app, ["eval", "--compare", str(a), str(b), "--json"]).stdout)
+    assert (result["shared_items"], result["a"]["items"], result["b"]["items"], result["unfinished_b"]) == (5, 5, 5, 25)
+    assert result["a"]["asr_wer"] == 25.0 and result["b"]["asr_wer"] == 0.0  # the same 5 items on both sides
+
+
+def test_compare_refuses_a_file_that_is_not_an_eval_result(tmp_path: Path) -> None:
+    a = _rows(tmp_path / "a.jsonl", [_row("q1", 1, 3, "ok")])
+    manifest = _rows(tmp_path / "train.jsonl", [{"id": "q1", "speech": "q1.wav", "conversations": []}])
+    binary = tmp_path / "noise.jsonl"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    unfinished = _rows(tmp_path / "u.jsonl", [{"id": "q1"}])
+    for other, message in [(manifest, "is a training manifest"), (binary, "is not UTF-8 text"),
+                           (unfinished, "no item finished in both")]:
+        result = CliRunner().invoke(app, ["eval", "--compare", str(a), str(other)])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output

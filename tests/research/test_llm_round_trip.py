@@ -120,6 +120,9 @@ def test_eval_judges_through_omni_serve_and_a_rerun_asks_nothing(tiny_server, ti
     again = CliRunner().invoke(app, [*command, "--judge-url", CLOSED])
     assert again.exit_code == 0, again.output
     assert _rows(out / "judge-cache.jsonl") == cache and (out / "eval.jsonl").read_bytes() == before
+    other_judge = CliRunner().invoke(app, [*command[:-1], "another-judge", "--judge-url", CLOSED])  # its scores must not mix with these
+    assert other_judge.exit_code == 2 and "judge: was llama-omni, now another-judge" in other_judge.output, other_judge.output
+    assert (out / "eval.jsonl").read_bytes() == before
 
 
 @pytest.fixture()
