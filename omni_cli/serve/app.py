@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from omni_cli.config import ServeOptions
+from omni_cli.pipeline import QuestionTooLong
 from omni_cli.serve.access import chosen_subprotocol, refusal, wants_beta
 from omni_cli.serve.chat_completions import CompletionShape, collect, error_body, reply_events, sse_chunks
 from omni_cli.serve.chat_request import AudioTranscripts, RequestError, parse_request
@@ -86,6 +87,11 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
             )
         except RequestError as exc:
             return JSONResponse(error_body(str(exc), "invalid_value", exc.param), status_code=exc.status)
+        try:
+            # Before queueing for the model: a question the budget cannot hold is refused at once.
+            pipeline.check_question(parsed.question, parsed.options)
+        except QuestionTooLong as exc:
+            return JSONResponse(error_body(str(exc), "context_length_exceeded", "messages"), status_code=400)
         shape = CompletionShape(parsed, options.model_name, pipeline.sample_rate, transcripts)
         cancelled = threading.Event()
         events = reply_events(slot, parsed, cancelled)

@@ -244,3 +244,30 @@ def test_a_request_that_must_wait_is_told_so_and_one_too_many_is_refused(tiny_pi
                     pass
                 rest = [line for line in second_lines if line]
             assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_question_too_long_for_the_context_budget_is_refused_at_once(tiny_server, stream: bool) -> None:
+    # 48,000 characters: about 16,016 prompt positions, far over what the default budget of 4096 holds.
+    client = _client(tiny_server)
+    start = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as refused:
+        reply = client.chat.completions.create(
+            model="llama-omni", messages=[{"role": "user", "content": "hello " * 8000}], max_tokens=8, stream=stream
+        )
+        list(reply) if stream else reply
+    took_s = time.monotonic() - start
+    error = refused.value.body
+    assert refused.value.status_code == 400
+    assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    message = error["message"]
+    assert "\n" not in message and "16016 prompt positions" in message and "4088 fit beside a 8-token reply" in message
+    assert "shorten the question" in message
+    assert took_s < 3, f"refusing took {took_s:.1f} s: the model ran"  # the prefill of that prompt takes minutes on this CPU
+    # A long system message counts too; a question that fits is answered as before.
+    with pytest.raises(openai.BadRequestError, match="prompt positions"):
+        client.chat.completions.create(
+            model="llama-omni", messages=[{"role": "system", "content": "x" * 13000}, {"role": "user", "content": "hi"}], max_tokens=8
+        )
+    assert client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "hello " * 100}], max_tokens=2).choices
+
