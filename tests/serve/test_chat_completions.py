@@ -271,3 +271,24 @@ def test_a_question_too_long_for_the_context_budget_is_refused_at_once(tiny_serv
         )
     assert client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "hello " * 100}], max_tokens=2).choices
 
+
+def test_a_waiting_request_whose_client_goes_away_leaves_the_queue(tiny_pipeline) -> None:
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_conversation import conversation_ports
+    from servers import app_server
+
+    slot = ModelSlot(tiny_pipeline, max_waiting=2)
+    app = create_app(slot, ServeOptions(max_waiting=2), conversation_ports(slot))
+    short = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
+    with app_server(app) as server, httpx.Client(timeout=60) as http, slot.hold():  # a long reply holds the model
+        for _ in range(2):  # as `curl -m 1`: two clients give up waiting for a reply that is not streamed
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.base_url}/chat/completions", json=short, timeout=1)
+        time.sleep(0.5)  # the server looks for a closed connection every quarter second
+        # Nobody waits any more: the next request queues behind the reply in progress alone; it is not refused.
+        with http.stream("POST", f"{server.base_url}/chat/completions", json={**short, "stream": True}) as next_one:
+            head = [line for _, line in zip(range(3), next_one.iter_lines())]
+        assert next_one.status_code == 200
+        assert head[-1] == ": waiting for the model (1 reply ahead)", head
