@@ -24,7 +24,7 @@ from omni_cli.pipeline import QuestionTooLong
 from omni_cli.serve.access import chosen_subprotocol, refusal, wants_beta
 from omni_cli.serve.chat_completions import CompletionShape, collect, error_body, reply_events, sse_chunks
 from omni_cli.serve.chat_request import AudioTranscripts, RequestError, parse_request
-from omni_cli.serve.model_slot import ModelSlot
+from omni_cli.serve.model_slot import ModelBusy, ModelSlot, SlotClosed
 from omni_cli.serve.realtime_events import SessionConfig
 from omni_cli.serve.realtime_session import PortFactory, RealtimeSession
 
@@ -112,6 +112,13 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
             pipeline.check_question(parsed.question, parsed.options)
         except QuestionTooLong as exc:
             return JSONResponse(error_body(str(exc), "context_length_exceeded", "messages"), status_code=400)
+        try:
+            # A stream's status goes out with its first byte: a full queue is refused before that.
+            slot.check_room()
+        except ModelBusy as exc:
+            return JSONResponse(error_body(str(exc), "model_busy", kind="server_error"), status_code=503)
+        except SlotClosed as exc:
+            return JSONResponse(error_body(str(exc), "server_stopping", kind="server_error"), status_code=503)
         shape = CompletionShape(parsed, options.model_name, pipeline.sample_rate, transcripts)
         cancelled = threading.Event()
         events = reply_events(slot, parsed, cancelled)

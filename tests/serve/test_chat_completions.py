@@ -292,3 +292,20 @@ def test_a_waiting_request_whose_client_goes_away_leaves_the_queue(tiny_pipeline
             head = [line for _, line in zip(range(3), next_one.iter_lines())]
         assert next_one.status_code == 200
         assert head[-1] == ": waiting for the model (1 reply ahead)", head
+
+
+def test_a_streamed_request_beyond_the_queue_is_refused_with_a_503(tiny_pipeline) -> None:
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_conversation import conversation_ports
+    from servers import app_server
+
+    slot = ModelSlot(tiny_pipeline, max_waiting=0)
+    app = create_app(slot, ServeOptions(max_waiting=0), conversation_ports(slot))
+    with app_server(app) as server, slot.hold():  # a reply holds the model, and no one may wait
+        client = _client(server)
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2, stream=True)
+    assert refused.value.status_code == 503
+    assert refused.value.body["code"] == "model_busy" and "the model is busy" in refused.value.body["message"]
