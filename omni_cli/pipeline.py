@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from omni_cli.config import ReplyOptions, SamplingConfig, StreamingConfig
-from omni_cli.errors import ConfigError
-from omni_cli.model.features import CHUNK_SAMPLES, log_mel_spectrogram, split_into_windows
+from omni_cli.errors import ConfigError, OmniError
+from omni_cli.model.adaptor import SpeechAdaptor
+from omni_cli.model.features import CHUNK_SAMPLES, HOP_LENGTH, log_mel_spectrogram, split_into_windows
 from omni_cli.model.llm import (
     SPEECH_PLACEHOLDER,
     SYSTEM_MESSAGE,
@@ -141,6 +142,23 @@ PROMPT_MARGIN = 256
 def text_positions(text: str) -> int:
     """Rough prompt positions a typed text costs: characters / 3, plus its turn's template tokens."""
     return len(text) // 3 + 16
+
+
+# What a spoken question's turn costs beside its speech frames (the template and the default instruction).
+SPEECH_TURN_POSITIONS = 32
+
+
+class QuestionTooLong(OmniError):
+    """A question that cannot fit the context budget with room for its reply; raised before any model work."""
+
+    def __init__(self, positions: int, fits: int, reply_tokens: int, budget: int) -> None:
+        super().__init__(
+            f"the question is about {positions} prompt positions long, but {max(fits, 0)} fit beside a "
+            f"{reply_tokens}-token reply in the context budget of {budget}; shorten the question (or its "
+            "system prompt), ask for a shorter reply, or raise --context-budget."
+        )
+        self.positions = positions
+        self.fits = fits
 
 
 @dataclass
@@ -327,6 +345,36 @@ class SpeechToSpeech:
             outs.append(speech[0])
         return torch.cat(outs, dim=0)
 
+    def question_positions(self, audio: np.ndarray | str, options: ReplyOptions | None = None) -> int:
+        """Rough prompt positions a question takes (its text or speech frames, its instruction and a
+        system prompt of its own), counted without running the model: cheap enough for any thread."""
+        options = options or ReplyOptions()
+        # The reference's system prompt is within PROMPT_MARGIN; one of the request's own is not.
+        system = 0 if options.system is None else text_positions(options.system)
+        if isinstance(audio, str):
+            return system + text_positions(audio)
+        # Every 30 s window is padded to 30 s before the encoder: each gives the same number of frames.
+        per_window = SpeechAdaptor.output_length(CHUNK_SAMPLES // HOP_LENGTH, self.model.adaptor.downsample)
+        windows = len(split_into_windows(np.asarray(audio), CHUNK_SAMPLES))
+        instruction = 0 if options.speech_instruction is None else len(options.speech_instruction) // 3
+        return system + windows * per_window + SPEECH_TURN_POSITIONS + instruction
+
+    def check_question(self, audio: np.ndarray | str, options: ReplyOptions | None = None) -> int:
+        """The question's prompt positions (`question_positions`); QuestionTooLong when it cannot fit
+        the context budget with room for the reply's tokens.
+
+        `prompt_embeds` checks every question before any model work; a front door may call it
+        sooner (before queueing for the model) to refuse at once.
+        """
+        options = options or ReplyOptions()
+        positions = self.question_positions(audio, options)
+        reply_tokens = self._sampling(options).max_new_tokens
+        fits = self.context_budget - reply_tokens
+        if positions > fits:
+            # Without this, the prompt's prefill grows with its square and nothing can stop it midway.
+            raise QuestionTooLong(positions, fits, reply_tokens, self.context_budget)
+        return positions
+
     def _turns(self, history: History, user: Turn, user_cost: int, max_new_tokens: int) -> tuple[list[Turn], list[torch.Tensor]]:
         # Room is kept for the question and the reply itself.
         room = self.context_budget - user_cost - max_new_tokens
@@ -353,21 +401,23 @@ class SpeechToSpeech:
 
         The prompt holds the newest earlier turns of `history` that fit the context budget; the
         speech stages' times are added to `timings`; `options` may change the system prompt and
-        the instruction sent with speech.
+        the instruction sent with speech. A question that cannot fit the budget with room for the
+        reply raises QuestionTooLong before anything runs.
         """
         m = self.model
         options = options or ReplyOptions()
+        cost = self.check_question(audio, options)
         if not isinstance(history, History):
             history = History(history)
         reply_room = self._sampling(options).max_new_tokens
         with torch.inference_mode():
             if isinstance(audio, str):
                 speech_now = None
-                turns, speech = self._turns(history, Turn("user", audio), text_positions(audio), reply_room)
+                turns, speech = self._turns(history, Turn("user", audio), cost, reply_room)
             else:
                 speech_now = self.encode_speech(audio, timings)
                 question = speech_turn() if options.speech_instruction is None else speech_turn(f"{SPEECH_PLACEHOLDER}\n{options.speech_instruction}")
-                turns, speech = self._turns(history, question, int(speech_now.shape[0]) + 32, reply_room)
+                turns, speech = self._turns(history, question, cost, reply_room)
                 speech.append(speech_now)
             system = SYSTEM_MESSAGE if options.system is None else options.system
             prompt_ids = build_prompt_ids(m.tokenizer, turns, system)

@@ -385,6 +385,27 @@ def test_memory_reaches_the_real_pipeline_within_its_budget(tiny_loaded, tmp_pat
     assert (first_reply.strip() in second) == (budget == 4096)
 
 
+def test_a_typed_question_too_long_for_the_budget_is_one_line_and_the_session_goes_on(tiny_loaded, tmp_path: Path) -> None:
+    from omni_cli.config import SamplingConfig, StreamingConfig
+    from omni_cli.pipeline import SpeechToSpeech
+
+    pipeline = SpeechToSpeech(tiny_loaded, None, StreamingConfig(sampling=SamplingConfig(max_new_tokens=8)))
+    session, out = make_session(tmp_path, pipeline, mic=None, player=None)  # type: ignore[arg-type]
+    lines = iter(["hello " * 8000, "hi", None])
+    start = time.monotonic()
+    session.run_text(lambda: next(lines))
+    assert time.monotonic() - start < 20  # the long prompt's prefill alone takes minutes here
+    said = " ".join(out.getvalue().split())  # the view wraps long lines at its width
+    # The typed line is stripped: 47,999 characters.
+    assert (
+        "omni: the question is about 16015 prompt positions long, but 4088 fit beside a 8-token reply in the context budget "
+        "of 4096; shorten the question (or its system prompt), ask for a shorter reply, or raise --context-budget." in said
+    ), said
+    assert "turn failed" not in said
+    replies = [r for r in transcript(tmp_path / "session") if r["type"] == "assistant" and r.get("text")]
+    assert len(replies) == 1 and [h.user_text for h in session.history] == ["hi"]
+
+
 def test_a_failing_turn_is_one_line_logged_and_the_session_goes_on(tmp_path: Path) -> None:
     seen_before_turn_2: list[list[dict]] = []
 

@@ -224,3 +224,22 @@ def test_reply_options_change_the_prompt_and_speaking_not_the_text(tiny_loaded, 
     static = _pipeline(tiny_loaded, vocoder, decode_steps="static")
     with pytest.raises(ValueError, match="at most 24 tokens"):
         next(static.respond(audio, options=ReplyOptions(sampling=SamplingConfig(max_new_tokens=25))))
+
+
+def test_a_question_that_cannot_fit_the_budget_is_refused_before_the_model_runs(tiny_loaded, question_wavs, monkeypatch) -> None:
+    from omni_cli.config import ReplyOptions
+    from omni_cli.pipeline import QuestionTooLong
+
+    pipe = _pipeline(tiny_loaded, None, max_new_tokens=8)
+    speech = load_audio(question_wavs[0])
+    # A spoken question costs its frames (300 per 30 s window) before it is encoded.
+    long = np.tile(speech, int(31 * 16000 // len(speech)) + 1)
+    assert pipe.question_positions(long) == pipe.encode_speech(long).shape[0] + 32 == 632
+    monkeypatch.setattr(pipe, "encode_speech", lambda *a, **k: pytest.fail("the speech encoder ran"))
+    fourteen_windows = np.zeros(14 * 30 * 16000, np.float32)  # 4232 positions: over 4096 - 8
+    with pytest.raises(QuestionTooLong, match="about 4232 prompt positions long, but 4088 fit"):
+        list(pipe.respond(fourteen_windows))
+    with pytest.raises(QuestionTooLong, match="about 16016 prompt positions"):
+        list(pipe.respond("hello " * 8000))
+    with pytest.raises(QuestionTooLong):  # a system prompt of the question's own counts too
+        list(pipe.respond("hi", options=ReplyOptions(system="x" * 13000)))

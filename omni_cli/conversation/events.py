@@ -225,7 +225,8 @@ class SpeakerDropped:
 @dataclass(frozen=True)
 class ConversationError:
     """Something failed; the conversation goes on. `code`: "reply_failed" (the model failed on
-    turn `turn`), "empty_input" (commit() with nothing heard), "no_reply" (cancel() with no reply
+    turn `turn`), "question_too_long" (turn `turn`'s question cannot fit the context budget; the
+    model did not run), "empty_input" (commit() with nothing heard), "no_reply" (cancel() with no reply
     in progress), "unknown_turn" (truncate() of a turn the history does not hold)."""
 
     t: float

@@ -47,7 +47,7 @@ from omni_cli.conversation.turns import (
     UserTurn,
 )
 from omni_cli.errors import one_line
-from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, TextDelta, Units
+from omni_cli.pipeline import AudioChunk, Done, Event, History, HistoryTurn, QuestionTooLong, TextDelta, Units
 
 
 # How long the conversation's thread waits for the model's next event before it listens again:
@@ -345,7 +345,9 @@ class Replying:
         """A fault inside the model or a device: one ConversationError; the conversation goes on."""
         reply.error = one_line(exc)
         self._stop_sink(reply)
-        self._emit(ConversationError(self.clock(), "reply_failed", reply.error, reply.turn))
+        # A question too long for the context budget is the asker's to fix, not a fault in the model.
+        code = "question_too_long" if isinstance(exc, QuestionTooLong) else "reply_failed"
+        self._emit(ConversationError(self.clock(), code, reply.error, reply.turn))
 
     def _stop_sink(self, reply: ReplyProgress | None = None) -> None:
         """Cut playback; for `reply`, note first what of it was heard."""

@@ -17,12 +17,14 @@ from urllib.parse import quote
 
 from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from omni_cli.config import ServeOptions
+from omni_cli.pipeline import QuestionTooLong
 from omni_cli.serve.access import chosen_subprotocol, refusal, wants_beta
 from omni_cli.serve.chat_completions import CompletionShape, collect, error_body, reply_events, sse_chunks
 from omni_cli.serve.chat_request import AudioTranscripts, RequestError, parse_request
-from omni_cli.serve.model_slot import ModelSlot
+from omni_cli.serve.model_slot import ModelBusy, ModelSlot, SlotClosed
 from omni_cli.serve.realtime_events import SessionConfig
 from omni_cli.serve.realtime_session import PortFactory, RealtimeSession
 
@@ -37,6 +39,31 @@ PAGE_FILES = {
 PAGE_POLICY = "default-src 'self'; connect-src 'self' ws: wss:; media-src 'self' blob:; img-src 'self' data:"
 
 
+class AccessCheck:
+    """Refuses an HTTP request that `access.refusal` refuses (API key, Host, Origin) before the app sees it.
+
+    A plain ASGI middleware on purpose: Starlette's `@app.middleware("http")` (BaseHTTPMiddleware)
+    wraps `receive` so that `request.is_disconnected()` never turns true, and a non-streamed
+    request whose client went away would keep its place in the model's queue.
+    """
+
+    def __init__(self, app: ASGIApp, options: ServeOptions) -> None:
+        self.app = app
+        self.options = options
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answer a refused HTTP request here; pass everything else on untouched (the WebSocket checks itself)."""
+        if scope["type"] == "http":
+            request = Request(scope)
+            refused = refusal(self.options, request.headers, request.query_params)
+            if refused is not None:
+                status, message = refused
+                body = error_body(message, "forbidden" if status == 403 else "invalid_api_key")
+                await JSONResponse(body, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _page_file(name: str) -> bytes:
     return resources.files("omni_cli.serve").joinpath("page", name).read_bytes()
 
@@ -49,13 +76,7 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
     defaults = pipeline.streaming.sampling
     can_speak = pipeline.sample_rate is not None and pipeline.model.unit_decoder is not None
 
-    @app.middleware("http")
-    async def check_access(request: Request, call_next: Any) -> Response:
-        refused = refusal(options, request.headers, request.query_params)
-        if refused is not None:
-            status, message = refused
-            return JSONResponse(error_body(message, "forbidden" if status == 403 else "invalid_api_key"), status_code=status)
-        return await call_next(request)
+    app.add_middleware(AccessCheck, options=options)
 
     @app.get("/")
     async def page(request: Request) -> Response:
@@ -86,6 +107,18 @@ def create_app(slot: ModelSlot, options: ServeOptions, port_factory: PortFactory
             )
         except RequestError as exc:
             return JSONResponse(error_body(str(exc), "invalid_value", exc.param), status_code=exc.status)
+        try:
+            # Before queueing for the model: a question the budget cannot hold is refused at once.
+            pipeline.check_question(parsed.question, parsed.options)
+        except QuestionTooLong as exc:
+            return JSONResponse(error_body(str(exc), "context_length_exceeded", "messages"), status_code=400)
+        try:
+            # A stream's status goes out with its first byte: a full queue is refused before that.
+            slot.check_room()
+        except ModelBusy as exc:
+            return JSONResponse(error_body(str(exc), "model_busy", kind="server_error"), status_code=503)
+        except SlotClosed as exc:
+            return JSONResponse(error_body(str(exc), "server_stopping", kind="server_error"), status_code=503)
         shape = CompletionShape(parsed, options.model_name, pipeline.sample_rate, transcripts)
         cancelled = threading.Event()
         events = reply_events(slot, parsed, cancelled)

@@ -118,16 +118,30 @@ class ModelSlot:
             self._closed = True
             self._cond.notify_all()
 
+    def check_room(self) -> None:
+        """Raise now what `hold` would raise on entering (ModelBusy, SlotClosed), taking no turn.
+
+        For a front door that must refuse before its response starts (a stream's status is sent
+        with its first byte); the queue may still fill before `hold`, which checks again.
+        """
+        with self._cond:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:
+        # Called holding self._cond.
+        if self._closed:
+            raise SlotClosed("the server is stopping; no new replies.")
+        ahead = len(self._queue)
+        if ahead > self.max_waiting:
+            raise ModelBusy(
+                f"the model is busy: one reply is being generated and {ahead - 1} more are waiting "
+                f"(at most {self.max_waiting}); try again in a moment."
+            )
+
     def _enter(self, ticket: object) -> int:
         with self._cond:
-            if self._closed:
-                raise SlotClosed("the server is stopping; no new replies.")
+            self._refuse_if_full()
             ahead = len(self._queue)
-            if ahead > self.max_waiting:
-                raise ModelBusy(
-                    f"the model is busy: one reply is being generated and {ahead - 1} more are waiting "
-                    f"(at most {self.max_waiting}); try again in a moment."
-                )
             self._queue.append(ticket)
             return ahead
 

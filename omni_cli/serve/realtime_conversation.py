@@ -302,6 +302,8 @@ class RealtimeConversation:
             self.session.error(event.message, "input_audio_buffer_commit_empty")
         elif event.code == "no_reply":
             self.session.error("there is no response in progress to cancel.", "response_cancel_not_active")
+        elif event.code == "question_too_long":
+            self.session.error(event.message, "context_length_exceeded")  # OpenAI's code for it
         elif event.code == "reply_failed":
             _log(f"a Realtime reply failed: {event.message}")
             self.session.error(f"the reply failed: {event.message}", "reply_failed")

@@ -244,3 +244,68 @@ def test_a_request_that_must_wait_is_told_so_and_one_too_many_is_refused(tiny_pi
                     pass
                 rest = [line for line in second_lines if line]
             assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_question_too_long_for_the_context_budget_is_refused_at_once(tiny_server, stream: bool) -> None:
+    # 48,000 characters: about 16,016 prompt positions, far over what the default budget of 4096 holds.
+    client = _client(tiny_server)
+    start = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as refused:
+        reply = client.chat.completions.create(
+            model="llama-omni", messages=[{"role": "user", "content": "hello " * 8000}], max_tokens=8, stream=stream
+        )
+        list(reply) if stream else reply
+    took_s = time.monotonic() - start
+    error = refused.value.body
+    assert refused.value.status_code == 400
+    assert error["type"] == "invalid_request_error" and error["code"] == "context_length_exceeded" and error["param"] == "messages"
+    message = error["message"]
+    assert "\n" not in message and "16016 prompt positions" in message and "4088 fit beside a 8-token reply" in message
+    assert "shorten the question" in message
+    assert took_s < 3, f"refusing took {took_s:.1f} s: the model ran"  # the prefill of that prompt takes minutes on this CPU
+    # A long system message counts too; a question that fits is answered as before.
+    with pytest.raises(openai.BadRequestError, match="prompt positions"):
+        client.chat.completions.create(
+            model="llama-omni", messages=[{"role": "system", "content": "x" * 13000}, {"role": "user", "content": "hi"}], max_tokens=8
+        )
+    assert client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "hello " * 100}], max_tokens=2).choices
+
+
+def test_a_waiting_request_whose_client_goes_away_leaves_the_queue(tiny_pipeline) -> None:
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_conversation import conversation_ports
+    from servers import app_server
+
+    slot = ModelSlot(tiny_pipeline, max_waiting=2)
+    app = create_app(slot, ServeOptions(max_waiting=2), conversation_ports(slot))
+    short = {"messages": [{"role": "user", "content": "Hi."}], "max_tokens": 2}
+    with app_server(app) as server, httpx.Client(timeout=60) as http, slot.hold():  # a long reply holds the model
+        for _ in range(2):  # as `curl -m 1`: two clients give up waiting for a reply that is not streamed
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.base_url}/chat/completions", json=short, timeout=1)
+        time.sleep(0.5)  # the server looks for a closed connection every quarter second
+        # Nobody waits any more: the next request queues behind the reply in progress alone; it is not refused.
+        with http.stream("POST", f"{server.base_url}/chat/completions", json={**short, "stream": True}) as next_one:
+            head = [line for _, line in zip(range(3), next_one.iter_lines())]
+        assert next_one.status_code == 200
+        assert head[-1] == ": waiting for the model (1 reply ahead)", head
+
+
+def test_a_streamed_request_beyond_the_queue_is_refused_with_a_503(tiny_pipeline) -> None:
+    from omni_cli.config import ServeOptions
+    from omni_cli.serve.app import create_app
+    from omni_cli.serve.model_slot import ModelSlot
+    from omni_cli.serve.realtime_conversation import conversation_ports
+    from servers import app_server
+
+    slot = ModelSlot(tiny_pipeline, max_waiting=0)
+    app = create_app(slot, ServeOptions(max_waiting=0), conversation_ports(slot))
+    with app_server(app) as server, slot.hold():  # a reply holds the model, and no one may wait
+        client = _client(server)
+        with pytest.raises(openai.InternalServerError) as refused:
+            client.chat.completions.create(model="llama-omni", messages=[{"role": "user", "content": "Hi."}], max_tokens=2, stream=True)
+    assert refused.value.status_code == 503
+    assert refused.value.body["code"] == "model_busy" and "the model is busy" in refused.value.body["message"]

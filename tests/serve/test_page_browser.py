@@ -116,6 +116,8 @@ def _wait(predicate, timeout: float, what: str) -> None:
 def test_the_page_sends_the_microphone_and_plays_the_reply_gaplessly(tiny_pipeline, question_wavs, tmp_path) -> None:
     from playwright.sync_api import sync_playwright
 
+    from omni_cli.serve.realtime_conversation import conversation_ports
+
     executable = _chromium()
     wav, sent = _padded_question(question_wavs, tmp_path / "question.wav")
     RecordingPort.instances.clear()
@@ -196,6 +198,8 @@ def _talking_page(pipeline, microphone: Path) -> Iterator[tuple[object, list]]:
     `pipeline`: (the page, the sessions' conversations)."""
     from playwright.sync_api import sync_playwright
 
+    from omni_cli.serve.realtime_conversation import conversation_ports
+
     executable = _chromium()
     with realtime_server(pipeline) as (server, _, ports), sync_playwright() as playwright:
         browser = _launch(playwright, executable, microphone)
@@ -237,3 +241,27 @@ def test_a_silent_microphone_gets_no_reply(stopping_pipeline, tmp_path) -> None:
         assert "input_audio_buffer.speech_started" not in events and "response.created" not in events, events
         assert page.evaluate("document.querySelectorAll('#turns li').length") == 0
         assert ports[-1].conversation.turns == 0
+
+
+def test_the_page_loads_without_console_errors(tiny_pipeline) -> None:
+    """Nothing the page asks for is missing: no 404 (Chromium asks for /favicon.ico unless the page names its icon)."""
+    from playwright.sync_api import sync_playwright
+
+    from omni_cli.serve.realtime_conversation import conversation_ports
+
+    executable = _chromium()
+    slot = ModelSlot(tiny_pipeline)
+    with app_server(create_app(slot, ServeOptions(port=0), conversation_ports(slot))) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, headless=True)
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            asked: list[str] = []
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("request", lambda request: asked.append(request.url))
+            page.goto(server.page_url, wait_until="networkidle")
+            time.sleep(0.5)  # the favicon is asked for after the load
+            assert errors == [], errors
+            assert not any(url.endswith("/favicon.ico") for url in asked), asked
+        finally:
+            browser.close()

@@ -411,3 +411,18 @@ def test_the_response_gate_lets_a_turn_go_per_response_create() -> None:
     gate.committed()
     assert gate.wait(lambda: True) == (False, None)  # its client went away
     assert not gate.request(None)
+
+
+def test_a_typed_question_too_long_for_the_budget_is_an_error_and_the_session_goes_on(stopping, stopping_pipeline) -> None:
+    server, _, _ = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        _ask(client, "hello " * 8000)
+        error = client.wait_for("error", timeout=10)  # at once: the model never runs on it
+        failed = client.wait_for("response.done")
+        _ask(client, "hi")
+        done = client.wait_for("response.done", count=2)
+    assert error.error.code == "context_length_exceeded"
+    assert "16015 prompt positions" in error.error.message and "3840 fit beside a 256-token reply" in error.error.message  # stripped
+    assert failed.response.status == "failed"
+    assert done.response.status == "completed" and _transcript(client, done.response.id) == _reply(stopping_pipeline, "hi").text
