@@ -92,6 +92,20 @@ def test_long_audio_is_encoded_in_windows_and_said(runner: CliRunner, tiny_model
     assert "encoded in 2 windows of 30 s" in row["note"]
 
 
+def test_a_question_longer_than_the_context_budget_is_one_line_and_the_option_lets_it_through(
+    runner: CliRunner, tiny_model, question_wavs, tmp_path: Path
+) -> None:
+    speech, rate = sf.read(question_wavs[0], dtype="float32")
+    long = tmp_path / "long.wav"
+    sf.write(long, np.tile(speech, int(31 * rate // len(speech)) + 1), rate)  # two 30 s windows: 632 positions
+    refused = runner.invoke(app, ["transcribe-and-reply", str(long), *_args(tiny_model, "--json", "--context-budget", "600", vocoder=False)])
+    assert refused.exit_code == 1
+    assert "about 632 prompt positions long" in refused.stderr and "--context-budget" in refused.stderr
+    answered = runner.invoke(app, ["transcribe-and-reply", str(long), *_args(tiny_model, "--json", "--context-budget", "700", vocoder=False)])
+    assert answered.exit_code == 0, answered.output
+    assert json.loads(answered.stdout)["tokens"] > 0
+
+
 def test_not_a_model_directory(runner: CliRunner, tiny_model, question_wavs, tmp_path: Path) -> None:
     fake = tmp_path / "fake"
     shutil.copytree(tiny_model.model_dir, fake)

@@ -108,6 +108,10 @@ YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Download a preset's m
 MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="Longest reply in tokens.")]
 TemperatureOpt = Annotated[float, typer.Option(min=0.0, help="0 = greedy, as the reference.")]
 ChunkUnitsOpt = Annotated[int, typer.Option(min=1, help="Units per audio chunk (Ω).")]
+ContextBudgetOpt = Annotated[
+    int,
+    typer.Option(min=64, help="Prompt positions for the question, earlier turns and the reply: older turns are dropped beyond it, a longer question is refused."),
+]
 ThreadsOpt = Annotated[
     Optional[int],
     typer.Option("--threads", min=1, help="CPU threads for the model. Default: OMP_NUM_THREADS if set, else all cores but one (left for audio and the screen)."),

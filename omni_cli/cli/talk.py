@@ -12,6 +12,7 @@ from omni_cli.cli.shared import (
     SAMPLING,
     STREAMING,
     ChunkUnitsOpt,
+    ContextBudgetOpt,
     DecodeSteps,
     DecodeStepsOpt,
     DeviceOpt,
@@ -62,6 +63,7 @@ def transcribe_and_reply_cmd(
     chunk_units: ChunkUnitsOpt = STREAMING.chunk_units,
     first_chunk_units: Annotated[Optional[int], typer.Option(min=1, help="Smaller first chunk for earlier first sound.")] = STREAMING.first_chunk_units,
     decode_steps: DecodeStepsOpt = DecodeSteps(STREAMING.decode_steps),
+    context_budget: ContextBudgetOpt = STREAMING.context_budget,
     threads: ThreadsOpt = None,
     yes: YesOpt = False,
 ) -> None:
@@ -90,7 +92,7 @@ def transcribe_and_reply_cmd(
         inputs = check_inputs(files, sys.stderr)
         pipeline = None
         if any(item.error is None for item in inputs):
-            streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value)
+            streaming = streaming_config(max_new_tokens, temperature, chunk_units, first_chunk_units, decode_steps.value, context_budget)
             pipeline = load_pipeline(model, speech_encoder, vocoder, precision.value, device, streaming, assume_yes=yes, threads=threads)
     except OmniError as exc:
         fail(str(exc))
@@ -156,7 +158,7 @@ def chat_cmd(
         ),
     ] = ChatOptions.speculate_ms,
     vad_aggressiveness: Annotated[int, typer.Option(min=0, max=3, help="webrtcvad: 0 keeps most audio as speech, 3 the least.")] = ChatOptions.vad_aggressiveness,
-    context_budget: Annotated[int, typer.Option(min=64, help="Prompt positions for memory: older turns are dropped beyond it.")] = STREAMING.context_budget,
+    context_budget: ContextBudgetOpt = STREAMING.context_budget,
     decode_steps: DecodeStepsOpt = DecodeSteps(STREAMING.decode_steps),
     threads: ThreadsOpt = None,
     yes: YesOpt = False,
