@@ -510,6 +510,13 @@ class BypassedCanceller:
     converged, bypassed, erle_db = True, True, 0.5
 
 
+def going_on_after_a_pause(questions: list[np.ndarray], pause_s: float = 0.8) -> np.ndarray:
+    """A question's words, a pause long enough for a reply to begin, then more words (another question's)."""
+    first, second = questions[0], questions[1]
+    (_, first_end), (second_onset, _) = speech_bounds(first), speech_bounds(second)
+    return np.concatenate([silence(0.3), first[: int(first_end * SAMPLE_RATE)], silence(pause_s), second[int(second_onset * SAMPLE_RATE) :], silence(1.0)])
+
+
 @pytest.mark.slow  # a question with a long pause streamed in real time (~7 s)
 @pytest.mark.parametrize("echo", [None, BypassedCanceller()], ids=["no-canceller", "bypassed-canceller"])
 def test_a_reply_begun_in_the_users_pause_stops_at_their_first_word(make_replies, question_16k: list[np.ndarray], echo: object) -> None:
@@ -526,11 +533,8 @@ def test_a_reply_begun_in_the_users_pause_stops_at_their_first_word(make_replies
 
     settings = server_vad(barge_in=True, full_duplex_hangover_ms=200)
     conversation = Conversation(make_replies(100), on_event, frames=frames, sink=PacedSink(), settings=settings, echo=echo)
-    first, second = question_16k[0], question_16k[1]
-    (_, first_end), (second_onset, _) = speech_bounds(first), speech_bounds(second)
-    sent = np.concatenate([silence(0.3), first[: int(first_end * SAMPLE_RATE)], silence(0.8), second[int(second_onset * SAMPLE_RATE) :], silence(1.0)])
     with Running(conversation, events) as running:
-        speak(frames, sent)
+        speak(frames, going_on_after_a_pause(question_16k))
         barge = running.wait_for(BargeIn, timeout=20)
     assert barge.turn == 1 and barge.goes_on
     heard_s = read_at_barge_in[0] * FRAME_MS / 1000  # the stream time when the barge-in was decided
@@ -544,11 +548,8 @@ def test_the_user_going_on_is_heard_while_the_model_is_busy(make_replies, questi
     frames, events = FrameQueue(), EventQueue()
     replies = StallsAfterFirstAudio(make_replies(100), stall_s=3.0)
     conversation = Conversation(replies, events, frames=frames, sink=PacedSink(), settings=server_vad(barge_in=True, full_duplex_hangover_ms=200))
-    first, second = question_16k[0], question_16k[1]
-    (_, first_end), (second_onset, _) = speech_bounds(first), speech_bounds(second)
-    sent = np.concatenate([silence(0.3), first[: int(first_end * SAMPLE_RATE)], silence(0.8), second[int(second_onset * SAMPLE_RATE) :], silence(1.0)])
     with Running(conversation, events) as running:
-        speak(frames, sent)
+        speak(frames, going_on_after_a_pause(question_16k))
         barge = running.wait_for(BargeIn, timeout=20)
         first_audio = of_turn(running, ReplyAudio, 1)[0]
     assert barge.turn == 1 and barge.goes_on
