@@ -56,11 +56,11 @@ def test_ctrl_c_while_chat_starts_is_one_line_and_leaves_no_session(tiny_model, 
 def test_ctrl_c_pressed_three_times_is_one_line_and_no_traceback(tiny_model, question_wavs: list[Path], tmp_path: Path, gap_s: float) -> None:
     command = _omni("transcribe-and-reply", str(question_wavs[0]), "--model", str(tiny_model.model_dir),
                     "--speech-encoder", str(tiny_model.speech_encoder), "--vocoder", str(tiny_model.vocoder_dir),
-                    "--out", str(tmp_path / "out"), "--max-new-tokens", "100000", "--chunk-units", "1", "--first-chunk-units", "1")
+                    "--out", str(tmp_path / "out"), "--max-new-tokens", "100000", "--context-budget", "200000", "--chunk-units", "1", "--first-chunk-units", "1")
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         seen = b""
-        while len(seen) < 20:  # the reply is streaming
+        while len(seen) < len(f"{question_wavs[0].name}: ") + 12:  # past the file's name: the reply is streaming
             chunk = os.read(proc.stdout.fileno(), 256)  # type: ignore[union-attr]
             assert chunk, proc.stderr.read().decode()  # type: ignore[union-attr]
             seen += chunk

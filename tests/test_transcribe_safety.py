@@ -282,8 +282,8 @@ def test_ctrl_c_keeps_the_partial_reply_apart_and_says_how_to_continue(tiny_mode
     cmd = [sys.executable, "-m", "omni_cli.cli", "transcribe-and-reply", str(first), str(second),
            "--model", str(tiny_model.model_dir), "--speech-encoder", str(tiny_model.speech_encoder),
            "--vocoder", str(tiny_model.vocoder_dir), "--out", str(out),
-           # A reply far longer than the test waits for, with audio after every unit.
-           "--max-new-tokens", "100000", "--chunk-units", "1", "--first-chunk-units", "1"]
+           # A reply far longer than the test waits for (room for it in the context budget), with audio after every unit.
+           "--max-new-tokens", "100000", "--context-budget", "200000", "--chunk-units", "1", "--first-chunk-units", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
     seen = b""
     try:
