@@ -193,9 +193,9 @@ class RealtimeConversation:
         self.conversation.clear()
         self.session.replies.cleared()
 
-    def create_response(self, instructions: str | None) -> None:
-        """response.create: answer the turn waiting for it (with `instructions` as this reply's system prompt)."""
-        if not self.gate.request(instructions):
+    def create_response(self, settings: SessionConfig) -> None:
+        """response.create: answer the turn waiting for it, with `settings` for that reply alone."""
+        if not self.gate.request(settings):
             self.session.error(
                 "nothing to answer: commit audio (input_audio_buffer.commit) or add a user message first; "
                 "with server VAD's create_response on, spoken turns are answered without response.create.",
@@ -266,10 +266,11 @@ class RealtimeConversation:
             self.gate.committed()
         self._next = (event.turn, waits)
 
-    def _start_response(self, turn: int) -> None:
-        """response.created and the reply's item, now that the reply is asked for."""
+    def _start_response(self, turn: int, settings: SessionConfig | None = None) -> None:
+        """response.created and the reply's item, now that the reply is asked for (with `settings`
+        of its own, from response.create; else the session's)."""
         replies = self.session.replies
-        replies.reply_started()
+        replies.reply_started(None if settings is None else "audio" in settings.output_modalities)
         item_id = replies.reply_item
         assert item_id is not None
         with self._lock:
@@ -339,13 +340,13 @@ class _SessionReplies:
         turn, waits = port._next or (0, False)
         options = None
         if waits:
-            granted, instructions = port.gate.wait(lambda: port.closed or stop())
+            granted, settings = port.gate.wait(lambda: port.closed or stop())
             if not granted:
                 return
             port._next = None
-            port._start_response(turn)
-            if instructions is not None:
-                options = replace(port.view.options or ReplyOptions(), system=instructions)
+            port._start_response(turn, settings)
+            if settings is not None:  # this response's own instructions, modalities and token limit
+                options = port._reply_options(settings)
         port._input_tokens = 0
         try:
             for event in port.view.respond(audio, history, lambda: port.closed or stop(), options):

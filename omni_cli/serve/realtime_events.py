@@ -185,22 +185,46 @@ def apply_session_update(config: SessionConfig, session: Any) -> SessionConfig:
     voice = audio_out.get("voice", session.get("voice"))
     if voice is not None:
         fields["voice"] = voice if isinstance(voice, str) else str(voice.get("id", "omni")) if isinstance(voice, dict) else "omni"
-    modalities = session.get("output_modalities", session.get("modalities"))
+    fields.update(_reply_fields(session, "session"))
+    return replace(config, **fields)
+
+
+def apply_response_settings(config: SessionConfig, response: Any) -> SessionConfig:
+    """`response.create`'s `response`: the session's settings with this one response's own
+    (instructions, output_modalities, max_output_tokens); ClientError for what omni cannot do."""
+    if not isinstance(response, dict):
+        raise ClientError("response.create's response must be an object.", param="response")
+    fields = _reply_fields(response, "response")
+    if "instructions" in response:
+        instructions = response["instructions"]
+        if instructions is not None and not isinstance(instructions, str):
+            raise ClientError("response.instructions must be a string.", param="response.instructions")
+        if instructions:  # an empty one keeps the session's, as before
+            fields["instructions"] = instructions
+    if response.get("conversation") == "none":
+        raise ClientError("out-of-band responses (conversation: none) are not supported by omni serve.", param="response.conversation")
+    return replace(config, **fields)
+
+
+def _reply_fields(settings: dict[str, Any], where: str) -> dict[str, Any]:
+    """What a reply is made of, as session.update and response.create both give it: modalities, token limit, no tools."""
+    fields: dict[str, Any] = {}
+    modalities = settings.get("output_modalities", settings.get("modalities"))
     if modalities is not None:
         if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or not modalities:
-            raise ClientError('output_modalities must be ["audio"] or ["text"].', param="session.output_modalities")
+            raise ClientError('output_modalities must be ["audio"] or ["text"].', param=f"{where}.output_modalities")
         fields["output_modalities"] = ("audio",) if "audio" in modalities else ("text",)
-    limit = session.get("max_output_tokens", session.get("max_response_output_tokens"))
+    limit = settings.get("max_output_tokens", settings.get("max_response_output_tokens"))
     if limit is not None:
         if limit == "inf":
             fields["max_output_tokens"] = None
         elif isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ClientError('max_output_tokens must be a positive integer or "inf".', param="session.max_output_tokens")
+            raise ClientError('max_output_tokens must be a positive integer or "inf".', param=f"{where}.max_output_tokens")
         else:
             fields["max_output_tokens"] = limit
-    if session.get("tools"):
-        raise ClientError("tools are not supported by omni serve.", param="session.tools")
-    return replace(config, **fields)
+    if settings.get("tools"):
+        raise ClientError("tools are not supported by omni serve.", param=f"{where}.tools")
+    return fields
 
 
 class EventWriter:

@@ -124,9 +124,10 @@ class RealtimeReplies:
         """The reply waits for the model: `ahead` replies (other sessions' or requests') come first."""
         self._emit("omni.response.waiting", replies_ahead=ahead)
 
-    def reply_started(self) -> str:
-        """A reply begins; returns its response id."""
-        audio = "audio" in self.session.config.output_modalities
+    def reply_started(self, audio: bool | None = None) -> str:
+        """A reply begins, spoken (`audio`; None: as the session's output_modalities say) or text only; returns its response id."""
+        if audio is None:
+            audio = "audio" in self.session.config.output_modalities
         reply = _Reply(audio)
         with self._lock:
             self._reply = reply

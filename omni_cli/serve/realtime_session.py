@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from omni_cli.serve.client_audio import ClientAudio
-from omni_cli.serve.realtime_events import ClientError, EventWriter, SessionConfig, apply_session_update, new_id
+from omni_cli.serve.realtime_events import ClientError, EventWriter, SessionConfig, apply_response_settings, apply_session_update, new_id
 from omni_cli.serve.realtime_replies import RealtimeReplies
 from omni_cli.serve.wire_audio import BadAudio
 
@@ -40,8 +40,9 @@ class ConversationPort(Protocol):
     def clear(self) -> None:
         """input_audio_buffer.clear: forget the uncommitted audio."""
 
-    def create_response(self, instructions: str | None) -> None:
-        """response.create: answer the latest committed turn (a one-off system prompt when given)."""
+    def create_response(self, settings: SessionConfig) -> None:
+        """response.create: answer the latest committed turn with `settings` (the session's, with the
+        response's own instructions, output modalities and token limit)."""
 
     def ask_text(self, text: str) -> None:
         """conversation.item.create with a user text message: a typed turn."""
@@ -154,13 +155,7 @@ class RealtimeSession:
         self._port().clear()
 
     def _response_create(self, event: dict[str, Any]) -> None:
-        response = event.get("response") or {}
-        if not isinstance(response, dict):
-            raise ClientError("response.create's response must be an object.", param="response")
-        instructions = response.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise ClientError("response.instructions must be a string.", param="response.instructions")
-        self._port().create_response(instructions)
+        self._port().create_response(apply_response_settings(self.config, event.get("response") or {}))
 
     def _response_cancel(self, event: dict[str, Any]) -> None:
         self._port().cancel()

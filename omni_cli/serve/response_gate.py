@@ -3,7 +3,7 @@
 In the Realtime protocol a turn is not always answered when it is committed: a typed user
 message, a turn the client commits itself (turn detection off), and a spoken turn when server
 VAD's `create_response` is false are answered only when the client sends `response.create`
-(with, perhaps, instructions for that one response). The conversation answers every turn it is
+(with, perhaps, settings of its own: instructions, output modalities, a token limit). The conversation answers every turn it is
 given; the session's replies pass through this gate first, so such a turn waits there (before
 it asks for the model) until a `response.create` is granted to it. A `response.create` with no
 such turn committed or on its way is refused: there is nothing to answer.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 
 class ResponseGate:
@@ -22,7 +23,7 @@ class ResponseGate:
     def __init__(self, poll_s: float = 0.05) -> None:
         self.poll_s = poll_s  # how often a waiting turn checks whether it should stop waiting
         self._cond = threading.Condition()
-        self._grants: deque[str | None] = deque()  # response.create's instructions, in order, not yet used
+        self._grants: deque[Any] = deque()  # response.create's settings, in order, not yet used
         self._waiting = 0  # turns committed that wait for a response.create
         self._coming = 0  # turns the client asked for (commit, a user message) not yet committed
         self._closed = False
@@ -45,19 +46,19 @@ class ResponseGate:
             while len(self._grants) > self._waiting + self._coming:
                 self._grants.pop()
 
-    def request(self, instructions: str | None) -> bool:
+    def request(self, settings: Any) -> bool:
         """response.create: True when a turn is there (or on its way) to be answered; False when none is."""
         with self._cond:
             if self._waiting + self._coming <= len(self._grants):
                 return False
-            self._grants.append(instructions)
+            self._grants.append(settings)
             self._cond.notify_all()
             return True
 
-    def wait(self, should_stop: Callable[[], bool]) -> tuple[bool, str | None]:
+    def wait(self, should_stop: Callable[[], bool]) -> tuple[bool, Any]:
         """Wait (on the conversation's thread) for a response.create for the turn being answered.
 
-        Returns (True, its instructions), or (False, None) when `should_stop()` turned true or the
+        Returns (True, its settings), or (False, None) when `should_stop()` turned true or the
         gate closed first (the turn is then no longer waiting).
         """
         with self._cond:

@@ -245,6 +245,27 @@ def test_a_text_only_session_gets_text_replies(stopping, stopping_pipeline) -> N
     assert not client.of("response.output_audio.delta") and done.response.output[0].content[0].text == text
 
 
+def test_a_response_s_own_modalities_and_token_limit_apply_to_it_alone(stopping, stopping_pipeline) -> None:
+    """response.create's output_modalities and max_output_tokens were ignored: the reply was spoken
+    and ran to the server's limit. They hold for that response; the session's settings for the next."""
+    server, _, _ = stopping
+    with RealtimeClient(server.base_url) as client:
+        client.wait_for("session.created")
+        _ask(client, "hi", output_modalities=["text"], max_output_tokens=3)
+        short = client.wait_for("response.done")
+        _ask(client, "hi again")
+        spoken = client.wait_for("response.done", count=2)
+        client.conn.send({"type": "response.create", "response": {"tools": [{"type": "function", "name": "f"}]}})
+        refused = client.wait_for("error", timeout=10)
+    assert short.response.status == "incomplete" and short.response.status_details.reason == "max_output_tokens"
+    assert short.response.usage.output_tokens == 3 and short.response.output_modalities == ["text"]
+    assert short.response.output[0].content[0].type == "output_text"
+    assert not [e for e in client.of("response.output_audio.delta") if e.response_id == short.response.id]
+    assert spoken.response.output_modalities == ["audio"] and spoken.response.usage.output_tokens > 3
+    assert [e for e in client.of("response.output_audio.delta") if e.response_id == spoken.response.id]
+    assert refused.error.param == "response.tools"
+
+
 def test_instructions_are_the_system_prompt(stopping, stopping_pipeline) -> None:
     server, _, _ = stopping
     instructions = "You are a pirate. Answer in one word."
