@@ -240,7 +240,6 @@ class SpeculativeReply:
         self.buffered: list[Event] = []
         self._replayed = 0  # buffered events get() has handed out
         self.error: Exception | None = None
-        self.done = False
 
     @property
     def voiced_end_t(self) -> float:
@@ -253,14 +252,13 @@ class SpeculativeReply:
     def advance(self) -> None:
         """Take the events made so far (without waiting). Voice that goes on with the question
         discards the draft, so it costs at most the silence it ran in (and the step it was in)."""
-        while not self.done:
+        while self.error is None:
             try:
-                event = self.generation.get(0.0)
+                event = self.generation.get(0.0)  # None once nothing is left, or all was taken
             except Exception as exc:  # noqa: BLE001 - raised again if this reply is committed
-                self.error, self.done = exc, True
+                self.error = exc
                 return
             if event is None:
-                self.done = self.generation.finished
                 return
             self.buffered.append(event)
 
