@@ -37,22 +37,19 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 def write_rows_atomically(path: Path, rows: Sequence[dict[str, Any]]) -> None:
     """Write `rows` as JSONL to a temporary file and rename it over `path`: readers see the old file or the new one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
-    with tmp.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write_json_atomically(path: Path, value: Any) -> None:
     """Write one JSON document the same way: readers see the old file or the new one, never half of it."""
+    _write_atomically(path, json.dumps(value, ensure_ascii=False, indent=1) + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part")
     with tmp.open("w", encoding="utf-8") as f:
-        f.write(json.dumps(value, ensure_ascii=False, indent=1) + "\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

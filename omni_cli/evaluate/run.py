@@ -192,10 +192,10 @@ class Evaluation:
         kept = read_rows(self.path)
         self.rows: dict[str, Row] = {}
         for item in self.items:
-            row = kept.get(item.id)
+            row, key = kept.get(item.id), item_key(item)
             # A row made from another version of its item (speech, instruction or reply edited) is made again.
-            if row is None or row.get("item") != item_key(item):
-                row = {"id": item.id, "item": item_key(item)}
+            if row is None or row.get("item") != key:
+                row = {"id": item.id, "item": key}
             self.rows[item.id] = row
 
     def save(self) -> None:
